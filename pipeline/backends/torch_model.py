@@ -1,0 +1,219 @@
+"""The PyTorch backend: runs one rank's shard of a TensorRT-LLM checkpoint, as TensorRT-LLM would.
+
+It reads the same config.json and rank{r}.safetensors that `trtllm-build` reads, with the same names, layouts
+and splits, so a conversion bug shows up here as a logit mismatch against Hugging Face (tests/test_run_mpi.py).
+
+Layers follow TensorRT-LLM's modules: Attention with a fused `qkv` ColumnLinear and a `dense` RowLinear, an MLP
+(GPT-2: fc -> gelu -> proj) or GatedMLP (LLaMA: proj(silu(fc(x)) * gate(x))), RowLinear outputs all-reduced across
+the tp group before their (unsplit) bias is added, and lm_head column-split then gathered.
+
+The KV cache is preallocated for the whole generation ([batch, kv_heads, max_len, head_size] per layer) and a
+decode step has static shapes (one query against every cache slot, masked), so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.dist import Comm
+
+GPT_ARCHITECTURES = ("GPT2LMHeadModel", "GPTForCausalLM")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rope_inv_freq(config: dict) -> torch.Tensor:
+    """Rotary inverse frequencies, with Llama-3 frequency scaling when the checkpoint asks for it."""
+    dim = config.get("rotary_embedding_dim") or config["head_size"]
+    base = float(config.get("rotary_base", 10000.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.get("rotary_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every local layer, and which slots hold real tokens."""
+
+    k: list[torch.Tensor]  # per layer [batch, kv_heads_local, max_len, head_size]
+    v: list[torch.Tensor]
+    valid: torch.Tensor  # [batch, max_len] bool: slot holds a real (non-padding) token
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+
+class Linear:
+    """y = x W^T (+ b): the unquantized GEMM. Quantized formats provide the same call (pipeline.quantize)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RankModel:
+    """One rank's part of the model: its pipeline stage's layers, split for its tensor-parallel rank."""
+
+    def __init__(self, config: dict, weights: dict[str, torch.Tensor], comm: Comm, device: torch.device,
+                 make_linear=None):
+        self.config = config
+        self.comm = comm
+        self.mapping = comm.mapping
+        self.device = device
+        self.dtype = TORCH_DTYPES[config["dtype"]]
+        self.is_gpt = config["architecture"] in GPT_ARCHITECTURES
+        tp = self.mapping.tp
+        self.hidden = config["hidden_size"]
+        self.head_size = config["head_size"]
+        self.vocab_size = config["vocab_size"]
+        self.heads = config["num_attention_heads"] // tp
+        self.kv_heads = max(config["num_key_value_heads"] // tp, 1)
+        self.eps = config["norm_epsilon"]
+        self.num_local_layers = config["num_hidden_layers"] // self.mapping.pp
+        make_linear = make_linear or (lambda prefix, w, b: Linear(w, b))
+
+        def get(name: str) -> torch.Tensor | None:
+            t = weights.get(name)
+            return None if t is None else t.to(device)
+
+        self.embed = get("transformer.vocab_embedding.weight")
+        self.pos_embed = get("transformer.position_embedding.weight")
+        self.ln_f = (get("transformer.ln_f.weight"), get("transformer.ln_f.bias"))
+        self.lm_head = get("lm_head.weight")
+        self.layers = []
+        for i in range(self.num_local_layers):
+            p = f"transformer.layers.{i}."
+            layer = {
+                "ln1": (get(p + "input_layernorm.weight"), get(p + "input_layernorm.bias")),
+                "ln2": (get(p + "post_layernorm.weight"), get(p + "post_layernorm.bias")),
+                "qkv": make_linear(p + "attention.qkv", get(p + "attention.qkv.weight"), get(p + "attention.qkv.bias")),
+                "dense": make_linear(p + "attention.dense", get(p + "attention.dense.weight"), None),
+                "dense_bias": get(p + "attention.dense.bias"),
+                "fc": make_linear(p + "mlp.fc", get(p + "mlp.fc.weight"), get(p + "mlp.fc.bias")),
+                "proj": make_linear(p + "mlp.proj", get(p + "mlp.proj.weight"), None),
+                "proj_bias": get(p + "mlp.proj.bias"),
+            }
+            if not self.is_gpt:
+                layer["gate"] = make_linear(p + "mlp.gate", get(p + "mlp.gate.weight"), get(p + "mlp.gate.bias"))
+            self.layers.append(layer)
+        if not self.is_gpt:
+            self.inv_freq = rope_inv_freq(config).to(device)
+
+    # ------------------------------------------------------------------------------------- pieces
+
+    def _norm(self, x: torch.Tensor, weight_bias) -> torch.Tensor:
+        weight, bias = weight_bias
+        if self.is_gpt:
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        freqs = positions[:, :, None].float() * self.inv_freq[None, None, :]  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(q.dtype)[:, None], emb.sin().to(q.dtype)[:, None]  # [B, 1, T, D]
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    def _attention(self, layer: dict, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: int,
+                   slot_start: int, mask: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        hd = self.head_size
+        qkv = layer["qkv"](x)
+        q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+        q = q.view(batch, seq, self.heads, hd).transpose(1, 2)
+        k = k.view(batch, seq, self.kv_heads, hd).transpose(1, 2)
+        v = v.view(batch, seq, self.kv_heads, hd).transpose(1, 2)
+        if not self.is_gpt:
+            q, k = self._rope(q, k, positions)
+        k_cache, v_cache = cache.k[index], cache.v[index]
+        k_cache[:, :, slot_start:slot_start + seq] = k.to(k_cache.dtype)
+        v_cache[:, :, slot_start:slot_start + seq] = v.to(v_cache.dtype)
+        keys_len = mask.shape[-1]
+        keys = k_cache[:, :, :keys_len].to(q.dtype)
+        values = v_cache[:, :, :keys_len].to(q.dtype)
+        if self.kv_heads != self.heads:
+            repeat = self.heads // self.kv_heads
+            keys = keys.repeat_interleave(repeat, dim=1)
+            values = values.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, seq, self.heads * hd)
+        out = self.comm.all_reduce_tp(layer["dense"](out))
+        return out + layer["dense_bias"] if layer["dense_bias"] is not None else out
+
+    def _mlp(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
+        if self.is_gpt:
+            h = F.gelu(layer["fc"](x), approximate="tanh")
+        else:
+            h = F.silu(layer["fc"](x)) * layer["gate"](x)
+        out = self.comm.all_reduce_tp(layer["proj"](h))
+        return out + layer["proj_bias"] if layer["proj_bias"] is not None else out
+
+    # ------------------------------------------------------------------------------------- steps
+
+    def new_cache(self, batch: int, max_len: int, kv_dtype: torch.dtype | None = None) -> KVCache:
+        shape = (batch, self.kv_heads, max_len, self.head_size)
+        dtype = kv_dtype or self.dtype
+        return KVCache(
+            k=[torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers],
+            v=[torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers],
+            valid=torch.zeros((batch, max_len), dtype=torch.bool, device=self.device),
+        )
+
+    def attention_mask(self, cache: KVCache, slot_start: int, seq: int, keys_len: int) -> torch.Tensor:
+        """[B, 1, seq, keys_len] bool: a query sees valid slots at or before its own; each sees itself."""
+        query_slots = torch.arange(slot_start, slot_start + seq, device=self.device)
+        key_slots = torch.arange(keys_len, device=self.device)
+        causal = key_slots[None, :] <= query_slots[:, None]
+        mask = causal[None] & cache.valid[:, None, :keys_len]
+        mask |= key_slots[None, None, :] == query_slots[None, :, None]  # padding queries see themselves (no NaN)
+        return mask[:, None]
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot_start: int,
+                keys_len: int | None = None, all_logits: bool = False) -> torch.Tensor | None:
+        """Run this rank's stage on tokens [B, T] at cache slots [slot_start, slot_start + T).
+
+        Returns float32 logits [B, T or 1, vocab] on last-stage ranks, None elsewhere. The caller marks the
+        new slots valid in `cache.valid` before calling.
+        """
+        batch, seq = tokens.shape
+        keys_len = keys_len or slot_start + seq
+        if self.mapping.is_first_stage:
+            h = F.embedding(tokens, self.embed)
+            if self.pos_embed is not None:
+                h = h + F.embedding(positions, self.pos_embed)
+        else:
+            h = self.comm.recv_prev((batch, seq, self.hidden), self.dtype)
+        mask = self.attention_mask(cache, slot_start, seq, keys_len)
+        for index, layer in enumerate(self.layers):
+            h = h + self._attention(layer, self._norm(h, layer["ln1"]), positions, cache, index, slot_start, mask)
+            h = h + self._mlp(layer, self._norm(h, layer["ln2"]))
+        if not self.mapping.is_last_stage:
+            self.comm.send_next(h)
+            return None
+        if not all_logits:
+            h = h[:, -1:]
+        h = self._norm(h, self.ln_f)
+        logits = self.comm.all_gather_tp(F.linear(h, self.lm_head).float())
+        return logits[..., : self.vocab_size]

@@ -1,0 +1,189 @@
+"""`python -m pipeline <command>`: the recipe-level commands. Running a build is `python -m pipeline.run`.
+
+    ls                      the recipes, one line each
+    show RECIPE [a.b=v]     the fully resolved recipe (after extends and overrides), as YAML
+    validate RECIPE [a.b=v] every problem at once, including checks against the model's config
+    build RECIPE [a.b=v]    fetch -> convert (-> engine), cached by content; --dry-run prints the plan
+    plan RECIPE [a.b=v]     each stage, its cache key, hit or miss, and the command it would run
+    verify DIR [--run]      re-hash an artifact against its manifest (and check golden tokens with --run)
+    gc [--keep-gb N]        remove artifacts no build record refers to (or beyond a size budget)
+    eval RECIPE [a.b=v]     perplexity, top-1 agreement and KL against Hugging Face float32
+    bench RECIPE [a.b=v]    latency and throughput, with transformers as the baseline
+    schema                  every recipe field, its default and what it means
+    shapes                  the named shapes of model.random
+    world-size [RECIPE]     ranks a build needs (for `mpirun -n`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a name in recipes/ (or a path to a .yaml file)")
+    p.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. parallel.tp=2")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("ls", help="list recipes")
+    for name in ("show", "validate", "plan"):
+        _recipe_args(sub.add_parser(name))
+    b = sub.add_parser("build")
+    _recipe_args(b)
+    b.add_argument("--dry-run", action="store_true", help="print the plan (and trtllm-build command) only")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    v = sub.add_parser("verify")
+    v.add_argument("artifact", type=Path)
+    v.add_argument("--run", action="store_true", help="also generate the recipe's golden prompts and compare tokens")
+    g = sub.add_parser("gc")
+    g.add_argument("--keep-gb", type=float, help="also remove the oldest unreferenced... (see `gc --help`)")
+    g.add_argument("--dry-run", action="store_true")
+    e = sub.add_parser("eval")
+    _recipe_args(e)
+    e.add_argument("--no-reference-cache", action="store_true")
+    bench = sub.add_parser("bench")
+    _recipe_args(bench)
+    bench.add_argument("--batch-sizes", default=None, help="comma-separated, e.g. 1,8,32")
+    bench.add_argument("--input-len", type=int, default=None)
+    bench.add_argument("--output-len", type=int, default=None)
+    bench.add_argument("--no-baseline", action="store_true")
+    sub.add_parser("schema")
+    sub.add_parser("shapes")
+    w = sub.add_parser("world-size")
+    w.add_argument("recipe", nargs="?")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_ls(args) -> int:
+    from pipeline.recipe import list_recipes, load_recipe
+
+    for path in list_recipes():
+        try:
+            r = load_recipe(path)
+            source = r.model.hub or r.model.local or f"random:{r.model.random}"
+            print(f"{path.stem:<28} tp={r.parallel.tp} pp={r.parallel.pp} {r.precision.dtype:<9} "
+                  f"{r.precision.quantization.quant:<17} {source}")
+        except PipelineError as exc:
+            print(f"{path.stem:<28} INVALID: {str(exc).splitlines()[0]}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from pipeline.recipe import load_recipe
+
+    r = load_recipe(args.recipe, args.overrides)
+    print(yaml.safe_dump(r.to_dict(), sort_keys=False, width=110), end="")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from pipeline.build import validate_with_model
+    from pipeline.recipe import load_recipe
+
+    r = load_recipe(args.recipe, args.overrides)
+    validate_with_model(r)
+    print(f"{r.name}: valid (world size {r.world_size}: tp={r.parallel.tp} pp={r.parallel.pp})")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from pipeline.build import Builder
+    from pipeline.recipe import load_recipe
+
+    r = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        return cmd_plan(args)
+    Builder(r, show_progress=not args.quiet and sys.stderr.isatty()).run()
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from pipeline.plan import print_plan
+    from pipeline.recipe import load_recipe
+
+    print_plan(load_recipe(args.recipe, args.overrides))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from pipeline.verify import verify_command
+
+    return verify_command(args.artifact, run=args.run)
+
+
+def cmd_gc(args) -> int:
+    from pipeline.plan import gc_command
+
+    return gc_command(keep_gb=args.keep_gb, dry_run=args.dry_run)
+
+
+def cmd_eval(args) -> int:
+    from pipeline.eval import eval_command
+    from pipeline.recipe import load_recipe
+
+    return eval_command(load_recipe(args.recipe, args.overrides))
+
+
+def cmd_bench(args) -> int:
+    from pipeline.bench import bench_command
+    from pipeline.recipe import load_recipe
+
+    return bench_command(load_recipe(args.recipe, args.overrides), args)
+
+
+def cmd_schema(args) -> int:
+    from pipeline.recipe import schema_lines
+
+    print("\n".join(schema_lines()))
+    return 0
+
+
+def cmd_shapes(args) -> int:
+    from pipeline.convert.architectures import describe
+    from pipeline.shapes import SHAPES
+
+    for name, hf in SHAPES.items():
+        a = describe(hf)
+        print(f"{name:<16} {a.model_type:<6} layers={a.num_layers:<3} hidden={a.hidden_size:<5} heads={a.num_heads:<3} "
+              f"kv_heads={a.num_kv_heads:<3} vocab={a.vocab_size}")
+    return 0
+
+
+def cmd_world_size(args) -> int:
+    if args.recipe:
+        from pipeline.recipe import load_recipe
+
+        print(load_recipe(args.recipe).world_size)
+    else:
+        from pipeline.build import read_build_record
+
+        print(read_build_record(None)["world_size"])
+    return 0
+
+
+COMMANDS = {
+    "ls": cmd_ls, "show": cmd_show, "validate": cmd_validate, "build": cmd_build, "plan": cmd_plan,
+    "verify": cmd_verify, "gc": cmd_gc, "eval": cmd_eval, "bench": cmd_bench, "schema": cmd_schema,
+    "shapes": cmd_shapes, "world-size": cmd_world_size,
+}

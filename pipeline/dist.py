@@ -1,0 +1,138 @@
+"""Ranks from MPI, collectives from torch.distributed.
+
+`mpirun -n N python -m pipeline.run` starts N processes; mpi4py tells each its rank and the world size, and
+rank 0 publishes a rendezvous address over MPI so that torch.distributed (gloo on CPU, NCCL on GPU) can join
+without any environment set up by hand. MPI also carries the pre-flight agreement: every rank checks what it
+alone can see (its own rank file), and all ranks learn of any failure before anyone enters a collective, so a
+bad file is an error on every rank instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from pipeline.mapping import Mapping
+
+
+def mpi_world() -> tuple[int, int, object | None]:
+    """(rank, world size, communicator) of this process; (0, 1, None) when MPI is not available."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return 0, 1, None
+    comm = MPI.COMM_WORLD
+    return comm.Get_rank(), comm.Get_size(), comm
+
+
+def all_ok(mpi_comm, problem: str | None) -> list[tuple[int, str]]:
+    """Every rank reports its problem (or None); all ranks get the list of (rank, problem)."""
+    if mpi_comm is None:
+        return [(0, problem)] if problem else []
+    problems = mpi_comm.allgather(problem)
+    return [(r, p) for r, p in enumerate(problems) if p]
+
+
+def abort(mpi_comm, code: int = 1) -> None:
+    if mpi_comm is not None and mpi_comm.Get_size() > 1:
+        mpi_comm.Abort(code)
+    raise SystemExit(code)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def local_rank(mpi_comm) -> int:
+    """This process's index among the ranks on its host (for choosing a GPU)."""
+    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    if mpi_comm is None:
+        return 0
+    hosts = mpi_comm.allgather(socket.gethostname())
+    rank = mpi_comm.Get_rank()
+    return sum(1 for r in range(rank) if hosts[r] == hosts[rank])
+
+
+def pick_device(mpi_comm, prefer: str = "auto") -> torch.device:
+    if prefer == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = local_rank(mpi_comm) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+@dataclass
+class Comm:
+    """The collectives one rank needs for tensor and pipeline parallelism."""
+
+    mapping: Mapping
+    device: torch.device
+    tp_group: object | None = None
+
+    @classmethod
+    def create(cls, mapping: Mapping, device: torch.device, mpi_comm) -> Comm:
+        if mapping.world_size == 1:
+            return cls(mapping, device)
+        if not torch_dist.is_initialized():
+            hosts = mpi_comm.allgather(socket.gethostname())
+            addr = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(socket.gethostname())
+            port = _free_port() if mapping.rank == 0 else None
+            addr, port = mpi_comm.bcast((addr, port), root=0)
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            kwargs = {"device_id": device} if device.type == "cuda" else {}
+            torch_dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=mapping.rank,
+                                          world_size=mapping.world_size, **kwargs)
+        tp_group = None
+        for stage in range(mapping.pp):  # every rank must create every group, in the same order
+            ranks = [stage * mapping.tp + t for t in range(mapping.tp)]
+            group = torch_dist.new_group(ranks) if mapping.tp > 1 else None
+            if mapping.rank in ranks:
+                tp_group = group
+        return cls(mapping, device, tp_group)
+
+    def all_reduce_tp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mapping.tp > 1:
+            torch_dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def all_gather_tp(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate the tp ranks' shards along the last dim."""
+        if self.mapping.tp == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.mapping.tp)]
+        torch_dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        return torch.cat(parts, dim=-1)
+
+    def send_next(self, x: torch.Tensor) -> None:
+        torch_dist.send(x.contiguous(), self.mapping.peer_in_stage(self.mapping.pp_rank + 1))
+
+    def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        x = torch.empty(shape, dtype=dtype, device=self.device)
+        torch_dist.recv(x, self.mapping.peer_in_stage(self.mapping.pp_rank - 1))
+        return x
+
+    @property
+    def sampler_rank(self) -> int:
+        """The rank that samples next tokens: the last stage's first tp rank (it holds the full logits)."""
+        return (self.mapping.pp - 1) * self.mapping.tp
+
+    def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.mapping.world_size > 1:
+            torch_dist.broadcast(tokens, src=self.sampler_rank)
+        return tokens
+
+    def barrier(self) -> None:
+        if self.mapping.world_size > 1:
+            torch_dist.barrier()
+
+    def close(self) -> None:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()

@@ -1,0 +1,520 @@
+"""The recipe: one YAML file that says what to fetch, how to convert and build it, and how to run it.
+
+Every setting and its default lives in the dataclasses below (and nowhere else); `python -m pipeline schema`
+prints them field by field. Loading a recipe:
+
+1. read recipes/<name>.yaml (or a path), follow `extends:` to its parents and deep-merge them (child wins,
+   lists are replaced, not appended);
+2. apply command-line overrides `a.b=value` (the value is parsed as YAML: `parallel.tp=2`, `runtime.prompts=[hi]`);
+3. build the frozen dataclasses, collecting every problem (unknown key with a did-you-mean, wrong type,
+   value not among the choices, cross-field rules) and raising them all at once as one RecipeError.
+
+Checks against the model's own config (heads divisible by tp, layers by pp, sequence limits) are in
+`check_against_model`, run as soon as the model's config.json is known (before any weights are read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import RecipeError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | None = None) -> Any:
+    """A recipe field with its documentation (and, optionally, its allowed values or lower bound)."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum}
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANT_ALGOS = ("none", "fp8", "int8_weight_only", "int4_weight_only")
+RESERVED_QUANT_ALGOS = ("int4_awq", "w8a8_smoothquant")
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+BACKENDS = ("auto", "torch", "tensorrt-llm")
+PLUGIN_DTYPES = ("auto", "float16", "bfloat16", "float32", "disable")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the weights come from: exactly one of `hub`, `local` or `random`."""
+
+    hub: str | None = _f(None, "Hugging Face repo id, e.g. openai-community/gpt2 (needs `revision`)")
+    revision: str | None = _f(None, "the commit sha (40 hex digits) of `hub` to fetch; pinned so builds reproduce")
+    local: str | None = _f(None, "a local folder in Hugging Face layout (config.json + *.safetensors); relative "
+                                 "paths are from the repository root")
+    random: str | None = _f(None, "random weights of a named shape (see `python -m pipeline shapes`)")
+    seed: int = _f(0, "seed of the random weights (model.random only)", minimum=0)
+    tokenizer: str | None = _f(None, "a local tokenizer folder, if the model folder has none (e.g. random weights)")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Calibration data for static activation scales (FP8) and KV-cache scales."""
+
+    dataset: str = _f("pydoc-topics", "built-in offline text set (pydoc-topics, licenses) or a local .txt file")
+    samples: int = _f(32, "number of calibration sequences", minimum=1)
+    seq_len: int = _f(256, "tokens per calibration sequence", minimum=8)
+    seed: int = _f(1234, "seed that picks the calibration sequences", minimum=0)
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """Quantization, as TensorRT-LLM 1.2's QuantConfig names it (quant_algo / kv_cache_quant_algo)."""
+
+    quant: str = _f("none", "weight/activation format: none, fp8 (W8A8 FP8, per-tensor), int8_weight_only "
+                            "(W8A16), int4_weight_only (W4A16)", QUANT_ALGOS + RESERVED_QUANT_ALGOS)
+    kv_cache: str = _f("auto", "KV-cache format: auto (model dtype), fp8 or int8", KV_CACHE_DTYPES)
+    exclude: tuple[str, ...] = _f(("lm_head",), "modules kept in high precision (name patterns, fnmatch)")
+    calibration: CalibrationSpec = _f(CalibrationSpec, "calibration data (used by fp8 and fp8/int8 KV cache)")
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    dtype: str = _f("auto", "dtype of weights and activations; auto = the checkpoint's own (float32 -> float16, "
+                            "as TensorRT-LLM's converters do)", DTYPES)
+    quantization: QuantizationSpec = _f(QuantizationSpec, "lower-precision formats on top of `dtype`")
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    tp: int = _f(1, "tensor-parallel degree: ranks that split each layer", minimum=1)
+    pp: int = _f(1, "pipeline-parallel degree: stages that split the layers", minimum=1)
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """TensorRT-LLM 1.2 builder plugins and features (trtllm-build flags; the torch backend ignores them)."""
+
+    gpt_attention_plugin: str = _f("auto", "fused attention plugin dtype", PLUGIN_DTYPES)
+    gemm_plugin: str = _f("auto", "GEMM plugin dtype (fp8 for FP8 recipes)", PLUGIN_DTYPES + ("fp8",))
+    nccl_plugin: str = _f("auto", "NCCL all-reduce plugin dtype (multi-GPU only)", PLUGIN_DTYPES)
+    context_fmha: bool = _f(True, "fused multi-head attention for the context phase")
+    paged_kv_cache: bool = _f(True, "paged KV cache (kv_cache_type=paged); needed for in-flight batching")
+    tokens_per_block: int = _f(32, "tokens per KV-cache block (paged KV cache)", minimum=1)
+    remove_input_padding: bool = _f(True, "pack sequences without padding")
+    use_fused_mlp: bool = _f(True, "fuse gate and fc GEMMs of gated MLPs")
+    use_paged_context_fmha: bool = _f(True, "context FMHA over the paged KV cache (chunked context, reuse)")
+    use_fp8_context_fmha: bool = _f(False, "FP8 context FMHA (FP8 recipes on Ada/Hopper only)")
+    multiple_profiles: bool = _f(False, "several TensorRT optimization profiles (longer build, faster run)")
+    reduce_fusion: bool = _f(False, "fuse all-reduce with the following norm (tp > 1)")
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    backend: str = _f("auto", "auto: tensorrt-llm when importable with a suitable GPU, else torch", BACKENDS)
+    max_batch_size: int = _f(8, "largest batch the engine accepts", minimum=1)
+    max_input_len: int | None = _f(None, "longest prompt in tokens; null = the sequence limit (max_seq_len)",
+                                   minimum=1)
+    max_seq_len: int | None = _f(None, "longest prompt + output in tokens; null = the model's max positions",
+                                 minimum=1)
+    max_num_tokens: int = _f(8192, "most tokens in one forward pass of a batch (packed)", minimum=1)
+    workers: int = _f(1, "parallel workers for conversion and trtllm-build", minimum=1)
+    log_level: str = _f("info", "trtllm-build log level", ("error", "warning", "info", "verbose"))
+    plugins: PluginSpec = _f(PluginSpec, "TensorRT-LLM plugins")
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    max_new_tokens: int = _f(32, "tokens to generate per prompt", minimum=1)
+    temperature: float = _f(0.0, "sampling temperature; 0 = greedy", minimum=0.0)
+    top_k: int = _f(0, "sample among the k most likely tokens; 0 = no limit", minimum=0)
+    top_p: float = _f(1.0, "sample within cumulative probability p (nucleus); 1.0 = no limit", minimum=0.0)
+    seed: int = _f(0, "seed of sampling", minimum=0)
+    prompts: tuple[str, ...] = _f(("The capital of France is",), "prompts used when none is given on the command line")
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """Accuracy the build must keep against the Hugging Face model in float32; null = not checked."""
+
+    max_ppl_increase: float | None = _f(None, "largest relative perplexity increase, e.g. 0.02 for +2%", minimum=0.0)
+    min_top1_agreement: float | None = _f(None, "smallest fraction of positions whose argmax token matches", minimum=0.0)
+    max_kl: float | None = _f(None, "largest mean KL divergence of next-token distributions (nats)", minimum=0.0)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    dataset: str = _f("licenses", "held-out text: built-in name (licenses, pydoc-topics) or a local .txt file")
+    tokens: int = _f(2048, "number of held-out tokens scored", minimum=16)
+    seq_len: int = _f(512, "tokens per scored window", minimum=8)
+    gate: GateSpec = _f(GateSpec, "accuracy gate checked by `build` (after conversion) and `eval`")
+
+
+@dataclass(frozen=True)
+class GoldenSpec:
+    prompt: str = _f("", "prompt fed greedily")
+    tokens: tuple[int, ...] = _f((), "the generated token ids expected for it (runtime.max_new_tokens of them or fewer)")
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    golden: tuple[GoldenSpec, ...] = _f((), "greedy outputs that `verify --run` must reproduce")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe. `name` is the file's stem, not a key."""
+
+    name: str = _f("", "the recipe's name (its file's stem)")
+    description: str = _f("", "one line about what this recipe is for")
+    model: ModelSpec = _f(ModelSpec, "where the weights come from")
+    precision: PrecisionSpec = _f(PrecisionSpec, "dtype and quantization")
+    parallel: ParallelSpec = _f(ParallelSpec, "tensor and pipeline parallelism")
+    build: BuildSpec = _f(BuildSpec, "backend, limits and plugins")
+    runtime: RuntimeSpec = _f(RuntimeSpec, "generation settings of `python -m pipeline.run`")
+    eval: EvalSpec = _f(EvalSpec, "accuracy evaluation and gate")
+    verify: VerifySpec = _f(VerifySpec, "golden outputs")
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.tp * self.parallel.pp
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get("PIPELINE_RECIPES", REPO_ROOT / "recipes"))
+
+
+def list_recipes() -> list[Path]:
+    return sorted(recipes_dir().glob("*.yaml"))
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    path = recipes_dir() / f"{name_or_path}.yaml"
+    if path.is_file():
+        return path
+    names = [p.stem for p in list_recipes()]
+    hint = difflib.get_close_matches(str(name_or_path), names, n=3)
+    raise RecipeError(
+        [f"no recipe '{name_or_path}' in {recipes_dir()}"
+         + (f"; did you mean {', '.join(hint)}?" if hint else "")
+         + " (`python -m pipeline ls` lists them)"],
+        source=str(name_or_path),
+    )
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"not valid YAML: {exc}"], source=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"the top level must be a mapping of sections, found {type(data).__name__}"], str(path))
+    return data
+
+
+def _merged_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in seen:
+        chain = " -> ".join(p.stem for p in (*seen, path.resolve()))
+        raise RecipeError([f"`extends` forms a cycle: {chain}"], source=str(path))
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError([f"extends: expected a recipe name, found {parent!r}"], source=str(path))
+    base = _merged_yaml(resolve_recipe_path(parent), (*seen, path.resolve()))
+    return deep_merge(base, data)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """Merge `top` into a copy of `base`: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], parsed value). The value is YAML, so 2 is an int and [a, b] a list."""
+    if "=" not in text:
+        raise RecipeError([f"override '{text}' must look like section.key=value (e.g. parallel.tp=2)"], "overrides")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
+        raise RecipeError([f"override key '{key}' must be dotted names like parallel.tp"], "overrides")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    out = dict(data)
+    keys_seen: list[list[str]] = []
+    for text in overrides:
+        parts, value = parse_override(text)
+        for other in keys_seen:
+            shorter = min(len(other), len(parts))
+            if other[:shorter] == parts[:shorter]:
+                raise RecipeError(
+                    [f"overrides '{'.'.join(other)}' and '{'.'.join(parts)}' set the same key or a parent and its "
+                     f"child; give each key once"], "overrides")
+        keys_seen.append(parts)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, merge, override and validate a recipe; raises RecipeError listing every problem."""
+    path = resolve_recipe_path(name_or_path)
+    data = apply_overrides(_merged_yaml(path), list(overrides))
+    return recipe_from_dict(data, name=path.stem, source=str(path))
+
+
+def recipe_from_dict(data: dict, name: str = "inline", source: str = "recipe") -> Recipe:
+    problems: list[str] = []
+    data = dict(data)
+    data.pop("extends", None)
+    if "name" in data:
+        problems.append("name: not a recipe key; a recipe's name is its file name (recipes/<name>.yaml)")
+    data["name"] = name
+    recipe = _build(Recipe, data, "", problems)
+    if not problems:
+        problems.extend(cross_field_problems(recipe))
+    if problems:
+        raise RecipeError(problems, source=source)
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------- typing
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, appending a message per problem instead of stopping."""
+    where = prefix.rstrip(".") or "the recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping of keys, found {_show(data)}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            problems.append(f"{prefix}{key}: unknown key{hint} (valid keys here: {', '.join(fields)})")
+            continue
+        kwargs[key] = _coerce(value, hints[key], fields[key], f"{prefix}{key}", problems)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # an internal invariant: every key was checked above
+        raise AssertionError(exc) from None
+
+
+def _coerce(value: Any, hint: Any, fld: dataclasses.Field, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    meta = fld.metadata if fld is not None else {}
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    default = fld.default if fld is not None and fld.default is not dataclasses.MISSING else None
+
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", problems)
+    if origin is tuple:
+        item_hint = args[0]
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, found {_show(value)}; write it as [a, b] or one '- item' per line")
+            return default
+        if dataclasses.is_dataclass(item_hint):
+            return tuple(_build(item_hint, v, f"{key}[{i}].", problems) for i, v in enumerate(value))
+        return tuple(_coerce(v, item_hint, None, f"{key}[{i}]", problems) for i, v in enumerate(value))
+
+    ok = True
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    if not ok:
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+        problems.append(f"{key}: expected {expected}{' or null' if optional else ''}, found {_show(value)}")
+        return default
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+        hint_text = f"; did you mean '{close[0]}'?" if close else ""
+        problems.append(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}{hint_text}")
+        return default
+    minimum = meta.get("minimum")
+    if minimum is not None and value < minimum:
+        problems.append(f"{key}: {value} is below the minimum {minimum}")
+        return default
+    return value
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------------------------- rules
+
+
+def cross_field_problems(recipe: Recipe) -> list[str]:
+    """Rules between fields that need no model config."""
+    problems = []
+    m = recipe.model
+    sources = [k for k in ("hub", "local", "random") if getattr(m, k)]
+    if len(sources) != 1:
+        found = ", ".join(f"model.{k}" for k in sources) or "none"
+        problems.append(f"model: set exactly one of model.hub, model.local or model.random (found: {found})")
+    if m.hub and not (m.revision and re.fullmatch(r"[0-9a-f]{40}", m.revision)):
+        problems.append(
+            f"model.revision: '{m.revision}' is not a commit sha; a Hub model needs its 40-hex commit "
+            f"(see the repo's 'Files and versions' history) so that builds reproduce")
+    if m.revision and not m.hub:
+        problems.append("model.revision: only used with model.hub; remove it or set model.hub")
+    if m.random:
+        from pipeline.shapes import SHAPES
+
+        if m.random not in SHAPES:
+            close = difflib.get_close_matches(m.random, list(SHAPES), n=1)
+            problems.append(f"model.random: unknown shape '{m.random}'" + (f"; did you mean '{close[0]}'?" if close else "")
+                            + f" (known: {', '.join(SHAPES)})")
+    q = recipe.precision.quantization
+    if q.quant in RESERVED_QUANT_ALGOS:
+        problems.append(f"precision.quantization.quant: '{q.quant}' is reserved for a later release; "
+                        f"use one of {', '.join(QUANT_ALGOS)}")
+    if q.quant in ("int8_weight_only", "int4_weight_only") and q.kv_cache == "fp8":
+        problems.append("precision.quantization.kv_cache: fp8 with weight-only quantization is refused by TensorRT-LLM "
+                        "1.2 (an FP8 KV cache needs the FP8 workflow); use kv_cache: int8 or auto, or quant: fp8")
+    if q.quant != "none" and recipe.precision.dtype == "float32":
+        problems.append(f"precision.dtype: float32 with quant {q.quant} is not a TensorRT-LLM combination (quantized "
+                        f"GEMMs take float16/bfloat16 activations); set precision.dtype to float16 or bfloat16")
+    b = recipe.build
+    if b.max_seq_len is not None and b.max_input_len is not None and b.max_input_len > b.max_seq_len:
+        problems.append(f"build.max_input_len: {b.max_input_len} exceeds build.max_seq_len {b.max_seq_len}; "
+                        f"lower max_input_len or raise max_seq_len")
+    p = b.plugins
+    if p.gpt_attention_plugin == "disable":
+        needs = [k for k in ("context_fmha", "paged_kv_cache", "remove_input_padding") if getattr(p, k)]
+        if needs:
+            problems.append(f"build.plugins.gpt_attention_plugin: disable conflicts with {', '.join(needs)} (TensorRT-LLM "
+                            f"needs the attention plugin for them); enable the plugin or set them to false")
+    if p.use_fp8_context_fmha and q.quant != "fp8":
+        problems.append("build.plugins.use_fp8_context_fmha: needs precision.quantization.quant: fp8")
+    if p.gemm_plugin == "fp8" and q.quant != "fp8":
+        problems.append("build.plugins.gemm_plugin: fp8 needs precision.quantization.quant: fp8")
+    if recipe.runtime.top_p > 1.0:
+        problems.append(f"runtime.top_p: {recipe.runtime.top_p} must be in (0, 1]")
+    g = recipe.eval.gate
+    if g.min_top1_agreement is not None and g.min_top1_agreement > 1.0:
+        problems.append(f"eval.gate.min_top1_agreement: {g.min_top1_agreement} must be a fraction in [0, 1]")
+    return problems
+
+
+def check_against_model(recipe: Recipe, hf_config: dict) -> list[str]:
+    """Rules between the recipe and the model's Hugging Face config.json; empty when all hold."""
+    from pipeline.convert.architectures import describe
+
+    problems: list[str] = []
+    try:
+        arch = describe(hf_config)
+    except Exception as exc:  # WeightMapError: unsupported architecture
+        return [str(exc)]
+    tp, pp = recipe.parallel.tp, recipe.parallel.pp
+    nh, nkv, layers = arch.num_heads, arch.num_kv_heads, arch.num_layers
+    if nh % tp:
+        valid = [d for d in range(1, nh + 1) if nh % d == 0]
+        problems.append(f"parallel.tp: {tp} does not divide the model's {nh} attention heads; choose tp from "
+                        f"{valid}, or split the model with parallel.pp instead")
+    elif not (nkv % tp == 0 or tp % nkv == 0):
+        problems.append(f"parallel.tp: {tp} does not fit the model's {nkv} KV heads (tp must divide them or be a "
+                        f"multiple of them); choose tp from "
+                        f"{[d for d in range(1, nh + 1) if nh % d == 0 and (nkv % d == 0 or d % nkv == 0)]}")
+    if layers % pp:
+        valid = [d for d in range(1, layers + 1) if layers % d == 0]
+        problems.append(f"parallel.pp: {pp} does not divide the model's {layers} layers; choose pp from {valid}")
+    max_pos = arch.max_positions
+    b = recipe.build
+    if b.max_seq_len is not None and max_pos and b.max_seq_len > max_pos:
+        problems.append(f"build.max_seq_len: {b.max_seq_len} exceeds the model's {max_pos} positions; "
+                        f"set it to at most {max_pos} (or null for the model's limit)")
+    seq = b.max_seq_len or max_pos
+    if seq and b.max_input_len is not None and b.max_input_len > seq:
+        problems.append(f"build.max_input_len: {b.max_input_len} exceeds the sequence limit {seq}; lower it")
+    if arch.head_size % 8 and recipe.build.backend == "tensorrt-llm":
+        problems.append(f"model: head size {arch.head_size} is not a multiple of 8, which TensorRT-LLM's attention "
+                        f"kernels need; use backend: torch")
+    q = recipe.precision.quantization.quant
+    if q == "int4_weight_only" and arch.hidden_size % (2 * tp):
+        problems.append("precision.quantization.quant: int4_weight_only packs two values per byte; the per-rank "
+                        "input width must be even")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- docs
+
+
+def schema_lines(cls: type = Recipe, prefix: str = "") -> list[str]:
+    """Every field with its type, default and documentation, for `python -m pipeline schema`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if cls is Recipe and f.name == "name":
+            continue
+        hint = hints[f.name]
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hint):
+            lines.append(f"{key}:  # {f.metadata['doc']}")
+            lines.extend(schema_lines(hint, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        type_name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        choices = f.metadata.get("choices")
+        extra = f" [{' | '.join(map(str, choices))}]" if choices else ""
+        lines.append(f"  {key} = {_to_plain(default)!r}  ({type_name}){extra}\n      {f.metadata['doc']}")
+    return lines
