@@ -23,8 +23,16 @@ from pipeline.backends import BackendChoice, select_backend
 from pipeline.convert import TOKENIZER_FILES, convert_checkpoint
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.manifest import (
-    StageTimer, atomic_write_text, command_line, folder_digests, host_info, library_versions, lock_drift,
-    read_manifest, stage_key, write_manifest,
+    StageTimer,
+    atomic_write_text,
+    command_line,
+    folder_digests,
+    host_info,
+    library_versions,
+    lock_drift,
+    read_manifest,
+    stage_key,
+    write_manifest,
 )
 from pipeline.recipe import REPO_ROOT, Recipe, check_against_model
 from pipeline.shapes import SHAPES

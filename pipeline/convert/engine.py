@@ -30,7 +30,6 @@ from pipeline.convert.architectures import ArchInfo
 from pipeline.convert.maps import WEIGHT_MAPS
 from pipeline.convert.rules import Rule
 from pipeline.errors import WeightMapError
-from pipeline.mapping import Mapping
 from pipeline.safetensors_io import SafetensorsIndex, SafetensorsWriter, TensorInfo
 
 CHUNK_BYTES = 32 * 1024 * 1024

@@ -1,0 +1,62 @@
+# Entry points. `make demo` runs the offline default end to end; `make test` runs the test suite.
+#   make build RECIPE=gpt2-fp16 ARGS="parallel.tp=2"     build a recipe (ARGS: a.b=value overrides)
+#   make run                                             run the latest build on as many ranks as it needs
+#   make eval RECIPE=...  /  make bench RECIPE=...       accuracy against HF / speed against transformers
+
+PYTHON3 ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= smollm2-135m-bf16-pp2
+ARGS ?=
+RUN_ARGS ?=
+MPIRUN := $(if $(wildcard $(VENV)/bin/mpirun),$(VENV)/bin/mpirun,mpirun)
+# Open MPI refuses to start as root without these, and needs --oversubscribe for more ranks than cores.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export NCCL_NVLS_ENABLE := 0
+MPI_FLAGS ?= --oversubscribe
+
+.PHONY: setup demo build run test test-all lint eval bench plan lock clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+demo: setup
+	$(PY) -m pipeline.offline smollm2-135m-instruct
+	$(PY) -m pipeline build smollm2-135m-bf16-pp2
+	$(MPIRUN) -n 2 $(MPI_FLAGS) $(PY) -m pipeline.run
+
+build: setup
+	$(PY) -m pipeline build $(RECIPE) $(ARGS)
+
+plan: setup
+	$(PY) -m pipeline plan $(RECIPE) $(ARGS)
+
+run: setup
+	$(MPIRUN) -n $$($(PY) -m pipeline world-size) $(MPI_FLAGS) $(PY) -m pipeline.run $(RUN_ARGS)
+
+eval: setup
+	$(PY) -m pipeline eval $(RECIPE) $(ARGS)
+
+bench: setup
+	$(PY) -m pipeline bench $(RECIPE) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -x
+
+lint: setup
+	$(PY) -m ruff check pipeline tests bench
+
+lock: setup
+	( head -3 requirements.lock; $(PY) -m pip freeze --exclude-editable | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/' ) > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf checkpoints/fetch checkpoints/convert checkpoints/engine checkpoints/builds checkpoints/latest.json
