@@ -251,7 +251,7 @@ class Builder:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
-    def run(self) -> BuildResult:
+    def run(self, gate: bool = True) -> BuildResult:
         r = self.recipe
         validate_with_model(r)
         backend = select_backend(r.build.backend, needs_capability=(8, 9) if r.precision.quantization.quant == "fp8"
@@ -263,9 +263,10 @@ class Builder:
         convert = self.convert(source)
         self._report(convert)
         result.stages.append(convert)
-        from pipeline.quantize.gate import run_gate
+        if gate:
+            from pipeline.quantize.gate import run_gate
 
-        run_gate(r, convert.path, log=self.log)
+            run_gate(r, convert.path, source, log=self.log)
         if backend.name == "tensorrt-llm":
             engine = self.engine(convert)
             self._report(engine)

@@ -49,7 +49,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true")
     e = sub.add_parser("eval")
     _recipe_args(e)
-    e.add_argument("--no-reference-cache", action="store_true")
+    e.add_argument("--precisions", help="evaluate the recipe at each of these precisions (comma-separated: "
+                                        "fp32,fp16,bf16,fp8,int8wo,int4wo) and print one table")
+    e.add_argument("--out", type=Path, help="also write the results as JSON (and a .md table beside it)")
     bench = sub.add_parser("bench")
     _recipe_args(bench)
     bench.add_argument("--batch-sizes", default=None, help="comma-separated, e.g. 1,8,32")
@@ -142,7 +144,8 @@ def cmd_eval(args) -> int:
     from pipeline.eval import eval_command
     from pipeline.recipe import load_recipe
 
-    return eval_command(load_recipe(args.recipe, args.overrides))
+    precisions = args.precisions.split(",") if args.precisions else None
+    return eval_command(load_recipe(args.recipe, args.overrides), precisions, args.out)
 
 
 def cmd_bench(args) -> int:

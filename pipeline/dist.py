@@ -43,6 +43,26 @@ def abort(mpi_comm, code: int = 1) -> None:
     raise SystemExit(code)
 
 
+def mpirun_command(ranks: int, module_args: list[str]) -> list[str]:
+    """`mpirun -n N <this python> -m ...`, with the flags Open MPI needs here (as root, more ranks than cores)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    local = Path(sys.executable).parent / "mpirun"
+    binary = str(local) if local.exists() else (shutil.which("mpirun") or "mpirun")
+    flags = ["--oversubscribe"] if ranks > (os.cpu_count() or 1) else []
+    return [binary, "-n", str(ranks), *flags, sys.executable, *module_args]
+
+
+def mpirun_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    return env
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

@@ -54,8 +54,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 
 def generate(model: RankModel, prompts: list[list[int]], sampling: Sampling, eos_id: int | None, pad_id: int,
-             on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-             kv_dtype: torch.dtype | None = None) -> list[list[int]]:
+             on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> list[list[int]]:
     """Generate for a batch of token-id prompts; returns the new tokens of each (EOS included if produced).
 
     `on_tokens(tokens, finished)` is called after each step with the new tokens [B] (for streaming).
@@ -67,7 +66,7 @@ def generate(model: RankModel, prompts: list[list[int]], sampling: Sampling, eos
     tokens, mask = left_pad(prompts, pad_id, device)
     batch, width = tokens.shape
     max_len = width + sampling.max_new_tokens
-    cache = model.new_cache(batch, max_len, kv_dtype)
+    cache = model.new_cache(batch, max_len)
     cache.valid[:, :width] = mask
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     is_sampler = comm.mapping.rank == comm.sampler_rank

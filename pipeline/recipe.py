@@ -65,7 +65,7 @@ class ModelSpec:
 class CalibrationSpec:
     """Calibration data for static activation scales (FP8) and KV-cache scales."""
 
-    dataset: str = _f("pydoc-topics", "built-in offline text set (pydoc-topics, licenses) or a local .txt file")
+    dataset: str = _f("pydoc-topics", "built-in offline text set (pydoc-topics) or a local .txt file")
     samples: int = _f(32, "number of calibration sequences", minimum=1)
     seq_len: int = _f(256, "tokens per calibration sequence", minimum=8)
     seed: int = _f(1234, "seed that picks the calibration sequences", minimum=0)
@@ -148,7 +148,8 @@ class GateSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    dataset: str = _f("licenses", "held-out text: built-in name (licenses, pydoc-topics) or a local .txt file")
+    dataset: str = _f("pydoc-topics-heldout", "held-out text: a built-in set (pydoc-topics-heldout, disjoint from the "
+                                              "calibration set pydoc-topics) or a local .txt file")
     tokens: int = _f(2048, "number of held-out tokens scored", minimum=16)
     seq_len: int = _f(512, "tokens per scored window", minimum=8)
     gate: GateSpec = _f(GateSpec, "accuracy gate checked by `build` (after conversion) and `eval`")
@@ -431,6 +432,13 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     if q.quant in ("int8_weight_only", "int4_weight_only") and q.kv_cache == "fp8":
         problems.append("precision.quantization.kv_cache: fp8 with weight-only quantization is refused by TensorRT-LLM "
                         "1.2 (an FP8 KV cache needs the FP8 workflow); use kv_cache: int8 or auto, or quant: fp8")
+    if q.kv_cache == "int8" and b_plugins_paged_context(recipe):
+        problems.append("precision.quantization.kv_cache: int8 cannot be combined with "
+                        "build.plugins.use_paged_context_fmha in TensorRT-LLM 1.2; set use_paged_context_fmha: false "
+                        "or use kv_cache: fp8")
+    if q.kv_cache == "fp8" and q.quant != "fp8" and b_plugins_paged_context(recipe):
+        problems.append("precision.quantization.kv_cache: fp8 with use_paged_context_fmha needs the FP8 workflow "
+                        "(quant: fp8) in TensorRT-LLM 1.2; set quant: fp8 or use_paged_context_fmha: false")
     if q.quant != "none" and recipe.precision.dtype == "float32":
         problems.append(f"precision.dtype: float32 with quant {q.quant} is not a TensorRT-LLM combination (quantized "
                         f"GEMMs take float16/bfloat16 activations); set precision.dtype to float16 or bfloat16")
@@ -454,6 +462,10 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     if g.min_top1_agreement is not None and g.min_top1_agreement > 1.0:
         problems.append(f"eval.gate.min_top1_agreement: {g.min_top1_agreement} must be a fraction in [0, 1]")
     return problems
+
+
+def b_plugins_paged_context(recipe: Recipe) -> bool:
+    return recipe.build.plugins.use_paged_context_fmha
 
 
 def check_against_model(recipe: Recipe, hf_config: dict) -> list[str]:

@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recipe", help="run the latest build of this recipe")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); default: the recipe's prompts")
     p.add_argument("--prompt-ids", action="append", help="a prompt as comma-separated token ids (repeatable)")
+    p.add_argument("--prompt-ids-file", type=Path, help="a JSON list of token-id prompts")
+    p.add_argument("--score-only", action="store_true", help="with --logits-out: score the prompts, generate nothing")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int)
@@ -133,6 +135,10 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
 
     artifact, runtime = resolve_artifact(args)
+    if (artifact / "rank0.engine").is_file():  # a TensorRT-LLM engine folder
+        from pipeline.backends.tensorrt_llm import run_engine
+
+        return run_engine(args, artifact, runtime, rank, world, mpi_comm)
     config = read_checkpoint_config(artifact)
     tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
     if world != tp * pp:
@@ -142,7 +148,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     if problems:
         raise RunError("the artifact cannot run:\n" + "\n".join(f"  rank {r}: {p}" for r, p in problems))
     tokenizer = load_tokenizer(artifact)
-    if args.prompt_ids:
+    if args.prompt_ids_file:
+        prompts = json.loads(args.prompt_ids_file.read_text())
+    elif args.prompt_ids:
         prompts = [[int(t) for t in s.split(",")] for s in args.prompt_ids]
     else:
         texts = args.prompt or list(runtime.get("prompts", RuntimeSpec().prompts))
@@ -173,6 +181,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
         all_logits = [score(model, p) for p in prompts]
         if rank == comm.sampler_rank:
             torch.save([t.cpu() for t in all_logits], args.logits_out)
+        if args.score_only:
+            comm.close()
+            return 0
 
     stream = rank == 0 and tokenizer is not None and len(prompts) == 1
     printer = StreamPrinter(tokenizer, prompts[0]) if stream else None

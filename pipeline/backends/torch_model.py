@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.dist import Comm
+from pipeline.quantize.formats import dequantize_kv, quantize_kv
 
 GPT_ARCHITECTURES = ("GPT2LMHeadModel", "GPTForCausalLM")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,6 +94,10 @@ class RankModel:
         self.eps = config["norm_epsilon"]
         self.num_local_layers = config["num_hidden_layers"] // self.mapping.pp
         make_linear = make_linear or (lambda prefix, w, b: Linear(w, b))
+        kv_algo = config.get("quantization", {}).get("kv_cache_quant_algo")
+        self.kv_format = {"FP8": "fp8", "INT8": "int8", None: None}[kv_algo]
+        # Calibration sets this to a callable(layer_index, k, v) that sees the keys and values the cache stores.
+        self.observe_kv = None
 
         def get(name: str) -> torch.Tensor | None:
             t = weights.get(name)
@@ -117,6 +122,8 @@ class RankModel:
             }
             if not self.is_gpt:
                 layer["gate"] = make_linear(p + "mlp.gate", get(p + "mlp.gate.weight"), get(p + "mlp.gate.bias"))
+            if self.kv_format is not None:
+                layer["kv_scale"] = get(p + "attention.kv_cache_scaling_factor").float()
             self.layers.append(layer)
         if not self.is_gpt:
             self.inv_freq = rope_inv_freq(config).to(device)
@@ -147,12 +154,20 @@ class RankModel:
         v = v.view(batch, seq, self.kv_heads, hd).transpose(1, 2)
         if not self.is_gpt:
             q, k = self._rope(q, k, positions)
+        if self.observe_kv is not None:
+            self.observe_kv(index, k, v)
         k_cache, v_cache = cache.k[index], cache.v[index]
-        k_cache[:, :, slot_start:slot_start + seq] = k.to(k_cache.dtype)
-        v_cache[:, :, slot_start:slot_start + seq] = v.to(v_cache.dtype)
         keys_len = mask.shape[-1]
-        keys = k_cache[:, :, :keys_len].to(q.dtype)
-        values = v_cache[:, :, :keys_len].to(q.dtype)
+        if self.kv_format is None:
+            k_cache[:, :, slot_start:slot_start + seq] = k
+            v_cache[:, :, slot_start:slot_start + seq] = v
+            keys, values = k_cache[:, :, :keys_len], v_cache[:, :, :keys_len]
+        else:  # a quantized cache: store q(k), q(v); attention reads them dequantized
+            scale = layer["kv_scale"]
+            k_cache[:, :, slot_start:slot_start + seq] = quantize_kv(k, scale, self.kv_format)
+            v_cache[:, :, slot_start:slot_start + seq] = quantize_kv(v, scale, self.kv_format)
+            keys = dequantize_kv(k_cache[:, :, :keys_len], scale, q.dtype)
+            values = dequantize_kv(v_cache[:, :, :keys_len], scale, q.dtype)
         if self.kv_heads != self.heads:
             repeat = self.heads // self.kv_heads
             keys = keys.repeat_interleave(repeat, dim=1)
@@ -172,9 +187,9 @@ class RankModel:
 
     # ------------------------------------------------------------------------------------- steps
 
-    def new_cache(self, batch: int, max_len: int, kv_dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
         shape = (batch, self.kv_heads, max_len, self.head_size)
-        dtype = kv_dtype or self.dtype
+        dtype = {None: self.dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[self.kv_format]
         return KVCache(
             k=[torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers],
             v=[torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers],
