@@ -291,9 +291,11 @@ def record_build(result: BuildResult) -> None:
         "backend": result.backend.name,
         "backend_reason": result.backend.reason,
         "artifact": str(result.artifact),
-        "stages": {s.name: {"key": s.key, "path": str(s.path), "hit": s.hit} for s in result.stages},
+        "stages": {s.name: {"key": s.key, "path": str(s.path), "hit": s.hit, "seconds": round(s.seconds, 3)}
+                   for s in result.stages},
         "world_size": r.world_size,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished_at_ns": time.time_ns(),
     }
     builds_dir().mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2) + "\n"
@@ -310,5 +312,20 @@ def read_build_record(recipe_name: str | None) -> dict:
     return json.loads(path.read_text())
 
 
-def artifact_manifest(path: Path) -> dict | None:
-    return read_manifest(path)
+def recipe_for(artifact: Path) -> dict:
+    """The resolved recipe of the newest build that produced this artifact; else the one in its manifest.
+
+    Runtime settings and golden outputs are not part of any stage key, so a later recipe may reuse an artifact
+    with its own; the build records say which recipe used it last.
+    """
+    records = []
+    for path in builds_dir().glob("*.json") if builds_dir().is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if Path(record.get("artifact", "")).resolve() == Path(artifact).resolve():
+            records.append(record)
+    if records:
+        return max(records, key=lambda r: r.get("finished_at_ns", 0))["resolved"]
+    return (read_manifest(artifact) or {}).get("recipe", {})

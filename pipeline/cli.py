@@ -45,7 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("artifact", type=Path)
     v.add_argument("--run", action="store_true", help="also generate the recipe's golden prompts and compare tokens")
     g = sub.add_parser("gc")
-    g.add_argument("--keep-gb", type=float, help="also remove the oldest unreferenced... (see `gc --help`)")
+    g.add_argument("--keep-gb", type=float, help="also remove referenced artifacts, oldest first (never the latest "
+                                                 "build), until the stage folders fit in this many GB")
     g.add_argument("--dry-run", action="store_true")
     e = sub.add_parser("eval")
     _recipe_args(e)
@@ -135,7 +136,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from pipeline.plan import gc_command
+    from pipeline.gc import gc_command
 
     return gc_command(keep_gb=args.keep_gb, dry_run=args.dry_run)
 

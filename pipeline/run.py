@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.build import read_build_record
+from pipeline.build import read_build_record, recipe_for
 from pipeline.dist import Comm, abort, all_ok, mpi_world, pick_device
 from pipeline.errors import PipelineError, RunError
 from pipeline.generate import Sampling, generate, score
@@ -54,9 +54,7 @@ def resolve_artifact(args: argparse.Namespace) -> tuple[Path, dict]:
     if args.engine is not None:
         if not args.engine.is_dir():
             raise RunError(f"--engine {args.engine}: no such folder")
-        manifest = read_manifest(args.engine) or {}
-        runtime = manifest.get("recipe", {}).get("runtime", {})
-        return args.engine, runtime
+        return args.engine, recipe_for(args.engine).get("runtime", {})
     record = read_build_record(args.recipe)
     return Path(record["artifact"]), record["resolved"]["runtime"]
 

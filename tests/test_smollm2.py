@@ -31,7 +31,7 @@ def test_greedy_text_matches_transformers(home, smollm2_dir, reference, tp, pp):
                                "parallel": {"tp": tp, "pp": pp}, "runtime": {"max_new_tokens": NEW_TOKENS}},
                               name=f"smollm2-fp32-tp{tp}-pp{pp}")
     artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
-    proc = mpirun(home, tp * pp, "--engine", str(artifact), "--prompt", PROMPT)
+    proc = mpirun(home, tp * pp, "--engine", str(artifact), "--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == reference.strip()
     assert reference.startswith("The capital of France is Paris.")

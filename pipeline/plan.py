@@ -1,0 +1,115 @@
+"""`python -m pipeline plan RECIPE` (and `build --dry-run`): the stages a build would run, their cache keys,
+hit or miss, and their commands.
+
+Needs no network and no GPU and does no work: keys are computed from what is on disk (a fetch key from the recipe;
+a convert key once the source files are at hand to hash; an engine key from the convert key), and the
+trtllm-build command line comes from the recipe alone, with <placeholders> where a path is not known yet.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import BuildError
+from pipeline.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    stage: str
+    key: str | None  # the stage's cache key, None where it needs inputs not yet at hand
+    status: str
+    command: str
+
+
+def _fetch_command(recipe: Recipe) -> str:
+    m = recipe.model
+    if m.random:
+        return f"random weights of shape '{m.random}', seed {m.seed} (pipeline.hub.make_random_checkpoint)"
+    if m.hub:
+        return f"huggingface-cli download {m.hub} --revision {m.revision}  (config, *.safetensors, tokenizer)"
+    return f"use the local folder {m.local}"
+
+
+def _source_on_disk(recipe: Recipe, fetch_key: str) -> Path | None:
+    """The fetched Hugging Face folder if it is already here (no download, no generation)."""
+    from pipeline import hub
+    from pipeline.build import is_complete, stage_dir
+
+    m = recipe.model
+    if m.random:
+        folder = stage_dir("fetch", fetch_key)
+        return folder if is_complete(folder) else None
+    if m.local:
+        folder = hub.resolve_local(m.local)
+        return folder if (folder / "config.json").is_file() else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(m.hub, revision=m.revision, allow_patterns=hub.HUB_PATTERNS,
+                                        cache_dir=hub.hf_cache_dir(), local_files_only=True))
+    except Exception:  # not in the local cache (LocalEntryNotFoundError and friends): the key waits for fetch
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _status(hit: bool) -> str:
+    return "hit  (cached: nothing to do)" if hit else "miss (will run)"
+
+
+def plan_rows(recipe: Recipe) -> list[PlanRow]:
+    """One row per stage: fetch, convert, and engine (marked not applicable when the backend resolves to torch)."""
+    from pipeline.backends import select_backend
+    from pipeline.backends import tensorrt_llm as trt
+    from pipeline.build import Builder, is_complete, stage_dir
+    from pipeline.manifest import stage_key
+
+    r = recipe
+    q = r.precision.quantization
+    builder = Builder(r, log=lambda _: None, show_progress=False)
+    fetch_key = stage_key(builder.fetch_inputs())
+    source = _source_on_disk(r, fetch_key)
+    fetch_status = _status(source is not None) if not r.model.local else (
+        "local folder (hashed, never copied)" if source is not None else "missing: the local folder has no config.json")
+    convert_key = stage_key(builder.convert_inputs(source)) if source is not None else None
+    convert_status = _status(is_complete(stage_dir("convert", convert_key))) if convert_key else \
+        "miss (key known after fetch)"
+    rows = [
+        PlanRow("fetch", fetch_key, fetch_status, _fetch_command(r)),
+        PlanRow("convert", convert_key, convert_status,
+                f"convert_checkpoint <fetch-dir> -> <checkpoint-dir>  (dtype {r.precision.dtype}, quant {q.quant}, "
+                f"kv_cache {q.kv_cache}, tp {r.parallel.tp}, pp {r.parallel.pp}, workers {r.build.workers})"),
+    ]
+    try:
+        backend = select_backend(r.build.backend, needs_capability=(8, 9) if q.quant == "fp8" else (7, 0))
+        status = "planned" if backend.name == "tensorrt-llm" else f"not applicable: backend torch ({backend.reason})"
+    except BuildError as exc:
+        status = "refused: " + " ".join(line.strip() for line in str(exc).splitlines())
+    machine = trt.machine_info()
+    problems = trt.plugin_problems(r, machine.compute_capability)
+    if problems:
+        status = "refused: " + "; ".join(problems)
+    cache = trt.timing_cache_path(machine) if machine.compute_capability else \
+        "checkpoints/timing-cache/<gpu>-sm<cc>-trt<version>.cache"
+    checkpoint = stage_dir("convert", convert_key) if convert_key else "<checkpoint-dir>"
+    engine_key = stage_key(trt.engine_inputs(r, convert_key, builder.versions)) if convert_key else None
+    if engine_key and status == "planned":
+        status = _status(is_complete(stage_dir("engine", engine_key)))
+    command = trt.trtllm_build_command(r, checkpoint, "<engine-dir>", cache)
+    rows.append(PlanRow("engine", engine_key, status, shlex.join(command)))
+    return rows
+
+
+def print_rows(rows: list[PlanRow]) -> None:
+    for row in rows:
+        print(f"{row.stage:<8} {row.key or '-':<20}  {row.status}\n         $ {row.command}")
+
+
+def print_plan(recipe: Recipe) -> None:
+    """Print what `make build` would do for this recipe, stage by stage, and how to run the result."""
+    print(f"recipe {recipe.name}: world size {recipe.world_size} (tp={recipe.parallel.tp} pp={recipe.parallel.pp})")
+    print_rows(plan_rows(recipe))
+    print(f"run      $ mpirun -n {recipe.world_size} python -m pipeline.run")
+
