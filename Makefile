@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 RECIPE ?= smollm2-135m-bf16-pp2
 ARGS ?=
 RUN_ARGS ?=
-MPIRUN := $(if $(wildcard $(VENV)/bin/mpirun),$(VENV)/bin/mpirun,mpirun)
+# Evaluated when a recipe runs (after `setup` may have created the venv): the venv's Open MPI, else the system's.
+MPIRUN = $(shell test -x $(VENV)/bin/mpirun && echo $(VENV)/bin/mpirun || echo mpirun)
 # Open MPI refuses to start as root without these, and needs --oversubscribe for more ranks than cores.
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1

@@ -34,6 +34,13 @@ SHAPES: dict[str, dict] = {
                      "bos_token_id": 128000, "eos_token_id": 128001,
                      "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+    # Llama-3.2-3B: the largest shape whose whole-model conversion baseline fits a 24 GiB machine.
+    "llama-3.2-3b": {**_LLAMA_BASE, "vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192,
+                     "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128,
+                     "max_position_embeddings": 131072, "rope_theta": 500000.0, "tie_word_embeddings": True,
+                     "bos_token_id": 128000, "eos_token_id": 128001,
+                     "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
     # Llama-3-8B (16.06 GB in bfloat16).
     "llama-3-8b": {**_LLAMA_BASE, "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
