@@ -186,10 +186,19 @@ def measure_shape(shape: str, work: Path, baseline: bool, log) -> dict:
     out = fresh("cp-copy")
     runs["cp -r (floor)"] = run_measured(["cp", "-r", str(src), str(out)])
     shutil.rmtree(out)
+    again = run_measured(["cp", "-r", str(src), str(out)])
+    shutil.rmtree(out)
+    if again["seconds"] < runs["cp -r (floor)"]["seconds"]:
+        runs["cp -r (floor)"] = again
     convert = [sys.executable, "-m", "pipeline.convert", str(src)]
     for label, extra, workers in (("ours tp=1 bf16", ["--tp", "1"], 2), ("ours tp=2 bf16", ["--tp", "2"], 2)):
         out = fresh("ours")
-        runs[label] = run_measured([*convert, str(out), *extra, "--dtype", "bfloat16", "--workers", str(workers)])
+        cmd = [*convert, str(out), *extra, "--dtype", "bfloat16", "--workers", str(workers)]
+        runs[label] = run_measured(cmd)
+        shutil.rmtree(out)
+        again = run_measured(cmd)
+        if again["seconds"] < runs[label]["seconds"]:
+            runs[label] = {**again, "peak_rss_gib": max(again["peak_rss_gib"], runs[label]["peak_rss_gib"])}
         runs[label]["workers"] = workers
     shutil.rmtree(work / "ours", ignore_errors=True)
     out = fresh("ours-fp8")
@@ -209,9 +218,14 @@ def measure_shape(shape: str, work: Path, baseline: bool, log) -> dict:
     result["rank_sha256"] = digests[1]
     if baseline:
         out = fresh("baseline")
-        runs["baseline tp=2 bf16 (from_pretrained + split + save_file)"] = run_measured(
-            [sys.executable, __file__, "--child", "baseline", str(src), str(out), "--tp", "2"])
+        cmd = [sys.executable, __file__, "--child", "baseline", str(src), str(out), "--tp", "2"]
+        first = run_measured(cmd)
         shutil.rmtree(out, ignore_errors=True)
+        again = run_measured(cmd)
+        shutil.rmtree(out, ignore_errors=True)
+        best = again if again["seconds"] < first["seconds"] else first
+        runs["baseline tp=2 bf16 (from_pretrained + split + save_file)"] = {
+            **best, "peak_rss_gib": max(first["peak_rss_gib"], again["peak_rss_gib"])}
     for label, r in runs.items():
         log(f"[{shape}] {label:<58} {r['seconds']:8.1f} s  peak RSS {r['peak_rss_gib']:6.2f} GiB  rc={r['returncode']}")
         if r["returncode"] != 0:
@@ -230,8 +244,9 @@ def machine() -> dict:
 def markdown(results: list[dict], info: dict) -> str:
     lines = [f"# Conversion at scale ({info['date']}, {info['host']}: {info['cpus']} CPUs, {info['memory_gib']} GiB, "
              f"commit {info['commit']})", "",
-             "Random-weight Hugging Face checkpoints in bfloat16 (2 GB shards). Each row is one process; peak RSS from "
-             "wait4. `cp -r` copies the same bytes on the same disk (the floor).", ""]
+             "Random-weight Hugging Face checkpoints in bfloat16 (2 GB shards). Each row is a separate process; wall "
+             "time is the faster of two runs (the page cache makes single runs noisy), peak RSS the larger (VmHWM of "
+             "the process). `cp -r` copies the same bytes on the same disk (the floor).", ""]
     for r in results:
         lines += [f"## {r['shape']}: {r['source_gb']} GB, largest tensor {r['largest_tensor']} "
                   f"({r['largest_tensor_gb']} GB)", "",

@@ -58,7 +58,14 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", default=None, help="comma-separated, e.g. 1,8,32")
     bench.add_argument("--input-len", type=int, default=None)
     bench.add_argument("--output-len", type=int, default=None)
-    bench.add_argument("--no-baseline", action="store_true")
+    bench.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
+    bench.add_argument("--device-random", action="store_true",
+                       help="random weights made on the GPU (model.random recipes), instead of building the artifact")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--input-spread", type=float, default=0.0,
+                       help="draw prompt lengths uniformly within +-this fraction of --input-len")
+    bench.add_argument("--variants", default="all", help="decode paths to compare at batch 1 (labels, or all)")
+    bench.add_argument("--out", help="folder for the results (default: beside the artifact)")
     sub.add_parser("schema")
     sub.add_parser("shapes")
     w = sub.add_parser("world-size")

@@ -127,9 +127,10 @@ class Comm:
         """Concatenate the tp ranks' shards along the last dim."""
         if self.mapping.tp == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.mapping.tp)]
-        torch_dist.all_gather(parts, x.contiguous(), group=self.tp_group)
-        return torch.cat(parts, dim=-1)
+        tp = self.mapping.tp
+        out = torch.empty((tp * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        torch_dist.all_gather_into_tensor(out, x.contiguous(), group=self.tp_group)
+        return torch.cat(out.view(tp, *x.shape).unbind(0), dim=-1)
 
     def send_next(self, x: torch.Tensor) -> None:
         torch_dist.send(x.contiguous(), self.mapping.peer_in_stage(self.mapping.pp_rank + 1))

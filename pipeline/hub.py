@@ -131,14 +131,10 @@ def _seed_for(seed: int, name: str, chunk: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _random_block(name: str, shape: tuple[int, ...], rows: tuple[int, int], seed: int, chunk: int,
-                  fan_in_dim: int) -> torch.Tensor:
-    """Rows of one random tensor. Scales keep activations O(1) and logits peaked, so greedy tokens are stable."""
-    g = torch.Generator().manual_seed(_seed_for(seed, name, chunk))
-    block_shape = (rows[1] - rows[0], *shape[1:])
-    is_norm = any(k in name for k in ("norm", "ln_")) and name.endswith("weight")
-    noise = torch.randn(block_shape, generator=g, dtype=torch.float32)
-    if is_norm:
+def init_random(name: str, shape: tuple[int, ...], noise: torch.Tensor, fan_in_dim: int) -> torch.Tensor:
+    """Scale standard-normal noise for tensor `name`: norms near 1, small biases, unit-variance embeddings, linear
+    weights at 1/sqrt(fan_in). Activations stay O(1) and logits peaked, so greedy tokens are stable."""
+    if any(k in name for k in ("norm", "ln_")) and name.endswith("weight"):
         return 1.0 + 0.1 * noise
     if name.endswith("bias"):
         return 0.1 * noise
@@ -147,10 +143,31 @@ def _random_block(name: str, shape: tuple[int, ...], rows: tuple[int, int], seed
     return noise / (shape[fan_in_dim] ** 0.5)
 
 
+def _random_block(name: str, shape: tuple[int, ...], rows: tuple[int, int], seed: int, chunk: int,
+                  fan_in_dim: int) -> torch.Tensor:
+    """Rows of one random tensor, from a generator seeded by (seed, name, chunk)."""
+    g = torch.Generator().manual_seed(_seed_for(seed, name, chunk))
+    noise = torch.randn((rows[1] - rows[0], *shape[1:]), generator=g, dtype=torch.float32)
+    return init_random(name, shape, noise, fan_in_dim)
+
+
+def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a Hugging Face checkpoint of this config (from a model on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**hf)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tensors = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if hf.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
 def make_random_checkpoint(shape_name: str, seed: int, out_dir: Path, shard_bytes: int = 2 * 1024**3,
                            dtype: str | None = None) -> None:
     """Write a Hugging Face checkpoint of the named shape with deterministic random weights, tensor by tensor."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     hf = dict(SHAPES[shape_name])
     if dtype is not None:
@@ -158,11 +175,7 @@ def make_random_checkpoint(shape_name: str, seed: int, out_dir: Path, shard_byte
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.for_model(**hf)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    tensors = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    if hf.get("tie_word_embeddings"):
-        tensors.pop("lm_head.weight", None)
+    tensors = hf_tensor_shapes(hf)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[hf["torch_dtype"]]
     fan_in_dim = 0 if hf["model_type"] == "gpt2" else 1  # GPT-2's Conv1D is [in, out]
 

@@ -107,6 +107,7 @@ class RankModel:
         self.pos_embed = get("transformer.position_embedding.weight")
         self.ln_f = (get("transformer.ln_f.weight"), get("transformer.ln_f.bias"))
         self.lm_head = get("lm_head.weight")
+        self.head = Linear(self.lm_head) if self.lm_head is not None else None
         self.layers = []
         for i in range(self.num_local_layers):
             p = f"transformer.layers.{i}."
@@ -144,7 +145,7 @@ class RankModel:
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     def _attention(self, layer: dict, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: int,
-                   slot_start: int, mask: torch.Tensor) -> torch.Tensor:
+                   slot_start: int | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
         hd = self.head_size
         qkv = layer["qkv"](x)
@@ -158,28 +159,48 @@ class RankModel:
             self.observe_kv(index, k, v)
         k_cache, v_cache = cache.k[index], cache.v[index]
         keys_len = mask.shape[-1]
-        if self.kv_format is None:
+        if self.kv_format is not None:  # a quantized cache: store q(k), q(v); attention reads them dequantized
+            k, v = quantize_kv(k, layer["kv_scale"], self.kv_format), quantize_kv(v, layer["kv_scale"], self.kv_format)
+        if isinstance(slot_start, torch.Tensor):  # a decode step with the slot on the device (CUDA-graph safe)
+            k_cache.index_copy_(2, slot_start.view(1), k)
+            v_cache.index_copy_(2, slot_start.view(1), v)
+        else:
             k_cache[:, :, slot_start:slot_start + seq] = k
             v_cache[:, :, slot_start:slot_start + seq] = v
-            keys, values = k_cache[:, :, :keys_len], v_cache[:, :, :keys_len]
-        else:  # a quantized cache: store q(k), q(v); attention reads them dequantized
-            scale = layer["kv_scale"]
-            k_cache[:, :, slot_start:slot_start + seq] = quantize_kv(k, scale, self.kv_format)
-            v_cache[:, :, slot_start:slot_start + seq] = quantize_kv(v, scale, self.kv_format)
-            keys = dequantize_kv(k_cache[:, :, :keys_len], scale, q.dtype)
-            values = dequantize_kv(v_cache[:, :, :keys_len], scale, q.dtype)
-        if self.kv_heads != self.heads:
-            repeat = self.heads // self.kv_heads
-            keys = keys.repeat_interleave(repeat, dim=1)
-            values = values.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        keys, values = k_cache[:, :, :keys_len], v_cache[:, :, :keys_len]
+        if self.kv_format is not None:
+            keys = dequantize_kv(keys, layer["kv_scale"], q.dtype)
+            values = dequantize_kv(values, layer["kv_scale"], q.dtype)
+        if seq == 1:
+            out = self._grouped_attention(q, keys, values, mask)
+        else:
+            if self.kv_heads != self.heads:
+                repeat = self.heads // self.kv_heads
+                keys = keys.repeat_interleave(repeat, dim=1)
+                values = values.repeat_interleave(repeat, dim=1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.heads * hd)
         out = self.comm.all_reduce_tp(layer["dense"](out))
         return out + layer["dense_bias"] if layer["dense_bias"] is not None else out
 
+    def _grouped_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """One query per sequence against the cache, each KV head serving its group of query heads in place
+        (no copies of the cache per query head): the memory-bound decode case."""
+        batch, heads, seq, hd = q.shape
+        group = heads // self.kv_heads
+        qg = q.reshape(batch, self.kv_heads, group * seq, hd)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * (hd ** -0.5)
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L] broadcasts over heads
+        probs = scores.softmax(dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).reshape(batch, heads, seq, hd)
+
     def _mlp(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
         if self.is_gpt:
             h = F.gelu(layer["fc"](x), approximate="tanh")
+        elif "fc_gate" in layer:  # the CUDA path fuses the two GEMMs of the gated MLP into one
+            fc, gate = layer["fc_gate"](x).chunk(2, dim=-1)
+            h = F.silu(fc) * gate
         else:
             h = F.silu(layer["fc"](x)) * layer["gate"](x)
         out = self.comm.all_reduce_tp(layer["proj"](h))
@@ -196,21 +217,22 @@ class RankModel:
             valid=torch.zeros((batch, max_len), dtype=torch.bool, device=self.device),
         )
 
-    def attention_mask(self, cache: KVCache, slot_start: int, seq: int, keys_len: int) -> torch.Tensor:
+    def attention_mask(self, cache: KVCache, slot_start: int | torch.Tensor, seq: int, keys_len: int) -> torch.Tensor:
         """[B, 1, seq, keys_len] bool: a query sees valid slots at or before its own; each sees itself."""
-        query_slots = torch.arange(slot_start, slot_start + seq, device=self.device)
+        query_slots = slot_start + torch.arange(seq, device=self.device)
         key_slots = torch.arange(keys_len, device=self.device)
         causal = key_slots[None, :] <= query_slots[:, None]
         mask = causal[None] & cache.valid[:, None, :keys_len]
         mask |= key_slots[None, None, :] == query_slots[None, :, None]  # padding queries see themselves (no NaN)
         return mask[:, None]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot_start: int,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot_start: int | torch.Tensor,
                 keys_len: int | None = None, all_logits: bool = False) -> torch.Tensor | None:
         """Run this rank's stage on tokens [B, T] at cache slots [slot_start, slot_start + T).
 
         Returns float32 logits [B, T or 1, vocab] on last-stage ranks, None elsewhere. The caller marks the
-        new slots valid in `cache.valid` before calling.
+        new slots valid in `cache.valid` before calling. A decode step may pass slot_start as a 0-d device tensor
+        and keys_len = the cache length: then every shape is static and nothing reads back to the host.
         """
         batch, seq = tokens.shape
         keys_len = keys_len or slot_start + seq
@@ -230,5 +252,5 @@ class RankModel:
         if not all_logits:
             h = h[:, -1:]
         h = self._norm(h, self.ln_f)
-        logits = self.comm.all_gather_tp(F.linear(h, self.lm_head).float())
+        logits = self.comm.all_gather_tp(self.head(h).float())
         return logits[..., : self.vocab_size]

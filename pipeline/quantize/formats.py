@@ -31,7 +31,8 @@ def fp8_scale(amax: torch.Tensor | float) -> torch.Tensor:
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    y = x.float() if x.dtype != torch.float32 else x.clone()  # one float32 temporary, then in place
+    return y.div_(scale.float()).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,211 @@
+"""The fast decode path of the PyTorch backend on CUDA GPUs.
+
+Batch-1 decoding is bound by memory bandwidth: each token reads every weight once. What keeps a plain PyTorch
+loop far from that limit is launch and host overhead (hundreds of small kernels per token) and GEMM kernels that
+stream skinny matrices slowly. This module removes both, for one rank's shard (tensor parallel over NCCL; pp = 1):
+
+- a preallocated KV cache and a decode step whose every shape is static, with the slot index, positions and next
+  tokens kept on the device, so the whole step (greedy argmax included) is one CUDA graph replay;
+- torch.compile over the step, which fuses norms, rotary embedding, activations and residual adds;
+- batch-1 GEMMs through a Triton GEMV (pipeline::gemv), for float16/bfloat16 and for FP8 weights (one byte per
+  weight read); larger batches through cuBLAS (torch._scaled_mm for FP8 on Ada/Hopper);
+- the gate and fc GEMMs of a gated MLP fused into one, as trtllm-build's use_fused_mlp does (FP8: dequantized,
+  concatenated and requantized with the larger of the two weight scales, as TensorRT-LLM's builder does).
+
+`DecodeOptions` selects each piece, so the benchmark can measure them one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.backends import cuda_kernels
+from pipeline.backends.torch_model import Linear, RankModel
+from pipeline.quantize.formats import fp8_linear, fp8_scale, quantize_fp8
+from pipeline.quantize.runtime import FP8Linear
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    cuda_graph: bool = True
+    compile: bool = True
+    triton_gemv: bool = True
+    fuse_gate_up: bool = True
+
+    @property
+    def label(self) -> str:
+        parts = [("graph" if self.cuda_graph else "eager"), ("compile" if self.compile else None),
+                 ("triton-gemv" if self.triton_gemv else "cublas"), ("fused-mlp" if self.fuse_gate_up else None)]
+        return "+".join(p for p in parts if p)
+
+
+class CudaLinear(Linear):
+    """F.linear, or the Triton GEMV when the input is one row."""
+
+    def __init__(self, weight, bias=None, triton_gemv: bool = True):
+        super().__init__(weight, bias)
+        self.triton_gemv = triton_gemv and cuda_kernels.available()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton_gemv and x.numel() == x.shape[-1]:
+            return cuda_kernels.linear_1row(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class CudaFP8Linear(FP8Linear):
+    """FP8 x FP8 with float32 accumulation: the Triton GEMV for one row, torch._scaled_mm otherwise."""
+
+    def __init__(self, base: FP8Linear, triton_gemv: bool = True):
+        super().__init__(base.weight, base.weight_scale, base.act_scale, base.bias, base.out_dtype)
+        self.triton_gemv = triton_gemv and cuda_kernels.available()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton_gemv and x.numel() == x.shape[-1]:
+            return cuda_kernels.linear_1row(x, self.weight, self.bias, self.act_scale, self.weight_scale,
+                                            self.out_dtype)
+        return fp8_linear(x, self.weight, self.act_scale, self.weight_scale, self.bias, self.out_dtype)
+
+
+def _fuse(fc, gate):
+    """One GEMM computing [fc(x) | gate(x)]."""
+    if isinstance(fc, FP8Linear) and isinstance(gate, FP8Linear):
+        scale = torch.maximum(fc.weight_scale, gate.weight_scale)
+        weight = torch.cat([quantize_fp8(fc.weight.float() * fc.weight_scale, scale),
+                            quantize_fp8(gate.weight.float() * gate.weight_scale, scale)])
+        act_scale = torch.maximum(fc.act_scale, gate.act_scale)  # both see the same input
+        bias = None if fc.bias is None else torch.cat([fc.bias, gate.bias])
+        return FP8Linear(weight, scale, act_scale, bias, fc.out_dtype)
+    if type(fc) is Linear and type(gate) is Linear:
+        bias = None if fc.bias is None else torch.cat([fc.bias, gate.bias])
+        return Linear(torch.cat([fc.weight, gate.weight]), bias)
+    return None  # weight-only formats keep two GEMMs
+
+
+def accelerate(model: RankModel, options: DecodeOptions) -> RankModel:
+    """Swap the model's GEMMs for the CUDA ones (in place) and fuse gate/fc; returns the model."""
+
+    def convert(linear):
+        if isinstance(linear, FP8Linear):
+            return CudaFP8Linear(linear, options.triton_gemv)
+        if type(linear) is Linear:
+            return CudaLinear(linear.weight, linear.bias, options.triton_gemv)
+        return linear
+
+    for layer in model.layers:
+        if options.fuse_gate_up and "gate" in layer:
+            fused = _fuse(layer["fc"], layer["gate"])
+            if fused is not None:
+                layer["fc_gate"] = fused
+                del layer["fc"], layer["gate"]
+        for key in ("qkv", "dense", "fc", "gate", "proj", "fc_gate"):
+            if key in layer:
+                layer[key] = convert(layer[key])
+    if model.head is not None:
+        model.head = convert(model.head)
+    return model
+
+
+class CudaDecoder:
+    """Prefill, then decode steps replayed from one captured CUDA graph, for a fixed batch and cache length."""
+
+    def __init__(self, model: RankModel, batch: int, max_len: int, options: DecodeOptions):
+        if model.mapping.pp != 1:
+            raise ValueError("the CUDA decode path runs pp = 1 (pipeline stages use the plain path)")
+        self.model, self.batch, self.max_len, self.options = model, batch, max_len, options
+        device = model.device
+        self.cache = model.new_cache(batch, max_len)
+        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
+        self.logits = None
+        self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if options.compile else self._step
+        self.graph = None
+
+    def _step(self) -> torch.Tensor:
+        """One greedy decode step on the device buffers: write the cache at `slot`, compute logits, advance."""
+        self.cache.valid.index_fill_(1, self.slot.view(1), True)
+        logits = self.model.forward(self.tokens, self.positions, self.cache, slot_start=self.slot,
+                                    keys_len=self.max_len)[:, -1]
+        self.tokens.copy_(logits.argmax(dim=-1, keepdim=True))
+        self.positions.add_(1)
+        self.slot.add_(1)
+        return logits
+
+    def warm_up(self) -> None:
+        """Compile, autotune and capture with throwaway state (prefill resets everything the graph reads).
+
+        The warm-up steps run on a side stream, as CUDA graph capture (and NCCL inside it) requires."""
+        self.slot.fill_(0)
+        if self.model.device.type != "cuda":
+            self._step_fn()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step_fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        if self.options.cuda_graph:
+            self.slot.fill_(0)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step_fn()
+            torch.cuda.synchronize()
+
+    def prefill(self, prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+        """Run the prompts (left-padded) and set the buffers for decoding; returns the first new tokens [B]."""
+        from pipeline.generate import left_pad
+
+        assert len(prompts) == self.batch
+        tokens, mask = left_pad(prompts, pad_id, self.model.device)
+        width = tokens.shape[1]
+        self.cache.valid.zero_()
+        self.cache.valid[:, :width] = mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.model.forward(tokens, positions, self.cache, slot_start=0)
+        first = logits[:, -1].argmax(dim=-1)
+        self.tokens.copy_(first[:, None])
+        self.positions.copy_(positions[:, -1:] + 1)
+        self.slot.fill_(width)
+        return first
+
+    def step(self) -> torch.Tensor:
+        """One decode step; returns the next tokens [B] (a view of the device buffer: copy before the next step)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step_fn()
+        return self.tokens[:, 0]
+
+    def generate(self, prompts: list[list[int]], new_tokens: int, eos_id: int | None = None,
+                 pad_id: int = 0) -> list[list[int]]:
+        outputs = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        current = self.prefill(prompts, pad_id)
+        for step in range(new_tokens):
+            values = current.tolist()
+            for i, token in enumerate(values):
+                if not finished[i]:
+                    outputs[i].append(token)
+                    finished[i] = eos_id is not None and token == eos_id
+            if all(finished) or step == new_tokens - 1:
+                break
+            current = self.step()
+        return outputs
+
+
+def quantize_model_fp8(model: RankModel, act_amax: dict[str, float]) -> RankModel:
+    """FP8 weights and static activation scales for a model loaded in bfloat16 (device-random benchmarks)."""
+    for index, layer in enumerate(model.layers):
+        for key in ("qkv", "dense", "fc", "gate", "proj"):
+            linear = layer.get(key)
+            if type(linear) is not Linear:
+                continue
+            w_scale = fp8_scale(linear.weight.float().abs().amax()).to(linear.weight.device)
+            a_scale = fp8_scale(act_amax[f"{index}.{key}"]).to(linear.weight.device)
+            layer[key] = FP8Linear(quantize_fp8(linear.weight, w_scale), w_scale, a_scale, linear.bias, model.dtype)
+    return model

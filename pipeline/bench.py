@@ -1,0 +1,444 @@
+"""`python -m pipeline bench RECIPE`: latency and throughput of a build, with transformers as the baseline.
+
+    python -m pipeline bench gpt2-random --batch-sizes 1,8,32 --input-len 128 --output-len 128
+    python -m pipeline bench llama-3-8b-random-bf16 --device-random          # GPU machines without the checkpoint
+
+Each batch of B requests (random token ids, input_len tokens each, or lengths drawn around it) is prefilled
+together and decoded for output_len tokens (EOS ignored), repeated; reported per batch size:
+- TTFT (time to first token), TPOT (time per output token after the first), ITL (inter-token latency, per step),
+  E2E (request latency), as p50/p90/p99, and output tokens/s (B * output_len / E2E);
+- on CUDA, each decode path (CUDA graph, torch.compile, Triton GEMV) at batch 1, and the copy bandwidth measured in
+  the same run, which bounds batch-1 decoding: tokens/s <= bandwidth / bytes of weights read per token;
+- transformers' generate on the same GPU in the same run (dynamic cache; static cache for batch >= 8) and the ratio.
+
+The ranks run under mpirun (tp > 1 spans GPUs over NCCL); rank 0 writes the results as JSON (and a PNG when
+matplotlib is installed) beside the artifact, or where --out says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import PipelineError
+
+DEFAULT_BATCH_SIZES = "1,8,32"
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
+
+
+def make_prompts(batch: int, input_len: int, vocab: int, seed: int, spread: float = 0.0) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [max(1, round(input_len * (1 + rng.uniform(-spread, spread)))) for _ in range(batch)]
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median of 20)."""
+    n = int(gib * 2**30)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * n / statistics.median(times[5:])
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def device_random_model(shape: str, tp: int, comm, device: torch.device, dtype: str, seed: int = 0):
+    """A RankModel of a named shape with seeded random weights made on the GPU (same model for any tp)."""
+    from pipeline import hub
+    from pipeline.backends.torch_model import RankModel
+    from pipeline.convert.architectures import describe, quantization_block, trtllm_config
+    from pipeline.convert.engine import plan_conversion
+    from pipeline.convert.memory import VirtualIndex, materialize_rank
+    from pipeline.shapes import SHAPES
+
+    hf = dict(SHAPES[shape])
+    arch = describe(hf)
+    shapes = hub.hf_tensor_shapes(hf)
+    fan_in_dim = 0 if hf["model_type"] == "gpt2" else 1
+
+    def make(name: str) -> torch.Tensor:
+        g = torch.Generator(device=device).manual_seed(hub._seed_for(seed, name, 0))
+        noise = torch.randn(shapes[name], generator=g, device=device, dtype=torch.float32)
+        return hub.init_random(name, shapes[name], noise, fan_in_dim)
+
+    index = VirtualIndex(shapes, torch.float32, make)
+    plan = plan_conversion(index, arch, tp, 1, dtype)
+    weights = materialize_rank(plan, index, comm.mapping.rank, device)
+    config = trtllm_config(arch, dtype, comm.mapping, quantization_block())
+    return RankModel(config, weights, comm, device), config, arch
+
+
+def calibrate_on_device(model, vocab: int, tokens: int = 256, seed: int = 0) -> dict[str, float]:
+    """Input amax of every linear layer over random token ids (for FP8 activation scales of random models)."""
+    from pipeline.backends.torch_model import Linear
+
+    amax: dict[str, float] = {}
+
+    class Observed(Linear):
+        def __init__(self, key, inner):
+            super().__init__(inner.weight, inner.bias)
+            self.key = key
+
+        def __call__(self, x):
+            amax[self.key] = max(amax.get(self.key, 0.0), float(x.abs().amax()))
+            return super().__call__(x)
+
+    saved = []
+    for i, layer in enumerate(model.layers):
+        for key in ("qkv", "dense", "fc", "gate", "proj"):
+            if key in layer:
+                saved.append((layer, key, layer[key]))
+                layer[key] = Observed(f"{i}.{key}", layer[key])
+    ids = torch.tensor([make_prompts(1, tokens, vocab, seed)[0]], device=model.device)
+    cache = model.new_cache(1, tokens)
+    cache.valid[:] = True
+    with torch.no_grad():
+        model.forward(ids, torch.arange(tokens, device=model.device)[None], cache, slot_start=0)
+    for layer, key, inner in saved:
+        layer[key] = inner
+    return amax
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads from this rank's weights (every GEMM weight, embeddings' one row excluded)."""
+    total = 0
+    for layer in model.layers:
+        for value in layer.values():
+            for t in (getattr(value, "weight", None), getattr(value, "q", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    if model.lm_head is not None:
+        total += model.lm_head.numel() * model.lm_head.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ worker
+
+
+def measure(decoder, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
+    ttft, e2e, itl, tokens = [], [], [], None
+    for r in range(repeats + 1):  # the first round warms up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        current = decoder.prefill(prompts)
+        out = [current.tolist()]
+        first = time.perf_counter()
+        last = first
+        steps = []
+        for _ in range(output_len - 1):
+            out.append(decoder.step().tolist())
+            now = time.perf_counter()
+            steps.append(now - last)
+            last = now
+        if r == 0:
+            tokens = [list(t) for t in zip(*out)]
+            continue
+        ttft.append(first - start)
+        e2e.append(last - start)
+        itl.extend(steps)
+    batch = len(prompts)
+    tpot = [(e - t) / max(1, output_len - 1) for e, t in zip(e2e, ttft)]
+    return {"batch": batch, "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "itl_s": percentiles(itl),
+            "e2e_s": percentiles(e2e), "output_tokens_per_s": batch * output_len / statistics.median(e2e),
+            "tokens": tokens}
+
+
+def worker(args: argparse.Namespace) -> int:
+    from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate, quantize_model_fp8
+    from pipeline.dist import Comm, mpi_world, pick_device
+    from pipeline.mapping import Mapping
+
+    rank, world, mpi_comm = mpi_world()
+    if not torch.cuda.is_available():
+        raise PipelineError("bench measures the CUDA decode path; no CUDA GPU is visible")
+    mapping = Mapping(world, 1, rank)
+    device = pick_device(mpi_comm)
+    comm = Comm.create(mapping, device, mpi_comm)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    if args.device_random:
+        model, config, _ = device_random_model(args.device_random, world, comm, device, args.dtype)
+        if args.quant == "fp8":
+            quantize_model_fp8(model, calibrate_on_device(model, config["vocab_size"]))
+    else:
+        from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+
+        config = read_checkpoint_config(args.artifact)
+        model = load_rank_model(args.artifact, config, comm, device)
+    load_s = time.perf_counter() - started
+    accelerate(model, DecodeOptions())
+    bandwidth = copy_bandwidth(device)
+    read_bytes = weight_bytes(model)
+    max_len = args.input_len * 2 + args.output_len
+    vocab = config["vocab_size"]
+    result = {"rank": rank, "world_size": world, "device": torch.cuda.get_device_name(device),
+              "load_s": load_s, "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_rank": read_bytes,
+              "roofline_tokens_per_s_batch1": bandwidth / read_bytes, "variants": {}, "batches": []}
+
+    def set_gemv(flag: bool) -> None:
+        for layer in model.layers:
+            for value in layer.values():
+                if hasattr(value, "triton_gemv"):
+                    value.triton_gemv = flag
+        if hasattr(model.head, "triton_gemv"):
+            model.head.triton_gemv = flag
+
+    variants = [DecodeOptions(cuda_graph=g, compile=c, triton_gemv=t)
+                for g, c, t in ((False, False, False), (True, False, False), (True, False, True),
+                                (True, True, False), (True, True, True))]
+    if args.variants != "all":
+        wanted = args.variants.split(",")
+        variants = [v for v in variants if v.label in wanted]
+    prompts1 = make_prompts(1, args.input_len, vocab, seed=1)
+    best = None
+    for options in variants:
+        set_gemv(options.triton_gemv)
+        decoder = None
+        try:
+            t0 = time.perf_counter()
+            decoder = CudaDecoder(model, 1, max_len, options)
+            decoder.warm_up()
+            setup_s = time.perf_counter() - t0
+            m = measure(decoder, prompts1, args.output_len, args.repeats)
+        except Exception as exc:  # a variant that cannot run here (compile or capture failure) is reported
+            result["variants"][options.label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            continue
+        finally:
+            decoder = None
+            torch.cuda.empty_cache()
+        m["setup_s"] = setup_s
+        m["percent_of_roofline"] = 100 * m["output_tokens_per_s"] / result["roofline_tokens_per_s_batch1"]
+        result["variants"][options.label] = m
+        if best is None or m["output_tokens_per_s"] > result["variants"][best.label]["output_tokens_per_s"]:
+            best = options
+    labels = [k for k, v in result["variants"].items() if "tokens" in v]
+    reference_tokens = result["variants"][labels[0]]["tokens"] if labels else None
+    result["variants_agree_on_tokens"] = all(result["variants"][k]["tokens"] == reference_tokens for k in labels)
+    if best is None:
+        raise PipelineError(f"no decode variant ran: {result['variants']}")
+    result["best_variant"] = best.label
+    set_gemv(best.triton_gemv)
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = make_prompts(batch, args.input_len, vocab, seed=batch, spread=args.input_spread)
+        decoder = CudaDecoder(model, batch, max_len, best)
+        decoder.warm_up()
+        m = measure(decoder, prompts, args.output_len, args.repeats)
+        decoder = None
+        torch.cuda.empty_cache()
+        result["batches"].append(m)
+    if rank == 0:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    comm.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+
+
+def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: list[int], input_len: int,
+                          output_len: int, repeats: int = 2) -> dict:
+    """transformers' generate on one GPU, bfloat16, greedy, EOS ignored: dynamic cache, and static for B >= 8."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.shapes import SHAPES
+
+    device = torch.device("cuda", 0)
+    with torch.device(device):
+        if shape is not None:
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**SHAPES[shape]), dtype=torch.bfloat16)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    model.eval()
+    vocab = model.config.vocab_size
+    out = {}
+    for batch in batch_sizes:
+        ids = torch.tensor(make_prompts(batch, input_len, vocab, seed=batch), device=device)
+        for cache in ("dynamic", "static") if batch >= 8 else ("dynamic",):
+            kwargs = {"do_sample": False, "attention_mask": torch.ones_like(ids), "pad_token_id": 0,
+                      "eos_token_id": None}
+            if cache == "static":
+                kwargs["cache_implementation"] = "static"
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
+                times = []
+                for _ in range(repeats):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kwargs)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+            out[f"{batch}/{cache}"] = {"batch": batch, "cache": cache, "e2e_s": statistics.median(times),
+                                       "output_tokens_per_s": batch * output_len / statistics.median(times)}
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def summarize(result: dict, baseline: dict | None) -> str:
+    lines = [f"{result['device']}: copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, "
+             f"{result['weight_bytes_per_rank'] / 1e9:.3f} GB of weights per rank -> batch-1 roofline "
+             f"{result['roofline_tokens_per_s_batch1']:.0f} tok/s ({result['world_size']} rank(s))",
+             "", "| decode path (batch 1) | tok/s | % of roofline | ITL p50 (ms) | setup (s) |", "|---|---|---|---|---|"]
+    for label, v in result["variants"].items():
+        if "error" in v:
+            lines.append(f"| {label} | failed: {v['error'][:80]} | | | |")
+        else:
+            lines.append(f"| {label} | {v['output_tokens_per_s']:.1f} | {v['percent_of_roofline']:.1f}% | "
+                         f"{v['itl_s']['p50'] * 1e3:.3f} | {v['setup_s']:.1f} |")
+    lines += ["", f"best: {result['best_variant']}; variants agree on greedy tokens: "
+                  f"{result['variants_agree_on_tokens']}", "",
+              "| batch | tok/s | TTFT p50 (ms) | TPOT p50 (ms) | ITL p50/p90/p99 (ms) | E2E p50 (s) | transformers tok/s "
+              "(dynamic / static) | ratio vs best transformers |", "|---|---|---|---|---|---|---|---|"]
+    for m in result["batches"]:
+        b = m["batch"]
+        base = {c: baseline.get(f"{b}/{c}", {}).get("output_tokens_per_s") for c in ("dynamic", "static")} \
+            if baseline else {}
+        best_base = max([v for v in base.values() if v], default=None)
+        base_text = " / ".join(f"{v:.1f}" if v else "-" for v in (base.get("dynamic"), base.get("static")))
+        ratio = f"{m['output_tokens_per_s'] / best_base:.1f}x" if best_base else "-"
+        itl = m["itl_s"]
+        lines.append(f"| {b} | {m['output_tokens_per_s']:.1f} | {m['ttft_s']['p50'] * 1e3:.2f} | "
+                     f"{m['tpot_s']['p50'] * 1e3:.3f} | {itl['p50'] * 1e3:.3f} / {itl['p90'] * 1e3:.3f} / "
+                     f"{itl['p99'] * 1e3:.3f} | {m['e2e_s']['p50']:.3f} | {base_text} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, baseline: dict | None, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    batches = [m["batch"] for m in result["batches"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(batches, [m["output_tokens_per_s"] for m in result["batches"]], "o-", label="pipeline (torch backend)")
+    if baseline:
+        for cache in ("dynamic", "static"):
+            pts = [(b, baseline[f"{b}/{cache}"]["output_tokens_per_s"]) for b in batches if f"{b}/{cache}" in baseline]
+            if pts:
+                ax1.plot(*zip(*pts), "s--", label=f"transformers ({cache} cache)")
+    ax1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="output tokens/s", title="throughput")
+    ax1.legend()
+    ax2.plot(batches, [m["itl_s"]["p50"] * 1e3 for m in result["batches"]], "o-", label="ITL p50")
+    ax2.plot(batches, [m["ttft_s"]["p50"] * 1e3 for m in result["batches"]], "^-", label="TTFT p50")
+    ax2.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms", title="latency")
+    ax2.legend()
+    fig.suptitle(f"{result.get('recipe', '')} on {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def bench_command(recipe, args: argparse.Namespace) -> int:
+    from pipeline.dist import mpirun_command, mpirun_env
+
+    batch_sizes = args.batch_sizes or DEFAULT_BATCH_SIZES
+    input_len, output_len = args.input_len or 128, args.output_len or 128
+    if recipe.parallel.pp != 1:
+        raise PipelineError("bench measures the CUDA decode path, which runs pp = 1; set parallel.pp=1")
+    artifact = None
+    worker_args = []
+    if args.device_random:
+        if not recipe.model.random:
+            raise PipelineError("--device-random needs a recipe with model.random (a named shape)")
+        q = recipe.precision.quantization.quant
+        if q not in ("none", "fp8"):
+            raise PipelineError(f"--device-random benchmarks none or fp8, not {q}")
+        dtype = recipe.precision.dtype if recipe.precision.dtype != "auto" else "bfloat16"
+        worker_args = ["--device-random", recipe.model.random, "--dtype", dtype, "--quant", q]
+    else:
+        from pipeline.build import Builder
+
+        artifact = Builder(recipe, show_progress=False).run(gate=False).artifact
+        worker_args = ["--artifact", str(artifact)]
+    out_dir = Path(args.out) if args.out else (artifact.parent if artifact else Path("bench/results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench-{recipe.name}-tp{recipe.parallel.tp}"
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "worker.json"
+        cmd = mpirun_command(recipe.world_size, ["-m", "pipeline.bench", *worker_args, "--batch-sizes", batch_sizes,
+                                                 "--input-len", str(input_len), "--output-len", str(output_len),
+                                                 "--repeats", str(args.repeats), "--variants", args.variants,
+                                                 "--input-spread", str(args.input_spread), "--json", str(raw)])
+        print("$ " + " ".join(cmd), file=sys.stderr)
+        proc = subprocess.run(cmd, env=mpirun_env())
+        if proc.returncode != 0:
+            raise PipelineError(f"the benchmark ranks failed (exit {proc.returncode})")
+        result = json.loads(raw.read_text())
+    baseline = None
+    if not args.no_baseline:
+        baseline = transformers_baseline(recipe.model.random if args.device_random else None,
+                                         None if args.device_random else _source_of(recipe),
+                                         [m["batch"] for m in result["batches"]], input_len, output_len)
+    result.update(recipe=recipe.name, recipe_resolved=recipe.to_dict(), baseline_transformers=baseline,
+                  settings={"batch_sizes": batch_sizes, "input_len": input_len, "output_len": output_len,
+                            "repeats": args.repeats, "input_spread": args.input_spread,
+                            "weights": "device-random" if args.device_random else str(artifact)},
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"), torch=torch.__version__)
+    text = summarize(result, baseline)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(f"# bench {recipe.name} (tp={recipe.parallel.tp})\n\n{text}\n")
+    plotted = plot(result, baseline, Path(f"{stem}.png"))
+    print(text)
+    print(f"results: {stem}.json{' and .png' if plotted else ''}", file=sys.stderr)
+    return 0
+
+
+def _source_of(recipe) -> Path:
+    from pipeline.build import Builder
+
+    return Builder(recipe, log=lambda _: None, show_progress=False).fetch()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench", description="benchmark worker (run under mpirun)")
+    p.add_argument("--artifact", type=Path)
+    p.add_argument("--device-random")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quant", default="none")
+    p.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--input-spread", type=float, default=0.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default="all")
+    p.add_argument("--json", required=True)
+    return worker(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The static decode step of the CUDA path (device-side slot, fused gate/fc, grouped attention), run on the CPU:
+the same greedy tokens as the plain generation loop, and device-random weights identical for any tp."""
+
+import torch
+
+from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
+from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+from pipeline.build import Builder
+from pipeline.convert import convert_checkpoint
+from pipeline.dist import Comm
+from pipeline.generate import Sampling, generate
+from pipeline.hub import make_random_checkpoint
+from pipeline.mapping import Mapping
+from pipeline.recipe import recipe_from_dict
+
+CPU = torch.device("cpu")
+PROMPTS = [[3, 14, 15, 92, 65], [27, 18]]
+
+
+def _model(artifact):
+    config = read_checkpoint_config(artifact)
+    return load_rank_model(artifact, config, Comm(Mapping(1, 1, 0), CPU), CPU)
+
+
+def test_static_decode_matches_plain_generation(home):
+    for shape, quant in (("llama-tiny", "none"), ("gpt2-tiny", "none"), ("llama-tiny", "fp8")):
+        recipe = recipe_from_dict({"model": {"random": shape}, "precision": {
+            "dtype": "float16" if quant == "fp8" else "float32",
+            "quantization": {"quant": quant, "calibration": {"samples": 2, "seq_len": 16}}}},
+            name=f"static-{shape}-{quant}")
+        artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
+        expected = generate(_model(artifact), PROMPTS, Sampling(max_new_tokens=8), eos_id=None, pad_id=0)
+        # FP8 with fused gate/fc requantizes both weights to one scale (as trtllm-build does): other numbers
+        fuse = quant == "none"
+        options = DecodeOptions(cuda_graph=False, compile=False, fuse_gate_up=fuse)
+        model = accelerate(_model(artifact), options)
+        if shape == "llama-tiny" and fuse:
+            assert "fc_gate" in model.layers[0] and "gate" not in model.layers[0]
+        decoder = CudaDecoder(model, len(PROMPTS), 32, options)
+        decoder.warm_up()  # throwaway steps: prefill must reset everything they touched
+        assert decoder.generate(PROMPTS, 8) == expected, (shape, quant)
+
+
+def test_device_random_weights_are_the_same_model_for_any_tp(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline import hub
+    from pipeline.bench import device_random_model
+    from pipeline.convert.architectures import describe
+    from pipeline.convert.engine import plan_conversion
+    from pipeline.convert.memory import VirtualIndex, materialize_rank
+    from pipeline.shapes import SHAPES
+
+    # one model whatever tp: the tp=2 shards of device-random weights are the halves of the tp=1 ones
+    one, _, _ = device_random_model("llama-tiny", 1, Comm(Mapping(1, 1, 0), CPU), CPU, "float32")
+    half, config, _ = device_random_model("llama-tiny", 2, Comm(Mapping(2, 1, 1), CPU), CPU, "float32")
+    assert torch.equal(one.layers[0]["proj"].weight[:, 80:], half.layers[0]["proj"].weight)
+
+    # and the in-memory conversion equals the file conversion of the same tensors
+    shapes = hub.hf_tensor_shapes(SHAPES["llama-tiny"])
+    source = tmp_path / "src"
+    make_random_checkpoint("llama-tiny", 0, source)
+    tensors = load_file(source / "model.safetensors")
+    index = VirtualIndex(shapes, torch.float32, lambda name: tensors[name])
+    out = tmp_path / "out"
+    out.mkdir()
+    convert_checkpoint(source, out, dtype="float16", tp=4, pp=1)
+    plan = plan_conversion(index, describe(SHAPES["llama-tiny"]), 4, 1, "float16")
+    for rank in range(4):
+        memory = materialize_rank(plan, index, rank, CPU)
+        files = load_file(out / f"rank{rank}.safetensors")
+        assert memory.keys() == files.keys()
+        assert all(torch.equal(memory[k], files[k]) for k in files)
+    assert config["num_key_value_heads"] == 2

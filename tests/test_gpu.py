@@ -1,0 +1,111 @@
+"""On a CUDA GPU (run with `pytest -m gpu`): the Triton GEMV and FP8 GEMMs against float64 and CPU references,
+every decode path (CUDA graph, torch.compile, Triton GEMV) against the plain loop, and GPU logits against the CPU."""
+
+import pytest
+import torch
+
+from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+from pipeline.build import Builder
+from pipeline.dist import Comm
+from pipeline.generate import Sampling, generate, score
+from pipeline.mapping import Mapping
+from pipeline.quantize.formats import fp8_linear, fp8_scale, quantize_fp8
+from pipeline.recipe import recipe_from_dict
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+GPU = torch.device("cuda", 0)
+CPU = torch.device("cpu")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(got).all()
+    return float((got.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("n, k, bias", [(4096, 4096, False), (1000, 576, True), (37, 1001, True), (14336, 4096, False)])
+def test_gemv_against_float64(dtype, tol, n, k, bias):
+    from pipeline.backends.cuda_kernels import linear_1row
+
+    x = torch.randn(1, 1, k, device=GPU).to(dtype)
+    w = (torch.randn(n, k, device=GPU) / k**0.5).to(dtype)
+    b = torch.randn(n, device=GPU).to(dtype) if bias else None
+    ref = x.double()[0, 0] @ w.double().t() + (b.double() if bias else 0)
+    y = linear_1row(x, w, b)
+    assert y.shape == (1, 1, n) and y.dtype == dtype
+    assert rel_err(y[0, 0], ref) < tol
+
+
+@pytest.mark.parametrize("n, k", [(4096, 4096), (1000, 576), (28672, 4096)])
+def test_fp8_gemv_equals_the_fp8_emulation(n, k):
+    from pipeline.backends.cuda_kernels import linear_1row
+
+    x = torch.randn(1, k, device=GPU).to(torch.bfloat16) * 3
+    w = torch.randn(n, k, device=GPU) / k**0.5
+    sa, sw = fp8_scale(x.float().abs().max()).to(GPU), fp8_scale(w.abs().max()).to(GPU)
+    wq = quantize_fp8(w, sw)
+    y = linear_1row(x, wq, None, sa, sw, torch.bfloat16)
+    ref = fp8_linear(x.cpu(), wq.cpu(), sa.cpu(), sw.cpu(), None, torch.float32)  # exact FP8 products, float32 sums
+    assert rel_err(y, ref) < 4e-3  # bfloat16 output rounding only
+
+
+def test_scaled_mm_equals_the_fp8_emulation():
+    x = torch.randn(8, 4096, device=GPU).to(torch.bfloat16)
+    w = torch.randn(2048, 4096, device=GPU) / 64
+    sa, sw = fp8_scale(x.float().abs().max()).to(GPU), fp8_scale(w.abs().max()).to(GPU)
+    wq = quantize_fp8(w, sw)
+    y = fp8_linear(x, wq, sa, sw, None, torch.bfloat16)
+    ref = fp8_linear(x.cpu(), wq.cpu(), sa.cpu(), sw.cpu(), None, torch.float32)
+    assert rel_err(y, ref) < 4e-3
+
+
+def _artifact(shape, dtype="bfloat16", quant="none"):
+    recipe = recipe_from_dict({"model": {"random": shape}, "precision": {
+        "dtype": dtype, "quantization": {"quant": quant, "calibration": {"samples": 2, "seq_len": 32}}}},
+        name=f"gpu-{shape}-{dtype}-{quant}")
+    result = Builder(recipe, log=lambda _: None, show_progress=False).run()
+    return result.stages[0].path, result.artifact
+
+
+def _model(artifact, device):
+    config = read_checkpoint_config(artifact)
+    return load_rank_model(artifact, config, Comm(Mapping(1, 1, 0), device), device)
+
+
+@pytest.mark.parametrize("shape", ["gpt2-tiny", "llama-tiny"])
+def test_every_decode_path_gives_the_plain_loops_tokens(home, shape):
+    from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
+
+    _, artifact = _artifact(shape)
+    prompts = [[5, 9, 2, 7, 1, 3, 8]]
+    expected = generate(_model(artifact, GPU), prompts, Sampling(max_new_tokens=24), eos_id=None, pad_id=0)
+    model = accelerate(_model(artifact, GPU), DecodeOptions(fuse_gate_up=False))
+    for graph, compiled, triton_gemv in ((False, False, True), (True, False, True), (True, True, True),
+                                         (True, True, False)):
+        options = DecodeOptions(cuda_graph=graph, compile=compiled, triton_gemv=triton_gemv, fuse_gate_up=False)
+        for layer in model.layers:
+            for value in layer.values():
+                if hasattr(value, "triton_gemv"):
+                    value.triton_gemv = triton_gemv
+        decoder = CudaDecoder(model, 1, 64, options)
+        decoder.warm_up()
+        assert decoder.generate(prompts, 24) == expected, options.label
+
+
+def test_gpu_logits_match_the_cpu_reference(home):
+    from transformers import AutoModelForCausalLM
+
+    source, artifact = _artifact("llama-tiny", "bfloat16")
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]
+    gpu = score(_model(artifact, GPU), ids).cpu()
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    assert rel_err(gpu, reference) < 2e-2  # bfloat16 weights and activations
+    assert (gpu.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+def test_fp8_on_the_gpu_matches_the_cpu_emulation(home):
+    _, artifact = _artifact("llama-tiny", "float16", "fp8")
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]
+    gpu = score(_model(artifact, GPU), ids).cpu()
+    cpu = score(_model(artifact, CPU), ids)
+    assert rel_err(gpu, cpu) < 3e-2
