@@ -18,7 +18,9 @@ for phase in "${@:-tests gpt2 8b}"; do
   case $phase in
     tests) python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 ;;
     gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1,8,32 --repeats 3 --out "$R" ;;
-    8b)    python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,8,32 --repeats 2 --out "$R" ;;
+    testfp8) python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "fp8 or scaled" 2>&1 | tail -5 ;;
+    8b)    python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,8,32 --repeats 2 --out "$R" \
+             --variants eager+cublas+fused-mlp,graph+triton-gemv+fused-mlp,graph+compile+cublas+fused-mlp,graph+compile+triton-gemv+fused-mlp ;;
     fp8)   python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --variants graph+triton-gemv+fused-mlp,graph+compile+triton-gemv+fused-mlp,graph+compile+cublas+fused-mlp ;;
     tp2)   python -m pipeline bench llama-3-8b-random-bf16 parallel.tp=2 --device-random --batch-sizes 1,32 --repeats 2 \

@@ -145,26 +145,31 @@ def weight_bytes(model) -> int:
 
 
 def measure(decoder, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
+    """Prefill, then output_len - 1 decode steps launched back to back, each followed by a CUDA event.
+
+    TTFT is host time until the first token is on the host; ITL is the GPU time between consecutive steps'
+    events (the first from the end of prefill); E2E is host time until every token is on the host. The tokens of
+    the decode steps are read once at the end (a streaming server would read them one step behind)."""
     ttft, e2e, itl, tokens = [], [], [], None
+    width = max(len(p) for p in prompts)
     for r in range(repeats + 1):  # the first round warms up
         torch.cuda.synchronize()
         start = time.perf_counter()
-        current = decoder.prefill(prompts)
-        out = [current.tolist()]
-        first = time.perf_counter()
-        last = first
-        steps = []
-        for _ in range(output_len - 1):
-            out.append(decoder.step().tolist())
-            now = time.perf_counter()
-            steps.append(now - last)
-            last = now
+        first = decoder.prefill(prompts)
+        after_prefill = torch.cuda.Event(enable_timing=True)
+        after_prefill.record()
+        first_tokens = first.tolist()
+        first_at = time.perf_counter()
+        events = [after_prefill]
+        decoder.run_steps(output_len - 1, events)
+        rest = decoder.history[:, width:width + output_len - 1].tolist()
+        end = time.perf_counter()
         if r == 0:
-            tokens = [list(t) for t in zip(*out)]
+            tokens = [[f, *r_] for f, r_ in zip(first_tokens, rest)]
             continue
-        ttft.append(first - start)
-        e2e.append(last - start)
-        itl.extend(steps)
+        ttft.append(first_at - start)
+        e2e.append(end - start)
+        itl.extend(a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:]))
     batch = len(prompts)
     tpot = [(e - t) / max(1, output_len - 1) for e, t in zip(e2e, ttft)]
     return {"batch": batch, "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "itl_s": percentiles(itl),

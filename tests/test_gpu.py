@@ -98,14 +98,20 @@ def test_gpu_logits_match_the_cpu_reference(home):
     source, artifact = _artifact("llama-tiny", "bfloat16")
     ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]
     gpu = score(_model(artifact, GPU), ids).cpu()
-    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(torch.tensor([ids])).logits[0]
     assert rel_err(gpu, reference) < 2e-2  # bfloat16 weights and activations
     assert (gpu.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 
 
 def test_fp8_on_the_gpu_matches_the_cpu_emulation(home):
+    """GPU (torch._scaled_mm) and CPU (exact emulation) run one FP8 checkpoint; they differ only where float16
+    activations, summed in another order, tip an FP8 rounding: far less than FP8 differs from float16 itself."""
     _, artifact = _artifact("llama-tiny", "float16", "fp8")
+    _, plain = _artifact("llama-tiny", "float16", "none")
     ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]
     gpu = score(_model(artifact, GPU), ids).cpu()
     cpu = score(_model(artifact, CPU), ids)
-    assert rel_err(gpu, cpu) < 3e-2
+    quantization_error = rel_err(cpu, score(_model(plain, CPU), ids))
+    assert rel_err(gpu, cpu) < 0.5 * quantization_error
+    assert (gpu.argmax(-1) == cpu.argmax(-1)).float().mean() >= 0.9
