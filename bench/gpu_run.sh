@@ -22,9 +22,12 @@ for phase in "${@:-tests gpt2 8b}"; do
     8b)    python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,8,32 --repeats 2 --out "$R" \
              --variants eager+cublas+fused-mlp,graph+triton-gemv+fused-mlp,graph+compile+cublas+fused-mlp,graph+compile+triton-gemv+fused-mlp ;;
     fp8)   python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
-             --variants graph+triton-gemv+fused-mlp,graph+compile+triton-gemv+fused-mlp,graph+compile+cublas+fused-mlp ;;
-    tp2)   python -m pipeline bench llama-3-8b-random-bf16 parallel.tp=2 --device-random --batch-sizes 1,32 --repeats 2 \
-             --no-baseline --out "$R" --variants graph+triton-gemv+fused-mlp,graph+compile+triton-gemv+fused-mlp
+             --no-baseline --variants graph+compile+triton-gemv+fused-mlp,graph+compile+cublas+fused-mlp ;;
+    tp2)   # tp=1 and tp=2 of one model (device-random weights are the same for any tp), same decode path
+           python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 --repeats 2 \
+             --no-baseline --out "$R" --variants graph+compile+cublas+fused-mlp
+           python -m pipeline bench llama-3-8b-random-bf16 parallel.tp=2 --device-random --batch-sizes 1,32 --repeats 2 \
+             --no-baseline --out "$R" --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp
            python bench/compare_tokens.py "$R/bench-llama-3-8b-random-bf16-tp1.json" "$R/bench-llama-3-8b-random-bf16-tp2.json" ;;
     *) echo "unknown phase $phase" ;;
   esac 2>&1 | tee -a "$OUT/log.txt"

@@ -43,15 +43,20 @@ class DecodeOptions:
 
 
 class CudaLinear(Linear):
-    """F.linear, or the Triton GEMV when the input is one row."""
+    """F.linear, or the Triton GEMV when the input is one row; out_dtype=float32 keeps the float32 accumulators
+    (lm_head: logits_dtype float32) instead of rounding them to the model dtype."""
 
-    def __init__(self, weight, bias=None, triton_gemv: bool = True):
+    def __init__(self, weight, bias=None, triton_gemv: bool = True, out_dtype: torch.dtype | None = None):
         super().__init__(weight, bias)
         self.triton_gemv = triton_gemv and cuda_kernels.available()
+        self.out_dtype = out_dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.triton_gemv and x.numel() == x.shape[-1]:
-            return cuda_kernels.linear_1row(x, self.weight, self.bias)
+            return cuda_kernels.linear_1row(x, self.weight, self.bias, out_dtype=self.out_dtype)
+        if self.out_dtype is not None and self.bias is None and x.device.type == "cuda":
+            y = torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out_dtype=self.out_dtype)
+            return y.reshape(*x.shape[:-1], self.weight.shape[0])
         return F.linear(x, self.weight, self.bias)
 
 
@@ -103,8 +108,8 @@ def accelerate(model: RankModel, options: DecodeOptions) -> RankModel:
         for key in ("qkv", "dense", "fc", "gate", "proj", "fc_gate"):
             if key in layer:
                 layer[key] = convert(layer[key])
-    if model.head is not None:
-        model.head = convert(model.head)
+    if model.head is not None and type(model.head) is Linear:
+        model.head = CudaLinear(model.head.weight, None, options.triton_gemv, out_dtype=torch.float32)
     return model
 
 
