@@ -109,8 +109,20 @@ def accelerate(model: RankModel, options: DecodeOptions) -> RankModel:
             if key in layer:
                 layer[key] = convert(layer[key])
     if model.head is not None and type(model.head) is Linear:
-        model.head = CudaLinear(model.head.weight, None, options.triton_gemv, out_dtype=torch.float32)
+        out_dtype = torch.float32 if _mm_out_dtype_works(model.device, model.dtype) else None
+        model.head = CudaLinear(model.head.weight, None, options.triton_gemv, out_dtype=out_dtype)
     return model
+
+
+def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch.mm(..., out_dtype=float32) (float32 output of a half-precision GEMM) exists on recent CUDA builds."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones((2, 16), dtype=dtype, device=device)
+        return torch.mm(a, a.t(), out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
 
 
 class CudaDecoder:
