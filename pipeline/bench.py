@@ -253,6 +253,10 @@ def worker(args: argparse.Namespace) -> int:
     result["best_variant"] = best.label
     set_gemv(best.triton_gemv)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        if batch == 1 and args.input_spread == 0.0:  # measured already with the best path (same prompt seed)
+            result["batches"].append({k: v for k, v in result["variants"][best.label].items()
+                                      if k not in ("setup_s", "percent_of_roofline")})
+            continue
         prompts = make_prompts(batch, args.input_len, vocab, seed=batch, spread=args.input_spread)
         decoder = CudaDecoder(model, batch, max_len, best)
         decoder.warm_up()
