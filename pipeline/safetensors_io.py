@@ -241,6 +241,33 @@ class SafetensorsWriter:
         with self._lock:
             self._written[name] += data.nbytes
 
+    def copy_rows_from_file(self, name: str, row_start: int, source: Path, source_offset: int, nbytes: int) -> None:
+        """Copy nbytes of `source` (from source_offset) to tensor `name` from row row_start, inside the kernel
+        (copy_file_range, as cp does: no pass through this process's memory); read + write where unsupported."""
+        dtype, shape = self.tensors[name]
+        begin, end = self.offsets[name]
+        row_bytes = (end - begin) // shape[0] if shape and shape[0] else end - begin
+        position = self.data_start + begin + row_start * row_bytes
+        if position + nbytes > self.data_start + end:
+            raise ValueError(f"{name}: {nbytes} bytes at row {row_start} overflow the tensor")
+        with open(source, "rb", buffering=0) as src:
+            done = 0
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(src.fileno(), self._fd, nbytes - done, source_offset + done,
+                                           position + done)
+                    if n <= 0:
+                        raise OSError("copy_file_range copied nothing")
+                    done += n
+            except OSError:  # another filesystem, an old kernel: copy through memory
+                while done < nbytes:
+                    block = os.pread(src.fileno(), min(nbytes - done, 32 << 20), source_offset + done)
+                    if not block:
+                        raise CheckpointError(f"{source}: unexpected end of file") from None
+                    done += os.pwrite(self._fd, block, position + done)
+        with self._lock:
+            self._written[name] += nbytes
+
     def close(self) -> None:
         os.close(self._fd)
         for name, (dtype, shape) in self.tensors.items():

@@ -285,9 +285,25 @@ def execute_plan(plan: ConversionPlan, index: SafetensorsIndex, out_dir: Path, w
         encoded = spec.encode(block) if spec.encode is not None else block.to(spec.dtype)
         writers[piece.rank].write_rows(piece.target, encoded, piece.dst_row + dst_offset)
 
+    def direct(piece: Piece, info: TensorInfo) -> bool:
+        """Bytes that go over unchanged: whole rows, same dtype, no encoder, no transpose."""
+        spec = plan.targets[piece.rank][piece.target]
+        return (piece.source not in plan.transposed and piece.src_cols is None and spec.encode is None
+                and spec.dtype == info.dtype)
+
     def convert_source(source: str) -> None:
         info = index.info(source)
-        group = by_source[source]
+        group = []
+        for piece in by_source[source]:
+            if direct(piece, info):
+                nbytes = (piece.src_rows[1] - piece.src_rows[0]) * info.row_bytes
+                writers[piece.rank].copy_rows_from_file(piece.target, piece.dst_row, info.path,
+                                                        info.offset + piece.src_rows[0] * info.row_bytes, nbytes)
+            else:
+                group.append(piece)
+        if not group:
+            progress.add(info.nbytes)
+            return
         if source in plan.transposed:  # Conv1D weights are small; transposing needs the whole tensor
             whole = index.read(source).t().contiguous()
             chunks = [(0, whole.shape[0], whole)]
