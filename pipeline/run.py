@@ -113,6 +113,28 @@ class StreamPrinter:
         self.printed = text
 
 
+def report_outputs(args: argparse.Namespace, artifact: Path, backend: str, world: int, prompts: list[list[int]],
+                   outputs: list[list[int]], tokenizer, seconds: float, streamed: bool = False) -> None:
+    """Rank 0's output, the same for every backend: the texts (unless already streamed), a timing line on stderr,
+    and with --json the prompts, token ids and texts."""
+    if streamed:
+        print(flush=True)
+    else:
+        for i, (prompt, new) in enumerate(zip(prompts, outputs)):
+            text = tokenizer.decode(prompt + new, skip_special_tokens=True) if tokenizer else str(prompt + new)
+            print(text if len(prompts) == 1 else f"--- [{i}] ---\n{text}", flush=True)
+    count = sum(len(o) for o in outputs)
+    print(f"[pipeline.run] {count} new tokens in {seconds:.2f} s ({count / max(seconds, 1e-9):.1f} tok/s)",
+          file=sys.stderr)
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "artifact": str(artifact), "backend": backend, "world_size": world,
+            "results": [{"prompt_ids": p, "new_ids": o,
+                         "text": tokenizer.decode(o, skip_special_tokens=True) if tokenizer else None}
+                        for p, o in zip(prompts, outputs)],
+        }, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world, mpi_comm = mpi_world()
@@ -194,22 +216,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     outputs = generate(model, prompts, sampling, eos_id, pad_id, on_tokens=on_tokens)
     seconds = time.perf_counter() - start
     if rank == 0:
-        if printer is not None:
-            print(flush=True)
-        else:
-            for i, (prompt, new) in enumerate(zip(prompts, outputs)):
-                text = tokenizer.decode(prompt + new, skip_special_tokens=True) if tokenizer else str(prompt + new)
-                print(f"--- [{i}] ---\n{text}", flush=True)
-        count = sum(len(o) for o in outputs)
-        print(f"[pipeline.run] {count} new tokens in {seconds:.2f} s ({count / max(seconds, 1e-9):.1f} tok/s)",
-              file=sys.stderr)
-        if args.json is not None:
-            args.json.write_text(json.dumps({
-                "artifact": str(artifact), "backend": "torch", "world_size": world,
-                "results": [{"prompt_ids": p, "new_ids": o,
-                             "text": tokenizer.decode(o, skip_special_tokens=True) if tokenizer else None}
-                            for p, o in zip(prompts, outputs)],
-            }, indent=2))
+        report_outputs(args, artifact, "torch", world, prompts, outputs, tokenizer, seconds, streamed=printer is not None)
     comm.close()
     return 0
 

@@ -570,19 +570,9 @@ def run_engine(args, artifact: Path, runtime: dict, rank: int, world: int, mpi_c
             if eos_id is not None and eos_id in new:  # as the PyTorch backend: up to and including EOS
                 new = new[:new.index(eos_id) + 1]
             outputs.append(new)
-        for i, (prompt, new) in enumerate(zip(prompts, outputs)):
-            text = tokenizer.decode(prompt + new, skip_special_tokens=True) if tokenizer else str(prompt + new)
-            print(text if len(prompts) == 1 else f"--- [{i}] ---\n{text}", flush=True)
-        count = sum(len(o) for o in outputs)
-        print(f"[pipeline.run] {count} new tokens in {seconds:.2f} s ({count / max(seconds, 1e-9):.1f} tok/s)",
-              file=sys.stderr)
-        if args.json is not None:
-            args.json.write_text(json.dumps({
-                "artifact": str(artifact), "backend": "tensorrt-llm", "world_size": world,
-                "results": [{"prompt_ids": p, "new_ids": o,
-                             "text": tokenizer.decode(o, skip_special_tokens=True) if tokenizer else None}
-                            for p, o in zip(prompts, outputs)],
-            }, indent=2))
+        from pipeline.run import report_outputs
+
+        report_outputs(args, artifact, "tensorrt-llm", world, prompts, outputs, tokenizer, seconds)
     if mpi_comm is not None and world > 1:
         mpi_comm.Barrier()  # the serving ranks stay until rank 0 has its outputs
     del runner
