@@ -23,7 +23,6 @@ from pipeline.backends import BackendChoice, select_backend
 from pipeline.convert import TOKENIZER_FILES, convert_checkpoint
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.manifest import (
-    StageTimer,
     atomic_write_text,
     command_line,
     folder_digests,
@@ -121,7 +120,6 @@ class Builder:
         self.recipe = recipe
         self.log = log
         self.show_progress = show_progress
-        self.timer = StageTimer()
         self.versions = library_versions()
 
     # ----------------------------------------------------------------------------------- fetch
@@ -154,7 +152,7 @@ class Builder:
                 write_manifest(tmp, self._manifest("fetch", key, inputs, {}, tmp, time.perf_counter() - start))
             return StageResult("fetch", key, False, final, time.perf_counter() - start,
                                f"random {m.random} seed {m.seed}"), final
-        source = hub.fetch_weights(m, None)
+        source = hub.fetch_weights(m)
         detail = f"{m.hub}@{m.revision[:12]}" if m.hub else str(source)
         hit = not m.hub or is_complete(final)
         if m.hub and not hit:  # record what the snapshot held; the files stay in the Hugging Face cache
@@ -167,8 +165,7 @@ class Builder:
 
     def convert_inputs(self, source: Path) -> dict:
         r = self.recipe
-        tokenizer = hub.tokenizer_dir(r.model) if not r.model.random else None
-        tokenizer = tokenizer or source
+        tokenizer = hub.tokenizer_source(r.model, source)
         inputs = {
             "stage": "convert",
             "model_files": folder_digests(source, _source_files(source), hub.checkpoints_dir()),
@@ -193,7 +190,7 @@ class Builder:
         if is_complete(final):
             return StageResult("convert", key, True, final, detail=self._convert_detail())
         start = time.perf_counter()
-        tokenizer = hub.tokenizer_dir(r.model) if not r.model.random else None
+        tokenizer = hub.tokenizer_source(r.model, source)
         from pipeline.quantize.checkpoint import make_quantizer
 
         with StageOutput(final) as tmp:

@@ -49,7 +49,7 @@ PRECISIONS = {
 def eval_windows(recipe: Recipe, source: Path, vocab_size: int):
     from pipeline.quantize.calibrate import _load_tokenizer
 
-    tokenizer = _load_tokenizer(hub.tokenizer_dir(recipe.model) or source)
+    tokenizer = _load_tokenizer(hub.tokenizer_source(recipe.model, source))
     e = recipe.eval
     return token_windows(e.dataset, tokenizer, e.seq_len, max(1, e.tokens // e.seq_len), seed=None,
                          vocab_size=vocab_size)

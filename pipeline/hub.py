@@ -111,16 +111,19 @@ def tokenizer_dir(spec: ModelSpec) -> Path | None:
     return None
 
 
-def fetch_weights(spec: ModelSpec, out_dir: Path | None) -> Path:
-    """The Hugging Face folder to convert. Random weights are written into out_dir; other sources are not copied."""
+def tokenizer_source(spec: ModelSpec, model_folder: Path) -> Path:
+    """Where a build takes its tokenizer files from: model.tokenizer when set, else the fetched model folder
+    (the random-weight fetch stage copies its shape's tokenizer into that folder)."""
+    return tokenizer_dir(spec) if spec.tokenizer else Path(model_folder)
+
+
+def fetch_weights(spec: ModelSpec) -> Path:
+    """The Hugging Face folder of a Hub or local source (not copied). Random weights are a build stage of their
+    own (pipeline.build), written by make_random_checkpoint."""
     if spec.hub:
         return _hub_download(spec, HUB_PATTERNS, "weights")
-    if spec.local:
-        model_config(spec)  # a clear error for a missing folder
-        return resolve_local(spec.local)
-    assert out_dir is not None
-    make_random_checkpoint(spec.random, spec.seed, out_dir)
-    return out_dir
+    model_config(spec)  # a clear error for a missing folder
+    return resolve_local(spec.local)
 
 
 # --------------------------------------------------------------------------------------------- random weights

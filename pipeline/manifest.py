@@ -16,7 +16,6 @@ import socket
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pipeline
@@ -160,23 +159,6 @@ def verify_folder(folder: Path) -> list[str]:
     for extra in sorted(present - set(expected)):
         problems.append(f"{extra}: not listed in the manifest")
     return problems
-
-
-class StageTimer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = round(time.perf_counter() - self.start, 3)
-
-        return _Span()
 
 
 def command_line() -> str:

@@ -43,15 +43,9 @@ class Mapping:
         per_stage = num_layers // self.pp
         return range(self.pp_rank * per_stage, (self.pp_rank + 1) * per_stage)
 
-    def tp_group(self) -> list[int]:
-        return [self.pp_rank * self.tp + t for t in range(self.tp)]
-
     def peer_in_stage(self, pp_rank: int) -> int:
         """The rank of stage `pp_rank` with this rank's tp_rank (pipeline send/recv partner)."""
         return pp_rank * self.tp + self.tp_rank
-
-    def for_rank(self, rank: int) -> Mapping:
-        return Mapping(self.tp, self.pp, rank)
 
     def to_trtllm(self) -> dict:
         """The `mapping` block of a TensorRT-LLM checkpoint config.json.

@@ -432,11 +432,11 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     if q.quant in ("int8_weight_only", "int4_weight_only") and q.kv_cache == "fp8":
         problems.append("precision.quantization.kv_cache: fp8 with weight-only quantization is refused by TensorRT-LLM "
                         "1.2 (an FP8 KV cache needs the FP8 workflow); use kv_cache: int8 or auto, or quant: fp8")
-    if q.kv_cache == "int8" and b_plugins_paged_context(recipe):
+    if q.kv_cache == "int8" and recipe.build.plugins.use_paged_context_fmha:
         problems.append("precision.quantization.kv_cache: int8 cannot be combined with "
                         "build.plugins.use_paged_context_fmha in TensorRT-LLM 1.2; set use_paged_context_fmha: false "
                         "or use kv_cache: fp8")
-    if q.kv_cache == "fp8" and q.quant != "fp8" and b_plugins_paged_context(recipe):
+    if q.kv_cache == "fp8" and q.quant != "fp8" and recipe.build.plugins.use_paged_context_fmha:
         problems.append("precision.quantization.kv_cache: fp8 with use_paged_context_fmha needs the FP8 workflow "
                         "(quant: fp8) in TensorRT-LLM 1.2; set quant: fp8 or use_paged_context_fmha: false")
     if q.quant != "none" and recipe.precision.dtype == "float32":
@@ -462,10 +462,6 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     if g.min_top1_agreement is not None and g.min_top1_agreement > 1.0:
         problems.append(f"eval.gate.min_top1_agreement: {g.min_top1_agreement} must be a fraction in [0, 1]")
     return problems
-
-
-def b_plugins_paged_context(recipe: Recipe) -> bool:
-    return recipe.build.plugins.use_paged_context_fmha
 
 
 def check_against_model(recipe: Recipe, hf_config: dict) -> list[str]:

@@ -67,12 +67,12 @@ class Quantizer:
         self.calibration = None
 
     def _calibrate(self):
-        from pipeline.hub import checkpoints_dir, tokenizer_dir
+        from pipeline.hub import checkpoints_dir, tokenizer_source
         from pipeline.quantize.calibrate import calibrate
 
         work = checkpoints_dir() / "tmp"
         work.mkdir(parents=True, exist_ok=True)
-        tok = tokenizer_dir(self.recipe.model) or self.source
+        tok = tokenizer_source(self.recipe.model, self.source)
         return calibrate(self.source, tok, self.recipe.precision.quantization.calibration, work, log=self.log)
 
     def __call__(self, plan: ConversionPlan, index: SafetensorsIndex) -> dict:
