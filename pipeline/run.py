@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--decode", choices=("auto", "plain", "fast"), default="auto",
+                   help="fast: the CUDA decode path (static cache, CUDA graph, Triton GEMV; greedy, pp=1); "
+                        "auto: fast on a CUDA GPU when the run is greedy with pp=1, plain otherwise")
+    p.add_argument("--compile", action="store_true", help="with the fast path: torch.compile the decode step too "
+                                                           "(faster steps, about a minute to start for 8B)")
     p.add_argument("--no-verify", action="store_true", help="run even if the artifact does not match its manifest")
     p.add_argument("--json", type=Path, help="also write prompts, token ids and text as JSON (rank 0)")
     p.add_argument("--logits-out", type=Path,
@@ -208,12 +213,28 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     stream = rank == 0 and tokenizer is not None and len(prompts) == 1
     printer = StreamPrinter(tokenizer, prompts[0]) if stream else None
 
-    def on_tokens(tokens: torch.Tensor, finished: torch.Tensor) -> None:
-        if printer is not None and not (int(tokens[0]) == eos_id):
-            printer.add(int(tokens[0]))
+    def on_first_tokens(first: int) -> None:
+        if printer is not None and first != eos_id:
+            printer.add(first)
 
+    fast = args.decode == "fast" or (args.decode == "auto" and device.type == "cuda" and pp == 1
+                                     and sampling.temperature == 0)
+    if fast and (pp != 1 or sampling.temperature != 0):
+        raise RunError("--decode fast runs greedy decoding (temperature 0) with pp=1; use --decode plain")
     start = time.perf_counter()
-    outputs = generate(model, prompts, sampling, eos_id, pad_id, on_tokens=on_tokens)
+    if fast:
+        from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
+
+        options = DecodeOptions(cuda_graph=device.type == "cuda", compile=args.compile)
+        decoder = CudaDecoder(accelerate(model, options), len(prompts),
+                              max(len(p) for p in prompts) + sampling.max_new_tokens, options)
+        decoder.warm_up()
+        start = time.perf_counter()
+        outputs = decoder.generate(prompts, sampling.max_new_tokens, eos_id, pad_id,
+                                   on_tokens=lambda values: on_first_tokens(values[0]))
+    else:
+        outputs = generate(model, prompts, sampling, eos_id, pad_id,
+                           on_tokens=lambda tokens, finished: on_first_tokens(int(tokens[0])))
     seconds = time.perf_counter() - start
     if rank == 0:
         report_outputs(args, artifact, "torch", world, prompts, outputs, tokenizer, seconds, streamed=printer is not None)

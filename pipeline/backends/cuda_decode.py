@@ -217,12 +217,15 @@ class CudaDecoder:
         return self.tokens[:, 0]
 
     def generate(self, prompts: list[list[int]], new_tokens: int, eos_id: int | None = None,
-                 pad_id: int = 0) -> list[list[int]]:
+                 pad_id: int = 0, on_tokens=None) -> list[list[int]]:
+        """Greedy generation, stopping at EOS or new_tokens; on_tokens(list of ints) is called after each step."""
         outputs = [[] for _ in prompts]
         finished = [False] * len(prompts)
         current = self.prefill(prompts, pad_id)
         for step in range(new_tokens):
             values = current.tolist()
+            if on_tokens is not None:
+                on_tokens(values)
             for i, token in enumerate(values):
                 if not finished[i]:
                     outputs[i].append(token)
