@@ -429,16 +429,6 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     if q.quant in RESERVED_QUANT_ALGOS:
         problems.append(f"precision.quantization.quant: '{q.quant}' is reserved for a later release; "
                         f"use one of {', '.join(QUANT_ALGOS)}")
-    if q.quant in ("int8_weight_only", "int4_weight_only") and q.kv_cache == "fp8":
-        problems.append("precision.quantization.kv_cache: fp8 with weight-only quantization is refused by TensorRT-LLM "
-                        "1.2 (an FP8 KV cache needs the FP8 workflow); use kv_cache: int8 or auto, or quant: fp8")
-    if q.kv_cache == "int8" and recipe.build.plugins.use_paged_context_fmha:
-        problems.append("precision.quantization.kv_cache: int8 cannot be combined with "
-                        "build.plugins.use_paged_context_fmha in TensorRT-LLM 1.2; set use_paged_context_fmha: false "
-                        "or use kv_cache: fp8")
-    if q.kv_cache == "fp8" and q.quant != "fp8" and recipe.build.plugins.use_paged_context_fmha:
-        problems.append("precision.quantization.kv_cache: fp8 with use_paged_context_fmha needs the FP8 workflow "
-                        "(quant: fp8) in TensorRT-LLM 1.2; set quant: fp8 or use_paged_context_fmha: false")
     if q.quant != "none" and recipe.precision.dtype == "float32":
         problems.append(f"precision.dtype: float32 with quant {q.quant} is not a TensorRT-LLM combination (quantized "
                         f"GEMMs take float16/bfloat16 activations); set precision.dtype to float16 or bfloat16")
@@ -446,21 +436,46 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     if b.max_seq_len is not None and b.max_input_len is not None and b.max_input_len > b.max_seq_len:
         problems.append(f"build.max_input_len: {b.max_input_len} exceeds build.max_seq_len {b.max_seq_len}; "
                         f"lower max_input_len or raise max_seq_len")
-    p = b.plugins
-    if p.gpt_attention_plugin == "disable":
-        needs = [k for k in ("context_fmha", "paged_kv_cache", "remove_input_padding") if getattr(p, k)]
-        if needs:
-            problems.append(f"build.plugins.gpt_attention_plugin: disable conflicts with {', '.join(needs)} (TensorRT-LLM "
-                            f"needs the attention plugin for them); enable the plugin or set them to false")
-    if p.use_fp8_context_fmha and q.quant != "fp8":
-        problems.append("build.plugins.use_fp8_context_fmha: needs precision.quantization.quant: fp8")
-    if p.gemm_plugin == "fp8" and q.quant != "fp8":
-        problems.append("build.plugins.gemm_plugin: fp8 needs precision.quantization.quant: fp8")
+    problems.extend(plugin_problems(recipe))
     if recipe.runtime.top_p > 1.0:
         problems.append(f"runtime.top_p: {recipe.runtime.top_p} must be in (0, 1]")
     g = recipe.eval.gate
     if g.min_top1_agreement is not None and g.min_top1_agreement > 1.0:
         problems.append(f"eval.gate.min_top1_agreement: {g.min_top1_agreement} must be a fraction in [0, 1]")
+    return problems
+
+
+def plugin_problems(recipe: Recipe) -> list[str]:
+    """Plugin and KV-cache combinations TensorRT-LLM 1.2 refuses whatever the GPU, each with its reason (quoting
+    TensorRT-LLM's own message where it has one) and fix. The TensorRT-LLM adapter adds the rules that depend on the
+    GPU and on its runtime."""
+    p, q = recipe.build.plugins, recipe.precision.quantization
+    problems = []
+    if p.gpt_attention_plugin == "disable":
+        for key, what in (("context_fmha", "fused context attention runs inside the GPT attention plugin"),
+                          ("paged_kv_cache", "the paged KV cache is managed by the GPT attention plugin"),
+                          ("remove_input_padding", "packed (padding-free) inputs need the GPT attention plugin")):
+            if getattr(p, key):
+                problems.append(f"build.plugins.{key}: needs gpt_attention_plugin, which is disabled ({what}); "
+                                f"set build.plugins.gpt_attention_plugin: auto, or {key}: false")
+    if p.paged_kv_cache and p.tokens_per_block & (p.tokens_per_block - 1):
+        problems.append(f"build.plugins.tokens_per_block: {p.tokens_per_block} is not a power of 2, which the paged "
+                        f"KV cache kernels need (\"tokensPerBlock must be power of 2\"); use 32 or 64")
+    if p.use_paged_context_fmha and q.kv_cache == "int8":
+        problems.append("build.plugins.use_paged_context_fmha: TensorRT-LLM 1.2 refuses paged context FMHA with an "
+                        "INT8 KV cache (\"Paged Context FMHA doesn't work with int8 kv cache\"); set "
+                        "use_paged_context_fmha: false or precision.quantization.kv_cache: auto/fp8")
+    if p.use_paged_context_fmha and q.kv_cache == "fp8" and q.quant != "fp8":
+        problems.append("build.plugins.use_paged_context_fmha: an FP8 KV cache with paged context FMHA needs the FP8 "
+                        "quantization workflow (\"FP8 Paged Context FMHA only works with fp8 quantization "
+                        "workflow\"); set precision.quantization.quant: fp8, or use_paged_context_fmha: false")
+    if p.use_fp8_context_fmha and q.quant != "fp8":
+        problems.append("build.plugins.use_fp8_context_fmha: needs precision.quantization.quant: fp8")
+    if p.use_fp8_context_fmha and not p.context_fmha:
+        problems.append("build.plugins.use_fp8_context_fmha: needs context_fmha (\"FP8 FMHA cannot be enabled "
+                        "because Context FMHA is not supported\"); set context_fmha: true")
+    if p.gemm_plugin == "fp8" and q.quant != "fp8":
+        problems.append("build.plugins.gemm_plugin: fp8 needs precision.quantization.quant: fp8")
     return problems
 
 

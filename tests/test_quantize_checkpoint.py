@@ -99,7 +99,7 @@ def test_weight_only_checkpoints_keep_model_dtype_for_the_builder(home, tmp_path
 
 
 def test_quantization_validation_explains_refusals():
-    with pytest.raises(RecipeError, match="int8 cannot be combined with build.plugins.use_paged_context_fmha"):
+    with pytest.raises(RecipeError, match="TensorRT-LLM 1.2 refuses paged context FMHA with an INT8 KV cache"):
         recipe_from_dict({"model": {"random": "gpt2"}, "precision": {"dtype": "float16",
                                                                      "quantization": {"kv_cache": "int8"}}})
     with pytest.raises(RecipeError, match="float32 with quant fp8 is not a TensorRT-LLM combination"):

@@ -59,7 +59,7 @@ def test_source_rules():
 
 
 def test_plugin_combinations_refused_with_reason():
-    with pytest.raises(RecipeError, match="gpt_attention_plugin: disable conflicts with context_fmha, paged_kv_cache"):
+    with pytest.raises(RecipeError, match="build.plugins.context_fmha: needs gpt_attention_plugin, which is disabled"):
         recipe_from_dict({"model": {"random": "gpt2"}, "build": {"plugins": {"gpt_attention_plugin": "disable"}}})
 
 

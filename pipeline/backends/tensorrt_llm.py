@@ -154,37 +154,14 @@ def plugin_problems(recipe: Recipe, compute_capability: tuple[int, int] | None,
                     checkpoint_dtype: str | None = None) -> list[str]:
     """Plugin and precision combinations TensorRT-LLM 1.2 refuses (at build or at load), each with its reason
     and fix. compute_capability None skips the GPU rules; checkpoint_dtype is the converted dtype when known."""
+    from pipeline.recipe import plugin_problems as recipe_plugin_problems
+
     p, q = recipe.build.plugins, recipe.precision.quantization
-    problems = []
-    if p.gpt_attention_plugin == "disable":
-        for key, what in (("context_fmha", "fused context attention runs inside the GPT attention plugin"),
-                          ("paged_kv_cache", "the paged KV cache is managed by the GPT attention plugin"),
-                          ("remove_input_padding", "packed (padding-free) inputs need the GPT attention plugin")):
-            if getattr(p, key):
-                problems.append(f"build.plugins.{key}: needs gpt_attention_plugin, which is disabled ({what}); "
-                                f"set build.plugins.gpt_attention_plugin: auto, or {key}: false")
+    problems = recipe_plugin_problems(recipe)
     if not (p.gpt_attention_plugin != "disable" and p.paged_kv_cache and p.remove_input_padding):
         problems.append("build.plugins: ModelRunnerCpp (the TensorRT-LLM 1.2 runtime this pipeline uses) runs only "
                         "in-flight-batching engines: gpt_attention_plugin, paged_kv_cache and remove_input_padding "
                         "all on; turn them on, or use build.backend: torch")
-    if p.paged_kv_cache and p.tokens_per_block & (p.tokens_per_block - 1):
-        problems.append(f"build.plugins.tokens_per_block: {p.tokens_per_block} is not a power of 2, which the paged "
-                        f"KV cache kernels need (\"tokensPerBlock must be power of 2\"); use 32 or 64")
-    if p.use_paged_context_fmha and q.kv_cache == "int8":
-        problems.append("build.plugins.use_paged_context_fmha: TensorRT-LLM 1.2 refuses paged context FMHA with an "
-                        "INT8 KV cache (\"Paged Context FMHA doesn't work with int8 kv cache\"); set "
-                        "use_paged_context_fmha: false or precision.quantization.kv_cache: auto/fp8")
-    if p.use_paged_context_fmha and q.kv_cache == "fp8" and q.quant != "fp8":
-        problems.append("build.plugins.use_paged_context_fmha: an FP8 KV cache with paged context FMHA needs the FP8 "
-                        "quantization workflow (\"FP8 Paged Context FMHA only works with fp8 quantization "
-                        "workflow\"); set precision.quantization.quant: fp8, or use_paged_context_fmha: false")
-    if p.use_fp8_context_fmha and q.quant != "fp8":
-        problems.append("build.plugins.use_fp8_context_fmha: needs precision.quantization.quant: fp8")
-    if p.use_fp8_context_fmha and not p.context_fmha:
-        problems.append("build.plugins.use_fp8_context_fmha: needs context_fmha (\"FP8 FMHA cannot be enabled "
-                        "because Context FMHA is not supported\"); set context_fmha: true")
-    if p.gemm_plugin == "fp8" and q.quant != "fp8":
-        problems.append("build.plugins.gemm_plugin: fp8 needs precision.quantization.quant: fp8")
     if compute_capability is None:
         return problems
     cc = tuple(compute_capability)
