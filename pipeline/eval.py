@@ -140,7 +140,7 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 
 def eval_command(recipe: Recipe, precisions: list[str] | None = None, out: Path | None = None) -> int:
     from pipeline.build import Builder
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe import apply_overrides, recipe_from_dict
 
     variants = [(None, recipe)]
     if precisions:
@@ -149,8 +149,10 @@ def eval_command(recipe: Recipe, precisions: list[str] | None = None, out: Path 
             raise PipelineError(f"--precisions: unknown {unknown}; choose from {', '.join(PRECISIONS)}")
         variants = []
         for name in precisions:
-            path = recipe.name if (hub.REPO_ROOT / "recipes" / f"{recipe.name}.yaml").is_file() else None
-            base = load_recipe(path, PRECISIONS[name]) if path else recipe
+            # the resolved recipe (command-line overrides included) with this precision on top
+            data = recipe.to_dict()
+            del data["name"]
+            base = recipe_from_dict(apply_overrides(data, PRECISIONS[name]), name=recipe.name)
             variants.append((name, replace(base, eval=replace(base.eval, gate=type(base.eval.gate)()))))
     rows, reference_cache = [], {}
     for name, variant in variants:
