@@ -16,19 +16,25 @@ R="$OUT/results"
 for phase in "${@:-tests gpt2 8b}"; do
   echo "=== phase $phase $(date -u +%T)" | tee -a "$OUT/log.txt"
   case $phase in
-    tests) python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 ;;
-    gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1,8,32 --repeats 3 --out "$R" ;;
-    testfp8) python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "fp8 or scaled" 2>&1 | tail -5 ;;
-    8b)    python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,8,32 --repeats 2 --out "$R" \
-             --variants eager+cublas+fused-mlp,graph+triton-gemv+fused-mlp,graph+compile+cublas+fused-mlp,graph+compile+triton-gemv+fused-mlp ;;
+    tests) python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider tests/test_gpu.py tests/test_fused_decode.py 2>&1 | tail -25 ;;
+    profile) # where a batch-1 step's time goes: GEMV bandwidth per shape, kernels per step (bench/profile_step.py)
+           python bench/profile_step.py llama-3-8b
+           python bench/profile_step.py llama-3-8b --quant fp8 --variants graph+triton-gemv+fused-mlp+fused-step
+           python bench/profile_step.py gpt2 --no-gemv --variants graph+triton-gemv+fused-mlp+fused-step ;;
+    gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1,32 --repeats 3 --out "$R" --no-baseline \
+             --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
+    8b)    python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
+             --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
     fp8)   python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
-             --no-baseline --variants graph+compile+triton-gemv+fused-mlp,graph+compile+cublas+fused-mlp ;;
-    tp2)   # tp=1 and tp=2 of one model (device-random weights are the same for any tp), same decode path
-           python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 --repeats 2 \
-             --no-baseline --out "$R" --variants graph+compile+cublas+fused-mlp
-           python -m pipeline bench llama-3-8b-random-bf16 parallel.tp=2 --device-random --batch-sizes 1,32 --repeats 2 \
-             --no-baseline --out "$R" --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp
-           python bench/compare_tokens.py "$R/bench-llama-3-8b-random-bf16-tp1.json" "$R/bench-llama-3-8b-random-bf16-tp2.json" ;;
+             --no-baseline --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
+    tp2)   # tp=1 and tp=2 of one model (device-random weights are the same for any tp), the same decode path;
+           # greedy tokens compared in float32 (bfloat16 tokens of a random 8B model flip on rounding: see README)
+           for dtype in bfloat16 float32; do for tp in 1 2; do
+             python -m pipeline bench llama-3-8b-random-bf16 parallel.tp=$tp precision.dtype=$dtype --device-random \
+               --batch-sizes 1 --repeats 2 --no-baseline --out "$R/$dtype" --variants graph+triton-gemv+fused-mlp+fused-step
+           done
+           python bench/compare_tokens.py "$R/$dtype/bench-llama-3-8b-random-bf16-tp1.json" \
+             "$R/$dtype/bench-llama-3-8b-random-bf16-tp2.json"; done ;;
     *) echo "unknown phase $phase" ;;
   esac 2>&1 | tee -a "$OUT/log.txt"
 done

@@ -229,6 +229,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
         decoder = CudaDecoder(accelerate(model, options), len(prompts),
                               max(len(p) for p in prompts) + sampling.max_new_tokens, options)
         decoder.warm_up()
+        if rank == 0:
+            print(f"[pipeline.run] decode: {options.label}, {decoder.path}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         outputs = decoder.generate(prompts, sampling.max_new_tokens, eos_id, pad_id,
                                    on_tokens=lambda values: on_first_tokens(values[0]))

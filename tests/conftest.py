@@ -10,7 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+# Without a GPU, Triton kernels run in Triton's CPU emulator (tests/test_fused_decode.py). Triton reads this when a
+# kernel is defined, so it is set before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -23,6 +29,7 @@ def mpirun_binary() -> str:
 
 def child_env(home: Path, **extra: str) -> dict:
     env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
     env.update(PIPELINE_HOME=str(home), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
     env.update(extra)

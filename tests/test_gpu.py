@@ -82,14 +82,64 @@ def test_every_decode_path_gives_the_plain_loops_tokens(home, shape):
     model = accelerate(_model(artifact, GPU), DecodeOptions(fuse_gate_up=False))
     for graph, compiled, triton_gemv in ((False, False, True), (True, False, True), (True, True, True),
                                          (True, True, False)):
-        options = DecodeOptions(cuda_graph=graph, compile=compiled, triton_gemv=triton_gemv, fuse_gate_up=False)
         for layer in model.layers:
             for value in layer.values():
                 if hasattr(value, "triton_gemv"):
                     value.triton_gemv = triton_gemv
+        options = DecodeOptions(cuda_graph=graph, compile=compiled, triton_gemv=triton_gemv, fuse_gate_up=False,
+                                fused_step=False)
         decoder = CudaDecoder(model, 1, 64, options)
         decoder.warm_up()
         assert decoder.generate(prompts, 24) == expected, options.label
+    fused_model = accelerate(_model(artifact, GPU), DecodeOptions())
+    for label in ("graph+triton-gemv+fused-mlp+fused-step", "graph+compile+triton-gemv+fused-mlp+fused-step"):
+        decoder = CudaDecoder(fused_model, 1, 64, DecodeOptions.from_label(label))
+        decoder.warm_up()
+        assert decoder.path == "fused step"
+        assert decoder.generate(prompts, 24) == expected, label
+
+
+@pytest.mark.parametrize("norm, act, n, k", [(1, 1, 14336, 4096), (1, 0, 6144, 4096), (2, 2, 3072, 768),
+                                             (1, 0, 128256, 4096), (0, 0, 4096, 14336)])
+def test_fused_gemv_against_float64(norm, act, n, k):
+    """Residual add, RMSNorm/LayerNorm, bias, silu-gate/GELU around the GEMV, bfloat16, Llama-3-8B/GPT-2 shapes."""
+    from pipeline.backends import fused_decode as fd
+
+    x, r, g, b = (torch.randn(k, device=GPU).to(torch.bfloat16) for _ in range(4))
+    rows = 2 * n if act == fd.ACT_SILU_GATE else n
+    w = (torch.randn(rows, k, device=GPU) / k**0.5).to(torch.bfloat16)
+    bias = torch.randn(rows, device=GPU).to(torch.bfloat16)
+    y, h_out = fd.fused_gemv(x, r if norm else None, g if norm else None, b if norm == fd.NORM_LAYER else None,
+                             w, bias, None, None, 1e-5, norm, act, torch.float32)
+    h = (x.double() + r.double()) if norm else x.double()
+    if norm == fd.NORM_RMS:
+        h = h * torch.rsqrt(h.pow(2).mean() + 1e-5) * g.double()
+    elif norm == fd.NORM_LAYER:
+        h = (h - h.mean()) / torch.sqrt(h.var(unbiased=False) + 1e-5) * g.double() + b.double()
+    ref = w.double() @ h + bias.double()
+    if act == fd.ACT_SILU_GATE:
+        fc, gate = ref.chunk(2)
+        ref = torch.nn.functional.silu(fc) * gate
+    elif act == fd.ACT_GELU:
+        ref = torch.nn.functional.gelu(ref, approximate="tanh")
+    assert y.shape == (n,) and rel_err(y, ref) < 1.5e-2  # bfloat16 rounding of the norm and activation inputs
+    if norm:
+        assert torch.equal(h_out, (x.float() + r.float()).to(torch.bfloat16))
+
+
+def test_fused_fp8_gemv_with_rmsnorm_equals_the_fp8_emulation():
+    from pipeline.backends import fused_decode as fd
+
+    k, n = 4096, 6144
+    x, r, g = (torch.randn(k, device=GPU).to(torch.bfloat16) for _ in range(3))
+    h = (x.float() + r.float()).to(torch.bfloat16)
+    xn = g * (h.float() * torch.rsqrt(h.float().pow(2).mean() + 1e-5)).to(torch.bfloat16)  # RankModel._norm
+    w = torch.randn(n, k, device=GPU) / k**0.5
+    sa, sw = fp8_scale(xn.float().abs().max()).to(GPU), fp8_scale(w.abs().max()).to(GPU)
+    wq = quantize_fp8(w, sw)
+    y, _ = fd.fused_gemv(x, r, g, None, wq, None, sa, sw, 1e-5, fd.NORM_RMS, fd.ACT_NONE, torch.float32)
+    ref = fp8_linear(xn[None].cpu(), wq.cpu(), sa.cpu(), sw.cpu(), None, torch.float32)[0]
+    assert rel_err(y, ref) < 1e-2  # a few inputs may round to the neighbouring E4M3 value (sums in another order)
 
 
 def test_gpu_logits_match_the_cpu_reference(home):

@@ -10,7 +10,9 @@ stream skinny matrices slowly. This module removes both, for one rank's shard (t
 - batch-1 GEMMs through a Triton GEMV (pipeline::gemv), for float16/bfloat16 and for FP8 weights (one byte per
   weight read); larger batches through cuBLAS (torch._scaled_mm for FP8 on Ada/Hopper);
 - the gate and fc GEMMs of a gated MLP fused into one, as trtllm-build's use_fused_mlp does (FP8: dequantized,
-  concatenated and requantized with the larger of the two weight scales, as TensorRT-LLM's builder does).
+  concatenated and requantized with the larger of the two weight scales, as TensorRT-LLM's builder does);
+- at batch 1, the fused step of pipeline.backends.fused_decode: five kernels per layer (norms, residual adds and
+  activations inside the GEMVs; rotary embedding, cache write and attention in one kernel).
 
 `DecodeOptions` selects each piece, so the benchmark can measure them one by one.
 """
@@ -34,12 +36,25 @@ class DecodeOptions:
     compile: bool = True
     triton_gemv: bool = True
     fuse_gate_up: bool = True
+    fused_step: bool = True  # batch 1: pipeline.backends.fused_decode where the model allows it
 
     @property
     def label(self) -> str:
         parts = [("graph" if self.cuda_graph else "eager"), ("compile" if self.compile else None),
-                 ("triton-gemv" if self.triton_gemv else "cublas"), ("fused-mlp" if self.fuse_gate_up else None)]
+                 ("triton-gemv" if self.triton_gemv else "cublas"), ("fused-mlp" if self.fuse_gate_up else None),
+                 ("fused-step" if self.fused_step else None)]
         return "+".join(p for p in parts if p)
+
+    @classmethod
+    def from_label(cls, label: str) -> DecodeOptions:
+        """The options a label names (the inverse of `label`), e.g. 'graph+cublas+fused-mlp+fused-step'."""
+        parts = set(label.split("+"))
+        known = {"graph", "eager", "compile", "triton-gemv", "cublas", "fused-mlp", "fused-step"}
+        if parts - known or ("graph" in parts) == ("eager" in parts) or ("cublas" in parts) == ("triton-gemv" in parts):
+            raise ValueError(f"not a decode path: {label!r} (parts: graph|eager, compile, triton-gemv|cublas, "
+                             "fused-mlp, fused-step)")
+        return cls(cuda_graph="graph" in parts, compile="compile" in parts, triton_gemv="triton-gemv" in parts,
+                   fuse_gate_up="fused-mlp" in parts, fused_step="fused-step" in parts)
 
 
 class CudaLinear(Linear):
@@ -126,7 +141,8 @@ def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class CudaDecoder:
-    """Prefill, then decode steps replayed from one captured CUDA graph, for a fixed batch and cache length."""
+    """Prefill, then decode steps replayed from one captured CUDA graph, for a fixed batch and cache length.
+    `path` says which step runs (the fused step, or the model's own forward and why)."""
 
     def __init__(self, model: RankModel, batch: int, max_len: int, options: DecodeOptions):
         if model.mapping.pp != 1:
@@ -141,14 +157,30 @@ class CudaDecoder:
         # back and the host read their tokens later, without a synchronization per step
         self.history = torch.zeros((batch, max_len + 1), dtype=torch.long, device=device)
         self.logits = None
+        self.fused = None  # the fused batch-1 step, where it applies
+        if options.fused_step and batch == 1:
+            from pipeline.backends import fused_decode
+
+            self.fallback_reason = fused_decode.unsupported_reason(model)
+            if self.fallback_reason is None:
+                self.fused = fused_decode.FusedStep(model)
+        else:
+            self.fallback_reason = "not asked" if not options.fused_step else f"batch {batch}"
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if options.compile else self._step
         self.graph = None
+
+    @property
+    def path(self) -> str:
+        return "fused step" if self.fused is not None else f"layer by layer ({self.fallback_reason})"
 
     def _step(self) -> torch.Tensor:
         """One greedy decode step on the device buffers: write the cache at `slot`, compute logits, advance."""
         self.cache.valid.index_fill_(1, self.slot.view(1), True)
-        logits = self.model.forward(self.tokens, self.positions, self.cache, slot_start=self.slot,
-                                    keys_len=self.max_len)[:, -1]
+        if self.fused is not None:
+            logits = self.fused.forward(self.tokens, self.positions, self.cache, self.slot)[:, -1]
+        else:
+            logits = self.model.forward(self.tokens, self.positions, self.cache, slot_start=self.slot,
+                                        keys_len=self.max_len)[:, -1]
         next_tokens = logits.argmax(dim=-1, keepdim=True)
         self.tokens.copy_(next_tokens)
         self.history.index_copy_(1, self.slot.view(1), next_tokens)

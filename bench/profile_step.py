@@ -1,0 +1,191 @@
+"""Where a batch-1 decode step's time goes, on one GPU: GEMV bandwidth per weight shape, and a kernel profile.
+
+    python bench/profile_step.py llama-3-8b [--quant fp8] [--variants LABEL,...] [--steps 20]
+
+1. For each GEMM of a layer (and lm_head), the bandwidth of the GEMV over all layers' weights of that shape, in a
+   CUDA graph (so the weights stream from HBM, not L2): cuBLAS, the plain Triton GEMV (pipeline::gemv), and the
+   fused GEMV as the fused step calls it (residual + norm prologue, activation epilogue).
+2. For each decode path: the step time (CUDA events over graph replays), the GPU kernel time per step from the
+   profiler, their difference (idle gaps between kernels), and the kernels that take the most time.
+
+Device-random weights (pipeline.bench.device_random_model); prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.backends import cuda_kernels  # noqa: E402
+from pipeline.backends import fused_decode as fd
+from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate, quantize_model_fp8  # noqa: E402
+from pipeline.bench import (  # noqa: E402
+    calibrate_on_device,
+    copy_bandwidth,
+    device_random_model,
+    make_prompts,
+    weight_bytes,  # noqa: E402
+)
+from pipeline.dist import Comm  # noqa: E402
+from pipeline.mapping import Mapping  # noqa: E402
+from pipeline.quantize.formats import fp8_linear  # noqa: E402
+from pipeline.quantize.runtime import FP8Linear  # noqa: E402
+
+
+def graph_time(fn, replays: int = 20) -> float:
+    """Median seconds of one call of fn, captured in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times[2:])
+
+
+def gemv_table(model, bandwidth: float) -> list[str]:
+    hidden = model.hidden
+    x = torch.randn(1, hidden, device=model.device).to(model.dtype)
+    r = torch.randn(hidden, device=model.device).to(model.dtype)
+    g = torch.ones(hidden, device=model.device, dtype=model.dtype)
+    rows = ["| GEMM | shape | bytes (all layers) | cuBLAS GB/s | Triton GEMV GB/s | fused GEMV GB/s | fused % of copy |",
+            "|---|---|---|---|---|---|---|"]
+    keys = [k for k in ("qkv", "dense", "fc_gate", "fc", "proj") if k in model.layers[0]]
+    for key in keys + ["lm_head"]:
+        linears = [model.head] if key == "lm_head" else [layer[key] for layer in model.layers]
+        weight = linears[0].weight
+        n, k = weight.shape
+        fp8 = isinstance(linears[0], FP8Linear)
+        total = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+        inp = torch.randn(1, k, device=model.device).to(model.dtype)
+        prologue = key in ("qkv", "fc_gate", "fc", "lm_head")
+        act = fd.ACT_SILU_GATE if key == "fc_gate" else (fd.ACT_GELU if key == "fc" and model.is_gpt else fd.ACT_NONE)
+        norm = (fd.NORM_LAYER if model.is_gpt else fd.NORM_RMS) if prologue else fd.NORM_NONE
+
+        def cublas():
+            for lin in linears:
+                if fp8:  # torch._scaled_mm (cuBLAS FP8), input quantized first
+                    fp8_linear(inp, lin.weight, lin.act_scale, lin.weight_scale, None, model.dtype)
+                else:
+                    torch.mm(inp, lin.weight.t())
+
+        def triton_gemv():
+            for lin in linears:
+                cuda_kernels.linear_1row(inp, lin.weight, None, getattr(lin, "act_scale", None),
+                                         getattr(lin, "weight_scale", None), model.dtype)
+
+        def fused():
+            src = x if prologue else inp
+            for lin in linears:
+                fd.fused_gemv(src, r if prologue else None, g if prologue else None,
+                              g if norm == fd.NORM_LAYER else None, lin.weight, None,
+                              getattr(lin, "act_scale", None), getattr(lin, "weight_scale", None), 1e-5, norm, act,
+                              torch.float32 if key == "lm_head" else model.dtype)
+
+        speeds = []
+        for fn in (cublas, triton_gemv, fused):
+            try:
+                speeds.append(total / graph_time(fn) / 1e9)
+            except Exception as exc:  # a path that does not run here is shown, not fatal
+                print(f"{key} {fn.__name__}: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
+                speeds.append(float("nan"))
+        rows.append(f"| {key} | {n}x{k}{' fp8' if fp8 else ''} | {total / 1e9:.3f} GB | {speeds[0]:.0f} | "
+                    f"{speeds[1]:.0f} | {speeds[2]:.0f} | {100 * speeds[2] * 1e9 / bandwidth:.1f}% |")
+    return rows
+
+
+def profile_variant(model, options: DecodeOptions, steps: int, read_bytes: int, bandwidth: float) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = CudaDecoder(model, 1, 256, options)
+    decoder.warm_up()
+    decoder.prefill(make_prompts(1, 128, model.vocab_size, seed=1))
+    decoder.run_steps(3)
+    events: list = []
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
+    decoder.run_steps(steps, events)
+    torch.cuda.synchronize()
+    step_s = statistics.median(a.elapsed_time(b) / 1e3 for a, b in zip([start] + events[:-1], events))
+    decoder.prefill(make_prompts(1, 128, model.vocab_size, seed=1))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.run_steps(steps)
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type.name == "CUDA" and event.device_time > 0:
+            name = event.name[:70]
+            kernels[name][0] += event.device_time / 1e6 / steps
+            kernels[name][1] += 1 / steps
+    busy = sum(v[0] for v in kernels.values())
+    launches = sum(v[1] for v in kernels.values())
+    lines = [f"### {options.label} ({decoder.path})", "",
+             f"step {step_s * 1e3:.3f} ms = {1 / step_s:.1f} tok/s = {100 * read_bytes / step_s / bandwidth:.1f}% of "
+             f"the roofline; kernels busy {busy * 1e3:.3f} ms/step over {launches:.0f} launches; idle "
+             f"{(step_s - busy) * 1e3:.3f} ms ({(step_s - busy) / max(launches, 1) * 1e6:.2f} us per launch)", "",
+             "| kernel | launches/step | ms/step | share |", "|---|---|---|---|"]
+    for name, (t, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:14]:
+        lines.append(f"| `{name}` | {count:.0f} | {t * 1e3:.3f} | {100 * t / step_s:.1f}% |")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("shape")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quant", default="none", choices=("none", "fp8"))
+    p.add_argument("--variants", default="graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--no-gemv", action="store_true", help="skip the GEMV table")
+    args = p.parse_args(argv)
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    comm = Comm(Mapping(1, 1, 0), device)
+    model, config, _ = device_random_model(args.shape, 1, comm, device, args.dtype)
+    if args.quant == "fp8":
+        quantize_model_fp8(model, calibrate_on_device(model, config["vocab_size"]))
+    accelerate(model, DecodeOptions())
+    bandwidth = copy_bandwidth(device)
+    read_bytes = weight_bytes(model)
+    print(f"## {args.shape} {args.dtype} {args.quant} on {torch.cuda.get_device_name(device)}: copy "
+          f"{bandwidth / 1e12:.2f} TB/s, {read_bytes / 1e9:.3f} GB read per step, roofline "
+          f"{bandwidth / read_bytes:.0f} tok/s ({read_bytes / bandwidth * 1e3:.3f} ms)\n")
+    if not args.no_gemv:
+        print("\n".join(gemv_table(model, bandwidth)) + "\n", flush=True)
+    for label in args.variants.split(","):
+        options = DecodeOptions.from_label(label)
+        for layer in model.layers:
+            for value in layer.values():
+                if hasattr(value, "triton_gemv"):
+                    value.triton_gemv = options.triton_gemv
+        if hasattr(model.head, "triton_gemv"):
+            model.head.triton_gemv = options.triton_gemv
+        try:
+            print("\n".join(profile_variant(model, options, args.steps, read_bytes, bandwidth)) + "\n", flush=True)
+        except Exception as exc:
+            print(f"### {label}: failed: {type(exc).__name__}: {exc}"[:600] + "\n", flush=True)
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

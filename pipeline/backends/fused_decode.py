@@ -1,0 +1,416 @@
+"""The batch-1 decode step as five kernels per layer, the way TensorRT-LLM's fused plugins run it.
+
+A decode step at batch 1 must stream every weight once, so its floor is (weight bytes) / (memory bandwidth). What
+a layer of separate PyTorch operations adds on top is the kernels between the GEMVs: norms, residual adds, rotary
+embedding, cache writes, the attention's several kernels, activations. Each costs a launch gap and a ramp-up and
+tail in which the memory system idles. This step folds them into the GEMVs and one attention kernel:
+
+    [residual add + norm + qkv GEMV]  [rotary + cache write + attention]  [dense GEMV (+bias)]
+    [residual add + norm + fc/gate GEMV + activation]  [proj GEMV (+bias)]
+
+- The GEMV's prologue adds the residual (the previous block's output, after its tp all-reduce) to the hidden
+  state and normalizes it on the fly. RMSNorm needs no extra pass: sum(w * g * x) / rms(x) lets the sum of squares
+  accumulate in the same loop. LayerNorm and FP8 inputs (quantized after the norm) first take the statistics
+  from the input row, which is read from L2. Program 0 writes the new hidden state for the next residual add.
+- The epilogue adds the bias and applies silu(fc) * gate (both halves of the fused gated GEMM in one program) or
+  GELU. FP8 weights are multiplied as an FP8 GEMM does (input quantized with the static scale, E4M3 products,
+  float32 sums).
+- The attention kernel rotates q and k, writes k and v into the cache slot, and runs an online softmax over the
+  cache for one KV head and its group of query heads, with tensor-core dots.
+
+Rounding follows the unfused model where it is cheap (the residual sum, the norm output, the activation inputs
+are rounded to the model dtype as it rounds them), so its greedy tokens stay those of the plain path on the test
+models (tests/test_fused_decode.py, tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.backends.torch_model import Linear, RankModel
+from pipeline.quantize.runtime import FP8Linear
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the fused step is simply unavailable
+    triton = None
+
+NORM_NONE, NORM_RMS, NORM_LAYER = 0, 1, 2
+# The GEMV configuration Triton's CPU emulator runs (it cannot autotune); K = 64 leaves some shapes ragged
+INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 64, "USE_DOT": False}
+ACT_NONE, ACT_SILU_GATE, ACT_GELU = 0, 1, 2
+
+if triton is not None:
+    # Two ways to run the products, both autotuned per shape: CUDA-core FMAs on a [BLOCK_N, BLOCK_K] tile, or
+    # tensor-core dots of the input row (broadcast to the 16 rows a dot needs) with the weight tile, which for FP8
+    # skips converting each weight byte on the CUDA cores.
+    _CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in (
+            (2, 1024, 4, 3), (4, 512, 4, 3), (4, 1024, 4, 2), (4, 1024, 8, 3), (8, 256, 4, 4), (8, 512, 4, 3),
+            (8, 1024, 8, 2), (16, 256, 4, 3), (16, 512, 8, 3), (32, 256, 8, 2), (32, 128, 4, 3), (16, 128, 4, 4),
+        )
+    ] + [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 256, 8, 3),
+                             (64, 128, 4, 4))
+    ]
+
+    @triton.jit
+    def _load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL: tl.constexpr):
+        """The input row chunk in float32; with a residual, their sum rounded to the model dtype (as x + r is)."""
+        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+        if ADD_RESIDUAL:
+            x = (x.to(tl.float32) + tl.load(r_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)).to(x.dtype)
+        return x.to(tl.float32)
+
+    @triton.autotune(configs=_CONFIGS, key=["N", "K", "NORM", "FP8", "ACT"])
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.jit
+    def _fused_gemv_kernel(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
+                           N, K, eps,
+                           ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+        DOT: tl.constexpr = USE_DOT and not W_F32  # float32 weights stay on the CUDA cores (no tf32 rounding)
+        pid = tl.program_id(0)
+        dt = x_ptr.dtype.element_ty
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped rows: loads need no row mask
+        w_rows = w_ptr + rows[:, None] * K
+        w2_rows = w_ptr + (rows + N)[:, None] * K  # the gate half of a fused gated GEMM
+        arange_k = tl.arange(0, BLOCK_K)
+
+        # statistics first where the normalized value is needed inside the loop (LayerNorm; FP8 quantizes it)
+        mean = 0.0
+        rstd = 1.0
+        if NORM == 2 or (NORM == 1 and FP8):
+            if NORM == 2:
+                s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + arange_k
+                    s1 += _load_row(x_ptr, r_ptr, offs_k, offs_k < K, ADD_RESIDUAL)
+                mean = tl.sum(s1, axis=0) / K
+            s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + arange_k
+                k_mask = offs_k < K
+                x = _load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL)
+                d = tl.where(k_mask, x - mean, 0.0)
+                s2 += d * d
+            rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K + eps)
+        if FP8:
+            a_scale = tl.load(a_scale_ptr)
+
+        if DOT:
+            acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+            acc2 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + arange_k
+            k_mask = offs_k < K
+            x = _load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL)
+            if ADD_RESIDUAL:
+                tl.store(h_out_ptr + offs_k, x.to(dt), mask=k_mask & (pid == 0))
+            if NORM == 1:
+                g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                if FP8:  # weight * (x * rstd).to(dtype), in the model dtype
+                    x = (g * (x * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+                else:  # one pass: scale the sum by 1/rms(x) at the end
+                    ss += x * x
+                    x = x * g
+            elif NORM == 2:
+                g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                b = tl.load(nb_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                x = ((x - mean) * rstd * g + b).to(dt).to(tl.float32)
+            if FP8:
+                xq = tl.clamp(x / a_scale, -448.0, 448.0).to(tl.float8e4nv)
+            else:
+                xq = x.to(w_ptr.dtype.element_ty)
+            if EVEN_K:
+                w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+            else:
+                w = tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+            if DOT:
+                xb = tl.broadcast_to(xq[None, :], (16, BLOCK_K))
+                acc += tl.dot(xb, tl.trans(w))
+            elif FP8:
+                acc += w.to(tl.float32) * xq.to(tl.float32)[None, :]
+            else:
+                acc += w.to(tl.float32) * x[None, :]
+            if ACT == 1:
+                if EVEN_K:
+                    w2 = tl.load(w2_rows + offs_k[None, :], eviction_policy="evict_first")
+                else:
+                    w2 = tl.load(w2_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0,
+                                 eviction_policy="evict_first")
+                if DOT:
+                    acc2 += tl.dot(xb, tl.trans(w2))
+                elif FP8:
+                    acc2 += w2.to(tl.float32) * xq.to(tl.float32)[None, :]
+                else:
+                    acc2 += w2.to(tl.float32) * x[None, :]
+
+        if DOT:  # the 16 rows of the dot are equal: any one is the result
+            y = tl.max(acc, axis=0)
+            y2 = tl.max(acc2, axis=0)
+        else:
+            y = tl.sum(acc, axis=1)
+            y2 = tl.sum(acc2, axis=1)
+        if NORM == 1 and not FP8:
+            inv_rms = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+            y = y * inv_rms
+            y2 = y2 * inv_rms
+        if FP8:
+            scale = a_scale * tl.load(w_scale_ptr)
+            y = y * scale
+            y2 = y2 * scale
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if ACT == 1:
+                y2 += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if ACT == 1:  # silu(fc) * gate, each rounded to the model dtype as the unfused ops round them
+            f = y.to(dt).to(tl.float32)
+            y = (f / (1.0 + tl.exp(-f))).to(dt).to(tl.float32) * y2.to(dt).to(tl.float32)
+        elif ACT == 2:  # GELU, tanh approximation (gelu_new)
+            f = y.to(dt).to(tl.float32)
+            inner = 0.7978845608028654 * (f + 0.044715 * f * f * f)
+            y = 0.5 * f * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
+                                 max_len, scale,
+                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
+                                 D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        dt = qkv_ptr.dtype.element_ty
+        G: tl.constexpr = HEADS // KV_HEADS
+        HALF: tl.constexpr = D // 2
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, D_P)
+        g_mask = g < G
+        d_mask = d < D
+        qd_mask = g_mask[:, None] & d_mask[None, :]
+        row = qkv_ptr + b * (HEADS + 2 * KV_HEADS) * D
+        q_off = (kvh * G + g)[:, None] * D
+        k_off = HEADS * D + kvh * D
+        v_off = (HEADS + KV_HEADS) * D + kvh * D
+        q = tl.load(row + q_off + d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
+        k = tl.load(row + k_off + d, mask=d_mask, other=0.0).to(tl.float32)
+        v = tl.load(row + v_off + d, mask=d_mask, other=0.0)
+        slot = tl.load(slot_ptr)
+        if ROPE:  # rotate-half rotary embedding at this sequence's position
+            partner = tl.where(d < HALF, d + HALF, d - HALF)
+            sign = tl.where(d < HALF, -1.0, 1.0)
+            angle = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + (d % HALF), mask=d_mask, other=0.0)
+            cos = tl.cos(angle).to(dt).to(tl.float32)
+            sin = tl.sin(angle).to(dt).to(tl.float32)
+            q_p = tl.load(row + q_off + partner[None, :], mask=qd_mask, other=0.0).to(tl.float32)
+            k_p = tl.load(row + k_off + partner, mask=d_mask, other=0.0).to(tl.float32)
+            q = q * cos[None, :] + sign[None, :] * q_p * sin[None, :]
+            k = k * cos + sign * k_p * sin
+        q = q.to(dt)
+        k = k.to(dt)
+        cache = (b * KV_HEADS + kvh).to(tl.int64) * max_len * D
+        tl.store(k_ptr + cache + slot * D + d, k, mask=d_mask)
+        tl.store(v_ptr + cache + slot * D + d, v, mask=d_mask)
+
+        # the new token first (always attended), then the cache's other valid slots, online softmax
+        m = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale
+        m = tl.where(g_mask, m, 0.0)
+        denom = tl.zeros((GROUP_P,), dtype=tl.float32) + 1.0
+        acc = tl.zeros((GROUP_P, D_P), dtype=tl.float32) + v.to(tl.float32)[None, :]
+        s_range = tl.arange(0, BLOCK_S)
+        for s0 in range(0, max_len, BLOCK_S):
+            offs_s = s0 + s_range
+            in_range = offs_s < max_len
+            keep = (tl.load(valid_ptr + b * max_len + offs_s, mask=in_range, other=0) != 0) & (offs_s != slot)
+            kv_mask = keep[:, None] & d_mask[None, :]
+            kb = tl.load(k_ptr + cache + offs_s[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(kb), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(kb))
+            scores = tl.where(keep[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            denom = denom * alpha + tl.sum(p, axis=1)
+            vb = tl.load(v_ptr + cache + offs_s[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(dt), vb, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(dt), vb)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        out = acc / denom[:, None]
+        tl.store(out_ptr + b * HEADS * D + q_off + d[None, :], out.to(dt), mask=qd_mask)
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------------------- the ops
+
+
+@torch.library.custom_op("pipeline::fused_gemv", mutates_args=())
+def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
+               norm_bias: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+               act_scale: torch.Tensor | None, weight_scale: torch.Tensor | None, eps: float, norm: int, act: int,
+               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(W @ norm(x + residual) + bias) for one row; returns (y, x + residual) (the second is empty without a
+    residual). With act=silu-gate, weight holds [fc; gate] and y has half its rows."""
+    K = x.shape[-1]
+    N = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
+    x = x.reshape(K)
+    y = torch.empty(N, dtype=out_dtype, device=x.device)
+    h_out = torch.empty(K if residual is not None else 0, dtype=x.dtype, device=x.device)
+    dummy = y  # an unused pointer argument
+    fp8 = act_scale is not None
+    kernel, fixed = _fused_gemv_kernel, {}
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
+        kernel, fixed = _fused_gemv_kernel.fn, dict(INTERPRETER_CONFIG)
+    kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+        x, residual.reshape(K) if residual is not None else dummy, h_out if residual is not None else dummy,
+        norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
+        weight, bias if bias is not None else dummy, y, act_scale if fp8 else dummy, weight_scale if fp8 else dummy,
+        N, K, eps, ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
+        W_F32=weight.dtype == torch.float32, **fixed)
+    return y, h_out
+
+
+@fused_gemv.register_fake
+def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act, out_dtype):
+    n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
+    k = x.shape[-1] if residual is not None else 0
+    return torch.empty(n, dtype=out_dtype, device=x.device), torch.empty(k, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("pipeline::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
+                     positions: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor | None, heads: int,
+                     kv_heads: int, head_size: int) -> torch.Tensor:
+    """One decode step's attention for qkv [B, (heads + 2 kv_heads) * head_size]: rotary embedding (if inv_freq),
+    k and v written to the caches [B, kv_heads, max_len, head_size] at `slot`, and softmax(q k^T / sqrt(d)) v over
+    the valid slots. Returns [B, heads * head_size]."""
+    batch = qkv.shape[0]
+    max_len = k_cache.shape[2]
+    out = torch.empty((batch, heads * head_size), dtype=qkv.dtype, device=qkv.device)
+    group = heads // kv_heads
+    _decode_attention_kernel[(batch, kv_heads)](
+        qkv, k_cache, v_cache, valid.view(torch.uint8), positions, slot,
+        inv_freq if inv_freq is not None else qkv, out, max_len, head_size ** -0.5,
+        HEADS=heads, KV_HEADS=kv_heads, D=head_size, GROUP_P=max(16, triton.next_power_of_2(group)),
+        D_P=max(16, triton.next_power_of_2(head_size)), ROPE=inv_freq is not None,
+        IEEE=qkv.dtype == torch.float32, BLOCK_S=64, num_warps=4)
+    return out
+
+
+@decode_attention.register_fake
+def _(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size):
+    return torch.empty((qkv.shape[0], heads * head_size), dtype=qkv.dtype, device=qkv.device)
+
+
+# ------------------------------------------------------------------------------------------------- the step
+
+
+class _Gemm:
+    """The tensors one GEMV reads: weight, bias, and FP8 scales when the weight is FP8."""
+
+    def __init__(self, linear, bias: torch.Tensor | None = None):
+        self.weight = linear.weight
+        self.bias = linear.bias if bias is None else bias
+        fp8 = isinstance(linear, FP8Linear)
+        self.act_scale = linear.act_scale if fp8 else None
+        self.weight_scale = linear.weight_scale if fp8 else None
+
+
+def unsupported_reason(model: RankModel) -> str | None:
+    """Why the fused step cannot run this model (None when it can)."""
+    if triton is None:
+        return "Triton is not installed"
+    if model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"the {model.device.type} device (Triton kernels run on CUDA; TRITON_INTERPRET=1 emulates them)"
+    if model.mapping.pp != 1:
+        return "pipeline parallelism (the fused step runs pp = 1)"
+    if model.kv_format is not None:
+        return f"the {model.kv_format} KV cache (the fused attention reads a cache in the model dtype)"
+    if model.head is None:
+        return "no lm_head on this rank"
+    if not model.is_gpt:
+        rotary = model.config.get("rotary_embedding_dim") or model.head_size
+        if rotary != model.head_size:
+            return "partial rotary embedding"
+    if model.head_size % 2:
+        return "an odd head size"
+    for layer in model.layers:
+        if not model.is_gpt and "fc_gate" not in layer:
+            return "a gated MLP whose gate and fc are not fused (weight-only or mixed formats)"
+        for key in ("qkv", "dense", "fc_gate" if "fc_gate" in layer else "fc", "proj"):
+            if not isinstance(layer[key], (Linear, FP8Linear)):
+                return f"{type(layer[key]).__name__} GEMMs (weight-only formats)"
+    return None
+
+
+class FusedStep:
+    """A decode step for batch 1 (pp = 1, tp any) as 5 kernels per layer; `forward` matches RankModel.forward's
+    decode call and returns float32 logits [1, 1, vocab]."""
+
+    def __init__(self, model: RankModel):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the fused decode step does not support {reason}")
+        self.model = model
+        first_tp_rank = model.mapping.tp_rank == 0  # RowLinear biases are added once, before the all-reduce
+        self.norm = NORM_LAYER if model.is_gpt else NORM_RMS
+        self.layers = []
+        for layer in model.layers:
+            mlp = layer["fc_gate"] if "fc_gate" in layer else layer["fc"]
+            self.layers.append({
+                "ln1": layer["ln1"], "ln2": layer["ln2"], "qkv": _Gemm(layer["qkv"]),
+                "dense": _Gemm(layer["dense"], layer["dense_bias"] if first_tp_rank else None),
+                "mlp": _Gemm(mlp), "proj": _Gemm(layer["proj"], layer["proj_bias"] if first_tp_rank else None),
+            })
+        self.act = ACT_GELU if model.is_gpt else ACT_SILU_GATE
+        self.head = _Gemm(model.head)
+        self.inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
+
+    def _gemv(self, x, residual, norm, gemm: _Gemm, act=ACT_NONE, out_dtype=None):
+        weight, bias = norm if norm is not None else (None, None)
+        kind = NORM_NONE if norm is None else self.norm
+        return torch.ops.pipeline.fused_gemv(
+            x, residual, weight, bias if kind == NORM_LAYER else None, gemm.weight, gemm.bias, gemm.act_scale,
+            gemm.weight_scale, float(self.model.eps), kind, act, out_dtype or self.model.dtype)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        comm = model.comm
+        h = F.embedding(tokens.view(1), model.embed)
+        if model.pos_embed is not None:
+            h = h + F.embedding(positions.view(1), model.pos_embed)
+        residual = None
+        for index, layer in enumerate(self.layers):
+            qkv, h_new = self._gemv(h, residual, layer["ln1"], layer["qkv"])
+            h = h_new if residual is not None else h
+            attn = torch.ops.pipeline.decode_attention(
+                qkv.view(1, -1), cache.k[index], cache.v[index], cache.valid, positions.view(1), slot,
+                self.inv_freq, model.heads, model.kv_heads, model.head_size)
+            residual, _ = self._gemv(attn, None, None, layer["dense"])
+            residual = comm.all_reduce_tp(residual)
+            hidden, h = self._gemv(h, residual, layer["ln2"], layer["mlp"], self.act)
+            residual, _ = self._gemv(hidden, None, None, layer["proj"])
+            residual = comm.all_reduce_tp(residual)
+        logits, _ = self._gemv(h, residual, model.ln_f, self.head, out_dtype=torch.float32)
+        logits = comm.all_gather_tp(logits.view(1, 1, -1))
+        return logits[..., : model.vocab_size]

@@ -1,0 +1,137 @@
+"""The fused batch-1 decode step (pipeline.backends.fused_decode) against the model's own layer-by-layer step.
+
+On a GPU the kernels run compiled; on the CPU in Triton's emulator (TRITON_INTERPRET=1, set by conftest.py), so
+these tests need the `triton` package and a CPU-only install without it skips them. The emulator rounds float32 ->
+FP8 wrongly for some values, so FP8 is checked here with inputs FP8 represents exactly; tests/test_gpu.py checks
+the real conversion, and bfloat16 (whose dots the emulator gets wrong)."""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET before triton loads"
+
+from pipeline.backends import fused_decode  # noqa: E402
+from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate  # noqa: E402
+from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config  # noqa: E402
+from pipeline.build import Builder  # noqa: E402
+from pipeline.dist import Comm  # noqa: E402
+from pipeline.mapping import Mapping  # noqa: E402
+from pipeline.quantize.formats import fp8_linear, fp8_scale, quantize_fp8  # noqa: E402
+from pipeline.recipe import recipe_from_dict  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # compiled on a GPU, emulated on the CPU
+
+
+def _model(shape: str, dtype: str):
+    recipe = recipe_from_dict({"model": {"random": shape}, "precision": {"dtype": dtype}}, name=f"fused-{shape}")
+    artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
+    config = read_checkpoint_config(artifact)
+    return load_rank_model(artifact, config, Comm(Mapping(1, 1, 0), DEVICE), DEVICE)
+
+
+@pytest.mark.parametrize("shape, dtype, tol", [("llama-tiny", "float32", 1e-5), ("gpt2-tiny", "float32", 1e-5),
+                                               ("llama-tiny-tied", "float16", 5e-3)])
+def test_fused_step_matches_the_layer_by_layer_step(home, shape, dtype, tol):
+    plain = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
+    fused = DecodeOptions(cuda_graph=False, compile=False, fused_step=True)
+    reference = CudaDecoder(accelerate(_model(shape, dtype), plain), 1, 24, plain)
+    decoder = CudaDecoder(accelerate(_model(shape, dtype), fused), 1, 24, fused)
+    assert reference.fused is None and decoder.path == "fused step"
+    prompt = [[3, 14, 15, 92, 65, 7, 1]]
+    reference.prefill(prompt)
+    decoder.prefill(prompt)
+    for _ in range(4):  # logits, tokens and the cache each step
+        want, got = reference._step(), decoder._step()
+        assert ((got - want).norm() / want.norm()).item() < tol
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        for layer in (0, len(decoder.cache.k) - 1):
+            assert torch.allclose(decoder.cache.k[layer].float(), reference.cache.k[layer].float(), atol=tol * 10)
+            assert torch.allclose(decoder.cache.v[layer].float(), reference.cache.v[layer].float(), atol=tol * 10)
+    assert torch.equal(decoder.history, reference.history)
+
+
+def test_fused_gemv_prologue_and_epilogue_against_float64():
+    torch.manual_seed(0)
+    K, N = 200, 24  # K not a multiple of the block: the ragged path
+    x, r, g, b = (torch.randn(K, device=DEVICE) for _ in range(4))
+    w, bias = torch.randn(2 * N, K, device=DEVICE) / K**0.5, torch.randn(2 * N, device=DEVICE)
+    h = (x + r).double()
+    rms = h * torch.rsqrt(h.pow(2).mean() + 1e-5) * g.double()
+    layer = (h - h.mean()) / torch.sqrt(h.var(unbiased=False) + 1e-5) * g.double() + b.double()
+    wd, bd = w.double(), bias.double()
+
+    def run(norm, act, weight=w, with_bias=True):
+        return fused_decode.fused_gemv(x, r, g, b if norm == fused_decode.NORM_LAYER else None, weight,
+                                       bias[: weight.shape[0]] if with_bias and act != fused_decode.ACT_SILU_GATE
+                                       else (bias if with_bias else None), None, None, 1e-5, norm, act, torch.float32)
+
+    y, h_out = run(fused_decode.NORM_RMS, fused_decode.ACT_SILU_GATE)
+    fc, gate = (wd @ rms + bd).chunk(2)
+    assert torch.allclose(h_out.double(), h, atol=1e-6)
+    assert torch.allclose(y.double(), torch.nn.functional.silu(fc) * gate, atol=1e-4)
+    y, _ = run(fused_decode.NORM_LAYER, fused_decode.ACT_GELU, w[:N])
+    want = torch.nn.functional.gelu(wd[:N] @ layer + bd[:N], approximate="tanh")
+    assert torch.allclose(y.double(), want, atol=1e-4)
+    y, _ = run(fused_decode.NORM_RMS, fused_decode.ACT_NONE, w[:N], with_bias=False)
+    assert torch.allclose(y.double(), wd[:N] @ rms, atol=1e-4)
+
+
+def test_fused_fp8_gemv_is_an_fp8_gemm():
+    torch.manual_seed(1)
+    K, N = 256, 40
+    w = torch.randn(N, K, device=DEVICE) / K**0.5
+    sw = fp8_scale(w.abs().max()).to(DEVICE)
+    wq = quantize_fp8(w, sw)
+    x = torch.randn(1, K, device=DEVICE).half() * 3
+    sa = fp8_scale(x.float().abs().max()).to(DEVICE)
+    x = (quantize_fp8(x.float(), sa).float() * sa).half()  # exactly representable: no emulator rounding involved
+    y, _ = fused_decode.fused_gemv(x, None, None, None, wq, None, sa, sw, 1e-5, fused_decode.NORM_NONE,
+                                   fused_decode.ACT_NONE, torch.float32)
+    want = fp8_linear(x, wq, sa, sw, None, torch.float32)[0]
+    assert ((y - want).norm() / want.norm()).item() < 1e-5  # the same products; the sums differ in order only
+
+
+def test_unsupported_models_fall_back_with_the_reason(home):
+    options = DecodeOptions(cuda_graph=False, compile=False, fuse_gate_up=False)
+    decoder = CudaDecoder(accelerate(_model("llama-tiny", "float32"), options), 1, 16, options)
+    assert decoder.fused is None and "gate and fc are not fused" in decoder.path
+    batched = CudaDecoder(_model("gpt2-tiny", "float32"), 2, 16, DecodeOptions(cuda_graph=False, compile=False))
+    assert batched.fused is None and batched.path == "layer by layer (batch 2)"
+    with pytest.raises(ValueError, match="not a decode path"):
+        DecodeOptions.from_label("graph+turbo")
+    assert DecodeOptions.from_label("graph+compile+cublas+fused-mlp+fused-step") == DecodeOptions(triton_gemv=False)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_tensor_core_configs_compute_the_same_gemv(monkeypatch, fp8):
+    """USE_DOT configs (the input row broadcast to a 16-row dot) against the CUDA-core configs, same inputs."""
+    torch.manual_seed(2)
+    K, N = 256, 48
+    x, r, g = (torch.randn(K, device=DEVICE).half() for _ in range(3))
+    w = torch.randn(2 * N, K, device=DEVICE) / K**0.5
+    sw = fp8_scale(w.abs().max()).to(DEVICE)
+    weight = quantize_fp8(w, sw) if fp8 else w.half()
+    scales = (fp8_scale(torch.tensor(4.0)).to(DEVICE), sw) if fp8 else (None, None)
+
+    def run(use_dot):
+        if DEVICE.type == "cpu":
+            monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "USE_DOT", use_dot)
+            monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "BLOCK_N", 16 if use_dot else 4)
+            return fused_decode.fused_gemv(x, r, g, None, weight, None, *scales, 1e-5, fused_decode.NORM_RMS,
+                                           fused_decode.ACT_SILU_GATE, torch.float32)[0]
+        kernel = fused_decode._fused_gemv_kernel.fn  # one config, compiled
+        y = torch.empty(N, device=DEVICE)
+        h = torch.empty(K, device=DEVICE, dtype=x.dtype)
+        kernel[(triton.cdiv(N, 16),)](x, r, h, g, y, weight, y, y, *(scales if fp8 else (y, y)), N, K, 1e-5,
+                                      ADD_RESIDUAL=True, NORM=1, HAS_BIAS=False, FP8=fp8, ACT=1, W_F32=False,
+                                      BLOCK_N=16, BLOCK_K=128, USE_DOT=use_dot)
+        return y
+
+    if fp8 and DEVICE.type == "cpu":
+        pytest.skip("Triton's CPU emulator has no FP8 dot")
+    plain, dot = run(False), run(True)
+    assert ((dot - plain).norm() / plain.norm()).item() < (1e-5 if fp8 else 2e-3)  # fp16: x*g rounded for the dot
