@@ -171,6 +171,9 @@ def main(argv=None) -> int:
           f"{bandwidth / read_bytes:.0f} tok/s ({read_bytes / bandwidth * 1e3:.3f} ms)\n")
     if not args.no_gemv:
         print("\n".join(gemv_table(model, bandwidth)) + "\n", flush=True)
+        for key, config in getattr(fd._fused_gemv_kernel, "cache", {}).items():
+            print(f"- fused GEMV config for (N, K, NORM, FP8, ACT, ...) = {key[:5]}: {config}")
+        print(flush=True)
     for label in args.variants.split(","):
         options = DecodeOptions.from_label(label)
         for layer in model.layers:

@@ -99,8 +99,7 @@ def test_every_decode_path_gives_the_plain_loops_tokens(home, shape):
         assert decoder.generate(prompts, 24) == expected, label
 
 
-@pytest.mark.parametrize("norm, act, n, k", [(1, 1, 14336, 4096), (1, 0, 6144, 4096), (2, 2, 3072, 768),
-                                             (1, 0, 128256, 4096), (0, 0, 4096, 14336)])
+@pytest.mark.parametrize("norm, act, n, k", [(1, 1, 14336, 4096), (2, 2, 3072, 768), (0, 0, 4096, 14336)])
 def test_fused_gemv_against_float64(norm, act, n, k):
     """Residual add, RMSNorm/LayerNorm, bias, silu-gate/GELU around the GEMV, bfloat16, Llama-3-8B/GPT-2 shapes."""
     from pipeline.backends import fused_decode as fd

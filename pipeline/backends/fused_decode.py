@@ -49,16 +49,20 @@ if triton is not None:
     # tensor-core dots of the input row (broadcast to the 16 rows a dot needs) with the weight tile, which for FP8
     # skips converting each weight byte on the CUDA cores.
     _CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in (
-            (2, 1024, 4, 3), (4, 512, 4, 3), (4, 1024, 4, 2), (4, 1024, 8, 3), (8, 256, 4, 4), (8, 512, 4, 3),
-            (8, 1024, 8, 2), (16, 256, 4, 3), (16, 512, 8, 3), (32, 256, 8, 2), (32, 128, 4, 3), (16, 128, 4, 4),
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": dot}, num_warps=w, num_stages=s)
+        for bn, bk, w, s, dot in (
+            (2, 1024, 4, 3, False), (4, 1024, 4, 2, False), (8, 512, 4, 3, False), (8, 1024, 8, 2, False),
+            (16, 512, 8, 3, False), (32, 256, 8, 2, False),
+            (16, 256, 4, 4, True), (32, 512, 8, 3, True), (64, 256, 8, 3, True),
         )
-    ] + [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 256, 8, 3),
-                             (64, 128, 4, 4))
     ]
+
+    def _prune(configs, named_args, **kwargs):
+        """Keep the configs that give every SM a few row blocks (a GEMV with fewer programs than ~2 per SM leaves
+        bandwidth unused); compiling and timing fewer configs also keeps the first step's set-up short."""
+        n = named_args["N"]
+        kept = [c for c in configs if n // c.kwargs["BLOCK_N"] >= 256]
+        return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_N"])[:2]
 
     @triton.jit
     def _load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL: tl.constexpr):
@@ -68,7 +72,8 @@ if triton is not None:
             x = (x.to(tl.float32) + tl.load(r_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)).to(x.dtype)
         return x.to(tl.float32)
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "K", "NORM", "FP8", "ACT"])
+    @triton.autotune(configs=_CONFIGS, key=["N", "K", "NORM", "FP8", "ACT"],
+                     prune_configs_by={"early_config_prune": _prune})
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _fused_gemv_kernel(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
