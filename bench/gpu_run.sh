@@ -21,7 +21,7 @@ for phase in "${@:-tests gpt2 8b}"; do
            python bench/profile_step.py llama-3-8b
            python bench/profile_step.py llama-3-8b --quant fp8 --variants graph+triton-gemv+fused-mlp+fused-step
            python bench/profile_step.py gpt2 --no-gemv --variants graph+triton-gemv+fused-mlp+fused-step ;;
-    gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1,32 --repeats 2 --out "$R" --no-baseline \
+    gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
     8b)    python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
