@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests gpt2 8b fp8 tp2       # any subset of phases, in order
+#   bash bench/gpu_run.sh tests profile 8b fp8 gpt2 nccl tp2     # any subset of phases, in order
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -27,11 +27,13 @@ for phase in "${@:-tests gpt2 8b}"; do
              --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
     fp8)   python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --no-baseline --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
+    nccl)  mpirun -n 2 python bench/nccl_check.py ;;  # collectives stage by stage (NCCL, CUDA graph), 60 s watchdog
     tp2)   # tp=1 and tp=2 of one model (device-random weights are the same for any tp), the same decode path;
            # greedy tokens compared in float32 (bfloat16 tokens of a random 8B model flip on rounding: see README)
            for dtype in bfloat16 float32; do for tp in 1 2; do
              python -m pipeline bench llama-3-8b-random-bf16 parallel.tp=$tp precision.dtype=$dtype --device-random \
-               --batch-sizes 1 --repeats 2 --no-baseline --out "$R/$dtype" --variants graph+triton-gemv+fused-mlp+fused-step
+               --batch-sizes 1 --repeats 2 --no-baseline --out "$R/$dtype" --variants graph+triton-gemv+fused-mlp+fused-step \
+               --watchdog 180
            done
            python bench/compare_tokens.py "$R/$dtype/bench-llama-3-8b-random-bf16-tp1.json" \
              "$R/$dtype/bench-llama-3-8b-random-bf16-tp2.json"; done ;;

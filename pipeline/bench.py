@@ -18,6 +18,7 @@ matplotlib is installed) beside the artifact, or where --out says.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import random
 import statistics
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -183,12 +185,13 @@ def measure(decoder, prompts: list[list[int]], output_len: int, repeats: int) ->
 
 def worker(args: argparse.Namespace) -> int:
     from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate, quantize_model_fp8
-    from pipeline.dist import Comm, mpi_world, pick_device
+    from pipeline.dist import Comm, all_ok, mpi_world, pick_device
     from pipeline.mapping import Mapping
 
     rank, world, mpi_comm = mpi_world()
     if not torch.cuda.is_available():
         raise PipelineError("bench measures the CUDA decode path; no CUDA GPU is visible")
+    progress = Progress(rank, args.watchdog)
     mapping = Mapping(world, 1, rank)
     device = pick_device(mpi_comm)
     comm = Comm.create(mapping, device, mpi_comm)
@@ -204,6 +207,7 @@ def worker(args: argparse.Namespace) -> int:
         config = read_checkpoint_config(args.artifact)
         model = load_rank_model(args.artifact, config, comm, device)
     load_s = time.perf_counter() - started
+    progress(f"model ready on {device} in {load_s:.1f} s")
     accelerate(model, DecodeOptions())
     bandwidth = copy_bandwidth(device)
     read_bytes = weight_bytes(model)
@@ -227,17 +231,28 @@ def worker(args: argparse.Namespace) -> int:
     best = None
     for options in variants:
         set_gemv(options.triton_gemv)
-        decoder = None
+        decoder, problem = None, None
         try:
             t0 = time.perf_counter()
             decoder = CudaDecoder(model, 1, max_len, options)
             decoder.warm_up()
             setup_s = time.perf_counter() - t0
+            progress(f"{options.label}: set up in {setup_s:.1f} s ({decoder.path})")
+        except Exception as exc:  # a variant that cannot run here (compile or capture failure) is reported
+            problem = f"{type(exc).__name__}: {exc}"[:500]
+        # every rank learns of a failure on any rank before the next collective: a rank that went on alone
+        # would wait for the others forever
+        failed = all_ok(mpi_comm, problem)
+        if failed:
+            result["variants"][options.label] = {"error": "; ".join(f"rank {r}: {p}" for r, p in failed)}
+            progress(f"{options.label}: failed: {result['variants'][options.label]['error'][:300]}")
+            decoder = None
+            torch.cuda.empty_cache()
+            continue
+        try:
             m = measure(decoder, prompts1, args.output_len, args.repeats)
             m["step"] = decoder.path
-        except Exception as exc:  # a variant that cannot run here (compile or capture failure) is reported
-            result["variants"][options.label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-            continue
+            progress(f"{options.label}: {m['output_tokens_per_s']:.1f} tok/s")
         finally:
             decoder = None
             torch.cuda.empty_cache()
@@ -266,13 +281,36 @@ def worker(args: argparse.Namespace) -> int:
         decoder = CudaDecoder(model, batch, max_len, batched)
         decoder.warm_up()
         m = measure(decoder, prompts, args.output_len, args.repeats)
+        progress(f"batch {batch}: {m['output_tokens_per_s']:.1f} tok/s")
         decoder = None
         torch.cuda.empty_cache()
         result["batches"].append(m)
     if rank == 0:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    progress.stop()
     comm.close()
     return 0
+
+
+class Progress:
+    """A rank's progress lines on stderr, and a watchdog: with `seconds` > 0, a rank that makes no progress for
+    that long prints every thread's stack (where it waits) and exits, so that mpirun ends instead of hanging."""
+
+    def __init__(self, rank: int, seconds: float):
+        self.rank, self.seconds, self.start = rank, seconds, time.perf_counter()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.seconds > 0:
+            faulthandler.dump_traceback_later(self.seconds, exit=True)
+
+    def __call__(self, message: str) -> None:
+        print(f"[bench rank {self.rank} +{time.perf_counter() - self.start:.0f}s] {message}", file=sys.stderr,
+              flush=True)
+        self._arm()
+
+    def stop(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
 
 
 # ------------------------------------------------------------------------------------------------ baseline
@@ -302,7 +340,10 @@ def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: l
             if cache == "static":
                 kwargs["cache_implementation"] = "static"
             with torch.no_grad():
-                model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
+                # transformers compiles the forward of a static cache on first use: the warm-up runs the whole
+                # length so that compilation (and any recompilation per length) stays out of the timings
+                warm = output_len if cache == "static" else 4
+                model.generate(ids, max_new_tokens=warm, min_new_tokens=warm, **kwargs)
                 times = []
                 for _ in range(repeats):
                     torch.cuda.synchronize()
@@ -408,7 +449,8 @@ def bench_command(recipe, args: argparse.Namespace) -> int:
         cmd = mpirun_command(recipe.world_size, ["-m", "pipeline.bench", *worker_args, "--batch-sizes", batch_sizes,
                                                  "--input-len", str(input_len), "--output-len", str(output_len),
                                                  "--repeats", str(args.repeats), "--variants", args.variants,
-                                                 "--input-spread", str(args.input_spread), "--json", str(raw)])
+                                                 "--input-spread", str(args.input_spread), "--json", str(raw),
+                                                 "--watchdog", str(args.watchdog)])
         print("$ " + " ".join(cmd), file=sys.stderr)
         proc = subprocess.run(cmd, env=mpirun_env())
         if proc.returncode != 0:
@@ -452,7 +494,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default="all")
     p.add_argument("--json", required=True)
-    return worker(p.parse_args(argv))
+    p.add_argument("--watchdog", type=float, default=0.0,
+                   help="seconds without progress after which a rank prints its stacks and exits (0: off)")
+    args = p.parse_args(argv)
+    try:
+        return worker(args)
+    except Exception:  # one rank's error must end every rank (the others may wait in a collective)
+        from pipeline.dist import mpi_world
+
+        traceback.print_exc()
+        _, world, mpi_comm = mpi_world()
+        if world > 1:
+            mpi_comm.Abort(1)
+        return 1
 
 
 if __name__ == "__main__":

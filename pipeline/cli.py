@@ -66,6 +66,8 @@ def make_parser() -> argparse.ArgumentParser:
                        help="draw prompt lengths uniformly within +-this fraction of --input-len")
     bench.add_argument("--variants", default="all", help="decode paths to compare at batch 1 (labels, or all)")
     bench.add_argument("--out", help="folder for the results (default: beside the artifact)")
+    bench.add_argument("--watchdog", type=float, default=0.0,
+                       help="seconds without progress after which a rank prints where it waits and exits (0: off)")
     sub.add_parser("schema")
     sub.add_parser("shapes")
     w = sub.add_parser("world-size")
