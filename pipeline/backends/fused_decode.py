@@ -51,6 +51,7 @@ if triton is not None:
     _CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": dot}, num_warps=w, num_stages=s)
         for bn, bk, w, s, dot in (
+            (2, 256, 4, 3, False), (4, 256, 4, 3, False),  # small K (GPT-2's 768) without masked lanes
             (2, 1024, 4, 3, False), (4, 1024, 4, 2, False), (8, 512, 4, 3, False), (8, 1024, 8, 2, False),
             (16, 512, 8, 3, False), (32, 256, 8, 2, False),
             (16, 256, 4, 4, True), (32, 512, 8, 3, True), (64, 256, 8, 3, True),
@@ -60,8 +61,12 @@ if triton is not None:
     def _prune(configs, named_args, **kwargs):
         """Keep the configs that give every SM a few row blocks (a GEMV with fewer programs than ~2 per SM leaves
         bandwidth unused); compiling and timing fewer configs also keeps the first step's set-up short."""
-        n = named_args["N"]
-        kept = [c for c in configs if n // c.kwargs["BLOCK_N"] >= 256]
+        n, k = named_args["N"], named_args["K"]
+
+        def small_k_only(c):
+            return c.kwargs["BLOCK_N"] <= 4 and c.kwargs["BLOCK_K"] == 256
+
+        kept = [c for c in configs if n // c.kwargs["BLOCK_N"] >= 256 and (k < 2048 or not small_k_only(c))]
         return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_N"])[:2]
 
     @triton.jit
@@ -77,7 +82,7 @@ if triton is not None:
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _fused_gemv_kernel(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                           N, K, eps,
+                           N, K: tl.constexpr, eps,
                            ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                            FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
@@ -193,7 +198,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
-                                 max_len, scale,
+                                 max_len: tl.constexpr, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
                                  D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
         b = tl.program_id(0)
