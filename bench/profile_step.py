@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("shape")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quant", default="none", choices=("none", "fp8"))
-    p.add_argument("--variants", default="graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step")
+    p.add_argument("--variants", default="graph+triton-gemv+fused-mlp+fused-step",
+                   help="decode paths to profile (labels; a compile variant adds about a minute of set-up)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-gemv", action="store_true", help="skip the GEMV table")
     args = p.parse_args(argv)
