@@ -95,6 +95,22 @@ def test_fused_fp8_gemv_is_an_fp8_gemm():
     assert ((y - want).norm() / want.norm()).item() < 1e-5  # the same products; the sums differ in order only
 
 
+def test_the_fallback_configuration_computes_the_same_gemv(monkeypatch):
+    """Where autotuning fails (a config this GPU's Triton cannot compile), one plain configuration takes over."""
+    torch.manual_seed(3)
+    K, N = 512, 40
+    x, r, g = (torch.randn(K, device=DEVICE) for _ in range(3))
+    w = torch.randn(N, K, device=DEVICE) / K**0.5
+
+    def run():
+        return fused_decode.fused_gemv(x, r, g, None, w, None, None, None, 1e-5, fused_decode.NORM_RMS,
+                                       fused_decode.ACT_NONE, torch.float32)[0]
+
+    tuned = run()
+    monkeypatch.setattr(fused_decode, "_autotune_failed", ["a config did not compile"])
+    assert torch.allclose(run(), tuned, rtol=1e-5, atol=1e-6)
+
+
 def test_unsupported_models_fall_back_with_the_reason(home):
     options = DecodeOptions(cuda_graph=False, compile=False, fuse_gate_up=False)
     decoder = CudaDecoder(accelerate(_model("llama-tiny", "float32"), options), 1, 16, options)
@@ -108,9 +124,10 @@ def test_unsupported_models_fall_back_with_the_reason(home):
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_the_tensor_core_configs_compute_the_same_gemv(monkeypatch, fp8):
-    """USE_DOT configs (the input row broadcast to a 16-row dot) against the CUDA-core configs, same inputs."""
+    """The USE_DOT configs (1: the input row broadcast to a 16-row dot; 2: the weights as the tall operand) against
+    the CUDA-core configs, same inputs, RMSNorm and silu-gate around them."""
     torch.manual_seed(2)
-    K, N = 256, 48
+    K, N = 256, 128
     x, r, g = (torch.randn(K, device=DEVICE).half() for _ in range(3))
     w = torch.randn(2 * N, K, device=DEVICE) / K**0.5
     sw = fp8_scale(w.abs().max()).to(DEVICE)
@@ -118,23 +135,26 @@ def test_the_tensor_core_configs_compute_the_same_gemv(monkeypatch, fp8):
     scales = (fp8_scale(torch.tensor(4.0)).to(DEVICE), sw) if fp8 else (None, None)
 
     def run(use_dot):
+        block_n = {0: 4, 1: 16, 2: 64}[use_dot]
         if DEVICE.type == "cpu":
             monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "USE_DOT", use_dot)
-            monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "BLOCK_N", 16 if use_dot else 4)
+            monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "BLOCK_N", block_n)
             return fused_decode.fused_gemv(x, r, g, None, weight, None, *scales, 1e-5, fused_decode.NORM_RMS,
                                            fused_decode.ACT_SILU_GATE, torch.float32)[0]
         kernel = fused_decode._fused_gemv_kernel.fn  # one config, compiled
         y = torch.empty(N, device=DEVICE)
         h = torch.empty(K, device=DEVICE, dtype=x.dtype)
-        kernel[(triton.cdiv(N, 16),)](x, r, h, g, y, weight, y, y, *(scales if fp8 else (y, y)), N, K, 1e-5,
-                                      ADD_RESIDUAL=True, NORM=1, HAS_BIAS=False, FP8=fp8, ACT=1, W_F32=False,
-                                      BLOCK_N=16, BLOCK_K=128, USE_DOT=use_dot)
+        kernel[(triton.cdiv(N, block_n),)](x, r, h, g, y, weight, y, y, *(scales if fp8 else (y, y)), N, K, 1e-5,
+                                           ADD_RESIDUAL=True, NORM=1, HAS_BIAS=False, FP8=fp8, ACT=1, W_F32=False,
+                                           BLOCK_N=block_n, BLOCK_K=128, USE_DOT=use_dot)
         return y
 
     if fp8 and DEVICE.type == "cpu":
         pytest.skip("Triton's CPU emulator has no FP8 dot")
-    plain, dot = run(False), run(True)
-    assert ((dot - plain).norm() / plain.norm()).item() < (1e-5 if fp8 else 2e-3)  # fp16: x*g rounded for the dot
+    plain = run(0)
+    for use_dot in (1, 2):  # fp16: the dots round x * g to fp16; FP8: the same products, other summation order
+        dot = run(use_dot)
+        assert ((dot - plain).norm() / plain.norm()).item() < (1e-5 if fp8 else 2e-3), use_dot
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) run of the fused step; GPUs run it in bench")

@@ -26,6 +26,7 @@ models (tests/test_fused_decode.py, tests/test_gpu.py).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -41,20 +42,23 @@ except ImportError:  # CPU-only installs: the fused step is simply unavailable
 
 NORM_NONE, NORM_RMS, NORM_LAYER = 0, 1, 2
 # The GEMV configuration Triton's CPU emulator runs (it cannot autotune); K = 64 leaves some shapes ragged
-INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 64, "USE_DOT": False}
+INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 64, "USE_DOT": 0}
 ACT_NONE, ACT_SILU_GATE, ACT_GELU = 0, 1, 2
 
 if triton is not None:
-    # Two ways to run the products, both autotuned per shape: CUDA-core FMAs on a [BLOCK_N, BLOCK_K] tile, or
-    # tensor-core dots of the input row (broadcast to the 16 rows a dot needs) with the weight tile, which for FP8
-    # skips converting each weight byte on the CUDA cores.
+    # Three ways to run the products, autotuned per shape (USE_DOT): 0, CUDA-core FMAs on a [BLOCK_N, BLOCK_K]
+    # tile; 1, tensor-core dots of the input row (broadcast to the 16 rows a dot needs) with the weight tile; 2, the
+    # same dot with the weights as the tall operand ([BLOCK_N, K] x [K, 16], the "swap AB" form of small-batch GEMMs,
+    # which lets Hopper's wgmma take BLOCK_N >= 64 rows). The dots take FP8 weights as they are, where the FMA path
+    # converts each weight byte on the CUDA cores.
     _CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": dot}, num_warps=w, num_stages=s)
         for bn, bk, w, s, dot in (
-            (2, 256, 4, 3, False), (4, 256, 4, 3, False),  # small K (GPT-2's 768) without masked lanes
-            (2, 1024, 4, 3, False), (4, 1024, 4, 2, False), (8, 512, 4, 3, False), (8, 1024, 8, 2, False),
-            (16, 512, 8, 3, False), (32, 256, 8, 2, False),
-            (16, 256, 4, 4, True), (32, 512, 8, 3, True), (64, 256, 8, 3, True),
+            (2, 256, 4, 3, 0), (4, 256, 4, 3, 0),  # small K (GPT-2's 768) without masked lanes
+            (2, 1024, 4, 3, 0), (4, 1024, 4, 2, 0), (8, 512, 4, 3, 0), (8, 1024, 8, 2, 0),
+            (16, 512, 8, 3, 0), (32, 256, 8, 2, 0),
+            (16, 256, 4, 4, 1), (32, 512, 8, 3, 1), (64, 256, 8, 3, 1),
+            (32, 256, 4, 3, 2), (32, 512, 4, 3, 2), (64, 128, 4, 4, 2), (64, 256, 4, 3, 2), (128, 128, 4, 3, 2),
         )
     ]
 
@@ -66,7 +70,10 @@ if triton is not None:
         def small_k_only(c):
             return c.kwargs["BLOCK_N"] <= 4 and c.kwargs["BLOCK_K"] == 256
 
-        kept = [c for c in configs if n // c.kwargs["BLOCK_N"] >= 256 and (k < 2048 or not small_k_only(c))]
+        def enough_blocks(c):  # the swapped dot's tall tiles do with about one row block per SM
+            return n // c.kwargs["BLOCK_N"] >= (128 if c.kwargs["USE_DOT"] == 2 else 256)
+
+        kept = [c for c in configs if enough_blocks(c) and (k < 2048 or not small_k_only(c))]
         return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_N"])[:2]
 
     @triton.jit
@@ -86,7 +93,7 @@ if triton is not None:
                            ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                            FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
-        DOT: tl.constexpr = USE_DOT and not W_F32  # float32 weights stay on the CUDA cores (no tf32 rounding)
+        DOT: tl.constexpr = 0 if W_F32 else USE_DOT  # float32 weights stay on the CUDA cores (no tf32 rounding)
         pid = tl.program_id(0)
         dt = x_ptr.dtype.element_ty
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,9 +124,12 @@ if triton is not None:
         if FP8:
             a_scale = tl.load(a_scale_ptr)
 
-        if DOT:
+        if DOT == 1:
             acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
             acc2 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        elif DOT == 2:
+            acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -149,9 +159,12 @@ if triton is not None:
                 w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
             else:
                 w = tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
-            if DOT:
+            if DOT != 0:
                 xb = tl.broadcast_to(xq[None, :], (16, BLOCK_K))
+            if DOT == 1:
                 acc += tl.dot(xb, tl.trans(w))
+            elif DOT == 2:
+                acc += tl.dot(w, tl.trans(xb))
             elif FP8:
                 acc += w.to(tl.float32) * xq.to(tl.float32)[None, :]
             else:
@@ -162,16 +175,21 @@ if triton is not None:
                 else:
                     w2 = tl.load(w2_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0,
                                  eviction_policy="evict_first")
-                if DOT:
+                if DOT == 1:
                     acc2 += tl.dot(xb, tl.trans(w2))
+                elif DOT == 2:
+                    acc2 += tl.dot(w2, tl.trans(xb))
                 elif FP8:
                     acc2 += w2.to(tl.float32) * xq.to(tl.float32)[None, :]
                 else:
                     acc2 += w2.to(tl.float32) * x[None, :]
 
-        if DOT:  # the 16 rows of the dot are equal: any one is the result
+        if DOT == 1:  # the 16 rows (columns) of a dot's result are equal: any one is the result
             y = tl.max(acc, axis=0)
             y2 = tl.max(acc2, axis=0)
+        elif DOT == 2:
+            y = tl.max(acc, axis=1)
+            y2 = tl.max(acc2, axis=1)
         else:
             y = tl.sum(acc, axis=1)
             y2 = tl.sum(acc2, axis=1)
@@ -288,16 +306,35 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
     h_out = torch.empty(K if residual is not None else 0, dtype=x.dtype, device=x.device)
     dummy = y  # an unused pointer argument
     fp8 = act_scale is not None
-    kernel, fixed = _fused_gemv_kernel, {}
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
-        kernel, fixed = _fused_gemv_kernel.fn, dict(INTERPRETER_CONFIG)
-    kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-        x, residual.reshape(K) if residual is not None else dummy, h_out if residual is not None else dummy,
-        norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
-        weight, bias if bias is not None else dummy, y, act_scale if fp8 else dummy, weight_scale if fp8 else dummy,
-        N, K, eps, ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
-        W_F32=weight.dtype == torch.float32, **fixed)
+    args = (x, residual.reshape(K) if residual is not None else dummy, h_out if residual is not None else dummy,
+            norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
+            weight, bias if bias is not None else dummy, y, act_scale if fp8 else dummy,
+            weight_scale if fp8 else dummy, N, K, eps)
+    flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
+                 W_F32=weight.dtype == torch.float32)
+    if _autotune_failed:
+        _launch_one(args, flags, FALLBACK_CONFIG)
+    elif os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
+        _launch_one(args, flags, INTERPRETER_CONFIG)
+    else:
+        try:
+            _fused_gemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+        except Exception as exc:  # a config this GPU's Triton cannot compile: the plain configuration from now on
+            _autotune_failed.append(f"{type(exc).__name__}: {exc}"[:300])
+            warnings.warn(f"fused GEMV autotuning failed ({_autotune_failed[0]}); using {FALLBACK_CONFIG}",
+                          stacklevel=2)
+            _launch_one(args, flags, FALLBACK_CONFIG)
     return y, h_out
+
+
+# A CUDA-core configuration every GPU compiles, used when autotuning fails; and the reason it failed, if it did
+FALLBACK_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "USE_DOT": 0}
+_autotune_failed: list[str] = []
+
+
+def _launch_one(args, flags, config: dict) -> None:
+    n = args[10]
+    _fused_gemv_kernel.fn[(triton.cdiv(n, config["BLOCK_N"]),)](*args, **flags, **config)
 
 
 @fused_gemv.register_fake
