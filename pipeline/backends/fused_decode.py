@@ -84,11 +84,9 @@ if triton is not None:
             x = (x.to(tl.float32) + tl.load(r_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)).to(x.dtype)
         return x.to(tl.float32)
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "K", "NORM", "FP8", "ACT"],
-                     prune_configs_by={"early_config_prune": _prune})
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
-    def _fused_gemv_kernel(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
+    def _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
                            N, K: tl.constexpr, eps,
                            ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                            FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -214,6 +212,15 @@ if triton is not None:
             y = 0.5 * f * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
+    def _autotuned(configs):
+        return triton.autotune(configs=configs, key=["N", "K", "NORM", "FP8", "ACT"],
+                               prune_configs_by={"early_config_prune": _prune})(_fused_gemv)
+
+    _fused_gemv_kernel = _autotuned(_CONFIGS)
+    # the forms timed on an H200 before the swap-AB dots were added: where autotuning over every form fails (a
+    # config this GPU's Triton cannot compile), the process goes on with these
+    _fused_gemv_kernel_known = _autotuned([c for c in _CONFIGS if c.kwargs["USE_DOT"] != 2])
+
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
                                  max_len: tl.constexpr, scale,
@@ -312,29 +319,24 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
             weight_scale if fp8 else dummy, N, K, eps)
     flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
                  W_F32=weight.dtype == torch.float32)
-    if _autotune_failed:
-        _launch_one(args, flags, FALLBACK_CONFIG)
-    elif os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
-        _launch_one(args, flags, INTERPRETER_CONFIG)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
+        _fused_gemv[(triton.cdiv(N, INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags, **INTERPRETER_CONFIG)
+    elif _autotune_failed:
+        _fused_gemv_kernel_known[grid](*args, **flags)
     else:
         try:
-            _fused_gemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
-        except Exception as exc:  # a config this GPU's Triton cannot compile: the plain configuration from now on
+            _fused_gemv_kernel[grid](*args, **flags)
+        except Exception as exc:  # noqa: BLE001 - retried below with the known forms, which re-raise a real bug
             _autotune_failed.append(f"{type(exc).__name__}: {exc}"[:300])
-            warnings.warn(f"fused GEMV autotuning failed ({_autotune_failed[0]}); using {FALLBACK_CONFIG}",
-                          stacklevel=2)
-            _launch_one(args, flags, FALLBACK_CONFIG)
+            warnings.warn(f"fused GEMV autotuning failed ({_autotune_failed[0]}); autotuning without the swap-AB "
+                          "forms from now on", stacklevel=2)
+            _fused_gemv_kernel_known[grid](*args, **flags)
     return y, h_out
 
 
-# A CUDA-core configuration every GPU compiles, used when autotuning fails; and the reason it failed, if it did
-FALLBACK_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "USE_DOT": 0}
+# Why autotuning over every form failed in this process, if it did (fused_gemv then leaves the swap-AB forms out)
 _autotune_failed: list[str] = []
-
-
-def _launch_one(args, flags, config: dict) -> None:
-    n = args[10]
-    _fused_gemv_kernel.fn[(triton.cdiv(n, config["BLOCK_N"]),)](*args, **flags, **config)
 
 
 @fused_gemv.register_fake
