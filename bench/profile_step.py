@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.backends import cuda_kernels  # noqa: E402
 from pipeline.backends import fused_decode as fd
-from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate, quantize_model_fp8  # noqa: E402
+from pipeline.backends.cuda_decode import (  # noqa: E402
+    CudaDecoder,
+    DecodeOptions,
+    accelerate,
+    quantize_model_fp8,
+    set_triton_gemv,
+)
 from pipeline.bench import (  # noqa: E402
     calibrate_on_device,
     copy_bandwidth,
@@ -177,12 +183,7 @@ def main(argv=None) -> int:
         print(flush=True)
     for label in args.variants.split(","):
         options = DecodeOptions.from_label(label)
-        for layer in model.layers:
-            for value in layer.values():
-                if hasattr(value, "triton_gemv"):
-                    value.triton_gemv = options.triton_gemv
-        if hasattr(model.head, "triton_gemv"):
-            model.head.triton_gemv = options.triton_gemv
+        set_triton_gemv(model, options.triton_gemv)
         try:
             print("\n".join(profile_variant(model, options, args.steps, read_bytes, bandwidth)) + "\n", flush=True)
         except Exception as exc:

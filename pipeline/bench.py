@@ -184,7 +184,13 @@ def measure(decoder, prompts: list[list[int]], output_len: int, repeats: int) ->
 
 
 def worker(args: argparse.Namespace) -> int:
-    from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate, quantize_model_fp8
+    from pipeline.backends.cuda_decode import (
+        CudaDecoder,
+        DecodeOptions,
+        accelerate,
+        quantize_model_fp8,
+        set_triton_gemv,
+    )
     from pipeline.dist import Comm, all_ok, mpi_world, pick_device
     from pipeline.mapping import Mapping
 
@@ -217,20 +223,12 @@ def worker(args: argparse.Namespace) -> int:
               "load_s": load_s, "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_rank": read_bytes,
               "roofline_tokens_per_s_batch1": bandwidth / read_bytes, "variants": {}, "batches": []}
 
-    def set_gemv(flag: bool) -> None:
-        for layer in model.layers:
-            for value in layer.values():
-                if hasattr(value, "triton_gemv"):
-                    value.triton_gemv = flag
-        if hasattr(model.head, "triton_gemv"):
-            model.head.triton_gemv = flag
-
     variants = [DecodeOptions.from_label(label) for label in
                 (ALL_VARIANTS if args.variants == "all" else args.variants.split(","))]
     prompts1 = make_prompts(1, args.input_len, vocab, seed=1)
     best = None
     for options in variants:
-        set_gemv(options.triton_gemv)
+        set_triton_gemv(model, options.triton_gemv)
         decoder, problem = None, None
         try:
             t0 = time.perf_counter()
@@ -268,10 +266,10 @@ def worker(args: argparse.Namespace) -> int:
         raise PipelineError(f"no decode variant ran: {result['variants']}")
     result["best_variant"] = best.label
     # larger batches run the model's own step (the fused step is for batch 1): the fastest compiled variant
-    compiled = [DecodeOptions.from_label(k) for k in labels if DecodeOptions.from_label(k).compile]
+    compiled = [o for o in map(DecodeOptions.from_label, labels) if o.compile]
     batched = max(compiled, key=lambda o: result["variants"][o.label]["output_tokens_per_s"]) if compiled else best
     result["batched_variant"] = batched.label
-    set_gemv(batched.triton_gemv)
+    set_triton_gemv(model, batched.triton_gemv)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         if batch == 1 and args.input_spread == 0.0:  # measured already with the best path (same prompt seed)
             result["batches"].append({k: v for k, v in result["variants"][best.label].items()
@@ -500,13 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return worker(args)
     except Exception:  # one rank's error must end every rank (the others may wait in a collective)
-        from pipeline.dist import mpi_world
+        from pipeline.dist import abort, mpi_world
 
         traceback.print_exc()
-        _, world, mpi_comm = mpi_world()
-        if world > 1:
-            mpi_comm.Abort(1)
-        return 1
+        abort(mpi_world()[2])
 
 
 if __name__ == "__main__":

@@ -129,6 +129,13 @@ def accelerate(model: RankModel, options: DecodeOptions) -> RankModel:
     return model
 
 
+def set_triton_gemv(model: RankModel, flag: bool) -> None:
+    """Switch an accelerated model's one-row GEMMs between the Triton GEMV (True) and cuBLAS (False)."""
+    for linear in [value for layer in model.layers for value in layer.values()] + [model.head]:
+        if hasattr(linear, "triton_gemv"):
+            linear.triton_gemv = flag
+
+
 def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
     """torch.mm(..., out_dtype=float32) (float32 output of a half-precision GEMM) exists on recent CUDA builds."""
     if device.type != "cuda":

@@ -41,9 +41,9 @@ except ImportError:  # CPU-only installs: the fused step is simply unavailable
     triton = None
 
 NORM_NONE, NORM_RMS, NORM_LAYER = 0, 1, 2
+ACT_NONE, ACT_SILU_GATE, ACT_GELU = 0, 1, 2
 # The GEMV configuration Triton's CPU emulator runs (it cannot autotune); K = 64 leaves some shapes ragged
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 64, "USE_DOT": 0}
-ACT_NONE, ACT_SILU_GATE, ACT_GELU = 0, 1, 2
 
 if triton is not None:
     # Three ways to run the products, autotuned per shape (USE_DOT): 0, CUDA-core FMAs on a [BLOCK_N, BLOCK_K]
@@ -84,13 +84,31 @@ if triton is not None:
             x = (x.to(tl.float32) + tl.load(r_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)).to(x.dtype)
         return x.to(tl.float32)
 
+    @triton.jit
+    def _tile_product(w_rows, offs_k, k_mask, x, xq, FP8: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr):
+        """One weight tile [BLOCK_N, BLOCK_K] (streamed once: evicted first) times the input chunk, in the shape
+        of the accumulator the form keeps (x: float32 input; xq: the same in the weight's dtype or E4M3)."""
+        if EVEN_K:
+            w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+        if DOT == 1:
+            return tl.dot(tl.broadcast_to(xq[None, :], (16, BLOCK_K)), tl.trans(w))
+        elif DOT == 2:
+            return tl.dot(w, tl.trans(tl.broadcast_to(xq[None, :], (16, BLOCK_K))))
+        elif FP8:
+            return w.to(tl.float32) * xq.to(tl.float32)[None, :]
+        else:
+            return w.to(tl.float32) * x[None, :]
+
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                           N, K: tl.constexpr, eps,
-                           ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+                    N, K: tl.constexpr, eps,
+                    ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
         DOT: tl.constexpr = 0 if W_F32 else USE_DOT  # float32 weights stay on the CUDA cores (no tf32 rounding)
         pid = tl.program_id(0)
         dt = x_ptr.dtype.element_ty
@@ -153,34 +171,9 @@ if triton is not None:
                 xq = tl.clamp(x / a_scale, -448.0, 448.0).to(tl.float8e4nv)
             else:
                 xq = x.to(w_ptr.dtype.element_ty)
-            if EVEN_K:
-                w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
-            else:
-                w = tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
-            if DOT != 0:
-                xb = tl.broadcast_to(xq[None, :], (16, BLOCK_K))
-            if DOT == 1:
-                acc += tl.dot(xb, tl.trans(w))
-            elif DOT == 2:
-                acc += tl.dot(w, tl.trans(xb))
-            elif FP8:
-                acc += w.to(tl.float32) * xq.to(tl.float32)[None, :]
-            else:
-                acc += w.to(tl.float32) * x[None, :]
+            acc += _tile_product(w_rows, offs_k, k_mask, x, xq, FP8, DOT, BLOCK_K, EVEN_K)
             if ACT == 1:
-                if EVEN_K:
-                    w2 = tl.load(w2_rows + offs_k[None, :], eviction_policy="evict_first")
-                else:
-                    w2 = tl.load(w2_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0,
-                                 eviction_policy="evict_first")
-                if DOT == 1:
-                    acc2 += tl.dot(xb, tl.trans(w2))
-                elif DOT == 2:
-                    acc2 += tl.dot(w2, tl.trans(xb))
-                elif FP8:
-                    acc2 += w2.to(tl.float32) * xq.to(tl.float32)[None, :]
-                else:
-                    acc2 += w2.to(tl.float32) * x[None, :]
+                acc2 += _tile_product(w2_rows, offs_k, k_mask, x, xq, FP8, DOT, BLOCK_K, EVEN_K)
 
         if DOT == 1:  # the 16 rows (columns) of a dot's result are equal: any one is the result
             y = tl.max(acc, axis=0)
@@ -290,10 +283,6 @@ if triton is not None:
             m = m_new
         out = acc / denom[:, None]
         tl.store(out_ptr + b * HEADS * D + q_off + d[None, :], out.to(dt), mask=qd_mask)
-
-
-def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
 
 
 # ------------------------------------------------------------------------------------------------- the ops
