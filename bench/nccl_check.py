@@ -3,7 +3,7 @@
     mpirun -n 2 python bench/nccl_check.py
 
 Each rank prints a line per stage (NCCL set-up through pipeline.dist.Comm, an all-reduce, an all-gather, and the
-same all-reduce captured in a CUDA graph and replayed); a rank that waits for 60 s prints its stack and exits.
+same all-reduce captured in a CUDA graph and replayed, then the teardown with that graph alive); a rank that waits for 60 s prints its stack and exits.
 """
 
 import faulthandler
@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.dist import Comm, mpi_world, pick_device  # noqa: E402
+from pipeline.dist import Comm, exit_now, mpi_world, pick_device  # noqa: E402
 from pipeline.mapping import Mapping  # noqa: E402
 
 
@@ -42,15 +42,20 @@ def main() -> int:
     sync()
     stage(f"all-gather: {gathered[0, 0, ::8].tolist()} (want {list(map(float, range(world)))})")
     y = torch.full((4096,), float(world), device=device, dtype=torch.bfloat16)
-    if cuda:
-        graph_check(comm, y, stage)
+    graph = graph_check(comm, y, stage) if cuda else None
     ok = x[0].item() == want and y[0].item() == world
+    # the decode step's situation at the end of a run: a graph that captured NCCL work is still alive
+    stage(f"teardown with {'a captured graph alive' if graph is not None else 'no graph'}")
+    closed = comm.close(timeout_s=20)
+    stage("teardown finished" if closed else "teardown stuck after 20 s; leaving with exit_now")
     faulthandler.cancel_dump_traceback_later()
-    comm.close()
+    del graph
+    if not closed:
+        exit_now(0 if ok else 1)
     return 0 if ok else 1
 
 
-def graph_check(comm: Comm, y: torch.Tensor, stage) -> None:
+def graph_check(comm: Comm, y: torch.Tensor, stage) -> torch.cuda.CUDAGraph:
     """The all-reduce as the decode step runs it: warmed up on a side stream, captured, replayed."""
     y.fill_(1)
     side = torch.cuda.Stream()
@@ -67,6 +72,7 @@ def graph_check(comm: Comm, y: torch.Tensor, stage) -> None:
     graph.replay()
     torch.cuda.synchronize()
     stage(f"graph replay: {y[0].item()} (want {float(comm.mapping.tp)})")
+    return graph
 
 
 if __name__ == "__main__":

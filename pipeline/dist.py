@@ -9,8 +9,11 @@ bad file is an error on every rank instead of a hang.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +99,7 @@ class Comm:
     mapping: Mapping
     device: torch.device
     tp_group: object | None = None
+    mpi_comm: object | None = None
 
     @classmethod
     def create(cls, mapping: Mapping, device: torch.device, mpi_comm) -> Comm:
@@ -116,7 +120,7 @@ class Comm:
             group = torch_dist.new_group(ranks) if mapping.tp > 1 else None
             if mapping.rank in ranks:
                 tp_group = group
-        return cls(mapping, device, tp_group)
+        return cls(mapping, device, tp_group, mpi_comm)
 
     def all_reduce_tp(self, x: torch.Tensor) -> torch.Tensor:
         if self.mapping.tp > 1:
@@ -154,6 +158,48 @@ class Comm:
         if self.mapping.world_size > 1:
             torch_dist.barrier()
 
-    def close(self) -> None:
-        if torch_dist.is_initialized():
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Tear torch.distributed down once every rank is done; False if the teardown did not finish.
+
+        NCCL's teardown can wait forever once a CUDA graph has captured its collectives (pytorch/pytorch#115388),
+        after all the work is done and the results written. So with NCCL the ranks first meet over MPI, then the
+        teardown runs in a helper thread for at most `timeout_s`. When it does not finish, the caller must leave
+        with `exit_now` (a normal interpreter exit would wait in the same teardown again).
+        """
+        if not torch_dist.is_initialized():
+            return True
+        gc.collect()  # CUDA graphs no longer referenced go first: they hold the communicators' captured work
+        if self.device.type != "cuda":
             torch_dist.destroy_process_group()
+            return True
+        torch.cuda.synchronize(self.device)
+        if self.mpi_comm is not None:
+            self.mpi_comm.Barrier()
+        done = threading.Event()
+
+        def teardown() -> None:
+            torch_dist.destroy_process_group()
+            done.set()
+
+        threading.Thread(target=teardown, name="nccl-teardown", daemon=True).start()
+        if done.wait(timeout_s):
+            return True
+        print(f"[rank {self.mapping.rank}] NCCL teardown did not finish in {timeout_s:.0f} s (a known PyTorch "
+              f"issue after CUDA graph capture, pytorch/pytorch#115388); all work is done, leaving without it",
+              file=sys.stderr, flush=True)
+        return False
+
+
+def exit_now(code: int) -> None:
+    """Leave the process at once, skipping the interpreter's teardown of a stuck NCCL group. MPI is finalized
+    first (mpirun counts a rank that exits without it as failed), and the output flushed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    except ImportError:
+        pass
+    os._exit(code)

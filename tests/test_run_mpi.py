@@ -49,3 +49,20 @@ def test_logits_and_greedy_tokens_match_transformers(home, tmp_path, shape, tp, 
         assert logits.shape == expected.shape
         assert (logits - expected).abs().max().item() < 1e-4
         assert generated["new_ids"] == greedy[0, len(prompt):].tolist()
+
+
+def test_exit_now_finalizes_mpi_and_keeps_the_exit_code(home):
+    """The way out of a stuck NCCL teardown (pipeline.dist.exit_now) must leave mpirun with the ranks' own code:
+    0 for a run whose results are written, not Open MPI's 'exited without finalize' failure."""
+    import subprocess
+
+    from tests.conftest import PYTHON, child_env, mpirun_binary
+
+    script = ("import sys; from pipeline.dist import exit_now, mpi_world; rank = mpi_world()[0]; "
+              "print(f'rank {rank} done', flush=True); exit_now(int(sys.argv[1]))")
+    for code in (0, 3):
+        proc = subprocess.run([mpirun_binary(), "-n", "2", "--oversubscribe", PYTHON, "-c", script, str(code)],
+                              env=child_env(home), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == code, proc.stderr[-2000:]
+        if code == 0:
+            assert sorted(proc.stdout.split("\n")[:2]) == ["rank 0 done", "rank 1 done"]
