@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests profile 8b fp8 gpt2 nccl tp2     # any subset of phases, in order
+#   bash bench/gpu_run.sh tests profile forms 8b fp8 gpt2 nccl tp2     # any subset of phases, in order
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -25,6 +25,10 @@ for phase in "${@:-tests gpt2 8b}"; do
              --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
     8b)    python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
+    forms) # A/B of the fused GEMV's forms (0 FMA, 1 dot, 2 swap-AB dot): bf16 batch 1 autotuned over 0,1 only;
+           # the 8b phase (after it, same card) autotunes over all three
+           PIPELINE_FUSED_GEMV_FORMS=0,1 python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 \
+             --repeats 2 --out "$R/forms01" --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step ;;
     fp8)   python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --no-baseline --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
     nccl)  mpirun -n 2 python bench/nccl_check.py ;;  # collectives stage by stage (NCCL, CUDA graph), 60 s watchdog

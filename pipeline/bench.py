@@ -250,6 +250,10 @@ def worker(args: argparse.Namespace) -> int:
         try:
             m = measure(decoder, prompts1, args.output_len, args.repeats)
             m["step"] = decoder.path
+            if decoder.fused:  # which GEMV form and tile autotuning chose per shape (PIPELINE_FUSED_GEMV_FORMS)
+                from pipeline.backends.fused_decode import chosen_configs
+
+                m["gemv_configs"] = chosen_configs()
             progress(f"{options.label}: {m['output_tokens_per_s']:.1f} tok/s")
         finally:
             decoder = None
@@ -353,6 +357,7 @@ def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: l
                     torch.cuda.synchronize()
                     times.append(time.perf_counter() - start)
             out[f"{batch}/{cache}"] = {"batch": batch, "cache": cache, "e2e_s": statistics.median(times),
+                                       "runs_s": times,  # a run far from the others was compiling
                                        "output_tokens_per_s": batch * output_len / statistics.median(times)}
     del model
     torch.cuda.empty_cache()

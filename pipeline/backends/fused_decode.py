@@ -45,6 +45,28 @@ ACT_NONE, ACT_SILU_GATE, ACT_GELU = 0, 1, 2
 # The GEMV configuration Triton's CPU emulator runs (it cannot autotune); K = 64 leaves some shapes ragged
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 64, "USE_DOT": 0}
 
+FORMS_ENV = "PIPELINE_FUSED_GEMV_FORMS"  # e.g. "0,1": autotune over these USE_DOT forms only (A/B timing)
+
+
+def _forms_from_env() -> set[int]:
+    text = os.environ.get(FORMS_ENV, "0,1,2")
+    try:
+        forms = {int(f) for f in text.split(",") if f.strip()}
+    except ValueError:
+        forms = set()
+    if not forms or not forms <= {0, 1, 2}:
+        raise ValueError(f"{FORMS_ENV}={text!r}: give a comma-separated subset of 0 (FMA), 1 (dot), 2 (swap-AB dot)")
+    return forms
+
+
+def chosen_configs() -> dict[str, str]:
+    """The GEMV configuration autotuning chose for each (N, K, NORM, FP8, ACT, ...) key in this process."""
+    if triton is None:
+        return {}
+    chosen = {**_fused_gemv_kernel_known.cache, **_fused_gemv_kernel.cache}
+    return {str(key): str(config) for key, config in chosen.items()}
+
+
 if triton is not None:
     # Three ways to run the products, autotuned per shape (USE_DOT): 0, CUDA-core FMAs on a [BLOCK_N, BLOCK_K]
     # tile; 1, tensor-core dots of the input row (broadcast to the 16 rows a dot needs) with the weight tile; 2, the
@@ -60,6 +82,7 @@ if triton is not None:
             (16, 256, 4, 4, 1), (32, 512, 8, 3, 1), (64, 256, 8, 3, 1),
             (32, 256, 4, 3, 2), (32, 512, 4, 3, 2), (64, 128, 4, 4, 2), (64, 256, 4, 3, 2), (128, 128, 4, 3, 2),
         )
+        if dot in _forms_from_env()
     ]
 
     def _prune(configs, named_args, **kwargs):
