@@ -29,6 +29,11 @@ for phase in "${@:-tests gpt2 8b}"; do
            # the 8b phase (after it, same card) autotunes over all three
            PIPELINE_FUSED_GEMV_FORMS=0,1 python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 \
              --repeats 2 --out "$R/forms01" --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step ;;
+    quick) # batch 1 with the fused step only (no baseline): the 8B shape in bf16, and GPT-2
+           python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 --repeats 2 --out "$R" \
+             --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step
+           python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
+             --variants graph+triton-gemv+fused-mlp+fused-step ;;
     fp8)   python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --no-baseline --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
     nccl)  mpirun -n 2 python bench/nccl_check.py ;;  # collectives stage by stage (NCCL, CUDA graph), 60 s watchdog

@@ -128,7 +128,7 @@ if triton is not None:
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                    N, K: tl.constexpr, eps,
+                    N, K, eps,
                     ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
@@ -239,7 +239,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
-                                 max_len: tl.constexpr, scale,
+                                 max_len, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
                                  D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
         b = tl.program_id(0)
