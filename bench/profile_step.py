@@ -178,8 +178,8 @@ def main(argv=None) -> int:
           f"{bandwidth / read_bytes:.0f} tok/s ({read_bytes / bandwidth * 1e3:.3f} ms)\n")
     if not args.no_gemv:
         print("\n".join(gemv_table(model, bandwidth)) + "\n", flush=True)
-        for key, config in getattr(fd._fused_gemv_kernel, "cache", {}).items():
-            print(f"- fused GEMV config for (N, K, NORM, FP8, ACT, ...) = {key[:5]}: {config}")
+        for key, config in fd.chosen_configs().items():
+            print(f"- fused GEMV config for (N, K, NORM, FP8, ACT, ...) = {key}: {config}")
         print(flush=True)
     for label in args.variants.split(","):
         options = DecodeOptions.from_label(label)

@@ -63,8 +63,9 @@ def chosen_configs() -> dict[str, str]:
     """The GEMV configuration autotuning chose for each (N, K, NORM, FP8, ACT, ...) key in this process."""
     if triton is None:
         return {}
-    chosen = {**_fused_gemv_kernel_known.cache, **_fused_gemv_kernel.cache}
-    return {str(key): str(config) for key, config in chosen.items()}
+    return {f"{'const-K ' if const else ''}{key}": str(config)
+            for kernels in (_fused_gemv_kernel_known, _fused_gemv_kernel)
+            for const, kernel in kernels.items() for key, config in kernel.cache.items()}
 
 
 if triton is not None:
@@ -125,13 +126,14 @@ if triton is not None:
         else:
             return w.to(tl.float32) * x[None, :]
 
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
-    def _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                    N, K, eps,
-                    ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+    def _gemv_body(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
+                   N, K, eps,
+                   ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+        """The fused GEMV of one row block (see fused_gemv); K is a constant or a runtime value, as the entry
+        kernel below passes it."""
         DOT: tl.constexpr = 0 if W_F32 else USE_DOT  # float32 weights stay on the CUDA cores (no tf32 rounding)
         pid = tl.program_id(0)
         dt = x_ptr.dtype.element_ty
@@ -228,9 +230,37 @@ if triton is not None:
             y = 0.5 * f * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
+    # Two entry kernels of one body. K as a runtime argument suits the 8B shape's K (4096, 14336): its step took
+    # 4.31 ms against 4.37-4.42 ms with K a constant. A constant K (the loop unrolled) suits GPT-2's (768, 3072):
+    # 0.308 ms against 0.376 ms. (H200, bench/results/gpu-h200, runs 7-8; different calls, same kind of card.)
+    # Triton's CPU emulator runs only the constant form (it cannot loop to a runtime bound).
+    SMALL_K = 4096  # K below this: the constant-K kernel
+
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.jit
+    def _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
+                    N, K, eps,
+                    ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+        _gemv_body(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr, N, K, eps,
+                   ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32, USE_DOT, EVEN_K)
+
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.jit
+    def _fused_gemv_const_k(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
+                            N, K: tl.constexpr, eps,
+                            ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+        _gemv_body(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr, N, K, eps,
+                   ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32, USE_DOT, EVEN_K)
+
     def _autotuned(configs):
-        return triton.autotune(configs=configs, key=["N", "K", "NORM", "FP8", "ACT"],
-                               prune_configs_by={"early_config_prune": _prune})(_fused_gemv)
+        """{constant K: kernel}: the two entry kernels, each autotuned over `configs` per shape."""
+        return {const: triton.autotune(configs=configs, key=["N", "K", "NORM", "FP8", "ACT"],
+                                       prune_configs_by={"early_config_prune": _prune})(kernel)
+                for const, kernel in ((False, _fused_gemv), (True, _fused_gemv_const_k))}
 
     _fused_gemv_kernel = _autotuned(_CONFIGS)
     # the forms timed on an H200 before the swap-AB dots were added: where autotuning over every form fails (a
@@ -238,10 +268,12 @@ if triton is not None:
     _fused_gemv_kernel_known = _autotuned([c for c in _CONFIGS if c.kwargs["USE_DOT"] != 2])
 
     @triton.jit
-    def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
-                                 max_len, scale,
-                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
-                                 D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _attention_body(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
+                        max_len, scale,
+                        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
+                        D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
+        """One (sequence, KV head) of decode_attention; max_len is a runtime value on a GPU and a constant in the
+        CPU emulator (the entry kernels after this one)."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         dt = qkv_ptr.dtype.element_ty
@@ -307,6 +339,23 @@ if triton is not None:
         out = acc / denom[:, None]
         tl.store(out_ptr + b * HEADS * D + q_off + d[None, :], out.to(dt), mask=qd_mask)
 
+    @triton.jit
+    def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
+                                 max_len, scale,
+                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
+                                 D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
+        _attention_body(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr, max_len, scale,
+                        HEADS, KV_HEADS, D, GROUP_P, D_P, ROPE, IEEE, BLOCK_S)
+
+    @triton.jit
+    def _decode_attention_kernel_emulated(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
+                                          max_len: tl.constexpr, scale,
+                                          HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                                          GROUP_P: tl.constexpr, D_P: tl.constexpr, ROPE: tl.constexpr,
+                                          IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
+        _attention_body(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr, max_len, scale,
+                        HEADS, KV_HEADS, D, GROUP_P, D_P, ROPE, IEEE, BLOCK_S)
+
 
 # ------------------------------------------------------------------------------------------------- the ops
 
@@ -332,18 +381,19 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
     flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
                  W_F32=weight.dtype == torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    const_k = K < SMALL_K
     if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
-        _fused_gemv[(triton.cdiv(N, INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags, **INTERPRETER_CONFIG)
+        _fused_gemv_const_k[(triton.cdiv(N, INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags, **INTERPRETER_CONFIG)
     elif _autotune_failed:
-        _fused_gemv_kernel_known[grid](*args, **flags)
+        _fused_gemv_kernel_known[const_k][grid](*args, **flags)
     else:
         try:
-            _fused_gemv_kernel[grid](*args, **flags)
+            _fused_gemv_kernel[const_k][grid](*args, **flags)
         except Exception as exc:  # noqa: BLE001 - retried below with the known forms, which re-raise a real bug
             _autotune_failed.append(f"{type(exc).__name__}: {exc}"[:300])
             warnings.warn(f"fused GEMV autotuning failed ({_autotune_failed[0]}); autotuning without the swap-AB "
                           "forms from now on", stacklevel=2)
-            _fused_gemv_kernel_known[grid](*args, **flags)
+            _fused_gemv_kernel_known[const_k][grid](*args, **flags)
     return y, h_out
 
 
@@ -369,7 +419,9 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     max_len = k_cache.shape[2]
     out = torch.empty((batch, heads * head_size), dtype=qkv.dtype, device=qkv.device)
     group = heads // kv_heads
-    _decode_attention_kernel[(batch, kv_heads)](
+    kernel = _decode_attention_kernel_emulated if os.environ.get("TRITON_INTERPRET") == "1" else \
+        _decode_attention_kernel
+    kernel[(batch, kv_heads)](
         qkv, k_cache, v_cache, valid.view(torch.uint8), positions, slot,
         inv_freq if inv_freq is not None else qkv, out, max_len, head_size ** -0.5,
         HEADS=heads, KV_HEADS=kv_heads, D=head_size, GROUP_P=max(16, triton.next_power_of_2(group)),
