@@ -142,7 +142,7 @@ def test_the_tensor_core_configs_compute_the_same_gemv(monkeypatch, fp8):
             monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "BLOCK_N", block_n)
             return fused_decode.fused_gemv(x, r, g, None, weight, None, *scales, 1e-5, fused_decode.NORM_RMS,
                                            fused_decode.ACT_SILU_GATE, torch.float32)[0]
-        kernel = fused_decode._fused_gemv  # one config, compiled
+        kernel = fused_decode._fused_gemv_gpu  # one config, compiled
         y = torch.empty(N, device=DEVICE)
         h = torch.empty(K, device=DEVICE, dtype=x.dtype)
         kernel[(triton.cdiv(N, block_n),)](x, r, h, g, y, weight, y, y, *(scales if fp8 else (y, y)), N, K, 1e-5,

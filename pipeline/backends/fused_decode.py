@@ -63,9 +63,8 @@ def chosen_configs() -> dict[str, str]:
     """The GEMV configuration autotuning chose for each (N, K, NORM, FP8, ACT, ...) key in this process."""
     if triton is None:
         return {}
-    return {f"{'const-K ' if const else ''}{key}": str(config)
-            for kernels in (_fused_gemv_kernel_known, _fused_gemv_kernel)
-            for const, kernel in kernels.items() for key, config in kernel.cache.items()}
+    chosen = {**_fused_gemv_kernel_known.cache, **_fused_gemv_kernel.cache}
+    return {str(key): str(config) for key, config in chosen.items()}
 
 
 if triton is not None:
@@ -127,13 +126,13 @@ if triton is not None:
             return w.to(tl.float32) * x[None, :]
 
     @triton.jit
-    def _gemv_body(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                   N, K, eps,
-                   ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
-        """The fused GEMV of one row block (see fused_gemv); K is a constant or a runtime value, as the entry
-        kernel below passes it."""
+    def _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
+                    N, K, eps,
+                    ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+        """The fused GEMV of one row block (see fused_gemv). On a GPU K is a runtime argument; in Triton's CPU
+        emulator, which cannot loop to a runtime bound, _fused_gemv_emulated calls this with K a constant."""
         DOT: tl.constexpr = 0 if W_F32 else USE_DOT  # float32 weights stay on the CUDA cores (no tf32 rounding)
         pid = tl.program_id(0)
         dt = x_ptr.dtype.element_ty
@@ -230,37 +229,25 @@ if triton is not None:
             y = 0.5 * f * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
-    # Two entry kernels of one body. K as a runtime argument suits the 8B shape's K (4096, 14336): its step took
-    # 4.31 ms against 4.37-4.42 ms with K a constant. A constant K (the loop unrolled) suits GPT-2's (768, 3072):
-    # 0.308 ms against 0.376 ms. (H200, bench/results/gpu-h200, runs 7-8; different calls, same kind of card.)
-    # Triton's CPU emulator runs only the constant form (it cannot loop to a runtime bound).
-    SMALL_K = 4096  # K below this: the constant-K kernel
-
+    # K as a runtime argument: the Llama-3-8B step took 4.31 ms so, against 4.37-4.42 ms with K a constant (H200,
+    # bench/results/gpu-h200 runs 7-8). GPT-2 ran faster with K a constant (0.308 against 0.376 ms per step, with
+    # the attention's cache length a constant too): not adopted, as the two changes were not timed apart.
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
-    def _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                    N, K, eps,
-                    ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
-        _gemv_body(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr, N, K, eps,
-                   ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32, USE_DOT, EVEN_K)
+    def _fused_gemv_emulated(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
+                             N, K: tl.constexpr, eps,
+                             ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+        _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
+                    N, K, eps, ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32, USE_DOT, EVEN_K)
 
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-    @triton.jit
-    def _fused_gemv_const_k(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                            N, K: tl.constexpr, eps,
-                            ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
-        _gemv_body(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr, N, K, eps,
-                   ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32, USE_DOT, EVEN_K)
+    # the GPU entry: _fused_gemv with EVEN_K worked out per launch (the emulated entry sets it the same way)
+    _fused_gemv_gpu = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_gemv)
 
     def _autotuned(configs):
-        """{constant K: kernel}: the two entry kernels, each autotuned over `configs` per shape."""
-        return {const: triton.autotune(configs=configs, key=["N", "K", "NORM", "FP8", "ACT"],
-                                       prune_configs_by={"early_config_prune": _prune})(kernel)
-                for const, kernel in ((False, _fused_gemv), (True, _fused_gemv_const_k))}
+        return triton.autotune(configs=configs, key=["N", "K", "NORM", "FP8", "ACT"],
+                               prune_configs_by={"early_config_prune": _prune})(_fused_gemv_gpu)
 
     _fused_gemv_kernel = _autotuned(_CONFIGS)
     # the forms timed on an H200 before the swap-AB dots were added: where autotuning over every form fails (a
@@ -268,12 +255,12 @@ if triton is not None:
     _fused_gemv_kernel_known = _autotuned([c for c in _CONFIGS if c.kwargs["USE_DOT"] != 2])
 
     @triton.jit
-    def _attention_body(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
-                        max_len, scale,
-                        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
-                        D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
-        """One (sequence, KV head) of decode_attention; max_len is a runtime value on a GPU and a constant in the
-        CPU emulator (the entry kernels after this one)."""
+    def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
+                                 max_len, scale,
+                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
+                                 D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
+        """One (sequence, KV head) of decode_attention; max_len is a runtime argument on a GPU and a constant in the
+        CPU emulator (_decode_attention_kernel_emulated)."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         dt = qkv_ptr.dtype.element_ty
@@ -340,21 +327,13 @@ if triton is not None:
         tl.store(out_ptr + b * HEADS * D + q_off + d[None, :], out.to(dt), mask=qd_mask)
 
     @triton.jit
-    def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
-                                 max_len, scale,
-                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
-                                 D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
-        _attention_body(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr, max_len, scale,
-                        HEADS, KV_HEADS, D, GROUP_P, D_P, ROPE, IEEE, BLOCK_S)
-
-    @triton.jit
     def _decode_attention_kernel_emulated(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
                                           max_len: tl.constexpr, scale,
                                           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
                                           GROUP_P: tl.constexpr, D_P: tl.constexpr, ROPE: tl.constexpr,
                                           IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
-        _attention_body(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr, max_len, scale,
-                        HEADS, KV_HEADS, D, GROUP_P, D_P, ROPE, IEEE, BLOCK_S)
+        _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
+                                 max_len, scale, HEADS, KV_HEADS, D, GROUP_P, D_P, ROPE, IEEE, BLOCK_S)
 
 
 # ------------------------------------------------------------------------------------------------- the ops
@@ -381,19 +360,18 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
     flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
                  W_F32=weight.dtype == torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    const_k = K < SMALL_K
     if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
-        _fused_gemv_const_k[(triton.cdiv(N, INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags, **INTERPRETER_CONFIG)
+        _fused_gemv_emulated[(triton.cdiv(N, INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags, **INTERPRETER_CONFIG)
     elif _autotune_failed:
-        _fused_gemv_kernel_known[const_k][grid](*args, **flags)
+        _fused_gemv_kernel_known[grid](*args, **flags)
     else:
         try:
-            _fused_gemv_kernel[const_k][grid](*args, **flags)
+            _fused_gemv_kernel[grid](*args, **flags)
         except Exception as exc:  # noqa: BLE001 - retried below with the known forms, which re-raise a real bug
             _autotune_failed.append(f"{type(exc).__name__}: {exc}"[:300])
             warnings.warn(f"fused GEMV autotuning failed ({_autotune_failed[0]}); autotuning without the swap-AB "
                           "forms from now on", stacklevel=2)
-            _fused_gemv_kernel_known[const_k][grid](*args, **flags)
+            _fused_gemv_kernel_known[grid](*args, **flags)
     return y, h_out
 
 
