@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests profile forms 8b fp8 gpt2 nccl tp2     # any subset of phases, in order
+#   bash bench/gpu_run.sh tests profile profile32 forms quick 8b fp8 gpt2 nccl tp2  # any subset of phases, in order
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -11,7 +11,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 TOKENIZERS_PARALLELISM=false
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.max.sm --format=csv
   python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-  git log -1 --format='commit %h %ad' 2>/dev/null || true; date -u; } | tee "$OUT/gpu.txt"
+  git log -1 --format='commit %h %ad' 2>/dev/null || true  # the copy's HEAD may lag its working tree:
+  echo "source sha256 $(git ls-files -co --exclude-standard pipeline bench | sort | xargs cat | sha256sum | cut -c1-16)"
+  date -u; } | tee "$OUT/gpu.txt"
 R="$OUT/results"
 for phase in "${@:-tests gpt2 8b}"; do
   echo "=== phase $phase $(date -u +%T)" | tee -a "$OUT/log.txt"
@@ -21,6 +23,8 @@ for phase in "${@:-tests gpt2 8b}"; do
            python bench/profile_step.py llama-3-8b
            python bench/profile_step.py llama-3-8b --quant fp8 --variants graph+triton-gemv+fused-mlp+fused-step
            python bench/profile_step.py gpt2 --no-gemv --variants graph+triton-gemv+fused-mlp+fused-step ;;
+    profile32) # where a batch-32 step's time goes (the compiled layer-by-layer step that batches > 1 run)
+           python bench/profile_step.py llama-3-8b --batch 32 --no-gemv --variants graph+compile+cublas+fused-mlp ;;
     gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
     8b)    python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \

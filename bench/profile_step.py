@@ -118,12 +118,13 @@ def gemv_table(model, bandwidth: float) -> list[str]:
     return rows
 
 
-def profile_variant(model, options: DecodeOptions, steps: int, read_bytes: int, bandwidth: float) -> list[str]:
+def profile_variant(model, options: DecodeOptions, steps: int, read_bytes: int, bandwidth: float,
+                    batch: int = 1) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
 
-    decoder = CudaDecoder(model, 1, 256, options)
+    decoder = CudaDecoder(model, batch, 256, options)
     decoder.warm_up()
-    decoder.prefill(make_prompts(1, 128, model.vocab_size, seed=1))
+    decoder.prefill(make_prompts(batch, 128, model.vocab_size, seed=1))
     decoder.run_steps(3)
     events: list = []
     torch.cuda.synchronize()
@@ -132,7 +133,7 @@ def profile_variant(model, options: DecodeOptions, steps: int, read_bytes: int, 
     decoder.run_steps(steps, events)
     torch.cuda.synchronize()
     step_s = statistics.median(a.elapsed_time(b) / 1e3 for a, b in zip([start] + events[:-1], events))
-    decoder.prefill(make_prompts(1, 128, model.vocab_size, seed=1))
+    decoder.prefill(make_prompts(batch, 128, model.vocab_size, seed=1))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         decoder.run_steps(steps)
         torch.cuda.synchronize()
@@ -144,9 +145,9 @@ def profile_variant(model, options: DecodeOptions, steps: int, read_bytes: int, 
             kernels[name][1] += 1 / steps
     busy = sum(v[0] for v in kernels.values())
     launches = sum(v[1] for v in kernels.values())
-    lines = [f"### {options.label} ({decoder.path})", "",
-             f"step {step_s * 1e3:.3f} ms = {1 / step_s:.1f} tok/s = {100 * read_bytes / step_s / bandwidth:.1f}% of "
-             f"the roofline; kernels busy {busy * 1e3:.3f} ms/step over {launches:.0f} launches; idle "
+    lines = [f"### {options.label}, batch {batch} ({decoder.path})", "",
+             f"step {step_s * 1e3:.3f} ms = {batch / step_s:.1f} tok/s; weights read at "
+             f"{100 * read_bytes / step_s / bandwidth:.1f}% of the copy bandwidth; kernels busy {busy * 1e3:.3f} ms/step over {launches:.0f} launches; idle "
              f"{(step_s - busy) * 1e3:.3f} ms ({(step_s - busy) / max(launches, 1) * 1e6:.2f} us per launch)", "",
              "| kernel | launches/step | ms/step | share |", "|---|---|---|---|"]
     for name, (t, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:14]:
@@ -162,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="graph+triton-gemv+fused-mlp+fused-step",
                    help="decode paths to profile (labels; a compile variant adds about a minute of set-up)")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (the fused step runs at batch 1 only)")
     p.add_argument("--no-gemv", action="store_true", help="skip the GEMV table")
     args = p.parse_args(argv)
     device = torch.device("cuda", 0)
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
         options = DecodeOptions.from_label(label)
         set_triton_gemv(model, options.triton_gemv)
         try:
-            print("\n".join(profile_variant(model, options, args.steps, read_bytes, bandwidth)) + "\n", flush=True)
+            print("\n".join(profile_variant(model, options, args.steps, read_bytes, bandwidth, args.batch)) + "\n",
+                  flush=True)
         except Exception as exc:
             print(f"### {label}: failed: {type(exc).__name__}: {exc}"[:600] + "\n", flush=True)
         torch.cuda.empty_cache()
