@@ -162,17 +162,15 @@ class Comm:
         """Tear torch.distributed down once every rank is done; False if the teardown did not finish.
 
         NCCL's teardown can wait forever once a CUDA graph has captured its collectives (pytorch/pytorch#115388),
-        after all the work is done and the results written. So with NCCL the ranks first meet over MPI, then the
-        teardown runs in a helper thread for at most `timeout_s`. When it does not finish, the caller must leave
-        with `exit_now` (a normal interpreter exit would wait in the same teardown again).
+        after all the work is done and the results written. So the ranks first meet over MPI, then the teardown
+        runs in a helper thread for at most `timeout_s` (the same for gloo, where it is quick). When it does not
+        finish, the caller must leave with `exit_now` (a normal interpreter exit would wait in it again).
         """
         if not torch_dist.is_initialized():
             return True
         gc.collect()  # CUDA graphs no longer referenced go first: they hold the communicators' captured work
-        if self.device.type != "cuda":
-            torch_dist.destroy_process_group()
-            return True
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         if self.mpi_comm is not None:
             self.mpi_comm.Barrier()
         done = threading.Event()
@@ -181,12 +179,12 @@ class Comm:
             torch_dist.destroy_process_group()
             done.set()
 
-        threading.Thread(target=teardown, name="nccl-teardown", daemon=True).start()
+        threading.Thread(target=teardown, name="dist-teardown", daemon=True).start()
         if done.wait(timeout_s):
             return True
-        print(f"[rank {self.mapping.rank}] NCCL teardown did not finish in {timeout_s:.0f} s (a known PyTorch "
-              f"issue after CUDA graph capture, pytorch/pytorch#115388); all work is done, leaving without it",
-              file=sys.stderr, flush=True)
+        print(f"[rank {self.mapping.rank}] the process group's teardown did not finish in {timeout_s:g} s (with "
+              f"NCCL, a known PyTorch issue after CUDA graph capture: pytorch/pytorch#115388); all work is done, "
+              f"leaving without it", file=sys.stderr, flush=True)
         return False
 
 

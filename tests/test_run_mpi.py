@@ -66,3 +66,26 @@ def test_exit_now_finalizes_mpi_and_keeps_the_exit_code(home):
         assert proc.returncode == code, proc.stderr[-2000:]
         if code == 0:
             assert sorted(proc.stdout.split("\n")[:2]) == ["rank 0 done", "rank 1 done"]
+
+
+def test_a_stuck_teardown_is_bounded(monkeypatch, capsys):
+    """Comm.close waits at most timeout_s for destroy_process_group (NCCL's can hang after CUDA graph capture) and
+    says so; a teardown that finishes returns True."""
+    import threading
+
+    import torch.distributed as torch_dist
+
+    from pipeline.dist import Comm
+    from pipeline.mapping import Mapping
+
+    comm = Comm(Mapping(2, 1, 1), torch.device("cpu"))
+    release = threading.Event()
+    calls = []
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch_dist, "destroy_process_group", lambda: (calls.append(1), release.wait(30)))
+    assert comm.close(timeout_s=0.3) is False
+    assert "[rank 1] the process group's teardown did not finish in 0.3 s" in capsys.readouterr().err
+    release.set()
+    monkeypatch.setattr(torch_dist, "destroy_process_group", lambda: calls.append(2))
+    assert comm.close(timeout_s=5) is True
+    assert calls == [1, 2]
