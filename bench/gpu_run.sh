@@ -28,7 +28,8 @@ for phase in "${@:-tests gpt2 8b}"; do
     gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
     8b)    python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
-             --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
+             --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step \
+             --batched-variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step+fused-rows ;;
     forms) # A/B of the fused GEMV's forms (0 FMA, 1 dot, 2 swap-AB dot): bf16 batch 1 autotuned over 0,1 only;
            # the 8b phase (after it, same card) autotunes over all three
            PIPELINE_FUSED_GEMV_FORMS=0,1 python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 \
@@ -39,7 +40,8 @@ for phase in "${@:-tests gpt2 8b}"; do
            python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+triton-gemv+fused-mlp+fused-step ;;
     fp8)   python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
-             --no-baseline --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
+             --no-baseline --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step \
+             --batched-variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step+fused-rows ;;
     nccl)  mpirun -n 2 python bench/nccl_check.py ;;  # collectives stage by stage (NCCL, CUDA graph), 60 s watchdog
     tp2)   # tp=1 and tp=2 of one model (device-random weights are the same for any tp), the same decode path;
            # greedy tokens compared in float32 (bfloat16 tokens of a random 8B model flip on rounding: see README)

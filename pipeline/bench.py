@@ -59,12 +59,14 @@ def make_prompts(batch: int, input_len: int, vocab: int, seed: int, spread: floa
 
 def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median of 20)."""
-    n = int(gib * 2**30)
+    from pipeline.backends.cuda_decode import timing_event
+
+    n = int((gib if device.type == "cuda" else min(gib, 0.25)) * 2**30)
     src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
     times = []
     for _ in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = timing_event(device), timing_event(device)
         start.record()
         dst.copy_(src)
         end.record()
@@ -156,13 +158,16 @@ def measure(decoder, prompts: list[list[int]], output_len: int, repeats: int) ->
     TTFT is host time until the first token is on the host; ITL is the GPU time between consecutive steps'
     events (the first from the end of prefill); E2E is host time until every token is on the host. The tokens of
     the decode steps are read once at the end (a streaming server would read them one step behind)."""
+    from pipeline.backends.cuda_decode import synchronize, timing_event
+
     ttft, e2e, itl, tokens = [], [], [], None
     width = max(len(p) for p in prompts)
+    device = decoder.model.device
     for r in range(repeats + 1):  # the first round warms up
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         first = decoder.prefill(prompts)
-        after_prefill = torch.cuda.Event(enable_timing=True)
+        after_prefill = timing_event(device)
         after_prefill.record()
         first_tokens = first.tolist()
         first_at = time.perf_counter()
@@ -195,8 +200,6 @@ def worker(args: argparse.Namespace) -> int:
     from pipeline.mapping import Mapping
 
     rank, world, mpi_comm = mpi_world()
-    if not torch.cuda.is_available():
-        raise PipelineError("bench measures the CUDA decode path; no CUDA GPU is visible")
     progress = Progress(rank, args.watchdog)
     mapping = Mapping(world, 1, rank)
     device = pick_device(mpi_comm)
@@ -219,7 +222,8 @@ def worker(args: argparse.Namespace) -> int:
     read_bytes = weight_bytes(model)
     max_len = args.input_len * 2 + args.output_len
     vocab = config["vocab_size"]
-    result = {"rank": rank, "world_size": world, "device": torch.cuda.get_device_name(device),
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"  # CPU: tests, tiny shapes
+    result = {"rank": rank, "world_size": world, "device": name,
               "load_s": load_s, "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_rank": read_bytes,
               "roofline_tokens_per_s_batch1": bandwidth / read_bytes, "variants": {}, "batches": []}
 
@@ -269,24 +273,44 @@ def worker(args: argparse.Namespace) -> int:
     if best is None:
         raise PipelineError(f"no decode variant ran: {result['variants']}")
     result["best_variant"] = best.label
-    # larger batches run the model's own step (the fused step is for batch 1): the fastest compiled variant
+    # larger batches: the variants asked (--batched-variants), else the fastest compiled variant (the fused step
+    # runs batch 1 unless fused-rows is asked)
     compiled = [o for o in map(DecodeOptions.from_label, labels) if o.compile]
     batched = max(compiled, key=lambda o: result["variants"][o.label]["output_tokens_per_s"]) if compiled else best
-    result["batched_variant"] = batched.label
-    set_triton_gemv(model, batched.triton_gemv)
+    batched_labels = [batched.label] if args.batched_variants == "auto" else args.batched_variants.split(",")
+    result["batched_variant"] = ",".join(batched_labels)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         if batch == 1 and args.input_spread == 0.0:  # measured already with the best path (same prompt seed)
             result["batches"].append({k: v for k, v in result["variants"][best.label].items()
-                                      if k not in ("setup_s", "percent_of_roofline")})
+                                      if k not in ("setup_s", "percent_of_roofline")} | {"variant": best.label})
             continue
         prompts = make_prompts(batch, args.input_len, vocab, seed=batch, spread=args.input_spread)
-        decoder = CudaDecoder(model, batch, max_len, batched)
-        decoder.warm_up()
-        m = measure(decoder, prompts, args.output_len, args.repeats)
-        progress(f"batch {batch}: {m['output_tokens_per_s']:.1f} tok/s")
-        decoder = None
-        torch.cuda.empty_cache()
-        result["batches"].append(m)
+        rows = {}
+        for label in batched_labels:
+            options = DecodeOptions.from_label(label)
+            set_triton_gemv(model, options.triton_gemv)
+            decoder, problem = None, None
+            try:
+                decoder = CudaDecoder(model, batch, max_len, options)
+                decoder.warm_up()
+            except Exception as exc:  # reported, as for batch 1; every rank learns of it before a collective
+                problem = f"{type(exc).__name__}: {exc}"[:500]
+            failed = all_ok(mpi_comm, problem)
+            if failed:
+                progress(f"batch {batch} {label}: failed: {'; '.join(f'rank {r}: {p}' for r, p in failed)[:300]}")
+            else:
+                m = measure(decoder, prompts, args.output_len, args.repeats)
+                m.update(variant=label, step=decoder.path)
+                progress(f"batch {batch} {label}: {m['output_tokens_per_s']:.1f} tok/s ({decoder.path})")
+                rows[label] = m
+            decoder = None
+            torch.cuda.empty_cache()
+        if not rows:
+            raise PipelineError(f"no decode variant ran at batch {batch}: {batched_labels}")
+        fastest = max(rows.values(), key=lambda m: m["output_tokens_per_s"])
+        fastest["tokens_per_s_by_variant"] = {label: m["output_tokens_per_s"] for label, m in rows.items()}
+        fastest["variants_agree_on_tokens"] = all(m["tokens"] == fastest["tokens"] for m in rows.values())
+        result["batches"].append(fastest)
     if rank == 0:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     progress("done; closing the process group")
@@ -326,9 +350,10 @@ def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: l
     """transformers' generate on one GPU, bfloat16, greedy, EOS ignored: dynamic cache, and static for B >= 8."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pipeline.backends.cuda_decode import synchronize
     from pipeline.shapes import SHAPES
 
-    device = torch.device("cuda", 0)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     with torch.device(device):
         if shape is not None:
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**SHAPES[shape]), dtype=torch.bfloat16)
@@ -350,10 +375,10 @@ def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: l
                 model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kwargs)
                 times = []
                 for _ in range(repeats):
-                    torch.cuda.synchronize()
+                    synchronize(device)
                     start = time.perf_counter()
                     model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kwargs)
-                    torch.cuda.synchronize()
+                    synchronize(device)
                     times.append(time.perf_counter() - start)
             out[f"{batch}/{cache}"] = {"batch": batch, "cache": cache, "e2e_s": statistics.median(times),
                                        "runs_s": times,  # a run far from the others was compiling
@@ -379,7 +404,13 @@ def summarize(result: dict, baseline: dict | None) -> str:
             lines.append(f"| {label} | {v['output_tokens_per_s']:.1f} | {v['percent_of_roofline']:.1f}% | "
                          f"{v['itl_s']['p50'] * 1e3:.3f} | {v['setup_s']:.1f} | {v.get('step', '')} |")
     lines += ["", f"best: {result['best_variant']}; variants agree on greedy tokens: "
-                  f"{result['variants_agree_on_tokens']}; batches > 1 run {result.get('batched_variant')}", "",
+                  f"{result['variants_agree_on_tokens']}; batches > 1 run {result.get('batched_variant')}"]
+    for m in result["batches"]:
+        if len(m.get("tokens_per_s_by_variant", {})) > 1:
+            lines.append(f"batch {m['batch']}: " + ", ".join(
+                f"{label} {v:.1f} tok/s" for label, v in m["tokens_per_s_by_variant"].items())
+                + f"; same greedy tokens: {m['variants_agree_on_tokens']}")
+    lines += ["",
               "| batch | tok/s | TTFT p50 (ms) | TPOT p50 (ms) | ITL p50/p90/p99 (ms) | E2E p50 (s) | transformers tok/s "
               "(dynamic / static) | ratio vs best transformers |", "|---|---|---|---|---|---|---|---|"]
     for m in result["batches"]:
@@ -454,6 +485,7 @@ def bench_command(recipe, args: argparse.Namespace) -> int:
         cmd = mpirun_command(recipe.world_size, ["-m", "pipeline.bench", *worker_args, "--batch-sizes", batch_sizes,
                                                  "--input-len", str(input_len), "--output-len", str(output_len),
                                                  "--repeats", str(args.repeats), "--variants", args.variants,
+                                                 "--batched-variants", args.batched_variants,
                                                  "--input-spread", str(args.input_spread), "--json", str(raw),
                                                  "--watchdog", str(args.watchdog)])
         print("$ " + " ".join(cmd), file=sys.stderr)
@@ -498,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-spread", type=float, default=0.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default="all")
+    p.add_argument("--batched-variants", default="auto")
     p.add_argument("--json", required=True)
     p.add_argument("--watchdog", type=float, default=0.0,
                    help="seconds without progress after which a rank prints its stacks and exits (0: off)")

@@ -65,6 +65,9 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--input-spread", type=float, default=0.0,
                        help="draw prompt lengths uniformly within +-this fraction of --input-len")
     bench.add_argument("--variants", default="all", help="decode paths to compare at batch 1 (labels, or all)")
+    bench.add_argument("--batched-variants", default="auto",
+                       help="decode paths for batches > 1, the fastest reported (labels; auto: the fastest compiled "
+                            "batch-1 path)")
     bench.add_argument("--out", help="folder for the results (default: beside the artifact)")
     bench.add_argument("--watchdog", type=float, default=0.0,
                        help="seconds without progress after which a rank prints where it waits and exits (0: off)")

@@ -33,15 +33,17 @@ def _model(shape: str, dtype: str):
     return load_rank_model(artifact, config, Comm(Mapping(1, 1, 0), DEVICE), DEVICE)
 
 
-@pytest.mark.parametrize("shape, dtype, tol", [("llama-tiny", "float32", 1e-5), ("gpt2-tiny", "float32", 1e-5),
-                                               ("llama-tiny-tied", "float16", 5e-3)])
-def test_fused_step_matches_the_layer_by_layer_step(home, shape, dtype, tol):
+@pytest.mark.parametrize("shape, dtype, tol, batch", [
+    ("llama-tiny", "float32", 1e-5, 1), ("gpt2-tiny", "float32", 1e-5, 1), ("llama-tiny-tied", "float16", 5e-3, 1),
+    ("llama-tiny", "float32", 1e-5, 3), ("gpt2-tiny", "float32", 1e-5, 3)])
+def test_fused_step_matches_the_layer_by_layer_step(home, shape, dtype, tol, batch):
+    """Batch 1 runs the GEMV kernel; batch 3 (fused-rows) the batched GEMM kernel, prompts of unequal lengths."""
     plain = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
-    fused = DecodeOptions(cuda_graph=False, compile=False, fused_step=True)
-    reference = CudaDecoder(accelerate(_model(shape, dtype), plain), 1, 24, plain)
-    decoder = CudaDecoder(accelerate(_model(shape, dtype), fused), 1, 24, fused)
+    fused = DecodeOptions(cuda_graph=False, compile=False, fused_step=True, fused_rows=batch > 1)
+    reference = CudaDecoder(accelerate(_model(shape, dtype), plain), batch, 24, plain)
+    decoder = CudaDecoder(accelerate(_model(shape, dtype), fused), batch, 24, fused)
     assert reference.fused is None and decoder.path == "fused step"
-    prompt = [[3, 14, 15, 92, 65, 7, 1]]
+    prompt = [[3, 14, 15, 92, 65, 7, 1], [2, 71, 82], [5, 9, 26, 53, 58]][:batch]
     reference.prefill(prompt)
     decoder.prefill(prompt)
     for _ in range(4):  # logits, tokens and the cache each step
@@ -78,6 +80,36 @@ def test_fused_gemv_prologue_and_epilogue_against_float64():
     assert torch.allclose(y.double(), want, atol=1e-4)
     y, _ = run(fused_decode.NORM_RMS, fused_decode.ACT_NONE, w[:N], with_bias=False)
     assert torch.allclose(y.double(), wd[:N] @ rms, atol=1e-4)
+
+
+def test_fused_gemm_rows_against_float64():
+    """The batched kernel (fused-rows): per-row residual add, RMSNorm or LayerNorm, bias, silu-gate or GELU."""
+    torch.manual_seed(4)
+    B, K, N = 3, 200, 24  # K not a multiple of the block
+    x, r = torch.randn(B, K, device=DEVICE), torch.randn(B, K, device=DEVICE)
+    g, b = torch.randn(K, device=DEVICE), torch.randn(K, device=DEVICE)
+    w, bias = torch.randn(2 * N, K, device=DEVICE) / K**0.5, torch.randn(2 * N, device=DEVICE)
+    h = (x + r).double()
+    rms = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()
+    layer = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5) * g.double() \
+        + b.double()
+    wd, bd = w.double(), bias.double()
+
+    y, h_out = fused_decode.fused_gemm_rows(x, r, g, None, w, bias, None, None, 1e-5, fused_decode.NORM_RMS,
+                                            fused_decode.ACT_SILU_GATE, torch.float32)
+    fc, gate = (rms @ wd.T + bd).chunk(2, dim=-1)
+    assert y.shape == (B, N) and torch.allclose(h_out.double(), h, atol=1e-6)
+    assert torch.allclose(y.double(), torch.nn.functional.silu(fc) * gate, atol=1e-4)
+    y, h_out = fused_decode.fused_gemm_rows(x, r, g, b, w[:N], bias[:N], None, None, 1e-5, fused_decode.NORM_LAYER,
+                                            fused_decode.ACT_GELU, torch.float32)
+    assert torch.allclose(y.double(), torch.nn.functional.gelu(layer @ wd[:N].T + bd[:N], approximate="tanh"),
+                          atol=1e-4)
+    y, h_out = fused_decode.fused_gemm_rows(x, None, None, None, w[:N], None, None, None, 1e-5, fused_decode.NORM_NONE,
+                                            fused_decode.ACT_NONE, torch.float32)
+    assert h_out.numel() == 0 and torch.allclose(y.double(), x.double() @ wd[:N].T, atol=1e-4)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        fused_decode.fused_gemm_rows(torch.zeros(65, K, device=DEVICE), None, None, None, w, None, None, None, 1e-5,
+                                     fused_decode.NORM_NONE, fused_decode.ACT_NONE, torch.float32)
 
 
 def test_fused_fp8_gemv_is_an_fp8_gemm():
@@ -117,7 +149,10 @@ def test_unsupported_models_fall_back_with_the_reason(home):
     decoder = CudaDecoder(accelerate(_model("llama-tiny", "float32"), options), 1, 16, options)
     assert decoder.fused is None and "gate and fc are not fused" in decoder.path
     batched = CudaDecoder(_model("gpt2-tiny", "float32"), 2, 16, DecodeOptions(cuda_graph=False, compile=False))
-    assert batched.fused is None and batched.path == "layer by layer (batch 2)"
+    assert batched.fused is None and batched.path == "layer by layer (batch 2; fused-rows runs batches > 1)"
+    too_many = fused_decode.MAX_ROWS + 1
+    wide = CudaDecoder(_model("gpt2-tiny", "float32"), too_many, 8, DecodeOptions.from_label("eager+triton-gemv+fused-step+fused-rows"))
+    assert wide.fused is None and wide.path == f"layer by layer (batch {too_many})"
     with pytest.raises(ValueError, match="not a decode path"):
         DecodeOptions.from_label("graph+turbo")
     assert DecodeOptions.from_label("graph+compile+cublas+fused-mlp+fused-step") == DecodeOptions(triton_gemv=False)
@@ -178,3 +213,30 @@ def test_fused_step_under_mpirun_with_tp2_gives_the_plain_tokens(home, tmp_path)
         if mode == "fast":
             assert "fused step" in proc.stderr
     assert tokens["fast"] == tokens["plain"] and len(tokens["fast"]) == 6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of bench; GPUs run it in bench/gpu_run.sh")
+def test_bench_compares_batched_decode_paths_on_the_cpu(home, tmp_path):
+    """`python -m pipeline bench` end to end under mpirun (CPU, Triton emulated): at batch 3 it runs each of
+    --batched-variants (the fused-rows step and the layer-by-layer step), reports the fastest and whether their
+    greedy tokens agree."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, child_env
+
+    fused, plain = "eager+triton-gemv+fused-mlp+fused-step+fused-rows", "eager+cublas+fused-mlp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "bench", "gpt2-random", "model.random=gpt2-tiny", "precision.dtype=float32",
+         "--device-random", "--batch-sizes", "1,3", "--input-len", "8", "--output-len", "4", "--repeats", "1",
+         "--no-baseline", "--out", str(tmp_path), "--variants", plain, "--batched-variants", f"{fused},{plain}"],
+        cwd=REPO, env=child_env(home, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench-gpt2-random-tp1.json").read_text())
+    one, three = result["batches"]
+    assert one["batch"] == 1 and one["variant"] == plain and len(one["tokens"]) == 1
+    assert three["batch"] == 3 and set(three["tokens_per_s_by_variant"]) == {fused, plain}
+    assert three["variants_agree_on_tokens"] is True and [len(t) for t in three["tokens"]] == [4, 4, 4]
+    assert f"batch 3 {fused}" in proc.stderr and "(fused step)" in proc.stderr
+    assert "same greedy tokens: True" in proc.stdout

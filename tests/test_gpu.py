@@ -97,6 +97,13 @@ def test_every_decode_path_gives_the_plain_loops_tokens(home, shape):
         decoder.warm_up()
         assert decoder.path == "fused step"
         assert decoder.generate(prompts, 24) == expected, label
+    # the batched fused step (fused-rows): three prompts of unequal lengths against the plain loop's tokens
+    batch = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6], [11, 2, 3, 5, 7]]
+    expected = generate(_model(artifact, GPU), batch, Sampling(max_new_tokens=24), eos_id=None, pad_id=0)
+    decoder = CudaDecoder(fused_model, 3, 64, DecodeOptions.from_label("graph+triton-gemv+fused-mlp+fused-step+fused-rows"))
+    decoder.warm_up()
+    assert decoder.path == "fused step"
+    assert decoder.generate(batch, 24) == expected
 
 
 @pytest.mark.parametrize("norm, act, n, k", [(1, 1, 14336, 4096), (2, 2, 3072, 768), (0, 0, 4096, 14336)])

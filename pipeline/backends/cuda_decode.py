@@ -11,7 +11,7 @@ stream skinny matrices slowly. This module removes both, for one rank's shard (t
   weight read); larger batches through cuBLAS (torch._scaled_mm for FP8 on Ada/Hopper);
 - the gate and fc GEMMs of a gated MLP fused into one, as trtllm-build's use_fused_mlp does (FP8: dequantized,
   concatenated and requantized with the larger of the two weight scales, as TensorRT-LLM's builder does);
-- at batch 1, the fused step of pipeline.backends.fused_decode: five kernels per layer (norms, residual adds and
+- at batch 1 (and up to 64 with fused-rows), the fused step of pipeline.backends.fused_decode: five kernels per layer (norms, residual adds and
   activations inside the GEMVs; rotary embedding, cache write and attention in one kernel).
 
 `DecodeOptions` selects each piece, so the benchmark can measure them one by one.
@@ -19,6 +19,7 @@ stream skinny matrices slowly. This module removes both, for one rank's shard (t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -37,24 +38,26 @@ class DecodeOptions:
     triton_gemv: bool = True
     fuse_gate_up: bool = True
     fused_step: bool = True  # batch 1: pipeline.backends.fused_decode where the model allows it
+    fused_rows: bool = False  # batches 2..64 too (fused_decode's batched GEMM; not yet timed on a GPU)
 
     @property
     def label(self) -> str:
         parts = [("graph" if self.cuda_graph else "eager"), ("compile" if self.compile else None),
                  ("triton-gemv" if self.triton_gemv else "cublas"), ("fused-mlp" if self.fuse_gate_up else None),
-                 ("fused-step" if self.fused_step else None)]
+                 ("fused-step" if self.fused_step else None), ("fused-rows" if self.fused_rows else None)]
         return "+".join(p for p in parts if p)
 
     @classmethod
     def from_label(cls, label: str) -> DecodeOptions:
         """The options a label names (the inverse of `label`), e.g. 'graph+cublas+fused-mlp+fused-step'."""
         parts = set(label.split("+"))
-        known = {"graph", "eager", "compile", "triton-gemv", "cublas", "fused-mlp", "fused-step"}
+        known = {"graph", "eager", "compile", "triton-gemv", "cublas", "fused-mlp", "fused-step", "fused-rows"}
         if parts - known or ("graph" in parts) == ("eager" in parts) or ("cublas" in parts) == ("triton-gemv" in parts):
             raise ValueError(f"not a decode path: {label!r} (parts: graph|eager, compile, triton-gemv|cublas, "
-                             "fused-mlp, fused-step)")
+                             "fused-mlp, fused-step, fused-rows)")
         return cls(cuda_graph="graph" in parts, compile="compile" in parts, triton_gemv="triton-gemv" in parts,
-                   fuse_gate_up="fused-mlp" in parts, fused_step="fused-step" in parts)
+                   fuse_gate_up="fused-mlp" in parts, fused_step="fused-step" in parts,
+                   fused_rows="fused-rows" in parts)
 
 
 class CudaLinear(Linear):
@@ -133,7 +136,7 @@ def set_triton_gemv(model: RankModel, flag: bool) -> None:
     """Switch an accelerated model's one-row GEMMs between the Triton GEMV (True) and cuBLAS (False)."""
     for linear in [value for layer in model.layers for value in layer.values()] + [model.head]:
         if hasattr(linear, "triton_gemv"):
-            linear.triton_gemv = flag
+            linear.triton_gemv = flag and cuda_kernels.available()  # as CudaLinear decides it (CUDA only)
 
 
 def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
@@ -145,6 +148,28 @@ def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
         return torch.mm(a, a.t(), out_dtype=torch.float32).dtype == torch.float32
     except (RuntimeError, TypeError):
         return False
+
+
+class HostEvent:
+    """The slice of torch.cuda.Event that timings use, on the host clock (CPU runs: the step is done on return)."""
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        return (end.at - self.at) * 1e3  # milliseconds, as CUDA events give them
+
+
+def timing_event(device: torch.device):
+    return torch.cuda.Event(enable_timing=True) if device.type == "cuda" else HostEvent()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class CudaDecoder:
@@ -165,14 +190,16 @@ class CudaDecoder:
         self.history = torch.zeros((batch, max_len + 1), dtype=torch.long, device=device)
         self.logits = None
         self.fused = None  # the fused batch-1 step, where it applies
-        if options.fused_step and batch == 1:
-            from pipeline.backends import fused_decode
+        from pipeline.backends import fused_decode
 
+        if options.fused_step and (batch == 1 or (options.fused_rows and batch <= fused_decode.MAX_ROWS)):
             self.fallback_reason = fused_decode.unsupported_reason(model)
             if self.fallback_reason is None:
                 self.fused = fused_decode.FusedStep(model)
+        elif not options.fused_step:
+            self.fallback_reason = "not asked"
         else:
-            self.fallback_reason = "not asked" if not options.fused_step else f"batch {batch}"
+            self.fallback_reason = f"batch {batch}" + ("" if options.fused_rows else "; fused-rows runs batches > 1")
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if options.compile else self._step
         self.graph = None
 
@@ -243,7 +270,7 @@ class CudaDecoder:
             else:
                 self._step_fn()
             if events is not None:
-                event = torch.cuda.Event(enable_timing=True)
+                event = timing_event(self.model.device)
                 event.record()
                 events.append(event)
 

@@ -254,6 +254,131 @@ if triton is not None:
     # config this GPU's Triton cannot compile), the process goes on with these
     _fused_gemv_kernel_known = _autotuned([c for c in _CONFIGS if c.kwargs["USE_DOT"] != 2])
 
+    # Batches above 1: the same fusion as a small GEMM, each weight tile read once for all rows (a tensor-core dot
+    # of the [B_P, BLOCK_K] input tile with it). Untimed so far; batch 1 keeps _fused_gemv.
+    _ROWS_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bn, bk, w, st in ((16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3),
+                              (128, 128, 8, 3))
+    ]
+    ROWS_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
+
+    def _prune_rows(configs, named_args, **kwargs):
+        kept = [c for c in configs if named_args["N"] // c.kwargs["BLOCK_N"] >= 128]
+        return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_N"])[:2]
+
+    @triton.jit
+    def _load_rows(x_ptr, r_ptr, offs_b, offs_k, mask, K: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+        """Rows [B_P, BLOCK_K] of the input in float32 (with a residual, the sum rounded to the model dtype)."""
+        offs = offs_b[:, None] * K + offs_k[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if ADD_RESIDUAL:
+            x = (x.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        return x.to(tl.float32)
+
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.jit
+    def _fused_gemm_rows(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
+                         B, N, K: tl.constexpr, eps,
+                         ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         B_P: tl.constexpr, W_F32: tl.constexpr, EVEN_K: tl.constexpr):
+        """fused_gemv for B rows (B <= B_P): act(norm(x + r) @ W^T + bias) as [B_P, BLOCK_N] tiles. The norm is
+        applied as the model's own does (normalized, rounded to the model dtype, times the weight)."""
+        pid = tl.program_id(0)
+        dt = x_ptr.dtype.element_ty
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+        w_rows = w_ptr + rows[:, None] * K
+        w2_rows = w_ptr + (rows + N)[:, None] * K
+        offs_b = tl.arange(0, B_P)
+        b_mask = offs_b < B
+        arange_k = tl.arange(0, BLOCK_K)
+
+        mean = tl.zeros((B_P,), dtype=tl.float32)
+        rstd = tl.zeros((B_P,), dtype=tl.float32) + 1.0
+        if NORM == 2:
+            s1 = tl.zeros((B_P, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + arange_k
+                s1 += _load_rows(x_ptr, r_ptr, offs_b, offs_k, b_mask[:, None] & (offs_k < K)[None, :], K,
+                                 ADD_RESIDUAL)
+            mean = tl.sum(s1, axis=1) / K
+        if NORM != 0:
+            s2 = tl.zeros((B_P, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + arange_k
+                mask = b_mask[:, None] & (offs_k < K)[None, :]
+                d = tl.where(mask, _load_rows(x_ptr, r_ptr, offs_b, offs_k, mask, K, ADD_RESIDUAL) - mean[:, None],
+                             0.0)
+                s2 += d * d
+            rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=1) / K + eps)
+        if FP8:
+            a_scale = tl.load(a_scale_ptr)
+
+        acc = tl.zeros((B_P, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((B_P, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + arange_k
+            k_mask = offs_k < K
+            mask = b_mask[:, None] & k_mask[None, :]
+            x = _load_rows(x_ptr, r_ptr, offs_b, offs_k, mask, K, ADD_RESIDUAL)
+            if ADD_RESIDUAL:
+                tl.store(h_out_ptr + offs_b[:, None] * K + offs_k[None, :], x.to(dt), mask=mask & (pid == 0))
+            if NORM == 1:
+                g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                x = (g[None, :] * (x * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            elif NORM == 2:
+                g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                b = tl.load(nb_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                x = ((x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]).to(dt).to(tl.float32)
+            if FP8:
+                xq = tl.clamp(x / a_scale, -448.0, 448.0).to(tl.float8e4nv)
+            else:
+                xq = x.to(w_ptr.dtype.element_ty)
+            if EVEN_K:
+                w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+            else:
+                w = tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+            if W_F32:  # float32 weights: no tf32 rounding
+                acc += tl.dot(xq, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(xq, tl.trans(w))
+            if ACT == 1:
+                if EVEN_K:
+                    w2 = tl.load(w2_rows + offs_k[None, :], eviction_policy="evict_first")
+                else:
+                    w2 = tl.load(w2_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0,
+                                 eviction_policy="evict_first")
+                if W_F32:
+                    acc2 += tl.dot(xq, tl.trans(w2), input_precision="ieee")
+                else:
+                    acc2 += tl.dot(xq, tl.trans(w2))
+
+        y = acc
+        y2 = acc2
+        if FP8:
+            scale = a_scale * tl.load(w_scale_ptr)
+            y = y * scale
+            y2 = y2 * scale
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if ACT == 1:
+                y2 += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            f = y.to(dt).to(tl.float32)
+            y = (f / (1.0 + tl.exp(-f))).to(dt).to(tl.float32) * y2.to(dt).to(tl.float32)
+        elif ACT == 2:
+            f = y.to(dt).to(tl.float32)
+            inner = 0.7978845608028654 * (f + 0.044715 * f * f * f)
+            y = 0.5 * f * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+        tl.store(y_ptr + offs_b[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=b_mask[:, None] & n_mask[None, :])
+
+    _fused_gemm_rows_kernel = triton.autotune(configs=_ROWS_CONFIGS, key=["N", "K", "B_P", "NORM", "FP8", "ACT"],
+                                              prune_configs_by={"early_config_prune": _prune_rows})(_fused_gemm_rows)
+
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
                                  max_len, scale,
@@ -386,6 +511,47 @@ def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale
     return torch.empty(n, dtype=out_dtype, device=x.device), torch.empty(k, dtype=x.dtype, device=x.device)
 
 
+@torch.library.custom_op("pipeline::fused_gemm_rows", mutates_args=())
+def fused_gemm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                    norm_bias: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                    act_scale: torch.Tensor | None, weight_scale: torch.Tensor | None, eps: float, norm: int, act: int,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_gemv for a batch of rows x [B, K] (B <= MAX_ROWS): returns (y [B, N], x + residual [B, K]; empty
+    without a residual)."""
+    B, K = x.shape
+    if B > MAX_ROWS:
+        raise ValueError(f"fused_gemm_rows takes at most {MAX_ROWS} rows, not {B}")
+    N = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
+    x = x.contiguous()
+    y = torch.empty((B, N), dtype=out_dtype, device=x.device)
+    h_out = torch.empty((B, K) if residual is not None else (0,), dtype=x.dtype, device=x.device)
+    dummy = y
+    fp8 = act_scale is not None
+    args = (x, residual.contiguous() if residual is not None else dummy, h_out if residual is not None else dummy,
+            norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
+            weight, bias if bias is not None else dummy, y, act_scale if fp8 else dummy,
+            weight_scale if fp8 else dummy, B, N, K, eps)
+    flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
+                 B_P=max(16, triton.next_power_of_2(B)), W_F32=weight.dtype == torch.float32)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _fused_gemm_rows[(triton.cdiv(N, ROWS_INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags,
+                                                                                **ROWS_INTERPRETER_CONFIG)
+    else:
+        _fused_gemm_rows_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+    return y, h_out
+
+
+MAX_ROWS = 64  # the batched fused step's limit (the rows of one tensor-core tile's operand)
+
+
+@fused_gemm_rows.register_fake
+def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act, out_dtype):
+    n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
+    h = x.shape if residual is not None else (0,)
+    return (torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device),
+            torch.empty(h, dtype=x.dtype, device=x.device))
+
+
 @torch.library.custom_op("pipeline::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
                      positions: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor | None, heads: int,
@@ -455,8 +621,8 @@ def unsupported_reason(model: RankModel) -> str | None:
 
 
 class FusedStep:
-    """A decode step for batch 1 (pp = 1, tp any) as 5 kernels per layer; `forward` matches RankModel.forward's
-    decode call and returns float32 logits [1, 1, vocab]."""
+    """A decode step (pp = 1, tp any, batch up to MAX_ROWS) as 5 kernels per layer; `forward` matches
+    RankModel.forward's decode call and returns float32 logits [B, 1, vocab]."""
 
     def __init__(self, model: RankModel):
         reason = unsupported_reason(model)
@@ -478,24 +644,31 @@ class FusedStep:
         self.inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
 
     def _gemv(self, x, residual, norm, gemm: _Gemm, act=ACT_NONE, out_dtype=None):
+        """The fused GEMM of rows x [B, K]: (y [B, N], x + residual [B, K]); batch 1 runs the GEMV kernel."""
         weight, bias = norm if norm is not None else (None, None)
         kind = NORM_NONE if norm is None else self.norm
-        return torch.ops.pipeline.fused_gemv(
-            x, residual, weight, bias if kind == NORM_LAYER else None, gemm.weight, gemm.bias, gemm.act_scale,
-            gemm.weight_scale, float(self.model.eps), kind, act, out_dtype or self.model.dtype)
+        args = (x, residual, weight, bias if kind == NORM_LAYER else None, gemm.weight, gemm.bias, gemm.act_scale,
+                gemm.weight_scale, float(self.model.eps), kind, act, out_dtype or self.model.dtype)
+        if x.shape[0] > 1:
+            return torch.ops.pipeline.fused_gemm_rows(*args)
+        y, h_out = torch.ops.pipeline.fused_gemv(*args)
+        return y.view(1, -1), h_out.view(1, -1)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:
         model = self.model
         comm = model.comm
-        h = F.embedding(tokens.view(1), model.embed)
+        batch = tokens.shape[0]
+        if batch > MAX_ROWS:
+            raise ValueError(f"the fused step runs batches of up to {MAX_ROWS}, not {batch}")
+        h = F.embedding(tokens.view(batch), model.embed)
         if model.pos_embed is not None:
-            h = h + F.embedding(positions.view(1), model.pos_embed)
+            h = h + F.embedding(positions.view(batch), model.pos_embed)
         residual = None
         for index, layer in enumerate(self.layers):
             qkv, h_new = self._gemv(h, residual, layer["ln1"], layer["qkv"])
             h = h_new if residual is not None else h
             attn = torch.ops.pipeline.decode_attention(
-                qkv.view(1, -1), cache.k[index], cache.v[index], cache.valid, positions.view(1), slot,
+                qkv, cache.k[index], cache.v[index], cache.valid, positions.view(batch), slot,
                 self.inv_freq, model.heads, model.kv_heads, model.head_size)
             residual, _ = self._gemv(attn, None, None, layer["dense"])
             residual = comm.all_reduce_tp(residual)
@@ -503,5 +676,5 @@ class FusedStep:
             residual, _ = self._gemv(hidden, None, None, layer["proj"])
             residual = comm.all_reduce_tp(residual)
         logits, _ = self._gemv(h, residual, model.ln_f, self.head, out_dtype=torch.float32)
-        logits = comm.all_gather_tp(logits.view(1, 1, -1))
+        logits = comm.all_gather_tp(logits.view(batch, 1, -1))
         return logits[..., : model.vocab_size]
