@@ -26,9 +26,9 @@ for phase in "${@:-tests gpt2 8b}"; do
     profile32) # where a batch-32 step's time goes (the compiled layer-by-layer step that batches > 1 run)
            python bench/profile_step.py llama-3-8b --batch 32 --no-gemv --variants graph+compile+cublas+fused-mlp ;;
     gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
-             --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step ;;
+             --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl ;;
     8b)    python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
-             --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step \
+             --variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl \
              --batched-variants graph+compile+cublas+fused-mlp,graph+triton-gemv+fused-mlp+fused-step+fused-rows ;;
     forms) # A/B of the fused GEMV's forms (0 FMA, 1 dot, 2 swap-AB dot): bf16 batch 1 autotuned over 0,1 only;
            # the 8b phase (after it, same card) autotunes over all three

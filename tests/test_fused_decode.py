@@ -156,6 +156,12 @@ def test_unsupported_models_fall_back_with_the_reason(home):
     with pytest.raises(ValueError, match="not a decode path"):
         DecodeOptions.from_label("graph+turbo")
     assert DecodeOptions.from_label("graph+compile+cublas+fused-mlp+fused-step") == DecodeOptions(triton_gemv=False)
+    pdl = DecodeOptions.from_label("graph+triton-gemv+fused-mlp+fused-step+fused-rows+pdl")
+    assert pdl.pdl and pdl.fused_rows and DecodeOptions.from_label(pdl.label) == pdl
+    if DEVICE.type == "cpu":  # programmatic dependent launch is a Hopper feature: dropped elsewhere
+        options = DecodeOptions(cuda_graph=False, compile=False, pdl=True)
+        decoder = CudaDecoder(accelerate(_model("gpt2-tiny", "float32"), options), 1, 16, options)
+        assert decoder.fused is not None and not decoder.fused.pdl and decoder.path == "fused step"
 
 
 @pytest.mark.parametrize("fp8", [False, True])

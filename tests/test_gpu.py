@@ -92,10 +92,12 @@ def test_every_decode_path_gives_the_plain_loops_tokens(home, shape):
         decoder.warm_up()
         assert decoder.generate(prompts, 24) == expected, options.label
     fused_model = accelerate(_model(artifact, GPU), DecodeOptions())
-    for label in ("graph+triton-gemv+fused-mlp+fused-step", "graph+compile+triton-gemv+fused-mlp+fused-step"):
+    for label in ("graph+triton-gemv+fused-mlp+fused-step", "graph+compile+triton-gemv+fused-mlp+fused-step",
+                  "graph+triton-gemv+fused-mlp+fused-step+pdl"):
         decoder = CudaDecoder(fused_model, 1, 64, DecodeOptions.from_label(label))
         decoder.warm_up()
-        assert decoder.path == "fused step"
+        hopper = torch.cuda.get_device_capability(GPU)[0] >= 9
+        assert decoder.path == ("fused step, PDL" if label.endswith("pdl") and hopper else "fused step")
         assert decoder.generate(prompts, 24) == expected, label
     # the batched fused step (fused-rows): three prompts of unequal lengths against the plain loop's tokens
     batch = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6], [11, 2, 3, 5, 7]]

@@ -39,25 +39,27 @@ class DecodeOptions:
     fuse_gate_up: bool = True
     fused_step: bool = True  # batch 1: pipeline.backends.fused_decode where the model allows it
     fused_rows: bool = False  # batches 2..64 too (fused_decode's batched GEMM; not yet timed on a GPU)
+    pdl: bool = False  # the fused step's kernels with programmatic dependent launch (Hopper+; not yet timed)
 
     @property
     def label(self) -> str:
         parts = [("graph" if self.cuda_graph else "eager"), ("compile" if self.compile else None),
                  ("triton-gemv" if self.triton_gemv else "cublas"), ("fused-mlp" if self.fuse_gate_up else None),
-                 ("fused-step" if self.fused_step else None), ("fused-rows" if self.fused_rows else None)]
+                 ("fused-step" if self.fused_step else None), ("fused-rows" if self.fused_rows else None),
+                 ("pdl" if self.pdl else None)]
         return "+".join(p for p in parts if p)
 
     @classmethod
     def from_label(cls, label: str) -> DecodeOptions:
         """The options a label names (the inverse of `label`), e.g. 'graph+cublas+fused-mlp+fused-step'."""
         parts = set(label.split("+"))
-        known = {"graph", "eager", "compile", "triton-gemv", "cublas", "fused-mlp", "fused-step", "fused-rows"}
+        known = {"graph", "eager", "compile", "triton-gemv", "cublas", "fused-mlp", "fused-step", "fused-rows", "pdl"}
         if parts - known or ("graph" in parts) == ("eager" in parts) or ("cublas" in parts) == ("triton-gemv" in parts):
             raise ValueError(f"not a decode path: {label!r} (parts: graph|eager, compile, triton-gemv|cublas, "
-                             "fused-mlp, fused-step, fused-rows)")
+                             "fused-mlp, fused-step, fused-rows, pdl)")
         return cls(cuda_graph="graph" in parts, compile="compile" in parts, triton_gemv="triton-gemv" in parts,
                    fuse_gate_up="fused-mlp" in parts, fused_step="fused-step" in parts,
-                   fused_rows="fused-rows" in parts)
+                   fused_rows="fused-rows" in parts, pdl="pdl" in parts)
 
 
 class CudaLinear(Linear):
@@ -195,7 +197,7 @@ class CudaDecoder:
         if options.fused_step and (batch == 1 or (options.fused_rows and batch <= fused_decode.MAX_ROWS)):
             self.fallback_reason = fused_decode.unsupported_reason(model)
             if self.fallback_reason is None:
-                self.fused = fused_decode.FusedStep(model)
+                self.fused = fused_decode.FusedStep(model, pdl=options.pdl)
         elif not options.fused_step:
             self.fallback_reason = "not asked"
         else:
@@ -205,7 +207,9 @@ class CudaDecoder:
 
     @property
     def path(self) -> str:
-        return "fused step" if self.fused is not None else f"layer by layer ({self.fallback_reason})"
+        if self.fused is not None:
+            return "fused step, PDL" if self.fused.pdl else "fused step"
+        return f"layer by layer ({self.fallback_reason})"
 
     def _step(self) -> torch.Tensor:
         """One greedy decode step on the device buffers: write the cache at `slot`, compute logits, advance."""

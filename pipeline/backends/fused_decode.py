@@ -37,6 +37,7 @@ from pipeline.quantize.runtime import FP8Linear
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the fused step is simply unavailable
     triton = None
 
@@ -130,7 +131,7 @@ if triton is not None:
                     N, K, eps,
                     ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+                    W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
         """The fused GEMV of one row block (see fused_gemv). On a GPU K is a runtime argument; in Triton's CPU
         emulator, which cannot loop to a runtime bound, _fused_gemv_emulated calls this with K a constant."""
         DOT: tl.constexpr = 0 if W_F32 else USE_DOT  # float32 weights stay on the CUDA cores (no tf32 rounding)
@@ -142,6 +143,10 @@ if triton is not None:
         w_rows = w_ptr + rows[:, None] * K
         w2_rows = w_ptr + (rows + N)[:, None] * K  # the gate half of a fused gated GEMM
         arange_k = tl.arange(0, BLOCK_K)
+        if PDL:  # programmatic dependent launch: the next kernel may launch once every program got here; wait
+            # for the previous kernel's writes (nothing above reads them)
+            gdc_launch_dependents()
+            gdc_wait()
 
         # statistics first where the normalized value is needed inside the loop (LayerNorm; FP8 quantizes it)
         mean = 0.0
@@ -282,7 +287,7 @@ if triton is not None:
                          B, N, K: tl.constexpr, eps,
                          ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                          FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         B_P: tl.constexpr, W_F32: tl.constexpr, EVEN_K: tl.constexpr):
+                         B_P: tl.constexpr, W_F32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
         """fused_gemv for B rows (B <= B_P): act(norm(x + r) @ W^T + bias) as [B_P, BLOCK_N] tiles. The norm is
         applied as the model's own does (normalized, rounded to the model dtype, times the weight)."""
         pid = tl.program_id(0)
@@ -295,6 +300,9 @@ if triton is not None:
         offs_b = tl.arange(0, B_P)
         b_mask = offs_b < B
         arange_k = tl.arange(0, BLOCK_K)
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
 
         mean = tl.zeros((B_P,), dtype=tl.float32)
         rstd = tl.zeros((B_P,), dtype=tl.float32) + 1.0
@@ -383,7 +391,8 @@ if triton is not None:
     def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
                                  max_len, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
-                                 D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
+                                 D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 PDL: tl.constexpr = False):
         """One (sequence, KV head) of decode_attention; max_len is a runtime argument on a GPU and a constant in the
         CPU emulator (_decode_attention_kernel_emulated)."""
         b = tl.program_id(0)
@@ -396,6 +405,9 @@ if triton is not None:
         g_mask = g < G
         d_mask = d < D
         qd_mask = g_mask[:, None] & d_mask[None, :]
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         row = qkv_ptr + b * (HEADS + 2 * KV_HEADS) * D
         q_off = (kvh * G + g)[:, None] * D
         k_off = HEADS * D + kvh * D
@@ -468,9 +480,10 @@ if triton is not None:
 def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
                norm_bias: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                act_scale: torch.Tensor | None, weight_scale: torch.Tensor | None, eps: float, norm: int, act: int,
-               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+               out_dtype: torch.dtype, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """act(W @ norm(x + residual) + bias) for one row; returns (y, x + residual) (the second is empty without a
-    residual). With act=silu-gate, weight holds [fc; gate] and y has half its rows."""
+    residual). With act=silu-gate, weight holds [fc; gate] and y has half its rows. pdl: launch with programmatic
+    dependent launch (Hopper+), so that the next kernel's launch overlaps this one's end."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
     x = x.reshape(K)
@@ -485,6 +498,8 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
     flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
                  W_F32=weight.dtype == torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    if pdl and os.environ.get("TRITON_INTERPRET") != "1":
+        flags.update(PDL=True, launch_pdl=True)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
         _fused_gemv_emulated[(triton.cdiv(N, INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags, **INTERPRETER_CONFIG)
     elif _autotune_failed:
@@ -505,7 +520,8 @@ _autotune_failed: list[str] = []
 
 
 @fused_gemv.register_fake
-def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act, out_dtype):
+def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act, out_dtype,
+      pdl=False):
     n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
     k = x.shape[-1] if residual is not None else 0
     return torch.empty(n, dtype=out_dtype, device=x.device), torch.empty(k, dtype=x.dtype, device=x.device)
@@ -515,7 +531,7 @@ def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale
 def fused_gemm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
                     norm_bias: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                     act_scale: torch.Tensor | None, weight_scale: torch.Tensor | None, eps: float, norm: int, act: int,
-                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                    out_dtype: torch.dtype, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """fused_gemv for a batch of rows x [B, K] (B <= MAX_ROWS): returns (y [B, N], x + residual [B, K]; empty
     without a residual)."""
     B, K = x.shape
@@ -533,6 +549,8 @@ def fused_gemm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
             weight_scale if fp8 else dummy, B, N, K, eps)
     flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
                  B_P=max(16, triton.next_power_of_2(B)), W_F32=weight.dtype == torch.float32)
+    if pdl and os.environ.get("TRITON_INTERPRET") != "1":
+        flags.update(PDL=True, launch_pdl=True)
     if os.environ.get("TRITON_INTERPRET") == "1":
         _fused_gemm_rows[(triton.cdiv(N, ROWS_INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags,
                                                                                 **ROWS_INTERPRETER_CONFIG)
@@ -545,7 +563,8 @@ MAX_ROWS = 64  # the batched fused step's limit (the rows of one tensor-core til
 
 
 @fused_gemm_rows.register_fake
-def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act, out_dtype):
+def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act, out_dtype,
+      pdl=False):
     n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
     h = x.shape if residual is not None else (0,)
     return (torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device),
@@ -555,7 +574,7 @@ def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale
 @torch.library.custom_op("pipeline::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
                      positions: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor | None, heads: int,
-                     kv_heads: int, head_size: int) -> torch.Tensor:
+                     kv_heads: int, head_size: int, pdl: bool = False) -> torch.Tensor:
     """One decode step's attention for qkv [B, (heads + 2 kv_heads) * head_size]: rotary embedding (if inv_freq),
     k and v written to the caches [B, kv_heads, max_len, head_size] at `slot`, and softmax(q k^T / sqrt(d)) v over
     the valid slots. Returns [B, heads * head_size]."""
@@ -563,19 +582,20 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     max_len = k_cache.shape[2]
     out = torch.empty((batch, heads * head_size), dtype=qkv.dtype, device=qkv.device)
     group = heads // kv_heads
-    kernel = _decode_attention_kernel_emulated if os.environ.get("TRITON_INTERPRET") == "1" else \
-        _decode_attention_kernel
+    emulated = os.environ.get("TRITON_INTERPRET") == "1"
+    kernel = _decode_attention_kernel_emulated if emulated else _decode_attention_kernel
+    extra = dict(PDL=True, launch_pdl=True) if pdl and not emulated else {}
     kernel[(batch, kv_heads)](
         qkv, k_cache, v_cache, valid.view(torch.uint8), positions, slot,
         inv_freq if inv_freq is not None else qkv, out, max_len, head_size ** -0.5,
         HEADS=heads, KV_HEADS=kv_heads, D=head_size, GROUP_P=max(16, triton.next_power_of_2(group)),
         D_P=max(16, triton.next_power_of_2(head_size)), ROPE=inv_freq is not None,
-        IEEE=qkv.dtype == torch.float32, BLOCK_S=64, num_warps=4)
+        IEEE=qkv.dtype == torch.float32, BLOCK_S=64, num_warps=4, **extra)
     return out
 
 
 @decode_attention.register_fake
-def _(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size):
+def _(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size, pdl=False):
     return torch.empty((qkv.shape[0], heads * head_size), dtype=qkv.dtype, device=qkv.device)
 
 
@@ -624,7 +644,7 @@ class FusedStep:
     """A decode step (pp = 1, tp any, batch up to MAX_ROWS) as 5 kernels per layer; `forward` matches
     RankModel.forward's decode call and returns float32 logits [B, 1, vocab]."""
 
-    def __init__(self, model: RankModel):
+    def __init__(self, model: RankModel, pdl: bool = False):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fused decode step does not support {reason}")
@@ -642,13 +662,15 @@ class FusedStep:
         self.act = ACT_GELU if model.is_gpt else ACT_SILU_GATE
         self.head = _Gemm(model.head)
         self.inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
+        # programmatic dependent launch needs Hopper or newer; elsewhere the flag is dropped
+        self.pdl = pdl and model.device.type == "cuda" and torch.cuda.get_device_capability(model.device)[0] >= 9
 
     def _gemv(self, x, residual, norm, gemm: _Gemm, act=ACT_NONE, out_dtype=None):
         """The fused GEMM of rows x [B, K]: (y [B, N], x + residual [B, K]); batch 1 runs the GEMV kernel."""
         weight, bias = norm if norm is not None else (None, None)
         kind = NORM_NONE if norm is None else self.norm
         args = (x, residual, weight, bias if kind == NORM_LAYER else None, gemm.weight, gemm.bias, gemm.act_scale,
-                gemm.weight_scale, float(self.model.eps), kind, act, out_dtype or self.model.dtype)
+                gemm.weight_scale, float(self.model.eps), kind, act, out_dtype or self.model.dtype, self.pdl)
         if x.shape[0] > 1:
             return torch.ops.pipeline.fused_gemm_rows(*args)
         y, h_out = torch.ops.pipeline.fused_gemv(*args)
@@ -669,7 +691,7 @@ class FusedStep:
             h = h_new if residual is not None else h
             attn = torch.ops.pipeline.decode_attention(
                 qkv, cache.k[index], cache.v[index], cache.valid, positions.view(batch), slot,
-                self.inv_freq, model.heads, model.kv_heads, model.head_size)
+                self.inv_freq, model.heads, model.kv_heads, model.head_size, self.pdl)
             residual, _ = self._gemv(attn, None, None, layer["dense"])
             residual = comm.all_reduce_tp(residual)
             hidden, h = self._gemv(h, residual, layer["ln2"], layer["mlp"], self.act)
