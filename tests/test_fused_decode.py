@@ -246,3 +246,22 @@ def test_bench_compares_batched_decode_paths_on_the_cpu(home, tmp_path):
     assert three["variants_agree_on_tokens"] is True and [len(t) for t in three["tokens"]] == [4, 4, 4]
     assert f"batch 3 {fused}" in proc.stderr and "(fused step)" in proc.stderr
     assert "same greedy tokens: True" in proc.stdout
+
+
+def test_the_gpu_kernels_compile_for_hopper(tmp_path):
+    """bench/compile_check.py: every fused kernel form (each dtype, the dot forms, every autotuning config, the
+    batched GEMM, programmatic dependent launch) compiles to an sm_90 cubin with the ptxas of Triton's wheel, no GPU
+    needed; with PDL the PTX has griddepcontrol, without it none."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled here, not found in a cache
+    proc = subprocess.run([sys.executable, "bench/compile_check.py"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 67 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert sum("griddepcontrol" in line for line in lines) == 10

@@ -1,0 +1,112 @@
+"""Compile the fused decode kernels for a GPU without one: Triton's compiler and the ptxas of its wheel turn each
+kernel into a cubin for the target (default sm_90, Hopper), so a kernel that would not compile is found on the CPU
+before a GPU call is spent on it. Triton's CPU emulator runs the same kernels but never compiles them, and some
+paths run only compiled (programmatic dependent launch, the tensor-core forms at FP8, autotuned configs).
+
+    python bench/compile_check.py [--arch 90]
+
+Prints one line per compiled kernel and exits 1 if any failed.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton loads: the real compiler, not the emulator
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from pipeline.backends import fused_decode as fd  # noqa: E402
+
+SHARED_LIMIT = 227 * 1024  # the shared memory one block may use on an H100/H200
+GEMV_POINTERS = ("x_ptr", "r_ptr", "h_out_ptr", "nw_ptr", "nb_ptr", "w_ptr", "b_ptr", "y_ptr", "a_scale_ptr",
+                 "w_scale_ptr")
+
+
+def gemv_signature(dtype: str, weight: str, out: str, rows: bool) -> dict:
+    types = {name: f"*{dtype}" for name in GEMV_POINTERS}
+    types.update(w_ptr=f"*{weight}", y_ptr=f"*{out}", a_scale_ptr="*fp32", w_scale_ptr="*fp32")
+    scalars = {"B": "i32", "N": "i32", "K": "i32", "eps": "fp32"} if rows else {"N": "i32", "K": "i32", "eps": "fp32"}
+    return {**types, **scalars}
+
+
+def cases():
+    """(name, kernel, signature, constexprs, options): the forms the fused step runs, each dtype once."""
+    common = dict(ADD_RESIDUAL=True, HAS_BIAS=False, EVEN_K=True)
+    for dtype, weight, fp8 in (("bf16", "bf16", False), ("fp16", "fp8e4nv", True), ("fp32", "fp32", False)):
+        for dot in (0, 1, 2):
+            for pdl in (False, True):
+                if dtype == "fp32" and dot:
+                    continue  # float32 weights run the FMA form whatever USE_DOT says
+                constexprs = dict(common, NORM=fd.NORM_RMS, FP8=fp8, ACT=fd.ACT_SILU_GATE, BLOCK_N=64 if dot == 2
+                                  else 16 if dot == 1 else 4, BLOCK_K=256, W_F32=dtype == "fp32", USE_DOT=dot, PDL=pdl)
+                yield (f"fused_gemv {weight} USE_DOT={dot} pdl={pdl}", fd._fused_gemv,
+                       gemv_signature(dtype, weight, dtype, rows=False), constexprs, dict(launch_pdl=pdl))
+    layer = dict(common, NORM=fd.NORM_LAYER, FP8=False, ACT=fd.ACT_GELU, HAS_BIAS=True, BLOCK_N=4, BLOCK_K=256,
+                 W_F32=False, USE_DOT=0, EVEN_K=False, PDL=False)
+    yield "fused_gemv fp16 LayerNorm+GELU+bias", fd._fused_gemv, gemv_signature("fp16", "fp16", "fp16", False), layer, {}
+    for dtype, weight, out, norm, act, pdl in (("bf16", "bf16", "bf16", fd.NORM_RMS, fd.ACT_SILU_GATE, True),
+                                               ("bf16", "fp8e4nv", "bf16", fd.NORM_RMS, fd.ACT_SILU_GATE, False),
+                                               ("fp16", "fp16", "fp16", fd.NORM_LAYER, fd.ACT_GELU, False),
+                                               ("fp32", "fp32", "fp32", fd.NORM_RMS, fd.ACT_NONE, False),
+                                               ("bf16", "bf16", "fp32", fd.NORM_RMS, fd.ACT_NONE, True)):
+        constexprs = dict(ADD_RESIDUAL=True, NORM=norm, HAS_BIAS=act == fd.ACT_GELU, FP8=weight == "fp8e4nv", ACT=act,
+                          BLOCK_N=64, BLOCK_K=128, B_P=32, W_F32=dtype == "fp32", EVEN_K=True, PDL=pdl)
+        yield (f"fused_gemm_rows {weight}->{out} norm={norm} act={act} pdl={pdl}", fd._fused_gemm_rows.fn,
+               gemv_signature(dtype, weight, out, rows=True), constexprs, dict(launch_pdl=pdl))
+    # every autotuning config, at the 8B shape's dtypes (a config that does not compile would stop autotuning)
+    for config in fd._CONFIGS:
+        for dtype, weight in (("bf16", "bf16"), ("bf16", "fp8e4nv")):
+            constexprs = dict(common, NORM=fd.NORM_RMS, FP8=weight == "fp8e4nv", ACT=fd.ACT_SILU_GATE, W_F32=False,
+                              PDL=False, **config.kwargs)
+            yield (f"fused_gemv {weight} config {config}", fd._fused_gemv, gemv_signature(dtype, weight, dtype, False),
+                   constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    for config in fd._ROWS_CONFIGS:
+        for weight, rows in (("bf16", 32), ("fp8e4nv", 64)):
+            constexprs = dict(common, NORM=fd.NORM_RMS, FP8=weight == "fp8e4nv", ACT=fd.ACT_SILU_GATE, W_F32=False,
+                              PDL=False, B_P=rows, **config.kwargs)
+            yield (f"fused_gemm_rows {weight} B_P={rows} config {config}", fd._fused_gemm_rows.fn,
+                   gemv_signature("bf16", weight, "bf16", True), constexprs,
+                   dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    for dtype, rope, pdl in (("bf16", True, True), ("fp16", False, False), ("fp32", True, False)):
+        signature = {name: f"*{dtype}" for name in ("qkv_ptr", "k_ptr", "v_ptr", "out_ptr")}
+        signature.update(valid_ptr="*u8", pos_ptr="*i64", slot_ptr="*i64", inv_freq_ptr="*fp32", max_len="i32",
+                         scale="fp32")
+        constexprs = dict(HEADS=32, KV_HEADS=8, D=128, GROUP_P=16, D_P=128, ROPE=rope, IEEE=dtype == "fp32",
+                          BLOCK_S=64, PDL=pdl)
+        yield (f"decode_attention {dtype} rope={rope} pdl={pdl}", fd._decode_attention_kernel, signature, constexprs,
+               dict(launch_pdl=pdl))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="the CUDA compute capability to compile for (90: Hopper)")
+    args = p.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    for name, kernel, signature, constexprs, options in cases():
+        ordered = {arg: signature.get(arg, "constexpr") for arg in kernel.arg_names}
+        start = time.perf_counter()
+        try:
+            compiled = triton.compile(ASTSource(kernel, ordered, constexprs),
+                                      target=target, options={"num_warps": 4, "num_stages": 3, **options})
+            if compiled.metadata.shared > SHARED_LIMIT:  # not a failure: autotuning skips a config that does not fit
+                name += f" (needs {compiled.metadata.shared} bytes of shared memory: skipped when autotuning)"
+            gdc = "griddepcontrol.wait" in compiled.asm["ptx"]
+            if gdc != constexprs.get("PDL", False):
+                raise AssertionError(f"PDL={constexprs.get('PDL')} but griddepcontrol in the PTX: {gdc}")
+            print(f"ok    sm_{args.arch} {name}: {len(compiled.asm['cubin'])} bytes of cubin"
+                  f"{', griddepcontrol' if gdc else ''}, {time.perf_counter() - start:.1f} s", flush=True)
+        except Exception as exc:  # noqa: BLE001 - every failure is listed, then the exit code says it
+            failures += 1
+            print(f"FAIL  sm_{args.arch} {name}: {type(exc).__name__}: {str(exc)[:800]}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
