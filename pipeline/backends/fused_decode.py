@@ -72,8 +72,10 @@ if triton is not None:
     # Three ways to run the products, autotuned per shape (USE_DOT): 0, CUDA-core FMAs on a [BLOCK_N, BLOCK_K]
     # tile; 1, tensor-core dots of the input row (broadcast to the 16 rows a dot needs) with the weight tile; 2, the
     # same dot with the weights as the tall operand ([BLOCK_N, K] x [K, 16], the "swap AB" form of small-batch GEMMs,
-    # which lets Hopper's wgmma take BLOCK_N >= 64 rows). The dots take FP8 weights as they are, where the FMA path
-    # converts each weight byte on the CUDA cores.
+    # which lets Hopper's wgmma take BLOCK_N >= 64 rows). For FP8 weights on sm_90, the compiled PTX shows
+    # (bench/compile_check.py): the FMA form converts each weight byte twice (e4m3x2 -> f16x2, f16 -> f32) before
+    # its FMA, so the CUDA cores' conversion rate, not memory, likely bounds it; form 1 and form 2 with BLOCK_N = 32
+    # also convert to f16 (mma.sync); only form 2 with BLOCK_N >= 64 feeds the FP8 bytes to wgmma unconverted.
     _CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": dot}, num_warps=w, num_stages=s)
         for bn, bk, w, s, dot in (
@@ -95,7 +97,12 @@ if triton is not None:
             return c.kwargs["BLOCK_N"] <= 4 and c.kwargs["BLOCK_K"] == 256
 
         def enough_blocks(c):  # the swapped dot's tall tiles do with about one row block per SM
-            return n // c.kwargs["BLOCK_N"] >= (128 if c.kwargs["USE_DOT"] == 2 else 256)
+            if c.kwargs["USE_DOT"] != 2:
+                return n // c.kwargs["BLOCK_N"] >= 256
+            # FP8's wgmma tiles (BLOCK_N >= 64) are timed even at half a row block per SM (4096 rows): the
+            # conversions they skip may be worth more than the idle SMs (untimed yet)
+            fp8_wgmma = kwargs.get("FP8", False) and c.kwargs["BLOCK_N"] >= 64
+            return n // c.kwargs["BLOCK_N"] >= (64 if fp8_wgmma else 128)
 
         kept = [c for c in configs if enough_blocks(c) and (k < 2048 or not small_k_only(c))]
         return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_N"])[:2]
