@@ -1,7 +1,9 @@
 """Compile the fused decode kernels for a GPU without one: Triton's compiler and the ptxas of its wheel turn each
 kernel into a cubin for the target (default sm_90, Hopper), so a kernel that would not compile is found on the CPU
 before a GPU call is spent on it. Triton's CPU emulator runs the same kernels but never compiles them, and some
-paths run only compiled (programmatic dependent launch, the tensor-core forms at FP8, autotuned configs).
+paths run only compiled (programmatic dependent launch with its L2 prefetch, the tensor-core forms at FP8,
+autotuned configs). Some checks read the PTX: griddepcontrol only with PDL, the weights' prefetch before its wait,
+FP8 wgmma in the swap-AB form.
 
     python bench/compile_check.py [--arch 90]
 
@@ -107,6 +109,9 @@ def main(argv=None) -> int:
             gdc = "griddepcontrol.wait" in ptx
             if gdc != constexprs.get("PDL", False):
                 raise AssertionError(f"PDL={constexprs.get('PDL')} but griddepcontrol in the PTX: {gdc}")
+            prefetch = ptx.find("prefetch.global.L2")
+            if gdc and "w_ptr" in signature and not 0 <= prefetch < ptx.find("griddepcontrol.wait"):
+                raise AssertionError("with PDL the weights' L2 prefetch must come before griddepcontrol.wait")
             print(f"ok    sm_{args.arch} {name}: {len(compiled.asm['cubin'])} bytes of cubin"
                   f"{', griddepcontrol' if gdc else ''}, {time.perf_counter() - start:.1f} s", flush=True)
         except Exception as exc:  # noqa: BLE001 - every failure is listed, then the exit code says it

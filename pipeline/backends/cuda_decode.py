@@ -39,7 +39,9 @@ class DecodeOptions:
     fuse_gate_up: bool = True
     fused_step: bool = True  # batch 1: pipeline.backends.fused_decode where the model allows it
     fused_rows: bool = False  # batches 2..64 too (fused_decode's batched GEMM; not yet timed on a GPU)
-    pdl: bool = False  # the fused step's kernels with programmatic dependent launch (Hopper+; not yet timed)
+    # the fused step's kernels with programmatic dependent launch: each starts while the previous one ends and
+    # prefetches its first weights into L2 meanwhile (Hopper+; not yet timed)
+    pdl: bool = False
 
     @property
     def label(self) -> str:

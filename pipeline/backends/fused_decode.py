@@ -115,6 +115,25 @@ if triton is not None:
             x = (x.to(tl.float32) + tl.load(r_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)).to(x.dtype)
         return x.to(tl.float32)
 
+    PREFETCH_CHUNKS = tl.constexpr(2)  # BLOCK_K chunks of each weight row prefetched before gdc_wait (bounded: L2 is shared)
+
+    @triton.jit
+    def _prefetch_l2(ptrs):
+        """prefetch.global.L2 of each address (one per 128-byte line is enough); nothing is loaded into registers."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_rows(w_rows, K, BLOCK_K: tl.constexpr, GATED: tl.constexpr, w2_rows):
+        """The first PREFETCH_CHUNKS chunks of the weight rows (and of the gate rows), a line per 128 bytes."""
+        LINE: tl.constexpr = 1024 // w_rows.dtype.element_ty.primitive_bitwidth
+        lines = tl.arange(0, BLOCK_K // LINE) * LINE
+        for k0 in tl.static_range(0, PREFETCH_CHUNKS * BLOCK_K, BLOCK_K):
+            offs = tl.minimum(k0 + lines, K - 1)[None, :]  # never past the row (nor the matrix)
+            _prefetch_l2(w_rows + offs)
+            if GATED:
+                _prefetch_l2(w2_rows + offs)
+
     @triton.jit
     def _activation(y, y2, dt, ACT: tl.constexpr):
         """The epilogue's activation on float32 sums: silu(fc) * gate (ACT 1; y2 the gate), each rounded to the
@@ -163,10 +182,11 @@ if triton is not None:
         w_rows = w_ptr + rows[:, None] * K
         w2_rows = w_ptr + (rows + N)[:, None] * K  # the gate half of a fused gated GEMM
         arange_k = tl.arange(0, BLOCK_K)
-        if PDL:  # programmatic dependent launch: the next kernel may launch once every program got here; wait
-            # for the previous kernel's writes (nothing above reads them)
+        if PDL:  # programmatic dependent launch: the next kernel may launch once every program got here
             gdc_launch_dependents()
-            gdc_wait()
+            # while the previous kernel finishes: this program's first weights into L2 (they depend on no kernel)
+            _prefetch_rows(w_rows, K, BLOCK_K, ACT == 1, w2_rows)
+            gdc_wait()  # the previous kernel's writes are visible from here (nothing above reads them)
 
         # statistics first where the normalized value is needed inside the loop (LayerNorm; FP8 quantizes it)
         mean = 0.0
@@ -314,8 +334,9 @@ if triton is not None:
         offs_b = tl.arange(0, B_P)
         b_mask = offs_b < B
         arange_k = tl.arange(0, BLOCK_K)
-        if PDL:
+        if PDL:  # as in _fused_gemv
             gdc_launch_dependents()
+            _prefetch_rows(w_rows, K, BLOCK_K, ACT == 1, w2_rows)
             gdc_wait()
 
         mean = tl.zeros((B_P,), dtype=tl.float32)
