@@ -229,42 +229,50 @@ def worker(args: argparse.Namespace) -> int:
 
     variants = [DecodeOptions.from_label(label) for label in
                 (ALL_VARIANTS if args.variants == "all" else args.variants.split(","))]
-    prompts1 = make_prompts(1, args.input_len, vocab, seed=1)
-    best = None
-    for options in variants:
+    def run_variant(options: DecodeOptions, prompts: list[list[int]]) -> dict:
+        """Set up, warm up and measure one decode path at len(prompts) sequences; {"error": ...} if any rank could
+        not set it up. Every rank learns of a failure on any rank before the next collective: a rank that went on
+        alone would wait for the others forever."""
+        batch = len(prompts)
+        tag = options.label if batch == 1 else f"batch {batch} {options.label}"
         set_triton_gemv(model, options.triton_gemv)
         decoder, problem = None, None
         try:
             t0 = time.perf_counter()
-            decoder = CudaDecoder(model, 1, max_len, options)
+            decoder = CudaDecoder(model, batch, max_len, options)
             decoder.warm_up()
             setup_s = time.perf_counter() - t0
-            progress(f"{options.label}: set up in {setup_s:.1f} s ({decoder.path})")
+            progress(f"{tag}: set up in {setup_s:.1f} s ({decoder.path})")
         except Exception as exc:  # a variant that cannot run here (compile or capture failure) is reported
             problem = f"{type(exc).__name__}: {exc}"[:500]
-        # every rank learns of a failure on any rank before the next collective: a rank that went on alone
-        # would wait for the others forever
         failed = all_ok(mpi_comm, problem)
         if failed:
-            result["variants"][options.label] = {"error": "; ".join(f"rank {r}: {p}" for r, p in failed)}
-            progress(f"{options.label}: failed: {result['variants'][options.label]['error'][:300]}")
+            error = "; ".join(f"rank {r}: {p}" for r, p in failed)
+            progress(f"{tag}: failed: {error[:300]}")
             decoder = None
             torch.cuda.empty_cache()
-            continue
+            return {"error": error}
         try:
-            m = measure(decoder, prompts1, args.output_len, args.repeats)
-            m["step"] = decoder.path
+            m = measure(decoder, prompts, args.output_len, args.repeats)
+            m.update(variant=options.label, step=decoder.path, setup_s=setup_s)
             if decoder.fused:  # which GEMV form and tile autotuning chose per shape (PIPELINE_FUSED_GEMV_FORMS)
                 from pipeline.backends.fused_decode import chosen_configs
 
                 m["gemv_configs"] = chosen_configs()
-            progress(f"{options.label}: {m['output_tokens_per_s']:.1f} tok/s")
+            progress(f"{tag}: {m['output_tokens_per_s']:.1f} tok/s")
         finally:
             decoder = None
             torch.cuda.empty_cache()
-        m["setup_s"] = setup_s
-        m["percent_of_roofline"] = 100 * m["output_tokens_per_s"] / result["roofline_tokens_per_s_batch1"]
+        return m
+
+    prompts1 = make_prompts(1, args.input_len, vocab, seed=1)
+    best = None
+    for options in variants:
+        m = run_variant(options, prompts1)
         result["variants"][options.label] = m
+        if "error" in m:
+            continue
+        m["percent_of_roofline"] = 100 * m["output_tokens_per_s"] / result["roofline_tokens_per_s_batch1"]
         if best is None or m["output_tokens_per_s"] > result["variants"][best.label]["output_tokens_per_s"]:
             best = options
     labels = [k for k, v in result["variants"].items() if "tokens" in v]
@@ -282,29 +290,14 @@ def worker(args: argparse.Namespace) -> int:
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         if batch == 1 and args.input_spread == 0.0:  # measured already with the best path (same prompt seed)
             result["batches"].append({k: v for k, v in result["variants"][best.label].items()
-                                      if k not in ("setup_s", "percent_of_roofline")} | {"variant": best.label})
+                                      if k not in ("setup_s", "percent_of_roofline")})
             continue
         prompts = make_prompts(batch, args.input_len, vocab, seed=batch, spread=args.input_spread)
         rows = {}
         for label in batched_labels:
-            options = DecodeOptions.from_label(label)
-            set_triton_gemv(model, options.triton_gemv)
-            decoder, problem = None, None
-            try:
-                decoder = CudaDecoder(model, batch, max_len, options)
-                decoder.warm_up()
-            except Exception as exc:  # reported, as for batch 1; every rank learns of it before a collective
-                problem = f"{type(exc).__name__}: {exc}"[:500]
-            failed = all_ok(mpi_comm, problem)
-            if failed:
-                progress(f"batch {batch} {label}: failed: {'; '.join(f'rank {r}: {p}' for r, p in failed)[:300]}")
-            else:
-                m = measure(decoder, prompts, args.output_len, args.repeats)
-                m.update(variant=label, step=decoder.path)
-                progress(f"batch {batch} {label}: {m['output_tokens_per_s']:.1f} tok/s ({decoder.path})")
+            m = run_variant(DecodeOptions.from_label(label), prompts)
+            if "error" not in m:
                 rows[label] = m
-            decoder = None
-            torch.cuda.empty_cache()
         if not rows:
             raise PipelineError(f"no decode variant ran at batch {batch}: {batched_labels}")
         fastest = max(rows.values(), key=lambda m: m["output_tokens_per_s"])
@@ -458,8 +451,17 @@ def plot(result: dict, baseline: dict | None, path: Path) -> bool:
 def bench_command(recipe, args: argparse.Namespace) -> int:
     from pipeline.dist import mpirun_command, mpirun_env
 
+    from pipeline.backends.cuda_decode import DecodeOptions
+
     batch_sizes = args.batch_sizes or DEFAULT_BATCH_SIZES
     input_len, output_len = args.input_len or 128, args.output_len or 128
+    for flag, labels, default in (("--variants", args.variants, "all"),
+                                  ("--batched-variants", args.batched_variants, "auto")):
+        for label in labels.split(",") if labels != default else []:
+            try:
+                DecodeOptions.from_label(label)
+            except ValueError as exc:  # before any rank starts: a bad label is the user's to fix
+                raise PipelineError(f"{flag}: {exc}") from None
     if recipe.parallel.pp != 1:
         raise PipelineError("bench measures the CUDA decode path, which runs pp = 1; set parallel.pp=1")
     artifact = None

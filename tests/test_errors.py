@@ -115,3 +115,11 @@ def test_config_that_does_not_match_weights(home, tmp_path, recipe_file):
     proc = run_cli(home, "build", str(recipe_file("mismatch", {"model": {"local": str(src)}})))
     assert proc.returncode == 2
     assert "model.embed_tokens.weight' has shape [3, 3]" in proc.stderr
+
+
+def test_bench_refuses_an_unknown_decode_path_before_starting_ranks(home):
+    proc = run_cli(home, "bench", "gpt2-random", "--device-random", "--no-baseline", "--batched-variants",
+                   "graph+cublas+warp-drive")
+    assert proc.returncode == 2
+    assert "--batched-variants: not a decode path: 'graph+cublas+warp-drive'" in proc.stderr
+    assert "mpirun" not in proc.stderr  # no rank was started
