@@ -449,9 +449,8 @@ def plot(result: dict, baseline: dict | None, path: Path) -> bool:
 
 
 def bench_command(recipe, args: argparse.Namespace) -> int:
-    from pipeline.dist import mpirun_command, mpirun_env
-
     from pipeline.backends.cuda_decode import DecodeOptions
+    from pipeline.dist import mpirun_command, mpirun_env
 
     batch_sizes = args.batch_sizes or DEFAULT_BATCH_SIZES
     input_len, output_len = args.input_len or 128, args.output_len or 128

@@ -322,8 +322,8 @@ if triton is not None:
                          ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                          FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          B_P: tl.constexpr, W_F32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
-        """fused_gemv for B rows (B <= B_P): act(norm(x + r) @ W^T + bias) as [B_P, BLOCK_N] tiles. The norm is
-        applied as the model's own does (normalized, rounded to the model dtype, times the weight)."""
+        """fused_gemv for B rows (B <= B_P): act(norm(x + r) @ W^T + bias) as [B_P, BLOCK_N] tiles, each row's
+        norm as _fused_gemv applies it."""
         pid = tl.program_id(0)
         dt = x_ptr.dtype.element_ty
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -339,6 +339,9 @@ if triton is not None:
             _prefetch_rows(w_rows, K, BLOCK_K, ACT == 1, w2_rows)
             gdc_wait()
 
+        # statistics first where the normalized rows are needed inside the loop (LayerNorm; FP8 quantizes them);
+        # RMSNorm otherwise takes one pass, as in _fused_gemv: sum(w * g * x) scaled by 1 / rms(x) at the end
+        TWO_PASS: tl.constexpr = NORM == 2 or (NORM == 1 and FP8)
         mean = tl.zeros((B_P,), dtype=tl.float32)
         rstd = tl.zeros((B_P,), dtype=tl.float32) + 1.0
         if NORM == 2:
@@ -348,7 +351,7 @@ if triton is not None:
                 s1 += _load_rows(x_ptr, r_ptr, offs_b, offs_k, b_mask[:, None] & (offs_k < K)[None, :], K,
                                  ADD_RESIDUAL)
             mean = tl.sum(s1, axis=1) / K
-        if NORM != 0:
+        if TWO_PASS:
             s2 = tl.zeros((B_P, BLOCK_K), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + arange_k
@@ -362,6 +365,7 @@ if triton is not None:
 
         acc = tl.zeros((B_P, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((B_P, BLOCK_N), dtype=tl.float32)
+        ss = tl.zeros((B_P, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + arange_k
             k_mask = offs_k < K
@@ -371,7 +375,11 @@ if triton is not None:
                 tl.store(h_out_ptr + offs_b[:, None] * K + offs_k[None, :], x.to(dt), mask=mask & (pid == 0))
             if NORM == 1:
                 g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                x = (g[None, :] * (x * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+                if FP8:  # weight * (x * rstd).to(dtype), in the model dtype
+                    x = (g[None, :] * (x * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+                else:
+                    ss += x * x
+                    x = x * g[None, :]
             elif NORM == 2:
                 g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
                 b = tl.load(nb_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
@@ -401,6 +409,10 @@ if triton is not None:
 
         y = acc
         y2 = acc2
+        if NORM == 1 and not FP8:
+            inv_rms = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
+            y = y * inv_rms[:, None]
+            y2 = y2 * inv_rms[:, None]
         if FP8:
             scale = a_scale * tl.load(w_scale_ptr)
             y = y * scale
