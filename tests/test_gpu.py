@@ -135,6 +135,41 @@ def test_fused_gemv_against_float64(norm, act, n, k):
         assert torch.equal(h_out, (x.float() + r.float()).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("batch, n, k", [(32, 6144, 4096), (3, 14336, 4096), (17, 4096, 14336)])
+def test_fused_gemm_rows_against_float64(batch, n, k):
+    """fused-rows at Llama-3-8B shapes in bfloat16: residual add, RMSNorm, silu-gate, per row, against float64."""
+    from pipeline.backends import fused_decode as fd
+
+    x, r = (torch.randn(batch, k, device=GPU).to(torch.bfloat16) for _ in range(2))
+    g = torch.randn(k, device=GPU).to(torch.bfloat16)
+    w = (torch.randn(2 * n, k, device=GPU) / k**0.5).to(torch.bfloat16)
+    y, h_out = fd.fused_gemm_rows(x, r, g, None, w, None, None, None, 1e-5, fd.NORM_RMS, fd.ACT_SILU_GATE,
+                                  torch.bfloat16)
+    h = x.double() + r.double()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()
+    fc, gate = (h @ w.double().T).chunk(2, dim=-1)
+    assert y.shape == (batch, n) and rel_err(y, torch.nn.functional.silu(fc) * gate) < 1.5e-2
+    assert torch.equal(h_out, (x.float() + r.float()).to(torch.bfloat16))
+
+
+def test_pdl_changes_no_result():
+    """Programmatic dependent launch (with the weights' L2 prefetch) gives the same bits, kernel after kernel."""
+    from pipeline.backends import fused_decode as fd
+
+    k, n = 4096, 6144
+    x, r, g = (torch.randn(k, device=GPU).to(torch.bfloat16) for _ in range(3))
+    w = (torch.randn(n, k, device=GPU) / k**0.5).to(torch.bfloat16)
+
+    def chain(pdl):  # three dependent launches: each reads the previous one's output
+        y = x
+        for _ in range(3):
+            y, _ = fd.fused_gemv(y[:k], r, g, None, w, None, None, None, 1e-5, fd.NORM_RMS, fd.ACT_NONE,
+                                 torch.bfloat16, pdl)
+        return y
+
+    assert torch.equal(chain(True), chain(False))
+
+
 def test_fused_fp8_gemv_with_rmsnorm_equals_the_fp8_emulation():
     from pipeline.backends import fused_decode as fd
 
