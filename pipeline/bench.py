@@ -196,7 +196,7 @@ def worker(args: argparse.Namespace) -> int:
         quantize_model_fp8,
         set_triton_gemv,
     )
-    from pipeline.dist import Comm, all_ok, exit_now, mpi_world, pick_device
+    from pipeline.dist import Comm, all_ok, finish, mpi_world, pick_device
     from pipeline.mapping import Mapping
 
     rank, world, mpi_comm = mpi_world()
@@ -306,12 +306,10 @@ def worker(args: argparse.Namespace) -> int:
         result["batches"].append(fastest)
     if rank == 0:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    progress("done; closing the process group")
-    closed = comm.close()
+    progress("done; closing the process group")  # the watchdog stays armed through the teardown
+    code = finish(comm, 0)  # the results are written: a stuck NCCL teardown must not hold mpirun
     progress.stop()
-    if not closed:
-        exit_now(0)  # the results are written; a stuck NCCL teardown must not hold mpirun
-    return 0
+    return code
 
 
 class Progress:

@@ -188,6 +188,14 @@ class Comm:
         return False
 
 
+def finish(comm: Comm, code: int) -> int:
+    """Close the process group and return `code`; if the teardown is stuck (NCCL after CUDA graph capture), leave
+    the process at once with it."""
+    if not comm.close():
+        exit_now(code)
+    return code
+
+
 def exit_now(code: int) -> None:
     """Leave the process at once, skipping the interpreter's teardown of a stuck NCCL group. MPI is finalized
     first (mpirun counts a rank that exits without it as failed), and the output flushed."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.build import read_build_record, recipe_for
-from pipeline.dist import Comm, abort, all_ok, exit_now, mpi_world, pick_device
+from pipeline.dist import Comm, abort, all_ok, finish, mpi_world, pick_device
 from pipeline.errors import PipelineError, RunError
 from pipeline.generate import Sampling, generate, score
 from pipeline.manifest import read_manifest, sha256_file
@@ -241,13 +241,6 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
         report_outputs(args, artifact, "torch", world, prompts, outputs, tokenizer, seconds, streamed=printer is not None)
     decoder = None  # its CUDA graphs hold captured NCCL work: release them before the teardown
     return finish(comm, 0)
-
-
-def finish(comm, code: int) -> int:
-    """Close the process group; if NCCL's teardown is stuck (after CUDA graph capture), leave without it."""
-    if not comm.close():
-        exit_now(code)
-    return code
 
 
 if __name__ == "__main__":

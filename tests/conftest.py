@@ -67,16 +67,17 @@ def mpirun(home: Path, ranks: int, *args: str, timeout: int = 300, **env) -> sub
 
 
 def run_json(home: Path, ranks: int, artifact: Path, prompts: list[list[int]], out: Path, max_new_tokens: int,
-             logits: Path | None = None) -> dict:
-    """Run an artifact under mpirun on token-id prompts; returns the --json result (asserting exit 0)."""
-    args = ["--engine", str(artifact), "--json", str(out), "--max-new-tokens", str(max_new_tokens)]
+             logits: Path | None = None, extra: tuple[str, ...] = (), **env: str) -> dict:
+    """Run an artifact under mpirun on token-id prompts (with `extra` arguments and environment); returns the --json
+    result (asserting exit 0), with the ranks' stderr under "stderr"."""
+    args = ["--engine", str(artifact), "--json", str(out), "--max-new-tokens", str(max_new_tokens), *extra]
     for p in prompts:
         args += ["--prompt-ids", ",".join(map(str, p))]
     if logits is not None:
         args += ["--logits-out", str(logits)]
-    proc = mpirun(home, ranks, *args)
+    proc = mpirun(home, ranks, *args, **env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()) | {"stderr": proc.stderr}
 
 
 @pytest.fixture(scope="session")

@@ -76,22 +76,15 @@ def test_device_random_weights_are_the_same_model_for_any_tp(tmp_path):
 
 def test_runner_fast_path_gives_the_plain_paths_tokens(home, tmp_path):
     """`python -m pipeline.run --decode fast` (here on CPU, eager; on CUDA with a graph) under mpirun, tp=2."""
-    from tests.conftest import mpirun
+    from tests.conftest import mpirun, run_json
 
     recipe = recipe_from_dict({"model": {"random": "llama-tiny"}, "precision": {"dtype": "float32"},
                                "parallel": {"tp": 2}}, name="fast-runner")
     artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
     results = {}
     for mode in ("plain", "fast"):
-        out = tmp_path / f"{mode}.json"
-        args = ["--engine", str(artifact), "--decode", mode, "--max-new-tokens", "6", "--json", str(out)]
-        for p in PROMPTS:
-            args += ["--prompt-ids", ",".join(map(str, p))]
-        proc = mpirun(home, 2, *args)
-        assert proc.returncode == 0, proc.stderr
-        import json
-
-        results[mode] = [r["new_ids"] for r in json.loads(out.read_text())["results"]]
+        result = run_json(home, 2, artifact, PROMPTS, tmp_path / f"{mode}.json", 6, extra=("--decode", mode))
+        results[mode] = [r["new_ids"] for r in result["results"]]
     assert results["fast"] == results["plain"] and all(len(r) == 6 for r in results["fast"])
     refused = mpirun(home, 2, "--engine", str(artifact), "--decode", "fast", "--temperature", "0.7",
                      "--prompt-ids", "1,2")

@@ -202,22 +202,18 @@ def test_the_tensor_core_configs_compute_the_same_gemv(monkeypatch, fp8):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) run of the fused step; GPUs run it in bench")
 def test_fused_step_under_mpirun_with_tp2_gives_the_plain_tokens(home, tmp_path):
     """`python -m pipeline.run --decode fast` at batch 1 takes the fused step (its all-reduces over gloo here)."""
-    import json
-
-    from tests.conftest import mpirun
+    from tests.conftest import run_json
 
     recipe = recipe_from_dict({"model": {"random": "llama-tiny"}, "precision": {"dtype": "float32"},
                                "parallel": {"tp": 2}}, name="fused-tp2")
     artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
     tokens = {}
     for mode in ("plain", "fast"):
-        out = tmp_path / f"{mode}.json"
-        proc = mpirun(home, 2, "--engine", str(artifact), "--decode", mode, "--max-new-tokens", "6", "--json", str(out),
-                      "--prompt-ids", "3,14,15,92,65", TRITON_INTERPRET="1")
-        assert proc.returncode == 0, proc.stderr
-        tokens[mode] = json.loads(out.read_text())["results"][0]["new_ids"]
+        result = run_json(home, 2, artifact, [[3, 14, 15, 92, 65]], tmp_path / f"{mode}.json", 6,
+                          extra=("--decode", mode), TRITON_INTERPRET="1")
+        tokens[mode] = result["results"][0]["new_ids"]
         if mode == "fast":
-            assert "fused step" in proc.stderr
+            assert "fused step" in result["stderr"]
     assert tokens["fast"] == tokens["plain"] and len(tokens["fast"]) == 6
 
 

@@ -193,7 +193,7 @@ class CudaDecoder:
         # back and the host read their tokens later, without a synchronization per step
         self.history = torch.zeros((batch, max_len + 1), dtype=torch.long, device=device)
         self.logits = None
-        self.fused = None  # the fused batch-1 step, where it applies
+        self.fused = None  # the fused step (batch 1, or up to MAX_ROWS with fused_rows), where it applies
         from pipeline.backends import fused_decode
 
         if options.fused_step and (batch == 1 or (options.fused_rows and batch <= fused_decode.MAX_ROWS)):

@@ -517,6 +517,21 @@ if triton is not None:
 # ------------------------------------------------------------------------------------------------- the ops
 
 
+def _launch_arguments(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, y, h_out,
+                      norm: int, act: int, pdl: bool) -> tuple[tuple, dict]:
+    """The pointer arguments (an unused one points at y) and the constant flags shared by both GEMV kernels."""
+    fp8 = act_scale is not None
+    pointers = tuple(t if t is not None else y for t in (
+        x.contiguous(), residual.reshape(x.shape).contiguous() if residual is not None else None,
+        h_out if residual is not None else None, norm_weight, norm_bias, weight, bias, y,
+        act_scale if fp8 else None, weight_scale if fp8 else None))
+    flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
+                 W_F32=weight.dtype == torch.float32)
+    if pdl and os.environ.get("TRITON_INTERPRET") != "1":
+        flags.update(PDL=True, launch_pdl=True)
+    return pointers, flags
+
+
 @torch.library.custom_op("pipeline::fused_gemv", mutates_args=())
 def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
                norm_bias: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -527,20 +542,12 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
     dependent launch (Hopper+), so that the next kernel's launch overlaps this one's end."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
-    x = x.reshape(K)
     y = torch.empty(N, dtype=out_dtype, device=x.device)
     h_out = torch.empty(K if residual is not None else 0, dtype=x.dtype, device=x.device)
-    dummy = y  # an unused pointer argument
-    fp8 = act_scale is not None
-    args = (x, residual.reshape(K) if residual is not None else dummy, h_out if residual is not None else dummy,
-            norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
-            weight, bias if bias is not None else dummy, y, act_scale if fp8 else dummy,
-            weight_scale if fp8 else dummy, N, K, eps)
-    flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
-                 W_F32=weight.dtype == torch.float32)
+    pointers, flags = _launch_arguments(x.reshape(K), residual, norm_weight, norm_bias, weight, bias, act_scale,
+                                        weight_scale, y, h_out, norm, act, pdl)
+    args = (*pointers, N, K, eps)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    if pdl and os.environ.get("TRITON_INTERPRET") != "1":
-        flags.update(PDL=True, launch_pdl=True)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
         _fused_gemv_emulated[(triton.cdiv(N, INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags, **INTERPRETER_CONFIG)
     elif _autotune_failed:
@@ -579,19 +586,12 @@ def fused_gemm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     if B > MAX_ROWS:
         raise ValueError(f"fused_gemm_rows takes at most {MAX_ROWS} rows, not {B}")
     N = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
-    x = x.contiguous()
     y = torch.empty((B, N), dtype=out_dtype, device=x.device)
     h_out = torch.empty((B, K) if residual is not None else (0,), dtype=x.dtype, device=x.device)
-    dummy = y
-    fp8 = act_scale is not None
-    args = (x, residual.contiguous() if residual is not None else dummy, h_out if residual is not None else dummy,
-            norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
-            weight, bias if bias is not None else dummy, y, act_scale if fp8 else dummy,
-            weight_scale if fp8 else dummy, B, N, K, eps)
-    flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_BIAS=bias is not None, FP8=fp8, ACT=act,
-                 B_P=max(16, triton.next_power_of_2(B)), W_F32=weight.dtype == torch.float32)
-    if pdl and os.environ.get("TRITON_INTERPRET") != "1":
-        flags.update(PDL=True, launch_pdl=True)
+    pointers, flags = _launch_arguments(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale,
+                                        y, h_out, norm, act, pdl)
+    args = (*pointers, B, N, K, eps)
+    flags["B_P"] = max(16, triton.next_power_of_2(B))
     if os.environ.get("TRITON_INTERPRET") == "1":
         _fused_gemm_rows[(triton.cdiv(N, ROWS_INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags,
                                                                                 **ROWS_INTERPRETER_CONFIG)
