@@ -75,14 +75,16 @@ def cases():
             yield (f"fused_gemm_rows {weight} B_P={rows} config {config}", fd._fused_gemm_rows.fn,
                    gemv_signature("bf16", weight, "bf16", True), constexprs,
                    dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    for dtype, rope, pdl in (("bf16", True, True), ("fp16", False, False), ("fp32", True, False)):
+    # splits > 1: flash-decoding (6 is what batch 1 of the 8B shape gets at 384 slots)
+    for dtype, rope, pdl, splits in (("bf16", True, True, 1), ("fp16", False, False, 1), ("fp32", True, False, 1),
+                                     ("bf16", True, True, 6), ("fp32", True, False, 3)):
         signature = {name: f"*{dtype}" for name in ("qkv_ptr", "k_ptr", "v_ptr", "out_ptr")}
-        signature.update(valid_ptr="*u8", pos_ptr="*i64", slot_ptr="*i64", inv_freq_ptr="*fp32", max_len="i32",
-                         scale="fp32")
+        signature.update(valid_ptr="*u8", pos_ptr="*i64", slot_ptr="*i64", inv_freq_ptr="*fp32", part_ptr="*fp32",
+                         counter_ptr="*i32", max_len="i32", scale="fp32")
         constexprs = dict(HEADS=32, KV_HEADS=8, D=128, GROUP_P=16, D_P=128, ROPE=rope, IEEE=dtype == "fp32",
-                          BLOCK_S=64, PDL=pdl)
-        yield (f"decode_attention {dtype} rope={rope} pdl={pdl}", fd._decode_attention_kernel, signature, constexprs,
-               dict(launch_pdl=pdl))
+                          BLOCK_S=fd.ATTENTION_BLOCK_S, SPLITS=splits, PDL=pdl)
+        yield (f"decode_attention {dtype} rope={rope} pdl={pdl} splits={splits}", fd._decode_attention_kernel,
+               signature, constexprs, dict(launch_pdl=pdl))
 
 
 def main(argv=None) -> int:
@@ -109,6 +111,10 @@ def main(argv=None) -> int:
             gdc = "griddepcontrol.wait" in ptx
             if gdc != constexprs.get("PDL", False):
                 raise AssertionError(f"PDL={constexprs.get('PDL')} but griddepcontrol in the PTX: {gdc}")
+            # the split attention's counter: one acq_rel atomic at gpu scope after a barrier; none without splits
+            counted = "bar.sync" in ptx and "atom.global.gpu.acq_rel.add" in ptx
+            if "SPLITS" in constexprs and counted != (constexprs["SPLITS"] > 1):
+                raise AssertionError(f"SPLITS={constexprs['SPLITS']} but an acq_rel counter in the PTX: {counted}")
             prefetch = ptx.find("prefetch.global.L2")
             if gdc and "w_ptr" in signature and not 0 <= prefetch < ptx.find("griddepcontrol.wait"):
                 raise AssertionError("with PDL the weights' L2 prefetch must come before griddepcontrol.wait")

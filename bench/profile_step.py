@@ -67,13 +67,15 @@ def graph_time(fn, replays: int = 20) -> float:
     return statistics.median(times[2:])
 
 
-def gemv_table(model, bandwidth: float) -> list[str]:
+def gemv_table(model, bandwidth: float, batch: int = 1) -> list[str]:
+    """Per GEMM shape: cuBLAS, the plain Triton GEMV (batch 1 only) and the fused GEMV (batch 1) or the fused
+    rows GEMM (batch > 1), over `batch` input rows."""
     hidden = model.hidden
-    x = torch.randn(1, hidden, device=model.device).to(model.dtype)
-    r = torch.randn(hidden, device=model.device).to(model.dtype)
+    x = torch.randn(batch, hidden, device=model.device).to(model.dtype)
+    r = torch.randn(batch, hidden, device=model.device).to(model.dtype)
     g = torch.ones(hidden, device=model.device, dtype=model.dtype)
-    rows = ["| GEMM | shape | bytes (all layers) | cuBLAS GB/s | Triton GEMV GB/s | fused GEMV GB/s | fused % of copy |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| GEMM | shape | bytes (all layers) | cuBLAS GB/s | Triton GEMV GB/s | fused GEMV GB/s | fused % of copy "
+            "| Inductor max-autotune mm GB/s |", "|---|---|---|---|---|---|---|---|"]
     keys = [k for k in ("qkv", "dense", "fc_gate", "fc", "proj") if k in model.layers[0]]
     for key in keys + ["lm_head"]:
         linears = [model.head] if key == "lm_head" else [layer[key] for layer in model.layers]
@@ -81,7 +83,7 @@ def gemv_table(model, bandwidth: float) -> list[str]:
         n, k = weight.shape
         fp8 = isinstance(linears[0], FP8Linear)
         total = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
-        inp = torch.randn(1, k, device=model.device).to(model.dtype)
+        inp = torch.randn(batch, k, device=model.device).to(model.dtype)
         prologue = key in ("qkv", "fc_gate", "fc", "lm_head")
         act = fd.ACT_SILU_GATE if key == "fc_gate" else (fd.ACT_GELU if key == "fc" and model.is_gpt else fd.ACT_NONE)
         norm = (fd.NORM_LAYER if model.is_gpt else fd.NORM_RMS) if prologue else fd.NORM_NONE
@@ -94,6 +96,8 @@ def gemv_table(model, bandwidth: float) -> list[str]:
                     torch.mm(inp, lin.weight.t())
 
         def triton_gemv():
+            if batch > 1:
+                raise ValueError("the plain Triton GEMV takes one row")
             for lin in linears:
                 cuda_kernels.linear_1row(inp, lin.weight, None, getattr(lin, "act_scale", None),
                                          getattr(lin, "weight_scale", None), model.dtype)
@@ -101,20 +105,28 @@ def gemv_table(model, bandwidth: float) -> list[str]:
         def fused():
             src = x if prologue else inp
             for lin in linears:
-                fd.fused_gemv(src, r if prologue else None, g if prologue else None,
+                (fd.fused_gemv if batch == 1 else fd.fused_gemm_rows)(src, r if prologue else None, g if prologue else None,
                               g if norm == fd.NORM_LAYER else None, lin.weight, None,
                               getattr(lin, "act_scale", None), getattr(lin, "weight_scale", None), 1e-5, norm, act,
                               torch.float32 if key == "lm_head" else model.dtype)
 
+        autotuned_mm = torch.compile(torch.mm, mode="max-autotune-no-cudagraphs", dynamic=False)
+
+        def inductor():
+            if fp8 or batch == 1:
+                raise ValueError("timed for unquantized weights at batch > 1 only")
+            for lin in linears:
+                autotuned_mm(inp, lin.weight.t())
+
         speeds = []
-        for fn in (cublas, triton_gemv, fused):
+        for fn in (cublas, triton_gemv, fused, inductor):
             try:
                 speeds.append(total / graph_time(fn) / 1e9)
             except Exception as exc:  # a path that does not run here is shown, not fatal
                 print(f"{key} {fn.__name__}: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
                 speeds.append(float("nan"))
         rows.append(f"| {key} | {n}x{k}{' fp8' if fp8 else ''} | {total / 1e9:.3f} GB | {speeds[0]:.0f} | "
-                    f"{speeds[1]:.0f} | {speeds[2]:.0f} | {100 * speeds[2] * 1e9 / bandwidth:.1f}% |")
+                    f"{speeds[1]:.0f} | {speeds[2]:.0f} | {100 * speeds[2] * 1e9 / bandwidth:.1f}% | {speeds[3]:.0f} |")
     return rows
 
 
@@ -164,7 +176,7 @@ def main(argv=None) -> int:
                    help="decode paths to profile (labels; a compile variant adds about a minute of set-up)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=1, help="sequences per step (the fused step runs at batch 1 only)")
-    p.add_argument("--no-gemv", action="store_true", help="skip the GEMV table")
+    p.add_argument("--no-gemv", action="store_true", help="skip the GEMV table (at --batch rows)")
     args = p.parse_args(argv)
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
@@ -179,7 +191,7 @@ def main(argv=None) -> int:
           f"{bandwidth / 1e12:.2f} TB/s, {read_bytes / 1e9:.3f} GB read per step, roofline "
           f"{bandwidth / read_bytes:.0f} tok/s ({read_bytes / bandwidth * 1e3:.3f} ms)\n")
     if not args.no_gemv:
-        print("\n".join(gemv_table(model, bandwidth)) + "\n", flush=True)
+        print("\n".join(gemv_table(model, bandwidth, args.batch)) + "\n", flush=True)
         for key, config in fd.chosen_configs().items():
             print(f"- fused GEMV config for (N, K, NORM, FP8, ACT, ...) = {key}: {config}")
         print(flush=True)

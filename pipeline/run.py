@@ -226,7 +226,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
 
         options = DecodeOptions(cuda_graph=device.type == "cuda", compile=args.compile)
         decoder = CudaDecoder(accelerate(model, options), len(prompts),
-                              max(len(p) for p in prompts) + sampling.max_new_tokens, options)
+                              max(len(p) for p in prompts) + sampling.max_new_tokens, options,
+                              prefill_graphs=0)  # one prefill: capturing it would only add two runs
         decoder.warm_up()
         if rank == 0:
             print(f"[pipeline.run] decode: {options.label}, {decoder.path}", file=sys.stderr, flush=True)

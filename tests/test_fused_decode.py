@@ -38,11 +38,23 @@ def _model(shape: str, dtype: str):
     ("llama-tiny", "float32", 1e-5, 3), ("gpt2-tiny", "float32", 1e-5, 3)])
 def test_fused_step_matches_the_layer_by_layer_step(home, shape, dtype, tol, batch):
     """Batch 1 runs the GEMV kernel; batch 3 (fused-rows) the batched GEMM kernel, prompts of unequal lengths."""
-    plain = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
     fused = DecodeOptions(cuda_graph=False, compile=False, fused_step=True, fused_rows=batch > 1)
+    _compare_steps(shape, dtype, tol, batch, fused, "fused step")
+
+
+@pytest.mark.parametrize("shape", ["llama-tiny", "gpt2-tiny"])
+def test_fused_attention_in_the_layer_by_layer_step(home, shape):
+    """fused-attn: the layer-by-layer step (batches > 1) with the fused step's attention kernel."""
+    options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False, fused_attention=True)
+    _compare_steps(shape, "float32", 1e-5, 3, options, "layer by layer, fused attention (not asked)")
+
+
+def _compare_steps(shape, dtype, tol, batch, fused, path):
+    """Four decode steps of `fused` against the plain layer-by-layer step: logits, tokens, caches."""
+    plain = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
     reference = CudaDecoder(accelerate(_model(shape, dtype), plain), batch, 24, plain)
     decoder = CudaDecoder(accelerate(_model(shape, dtype), fused), batch, 24, fused)
-    assert reference.fused is None and decoder.path == "fused step"
+    assert reference.fused is None and reference.attention is None and decoder.path == path
     prompt = [[3, 14, 15, 92, 65, 7, 1], [2, 71, 82], [5, 9, 26, 53, 58]][:batch]
     reference.prefill(prompt)
     decoder.prefill(prompt)
@@ -125,6 +137,69 @@ def test_fused_fp8_gemv_is_an_fp8_gemm():
                                    fused_decode.ACT_NONE, torch.float32)
     want = fp8_linear(x, wq, sa, sw, None, torch.float32)[0]
     assert ((y - want).norm() / want.norm()).item() < 1e-5  # the same products; the sums differ in order only
+
+
+def _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size):
+    """decode_attention in float64: rotate-half rope at `positions`, the new k, v at `slot`, softmax over the valid
+    slots and the new token. Returns (out [B, heads * head_size], rotated k and v [B, kv_heads, head_size])."""
+    batch, group = qkv.shape[0], heads // kv_heads
+    x = qkv.double().view(batch, heads + 2 * kv_heads, head_size)
+    q, k, v = x[:, :heads], x[:, heads:heads + kv_heads], x[:, heads + kv_heads:]
+    angle = positions.double()[:, None, None] * inv_freq.double()
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+
+    def rotate(t):
+        t1, t2 = t.chunk(2, -1)
+        return t * cos + torch.cat([-t2, t1], -1) * sin
+
+    q, k = rotate(q), rotate(k)
+    keys, values, mask = k_cache.double().clone(), v_cache.double().clone(), valid.clone()
+    keys[:, :, slot], values[:, :, slot], mask[:, slot] = k, v, True
+    scores = torch.einsum("bhgd,bhsd->bhgs", q.view(batch, kv_heads, group, head_size), keys) / head_size ** 0.5
+    probs = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+    return torch.einsum("bhgs,bhsd->bhgd", probs, values).reshape(batch, -1), k, v
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_split_decode_attention_against_float64(splits):
+    """Flash-decoding (the slots split over programs, the last one to finish combining): 80 slots are 2 blocks of
+    64, so 2 splits give sequence 0 a split with no valid slot and 3 a split past the cache's end; 1 is the unsplit
+    kernel. Two calls in a row: the second only combines if the first set its counters back to 0."""
+    torch.manual_seed(5)
+    batch, heads, kv_heads, head_size, max_len = 2, 8, 2, 16, 80
+    k_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
+    v_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
+    valid = torch.rand(batch, max_len, device=DEVICE) < 0.7
+    valid[0, 64:] = False  # sequence 0's second block: nothing to attend
+    valid[1, :12] = False  # sequence 1 left-padded
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_size, 2, device=DEVICE).float() / head_size)
+    positions = torch.tensor([41, 29], device=DEVICE)
+    slot = torch.tensor(41, device=DEVICE)
+    for call in range(2):
+        valid[:, slot] = True  # as the decoder marks the new token's slot before the step
+        qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_size, device=DEVICE)
+        before = k_cache.clone(), v_cache.clone()
+        want, k, v = _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
+                                               kv_heads, head_size)
+        got = torch.ops.pipeline.decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
+                                                  kv_heads, head_size, False, splits)
+        assert torch.allclose(got.double(), want, atol=1e-4), (call, (got.double() - want).abs().max().item())
+        assert torch.allclose(k_cache[:, :, slot].double(), k, atol=1e-5)
+        assert torch.equal(v_cache[:, :, slot], v.float())
+        others = torch.arange(max_len, device=DEVICE) != slot
+        assert torch.equal(k_cache[:, :, others], before[0][:, :, others])
+        assert torch.equal(v_cache[:, :, others], before[1][:, :, others])
+        positions, slot = positions + 1, slot + 1  # the next step: the token just written is attended
+
+
+def test_attention_splits_fill_the_gpu_with_at_least_a_block_each():
+    """(sequence, KV head) pairs x splits reach ~264 programs (2 per SM of an H100/H200), each split >= 64 slots."""
+    assert fused_decode.attention_splits(1, 8, 384) == 6  # Llama-3-8B at batch 1: 6 blocks, one each
+    assert fused_decode.attention_splits(1, 8, 2048) == 32  # 33 wanted, 32 blocks
+    assert fused_decode.attention_splits(16, 8, 384) == 3  # 128 pairs: 3 splits of 2 blocks
+    assert fused_decode.attention_splits(10, 8, 384) == 3  # 4 wanted: 2 blocks each already needs only 3
+    assert fused_decode.attention_splits(64, 8, 384) == 1  # 512 pairs fill the GPU: no split
+    assert fused_decode.attention_splits(2, 2, 80) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning runs on a GPU only")
@@ -246,8 +321,8 @@ def test_bench_compares_batched_decode_paths_on_the_cpu(home, tmp_path):
 
 def test_the_gpu_kernels_compile_for_hopper(tmp_path):
     """bench/compile_check.py: every fused kernel form (each dtype, the dot forms, every autotuning config, the
-    batched GEMM, programmatic dependent launch) compiles to an sm_90 cubin with the ptxas of Triton's wheel, no GPU
-    needed; with PDL the PTX has griddepcontrol, without it none."""
+    batched GEMM, programmatic dependent launch, the split attention) compiles to an sm_90 cubin with the ptxas of
+    Triton's wheel, no GPU needed; with PDL the PTX has griddepcontrol, without it none."""
     import subprocess
     import sys
 
@@ -259,5 +334,5 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 67 and all(line.startswith("ok    sm_90 ") for line in lines)
-    assert sum("griddepcontrol" in line for line in lines) == 10
+    assert len(lines) == 69 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert sum("griddepcontrol" in line for line in lines) == 11

@@ -108,6 +108,27 @@ def test_every_decode_path_gives_the_plain_loops_tokens(home, shape):
     assert decoder.generate(batch, 24) == expected
 
 
+def test_prefill_graphs_give_the_eager_prefills_state(home):
+    """Captured prefills (one graph per prompt width, the least recently used evicted) leave the same first
+    tokens, cache and decode state as the eager prefill, for new prompts replayed into an old width's graph."""
+    from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
+
+    _, artifact = _artifact("llama-tiny", dtype="float32")
+    options = DecodeOptions.from_label("graph+triton-gemv+fused-mlp+fused-step")
+    model = accelerate(_model(artifact, GPU), options)
+    eager = CudaDecoder(model, 2, 32, options, prefill_graphs=0)
+    graphed = CudaDecoder(model, 2, 32, options, prefill_graphs=1)
+    rounds = [[[5, 9, 2, 7], [4, 4]], [[1, 2, 3, 4, 5, 6], [8]], [[9, 9, 9, 1], [2, 3, 4]], [[7, 7], [6, 5]]]
+    for prompts in rounds:  # widths 4, 6, 4 (re-captured after eviction), 2
+        want, got = eager.prefill(prompts).clone(), graphed.prefill(prompts).clone()
+        assert torch.equal(want, got), prompts
+        for name in ("tokens", "positions", "slot"):
+            assert torch.equal(getattr(eager, name), getattr(graphed, name)), name
+        assert torch.equal(eager.cache.valid, graphed.cache.valid)
+        assert torch.allclose(eager.cache.k[1], graphed.cache.k[1], atol=1e-6)
+        assert len(graphed._prefill_cache) == 1
+
+
 @pytest.mark.parametrize("norm, act, n, k", [(1, 1, 14336, 4096), (2, 2, 3072, 768), (0, 0, 4096, 14336)])
 def test_fused_gemv_against_float64(norm, act, n, k):
     """Residual add, RMSNorm/LayerNorm, bias, silu-gate/GELU around the GEMV, bfloat16, Llama-3-8B/GPT-2 shapes."""

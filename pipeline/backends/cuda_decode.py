@@ -19,6 +19,7 @@ stream skinny matrices slowly. This module removes both, for one rank's shard (t
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -40,28 +41,32 @@ class DecodeOptions:
     fused_step: bool = True  # batch 1: pipeline.backends.fused_decode where the model allows it
     fused_rows: bool = False  # batches 2..64 too (fused_decode's batched GEMM; not yet timed on a GPU)
     # the fused step's kernels with programmatic dependent launch: each starts while the previous one ends and
-    # prefetches its first weights into L2 meanwhile (Hopper+; not yet timed)
+    # prefetches its first weights into L2 meanwhile (Hopper+)
     pdl: bool = False
+    # the layer-by-layer step (batches > 1 without fused-rows) with the fused step's attention kernel (rotary
+    # embedding, cache write and attention in one) in place of the grouped attention's matmuls and softmax
+    fused_attention: bool = False
 
     @property
     def label(self) -> str:
         parts = [("graph" if self.cuda_graph else "eager"), ("compile" if self.compile else None),
                  ("triton-gemv" if self.triton_gemv else "cublas"), ("fused-mlp" if self.fuse_gate_up else None),
                  ("fused-step" if self.fused_step else None), ("fused-rows" if self.fused_rows else None),
-                 ("pdl" if self.pdl else None)]
+                 ("pdl" if self.pdl else None), ("fused-attn" if self.fused_attention else None)]
         return "+".join(p for p in parts if p)
 
     @classmethod
     def from_label(cls, label: str) -> DecodeOptions:
         """The options a label names (the inverse of `label`), e.g. 'graph+cublas+fused-mlp+fused-step'."""
         parts = set(label.split("+"))
-        known = {"graph", "eager", "compile", "triton-gemv", "cublas", "fused-mlp", "fused-step", "fused-rows", "pdl"}
+        known = {"graph", "eager", "compile", "triton-gemv", "cublas", "fused-mlp", "fused-step", "fused-rows", "pdl",
+                 "fused-attn"}
         if parts - known or ("graph" in parts) == ("eager" in parts) or ("cublas" in parts) == ("triton-gemv" in parts):
             raise ValueError(f"not a decode path: {label!r} (parts: graph|eager, compile, triton-gemv|cublas, "
-                             "fused-mlp, fused-step, fused-rows, pdl)")
+                             "fused-mlp, fused-step, fused-rows, pdl, fused-attn)")
         return cls(cuda_graph="graph" in parts, compile="compile" in parts, triton_gemv="triton-gemv" in parts,
                    fuse_gate_up="fused-mlp" in parts, fused_step="fused-step" in parts,
-                   fused_rows="fused-rows" in parts, pdl="pdl" in parts)
+                   fused_rows="fused-rows" in parts, pdl="pdl" in parts, fused_attention="fused-attn" in parts)
 
 
 class CudaLinear(Linear):
@@ -176,11 +181,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size):
+    return torch.ops.pipeline.decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
+                                               kv_heads, head_size)
+
+
 class CudaDecoder:
     """Prefill, then decode steps replayed from one captured CUDA graph, for a fixed batch and cache length.
     `path` says which step runs (the fused step, or the model's own forward and why)."""
 
-    def __init__(self, model: RankModel, batch: int, max_len: int, options: DecodeOptions):
+    def __init__(self, model: RankModel, batch: int, max_len: int, options: DecodeOptions,
+                 prefill_graphs: int = 4):
+        """prefill_graphs: with CUDA graphs on a GPU, the prefill of each prompt width is captured too (the first
+        prefill at a width runs it three times: warm-up, capture, replay), and the graphs of this many most recent
+        widths are kept. Without a graph a batch-1 prefill is bound by launching ~1000 kernels; 0 turns this off
+        (a single generation gains nothing from it)."""
         if model.mapping.pp != 1:
             raise ValueError("the CUDA decode path runs pp = 1 (pipeline stages use the plain path)")
         self.model, self.batch, self.max_len, self.options = model, batch, max_len, options
@@ -204,14 +219,31 @@ class CudaDecoder:
             self.fallback_reason = "not asked"
         else:
             self.fallback_reason = f"batch {batch}" + ("" if options.fused_rows else "; fused-rows runs batches > 1")
+        # the layer-by-layer step's attention as one kernel (fused-attn), where the fused step's kernel applies
+        self.attention = None
+        if self.fused is None and options.fused_attention:
+            reason = fused_decode.attention_unsupported_reason(model)
+            if reason is None:
+                inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
+                self.attention = functools.partial(_decode_attention, inv_freq=inv_freq, heads=model.heads,
+                                                   kv_heads=model.kv_heads, head_size=model.head_size)
+            else:
+                self.fallback_reason += f"; fused-attn not applied: {reason}"
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if options.compile else self._step
         self.graph = None
+        on_gpu = model.device.type == "cuda"
+        self.prefill_graphs = prefill_graphs if options.cuda_graph and on_gpu else 0
+        # the compiled prefill (GPU only: Inductor's CPU compile takes minutes) fuses the norms, rotary embedding
+        # and activations of every prompt token; it recompiles per prompt width
+        self._prefill_fn = (torch.compile(self._prefill_body, fullgraph=True, dynamic=False)
+                            if options.compile and on_gpu else self._prefill_body)
+        self._prefill_cache: dict[int, tuple] = {}  # width -> (graph, tokens, mask, first), most recent last
 
     @property
     def path(self) -> str:
         if self.fused is not None:
             return "fused step, PDL" if self.fused.pdl else "fused step"
-        return f"layer by layer ({self.fallback_reason})"
+        return f"layer by layer{', fused attention' if self.attention else ''} ({self.fallback_reason})"
 
     def _step(self) -> torch.Tensor:
         """One greedy decode step on the device buffers: write the cache at `slot`, compute logits, advance."""
@@ -220,7 +252,7 @@ class CudaDecoder:
             logits = self.fused.forward(self.tokens, self.positions, self.cache, self.slot)[:, -1]
         else:
             logits = self.model.forward(self.tokens, self.positions, self.cache, slot_start=self.slot,
-                                        keys_len=self.max_len)[:, -1]
+                                        keys_len=self.max_len, decode_attention=self.attention)[:, -1]
         next_tokens = logits.argmax(dim=-1, keepdim=True)
         self.tokens.copy_(next_tokens)
         self.history.index_copy_(1, self.slot.view(1), next_tokens)
@@ -250,12 +282,9 @@ class CudaDecoder:
                 self.logits = self._step_fn()
             torch.cuda.synchronize()
 
-    def prefill(self, prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
-        """Run the prompts (left-padded) and set the buffers for decoding; returns the first new tokens [B]."""
-        from pipeline.generate import left_pad
-
-        assert len(prompts) == self.batch
-        tokens, mask = left_pad(prompts, pad_id, self.model.device)
+    def _prefill_body(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Prefill from device buffers (left-padded tokens [B, W] and their mask), with no read back to the host,
+        so that it can be captured: reset the cache's valid slots, run the prompts, set the decode state."""
         width = tokens.shape[1]
         self.cache.valid.zero_()
         self.cache.valid[:, :width] = mask
@@ -265,6 +294,40 @@ class CudaDecoder:
         self.tokens.copy_(first[:, None])
         self.positions.copy_(positions[:, -1:] + 1)
         self.slot.fill_(width)
+        return first
+
+    def _capture_prefill(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple:
+        """Warm up (compiling, if asked) on a side stream, then capture the prefill of this width."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._prefill_fn(tokens, mask)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            first = self._prefill_fn(tokens, mask)
+        return graph, tokens, mask, first
+
+    def prefill(self, prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+        """Run the prompts (left-padded) and set the buffers for decoding; returns the first new tokens [B]
+        (a device tensor: with a prefill graph, a view of its output, valid until the next prefill)."""
+        from pipeline.generate import left_pad
+
+        assert len(prompts) == self.batch
+        tokens, mask = left_pad(prompts, pad_id, self.model.device)
+        if not self.prefill_graphs:
+            return self._prefill_fn(tokens, mask)
+        width = tokens.shape[1]
+        entry = self._prefill_cache.pop(width, None)
+        if entry is None:
+            while len(self._prefill_cache) >= self.prefill_graphs:
+                self._prefill_cache.pop(next(iter(self._prefill_cache)))  # the least recently used width
+            entry = self._capture_prefill(tokens, mask)
+        self._prefill_cache[width] = entry
+        graph, static_tokens, static_mask, first = entry
+        static_tokens.copy_(tokens)
+        static_mask.copy_(mask)
+        graph.replay()
         return first
 
     def run_steps(self, count: int, events: list | None = None) -> None:

@@ -182,8 +182,7 @@ if triton is not None:
         w_rows = w_ptr + rows[:, None] * K
         w2_rows = w_ptr + (rows + N)[:, None] * K  # the gate half of a fused gated GEMM
         arange_k = tl.arange(0, BLOCK_K)
-        if PDL:  # programmatic dependent launch: the next kernel may launch once every program got here
-            gdc_launch_dependents()
+        if PDL:  # programmatic dependent launch: this kernel was launched before the previous one ended
             # while the previous kernel finishes: this program's first weights into L2 (they depend on no kernel)
             _prefetch_rows(w_rows, K, BLOCK_K, ACT == 1, w2_rows)
             gdc_wait()  # the previous kernel's writes are visible from here (nothing above reads them)
@@ -243,6 +242,11 @@ if triton is not None:
             acc += _tile_product(w_rows, offs_k, k_mask, x, xq, FP8, DOT, BLOCK_K, EVEN_K)
             if ACT == 1:
                 acc2 += _tile_product(w2_rows, offs_k, k_mask, x, xq, FP8, DOT, BLOCK_K, EVEN_K)
+        if PDL:
+            # the next kernel may launch once every program got here: only the epilogues and the last wave's tail
+            # remain, so its programs (waiting in gdc_wait) take no SM slot that this kernel's later waves need.
+            # Triggered at the start instead, the 8B step took 5.38 ms against 4.26 without PDL (H200, run 11).
+            gdc_launch_dependents()
 
         if DOT == 1:  # the 16 rows (columns) of a dot's result are equal: any one is the result
             y = tl.max(acc, axis=0)
@@ -335,7 +339,6 @@ if triton is not None:
         b_mask = offs_b < B
         arange_k = tl.arange(0, BLOCK_K)
         if PDL:  # as in _fused_gemv
-            gdc_launch_dependents()
             _prefetch_rows(w_rows, K, BLOCK_K, ACT == 1, w2_rows)
             gdc_wait()
 
@@ -406,6 +409,8 @@ if triton is not None:
                     acc2 += tl.dot(xq, tl.trans(w2), input_precision="ieee")
                 else:
                     acc2 += tl.dot(xq, tl.trans(w2))
+        if PDL:  # as in _fused_gemv: after the main loop
+            gdc_launch_dependents()
 
         y = acc
         y2 = acc2
@@ -430,14 +435,20 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
-                                 max_len, scale,
+                                 part_ptr, counter_ptr, max_len, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
                                  D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 PDL: tl.constexpr = False):
-        """One (sequence, KV head) of decode_attention; max_len is a runtime argument on a GPU and a constant in the
-        CPU emulator (_decode_attention_kernel_emulated)."""
+                                 SPLITS: tl.constexpr, PDL: tl.constexpr = False):
+        """One (sequence, KV head, split) of decode_attention; max_len is a runtime argument on a GPU and a constant
+        in the CPU emulator (_decode_attention_kernel_emulated). With SPLITS > 1 (flash-decoding) each split runs
+        the online softmax over its own BLOCK_S-aligned share of the slots and stores (m, denom, acc) to part_ptr;
+        the split that finishes last (counted on counter_ptr) combines them. SPLITS == 1 touches neither."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
+        split = 0
+        if SPLITS > 1:
+            split = tl.program_id(2)
+        first = split == 0  # the split that writes the new token to the cache and starts from it
         dt = qkv_ptr.dtype.element_ty
         G: tl.constexpr = HEADS // KV_HEADS
         HALF: tl.constexpr = D // 2
@@ -470,17 +481,25 @@ if triton is not None:
         q = q.to(dt)
         k = k.to(dt)
         cache = (b * KV_HEADS + kvh).to(tl.int64) * max_len * D
-        tl.store(k_ptr + cache + slot * D + d, k, mask=d_mask)
-        tl.store(v_ptr + cache + slot * D + d, v, mask=d_mask)
+        tl.store(k_ptr + cache + slot * D + d, k, mask=d_mask & first)
+        tl.store(v_ptr + cache + slot * D + d, v, mask=d_mask & first)
 
         # the new token first (always attended), then the cache's other valid slots, online softmax
         m = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale
         m = tl.where(g_mask, m, 0.0)
         denom = tl.zeros((GROUP_P,), dtype=tl.float32) + 1.0
         acc = tl.zeros((GROUP_P, D_P), dtype=tl.float32) + v.to(tl.float32)[None, :]
+        if SPLITS > 1:  # the other splits start empty; a finite m keeps a split with no valid slot free of NaN
+            m = tl.where(first, m, -1e30)
+            denom = tl.where(first, denom, 0.0)
+            acc = tl.where(first, acc, 0.0)
+        # this split's blocks: a count, not a slot bound, as the emulator's loops need constant bounds (there, an
+        # assigned value is a tensor: the count stays inline). The last split's share may run past max_len: masked
+        # like the last block.
+        s_first = split * (((max_len + BLOCK_S - 1) // BLOCK_S + SPLITS - 1) // SPLITS) * BLOCK_S
         s_range = tl.arange(0, BLOCK_S)
-        for s0 in range(0, max_len, BLOCK_S):
-            offs_s = s0 + s_range
+        for i in range(0, ((max_len + BLOCK_S - 1) // BLOCK_S + SPLITS - 1) // SPLITS):
+            offs_s = s_first + i * BLOCK_S + s_range
             in_range = offs_s < max_len
             keep = (tl.load(valid_ptr + b * max_len + offs_s, mask=in_range, other=0) != 0) & (offs_s != slot)
             kv_mask = keep[:, None] & d_mask[None, :]
@@ -501,17 +520,45 @@ if triton is not None:
                 pv = tl.dot(p.to(dt), vb)
             acc = acc * alpha[:, None] + pv
             m = m_new
-        out = acc / denom[:, None]
-        tl.store(out_ptr + b * HEADS * D + q_off + d[None, :], out.to(dt), mask=qd_mask)
+        if SPLITS == 1:
+            out = acc / denom[:, None]
+            tl.store(out_ptr + b * HEADS * D + q_off + d[None, :], out.to(dt), mask=qd_mask)
+        else:
+            # this split's partial: m [GROUP_P], denom [GROUP_P], acc [GROUP_P, D_P] in float32, padding included
+            RECORD: tl.constexpr = GROUP_P * (D_P + 2)
+            parts = part_ptr + (b * KV_HEADS + kvh).to(tl.int64) * SPLITS * RECORD
+            part = parts + split * RECORD
+            tl.store(part + g, m)
+            tl.store(part + GROUP_P + g, denom)
+            tl.store(part + 2 * GROUP_P + g[:, None] * D_P + d[None, :], acc)
+            tl.debug_barrier()  # every thread of this program has stored before the counter counts it
+            # release: the partial above is visible to the program that sees the last count; acquire: it sees all
+            counter = counter_ptr + b * KV_HEADS + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:  # the last split to finish combines
+                m_max = tl.full((GROUP_P,), -1e30, tl.float32)
+                for s in range(0, SPLITS):  # loads at L2 (.cg): other SMs wrote them, this SM's L1 may be stale
+                    m_max = tl.maximum(m_max, tl.load(parts + s * RECORD + g, cache_modifier=".cg"))
+                num = tl.zeros((GROUP_P, D_P), dtype=tl.float32)
+                den = tl.zeros((GROUP_P,), dtype=tl.float32)
+                for s in range(0, SPLITS):
+                    part = parts + s * RECORD
+                    w = tl.exp(tl.load(part + g, cache_modifier=".cg") - m_max)
+                    den += w * tl.load(part + GROUP_P + g, cache_modifier=".cg")
+                    num += w[:, None] * tl.load(part + 2 * GROUP_P + g[:, None] * D_P + d[None, :],
+                                                cache_modifier=".cg")
+                out = num / den[:, None]
+                tl.store(out_ptr + b * HEADS * D + q_off + d[None, :], out.to(dt), mask=qd_mask)
+                tl.store(counter, 0)  # the next launch (and a CUDA graph's replay) counts from 0 again
 
     @triton.jit
     def _decode_attention_kernel_emulated(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
-                                          max_len: tl.constexpr, scale,
+                                          part_ptr, counter_ptr, max_len: tl.constexpr, scale,
                                           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
                                           GROUP_P: tl.constexpr, D_P: tl.constexpr, ROPE: tl.constexpr,
-                                          IEEE: tl.constexpr, BLOCK_S: tl.constexpr):
+                                          IEEE: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
         _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
-                                 max_len, scale, HEADS, KV_HEADS, D, GROUP_P, D_P, ROPE, IEEE, BLOCK_S)
+                                 part_ptr, counter_ptr, max_len, scale, HEADS, KV_HEADS, D, GROUP_P, D_P, ROPE, IEEE,
+                                 BLOCK_S, SPLITS)
 
 
 # ------------------------------------------------------------------------------------------------- the ops
@@ -612,31 +659,70 @@ def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale
             torch.empty(h, dtype=x.dtype, device=x.device))
 
 
+ATTENTION_BLOCK_S = 64  # cache slots per block of the attention's loop (and the unit a split's share is made of)
+ATTENTION_PROGRAMS = 264  # two programs per SM of an H100/H200 (132 SMs): what flash-decoding splits aim for
+
+
+def attention_splits(batch: int, kv_heads: int, max_len: int) -> int:
+    """How many programs share each (sequence, KV head)'s slots (flash-decoding): enough for the grid to reach
+    ATTENTION_PROGRAMS, but at least one block of slots each. At batch 1 of Llama-3-8B (8 KV heads, 384 slots: 6
+    blocks) that is 6 splits, 48 programs instead of 8; from 264 (sequence, KV head) pairs on it is 1 (no split)."""
+    blocks = triton.cdiv(max_len, ATTENTION_BLOCK_S)
+    splits = min(blocks, max(1, triton.cdiv(ATTENTION_PROGRAMS, batch * kv_heads)))
+    return triton.cdiv(blocks, triton.cdiv(blocks, splits))  # no split left without blocks (6 blocks: 4 -> 3)
+
+
+# The split attention's float32 partials and its per-(sequence, KV head) int32 counters, per (device, shape). They
+# outlive the call because CUDA graphs capture the op with these addresses and replay it; the counters start at 0
+# and the last split of each pair sets its counter back to 0. Two launches of one shape running at once (on two
+# streams) would share them and corrupt each other: the decode steps run one at a time, on one stream.
+_attention_split_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_buffers(device: torch.device, batch: int, kv_heads: int, splits: int, group_p: int,
+                   d_p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (device, batch, kv_heads, splits, group_p, d_p)
+    if key not in _attention_split_buffers:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode_attention's split buffers for {key} do not exist yet and cannot be made "
+                               "while a CUDA graph is captured: run the step once before capturing (warm-up)")
+        _attention_split_buffers[key] = (
+            torch.empty(batch * kv_heads * splits * group_p * (d_p + 2), dtype=torch.float32, device=device),
+            torch.zeros(batch * kv_heads, dtype=torch.int32, device=device))
+    return _attention_split_buffers[key]
+
+
 @torch.library.custom_op("pipeline::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
                      positions: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor | None, heads: int,
-                     kv_heads: int, head_size: int, pdl: bool = False) -> torch.Tensor:
+                     kv_heads: int, head_size: int, pdl: bool = False, splits: int | None = None) -> torch.Tensor:
     """One decode step's attention for qkv [B, (heads + 2 kv_heads) * head_size]: rotary embedding (if inv_freq),
     k and v written to the caches [B, kv_heads, max_len, head_size] at `slot`, and softmax(q k^T / sqrt(d)) v over
-    the valid slots. Returns [B, heads * head_size]."""
+    the valid slots. Returns [B, heads * head_size]. splits: programs per (sequence, KV head), each over a share of
+    the slots (None: attention_splits chooses; tests force it)."""
     batch = qkv.shape[0]
     max_len = k_cache.shape[2]
     out = torch.empty((batch, heads * head_size), dtype=qkv.dtype, device=qkv.device)
     group = heads // kv_heads
+    group_p, d_p = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_size))
+    if splits is None:
+        splits = attention_splits(batch, kv_heads, max_len)
+    elif splits < 1:
+        raise ValueError(f"decode_attention: splits={splits}; give 1 or more (or None to choose)")
+    part, counter = _split_buffers(qkv.device, batch, kv_heads, splits, group_p, d_p) if splits > 1 else (out, out)
     emulated = os.environ.get("TRITON_INTERPRET") == "1"
     kernel = _decode_attention_kernel_emulated if emulated else _decode_attention_kernel
     extra = dict(PDL=True, launch_pdl=True) if pdl and not emulated else {}
-    kernel[(batch, kv_heads)](
+    kernel[(batch, kv_heads, splits)](
         qkv, k_cache, v_cache, valid.view(torch.uint8), positions, slot,
-        inv_freq if inv_freq is not None else qkv, out, max_len, head_size ** -0.5,
-        HEADS=heads, KV_HEADS=kv_heads, D=head_size, GROUP_P=max(16, triton.next_power_of_2(group)),
-        D_P=max(16, triton.next_power_of_2(head_size)), ROPE=inv_freq is not None,
-        IEEE=qkv.dtype == torch.float32, BLOCK_S=64, num_warps=4, **extra)
+        inv_freq if inv_freq is not None else qkv, out, part, counter, max_len, head_size ** -0.5,
+        HEADS=heads, KV_HEADS=kv_heads, D=head_size, GROUP_P=group_p, D_P=d_p, ROPE=inv_freq is not None,
+        IEEE=qkv.dtype == torch.float32, BLOCK_S=ATTENTION_BLOCK_S, SPLITS=splits, num_warps=4, **extra)
     return out
 
 
 @decode_attention.register_fake
-def _(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size, pdl=False):
+def _(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size, pdl=False, splits=None):
     return torch.empty((qkv.shape[0], heads * head_size), dtype=qkv.dtype, device=qkv.device)
 
 
@@ -654,24 +740,32 @@ class _Gemm:
         self.weight_scale = linear.weight_scale if fp8 else None
 
 
-def unsupported_reason(model: RankModel) -> str | None:
-    """Why the fused step cannot run this model (None when it can)."""
+def attention_unsupported_reason(model: RankModel) -> str | None:
+    """Why decode_attention cannot serve this model's decode steps (None when it can)."""
     if triton is None:
         return "Triton is not installed"
     if model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"the {model.device.type} device (Triton kernels run on CUDA; TRITON_INTERPRET=1 emulates them)"
-    if model.mapping.pp != 1:
-        return "pipeline parallelism (the fused step runs pp = 1)"
     if model.kv_format is not None:
         return f"the {model.kv_format} KV cache (the fused attention reads a cache in the model dtype)"
-    if model.head is None:
-        return "no lm_head on this rank"
     if not model.is_gpt:
         rotary = model.config.get("rotary_embedding_dim") or model.head_size
         if rotary != model.head_size:
             return "partial rotary embedding"
     if model.head_size % 2:
         return "an odd head size"
+    return None
+
+
+def unsupported_reason(model: RankModel) -> str | None:
+    """Why the fused step cannot run this model (None when it can)."""
+    reason = attention_unsupported_reason(model)
+    if reason is not None:
+        return reason
+    if model.mapping.pp != 1:
+        return "pipeline parallelism (the fused step runs pp = 1)"
+    if model.head is None:
+        return "no lm_head on this rank"
     for layer in model.layers:
         if not model.is_gpt and "fc_gate" not in layer:
             return "a gated MLP whose gate and fc are not fused (weight-only or mixed formats)"

@@ -145,10 +145,15 @@ class RankModel:
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     def _attention(self, layer: dict, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: int,
-                   slot_start: int | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                   slot_start: int | torch.Tensor, mask: torch.Tensor, decode_attention=None) -> torch.Tensor:
         batch, seq, _ = x.shape
         hd = self.head_size
         qkv = layer["qkv"](x)
+        if decode_attention is not None:  # one kernel: rotary embedding, cache write, attention (see forward)
+            out = decode_attention(qkv.view(batch, -1), cache.k[index], cache.v[index], cache.valid,
+                                   positions.view(batch), slot_start)
+            out = self.comm.all_reduce_tp(layer["dense"](out.view(batch, 1, -1)))
+            return out + layer["dense_bias"] if layer["dense_bias"] is not None else out
         q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
         q = q.view(batch, seq, self.heads, hd).transpose(1, 2)
         k = k.view(batch, seq, self.kv_heads, hd).transpose(1, 2)
@@ -227,12 +232,14 @@ class RankModel:
         return mask[:, None]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot_start: int | torch.Tensor,
-                keys_len: int | None = None, all_logits: bool = False) -> torch.Tensor | None:
+                keys_len: int | None = None, all_logits: bool = False, decode_attention=None) -> torch.Tensor | None:
         """Run this rank's stage on tokens [B, T] at cache slots [slot_start, slot_start + T).
 
         Returns float32 logits [B, T or 1, vocab] on last-stage ranks, None elsewhere. The caller marks the
         new slots valid in `cache.valid` before calling. A decode step may pass slot_start as a 0-d device tensor
-        and keys_len = the cache length: then every shape is static and nothing reads back to the host.
+        and keys_len = the cache length: then every shape is static and nothing reads back to the host. Such a
+        step may also pass decode_attention(qkv [B, n], k_cache, v_cache, valid, positions [B], slot) -> [B, m],
+        a fused kernel for everything between the qkv and dense GEMMs (pipeline.backends.fused_decode).
         """
         batch, seq = tokens.shape
         keys_len = keys_len or slot_start + seq
@@ -244,7 +251,8 @@ class RankModel:
             h = self.comm.recv_prev((batch, seq, self.hidden), self.dtype)
         mask = self.attention_mask(cache, slot_start, seq, keys_len)
         for index, layer in enumerate(self.layers):
-            h = h + self._attention(layer, self._norm(h, layer["ln1"]), positions, cache, index, slot_start, mask)
+            h = h + self._attention(layer, self._norm(h, layer["ln1"]), positions, cache, index, slot_start, mask,
+                                    decode_attention)
             h = h + self._mlp(layer, self._norm(h, layer["ln2"]))
         if not self.mapping.is_last_stage:
             self.comm.send_next(h)
