@@ -34,7 +34,8 @@ def gemv_signature(dtype: str, weight: str, out: str, rows: bool) -> dict:
     types = {name: f"*{dtype}" for name in GEMV_POINTERS}
     types.update(w_ptr=f"*{weight}", y_ptr=f"*{out}", a_scale_ptr="*fp32", w_scale_ptr="*fp32")
     scalars = {"B": "i32", "N": "i32", "K": "i32", "eps": "fp32"} if rows else {"N": "i32", "K": "i32", "eps": "fp32"}
-    return {**types, **scalars}
+    split = {} if rows else {"part_ptr": "*fp32", "counter_ptr": "*i32"}  # the GEMV's split-K sums and counters
+    return {**types, **split, **scalars}
 
 
 def cases():
@@ -64,10 +65,18 @@ def cases():
     # every autotuning config, at the 8B shape's dtypes (a config that does not compile would stop autotuning)
     for config in fd._CONFIGS:
         for dtype, weight in (("bf16", "bf16"), ("bf16", "fp8e4nv")):
+            if config.kwargs.get("SPLIT_K", 1) > 1 and weight != "fp8e4nv":
+                continue  # autotuning times split-K for FP8 only (the one-pass RMSNorm cannot split K)
             constexprs = dict(common, NORM=fd.NORM_RMS, FP8=weight == "fp8e4nv", ACT=fd.ACT_SILU_GATE, W_F32=False,
                               PDL=False, **config.kwargs)
             yield (f"fused_gemv {weight} config {config}", fd._fused_gemv, gemv_signature(dtype, weight, dtype, False),
                    constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    # split-K at FP8 (what the autotuning configs with SPLIT_K cover), and with LayerNorm (its statistics pass)
+    for norm, act, split in ((fd.NORM_RMS, fd.ACT_SILU_GATE, 4), (fd.NORM_NONE, fd.ACT_NONE, 2)):
+        constexprs = dict(common, NORM=norm, FP8=True, ACT=act, W_F32=False, PDL=True, BLOCK_N=64, BLOCK_K=128,
+                          USE_DOT=2, SPLIT_K=split)
+        yield (f"fused_gemv fp8e4nv split-K={split} norm={norm} pdl", fd._fused_gemv,
+               gemv_signature("bf16", "fp8e4nv", "bf16", False), constexprs, dict(launch_pdl=True))
     for config in fd._ROWS_CONFIGS:
         for weight, rows in (("bf16", 32), ("fp8e4nv", 64)):
             constexprs = dict(common, NORM=fd.NORM_RMS, FP8=weight == "fp8e4nv", ACT=fd.ACT_SILU_GATE, W_F32=False,
@@ -94,6 +103,8 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for name, kernel, signature, constexprs, options in cases():
+        if "SPLIT_K" in kernel.arg_names:  # the JIT's default, which the AST source does not apply
+            constexprs = {"SPLIT_K": 1, **constexprs}
         ordered = {arg: signature.get(arg, "constexpr") for arg in kernel.arg_names}
         # as the JIT specializes arguments at the 8B shape: pointers 16-byte aligned, N and K multiples of 16
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
@@ -115,6 +126,9 @@ def main(argv=None) -> int:
             counted = "bar.sync" in ptx and "atom.global.gpu.acq_rel.add" in ptx
             if "SPLITS" in constexprs and counted != (constexprs["SPLITS"] > 1):
                 raise AssertionError(f"SPLITS={constexprs['SPLITS']} but an acq_rel counter in the PTX: {counted}")
+            if "w_ptr" in signature and not name.startswith("fused_gemm_rows") and \
+                    counted != (constexprs.get("SPLIT_K", 1) > 1):
+                raise AssertionError(f"SPLIT_K={constexprs.get('SPLIT_K', 1)} but an acq_rel counter: {counted}")
             prefetch = ptx.find("prefetch.global.L2")
             if gdc and "w_ptr" in signature and not 0 <= prefetch < ptx.find("griddepcontrol.wait"):
                 raise AssertionError("with PDL the weights' L2 prefetch must come before griddepcontrol.wait")

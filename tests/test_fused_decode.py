@@ -139,6 +139,42 @@ def test_fused_fp8_gemv_is_an_fp8_gemm():
     assert ((y - want).norm() / want.norm()).item() < 1e-5  # the same products; the sums differ in order only
 
 
+@pytest.mark.parametrize("norm, act", [(1, 1), (0, 0)])
+def test_split_k_fp8_gemv_sums_the_same_products(monkeypatch, norm, act):
+    """Split-K (each program a share of K, the last to finish adds the shares up and runs the epilogue) against
+    the unsplit GEMV: FP8 weights, the RMSNorm's statistics pass and silu-gate, or neither; twice in a row (the
+    counters must be back at 0 for the second call)."""
+    torch.manual_seed(3)
+    K, N = 512, 48
+    rows = 2 * N if act == fused_decode.ACT_SILU_GATE else N
+    w = torch.randn(rows, K, device=DEVICE) / K**0.5
+    sw = fp8_scale(w.abs().max()).to(DEVICE)
+    wq = quantize_fp8(w, sw)
+    sa = fp8_scale(torch.tensor(4.0)).to(DEVICE)
+    g = torch.rand(K, device=DEVICE).half() + 0.5
+
+    def run(split, x, r):
+        args = (x, r if norm else None, g if norm else None, None, wq, None, sa, sw, 1e-5, norm, act, torch.float32)
+        if DEVICE.type == "cpu":
+            monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "SPLIT_K", split)
+            return fused_decode.fused_gemv(*args)
+        y = torch.empty(N, device=DEVICE)
+        h = torch.empty(K if norm else 0, device=DEVICE, dtype=x.dtype)
+        part, counter = fused_decode._gemv_split_buffers(DEVICE, N)
+        fused_decode._fused_gemv_gpu[(triton.cdiv(N, 64), split)](
+            x, r if norm else y, h if norm else y, g if norm else y, y, wq, y, y, sa, sw, part, counter, N, K, 1e-5,
+            ADD_RESIDUAL=bool(norm), NORM=norm, HAS_BIAS=False, FP8=True, ACT=act, W_F32=False, BLOCK_N=64,
+            BLOCK_K=128, USE_DOT=2, SPLIT_K=split)
+        return y, h
+
+    for call in range(2):
+        x, r = torch.randn(K, device=DEVICE).half(), torch.randn(K, device=DEVICE).half()
+        (want, want_h), (got2, h2), (got4, h4) = run(1, x, r), run(2, x, r), run(4, x, r)
+        for got, h in ((got2, h2), (got4, h4)):
+            assert ((got - want).norm() / want.norm()).item() < 1e-5, call
+            assert torch.equal(h, want_h)  # x + r, each share's part written by its own programs
+
+
 def _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size):
     """decode_attention in float64: rotate-half rope at `positions`, the new k, v at `slot`, softmax over the valid
     slots and the new token. Returns (out [B, heads * head_size], rotated k and v [B, kv_heads, head_size])."""
@@ -261,7 +297,7 @@ def test_the_tensor_core_configs_compute_the_same_gemv(monkeypatch, fp8):
         kernel = fused_decode._fused_gemv_gpu  # one config, compiled
         y = torch.empty(N, device=DEVICE)
         h = torch.empty(K, device=DEVICE, dtype=x.dtype)
-        kernel[(triton.cdiv(N, block_n),)](x, r, h, g, y, weight, y, y, *(scales if fp8 else (y, y)), N, K, 1e-5,
+        kernel[(triton.cdiv(N, block_n),)](x, r, h, g, y, weight, y, y, *(scales if fp8 else (y, y)), y, y, N, K, 1e-5,
                                            ADD_RESIDUAL=True, NORM=1, HAS_BIAS=False, FP8=fp8, ACT=1, W_F32=False,
                                            BLOCK_N=block_n, BLOCK_K=128, USE_DOT=use_dot)
         return y
@@ -334,5 +370,5 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 69 and all(line.startswith("ok    sm_90 ") for line in lines)
-    assert sum("griddepcontrol" in line for line in lines) == 11
+    assert len(lines) == 75 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert sum("griddepcontrol" in line for line in lines) == 13

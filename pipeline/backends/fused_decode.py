@@ -86,6 +86,10 @@ if triton is not None:
             (32, 256, 4, 3, 2), (32, 512, 4, 3, 2), (64, 128, 4, 4, 2), (64, 256, 4, 3, 2), (128, 128, 4, 3, 2),
         )
         if dot in _forms_from_env()
+    ] + [  # split-K (FP8 only, see _prune): the wgmma tiles of the 4096-row GEMVs on every SM
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": 2, "SPLIT_K": split}, num_warps=w, num_stages=s)
+        for bn, bk, w, s, split in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4))
+        if 2 in _forms_from_env()
     ]
 
     def _prune(configs, named_args, **kwargs):
@@ -96,7 +100,14 @@ if triton is not None:
         def small_k_only(c):
             return c.kwargs["BLOCK_N"] <= 4 and c.kwargs["BLOCK_K"] == 256
 
+        def split_k_fits(c):  # FP8 only (timed there); K's chunks shared equally (the kernel assumes it)
+            split = c.kwargs.get("SPLIT_K", 1)
+            chunks, ragged = divmod(k, c.kwargs["BLOCK_K"])
+            return split == 1 or (kwargs.get("FP8", False) and not ragged and chunks % split == 0)
+
         def enough_blocks(c):  # the swapped dot's tall tiles do with about one row block per SM
+            if c.kwargs.get("SPLIT_K", 1) > 1:
+                return n // c.kwargs["BLOCK_N"] * c.kwargs["SPLIT_K"] >= 128
             if c.kwargs["USE_DOT"] != 2:
                 return n // c.kwargs["BLOCK_N"] >= 256
             # FP8's wgmma tiles (BLOCK_N >= 64) are timed even at half a row block per SM (4096 rows): the
@@ -104,8 +115,9 @@ if triton is not None:
             fp8_wgmma = kwargs.get("FP8", False) and c.kwargs["BLOCK_N"] >= 64
             return n // c.kwargs["BLOCK_N"] >= (64 if fp8_wgmma else 128)
 
-        kept = [c for c in configs if enough_blocks(c) and (k < 2048 or not small_k_only(c))]
-        return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_N"])[:2]
+        kept = [c for c in configs if split_k_fits(c) and enough_blocks(c) and (k < 2048 or not small_k_only(c))]
+        return kept or sorted([c for c in configs if c.kwargs.get("SPLIT_K", 1) == 1],
+                              key=lambda c: c.kwargs["BLOCK_N"])[:2]
 
     @triton.jit
     def _load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL: tl.constexpr):
@@ -167,14 +179,25 @@ if triton is not None:
 
     @triton.jit
     def _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                    N, K, eps,
+                    part_ptr, counter_ptr, N, K, eps,
                     ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
+                    W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
+                    SPLIT_K: tl.constexpr = 1):
         """The fused GEMV of one row block (see fused_gemv). On a GPU K is a runtime argument; in Triton's CPU
-        emulator, which cannot loop to a runtime bound, _fused_gemv_emulated calls this with K a constant."""
+        emulator, which cannot loop to a runtime bound, _fused_gemv_emulated calls this with K a constant.
+
+        SPLIT_K > 1 (split-K): program (pid, s) sums its row block over the s-th of SPLIT_K equal shares of K (the
+        host keeps K's chunks a multiple of SPLIT_K), stores the float32 sums to part_ptr, and the share that
+        finishes last (counted on counter_ptr[pid]) adds them up and runs the epilogue. For the small FP8 GEMVs,
+        whose tall wgmma tiles leave SMs idle otherwise. Not with the one-pass RMSNorm (its 1 / rms needs all of
+        K): FP8 and LayerNorm take their statistics in a first pass over the whole row anyway."""
+        tl.static_assert(SPLIT_K == 1 or NORM != 1 or FP8, "split-K needs the norm's statistics pass")
         DOT: tl.constexpr = 0 if W_F32 else USE_DOT  # float32 weights stay on the CUDA cores (no tf32 rounding)
         pid = tl.program_id(0)
+        pid_k = 0
+        if SPLIT_K > 1:
+            pid_k = tl.program_id(1)
         dt = x_ptr.dtype.element_ty
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -218,8 +241,12 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + arange_k
+        # this program's share of K: all of it, or (split-K) its share's chunks, a count inline as the emulator needs
+        k_first = 0  # a constant without split-K: the loads' alignment stays provable
+        if SPLIT_K > 1:
+            k_first = pid_k * ((K // BLOCK_K) // SPLIT_K) * BLOCK_K
+        for k0 in range(0, K if SPLIT_K == 1 else (K // BLOCK_K) // SPLIT_K * BLOCK_K, BLOCK_K):
+            offs_k = k_first + k0 + arange_k
             k_mask = offs_k < K
             x = _load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL)
             if ADD_RESIDUAL:
@@ -257,12 +284,36 @@ if triton is not None:
         else:
             y = tl.sum(acc, axis=1)
             y2 = tl.sum(acc2, axis=1)
-        if NORM == 1 and not FP8:
-            inv_rms = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-            y = y * inv_rms
-            y2 = y2 * inv_rms
+        if SPLIT_K == 1:
+            if NORM == 1 and not FP8:
+                inv_rms = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+                y = y * inv_rms
+                y2 = y2 * inv_rms
+            _gemv_epilogue(y, y2, offs_n, n_mask, N, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr, dt, HAS_BIAS, FP8, ACT)
+        else:  # this share's sums [SPLIT_K, 2, N] (fc, gate), then the last share to finish adds them up
+            tl.store(part_ptr + (pid_k * 2) * N + offs_n, y, mask=n_mask)
+            if ACT == 1:
+                tl.store(part_ptr + (pid_k * 2 + 1) * N + offs_n, y2, mask=n_mask)
+            tl.debug_barrier()  # every thread of this program has stored before the counter counts it
+            # acq_rel: the sums above are visible to the program that sees the last count, and it sees them all
+            if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+                y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                y2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for s in range(0, SPLIT_K):  # at L2 (.cg): other SMs wrote them, this SM's L1 may be stale
+                    y += tl.load(part_ptr + (s * 2) * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+                    if ACT == 1:
+                        y2 += tl.load(part_ptr + (s * 2 + 1) * N + offs_n, mask=n_mask, other=0.0,
+                                      cache_modifier=".cg")
+                _gemv_epilogue(y, y2, offs_n, n_mask, N, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr, dt, HAS_BIAS, FP8,
+                               ACT)
+                tl.store(counter_ptr + pid, 0)  # the next launch (and a CUDA graph's replay) counts from 0 again
+
+    @triton.jit
+    def _gemv_epilogue(y, y2, offs_n, n_mask, N, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr, dt, HAS_BIAS: tl.constexpr,
+                       FP8: tl.constexpr, ACT: tl.constexpr):
+        """FP8 scales, bias and activation on a row block's float32 sums, stored in the output dtype."""
         if FP8:
-            scale = a_scale * tl.load(w_scale_ptr)
+            scale = tl.load(a_scale_ptr) * tl.load(w_scale_ptr)
             y = y * scale
             y2 = y2 * scale
         if HAS_BIAS:
@@ -278,12 +329,14 @@ if triton is not None:
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _fused_gemv_emulated(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                             N, K: tl.constexpr, eps,
+                             part_ptr, counter_ptr, N, K: tl.constexpr, eps,
                              ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                              FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+                             W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+                             SPLIT_K: tl.constexpr = 1):
         _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                    N, K, eps, ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32, USE_DOT, EVEN_K)
+                    part_ptr, counter_ptr, N, K, eps, ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32,
+                    USE_DOT, EVEN_K, False, SPLIT_K)
 
     # the GPU entry: _fused_gemv with EVEN_K worked out per launch (the emulated entry sets it the same way)
     _fused_gemv_gpu = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_gemv)
@@ -593,10 +646,11 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
     h_out = torch.empty(K if residual is not None else 0, dtype=x.dtype, device=x.device)
     pointers, flags = _launch_arguments(x.reshape(K), residual, norm_weight, norm_bias, weight, bias, act_scale,
                                         weight_scale, y, h_out, norm, act, pdl)
-    args = (*pointers, N, K, eps)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    part, counter = _gemv_split_buffers(x.device, N) if act_scale is not None else (y, y)  # split-K: FP8 only
+    args = (*pointers, part, counter, N, K, eps)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))  # noqa: E731
     if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
-        _fused_gemv_emulated[(triton.cdiv(N, INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags, **INTERPRETER_CONFIG)
+        _fused_gemv_emulated[grid(INTERPRETER_CONFIG)](*args, **flags, **INTERPRETER_CONFIG)
     elif _autotune_failed:
         _fused_gemv_kernel_known[grid](*args, **flags)
     else:
@@ -608,6 +662,25 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
                           "forms from now on", stacklevel=2)
             _fused_gemv_kernel_known[grid](*args, **flags)
     return y, h_out
+
+
+MAX_SPLIT_K = 4  # the largest SPLIT_K among the autotuning configs (sizes the split-K sums)
+
+# Split-K's float32 sums [MAX_SPLIT_K, 2, N] and per-row-block int32 counters, per (device, N). Like the split
+# attention's buffers they outlive the call (CUDA graphs replay the addresses they captured); the last share of a
+# row block sets its counter back to 0. GEMVs run one at a time on one stream, so GEMVs of one N share them.
+_gemv_split: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _gemv_split_buffers(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (device, n)
+    if key not in _gemv_split:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"fused_gemv's split-K buffers for N={n} do not exist yet and cannot be made while a "
+                               "CUDA graph is captured: run the step once before capturing (warm-up)")
+        _gemv_split[key] = (torch.empty(MAX_SPLIT_K * 2 * n, dtype=torch.float32, device=device),
+                            torch.zeros(triton.cdiv(n, 2), dtype=torch.int32, device=device))
+    return _gemv_split[key]
 
 
 # Why autotuning over every form failed in this process, if it did (fused_gemv then leaves the swap-AB forms out)
