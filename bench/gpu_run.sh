@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests profile profile32 forms quick 8b fp8 gpt2 nccl tp2  # any subset of phases, in order
+#   bash bench/gpu_run.sh tests profile profile32 forms quick 8b fp8 fp8ab gpt2 nccl tp2  # any subset, in order
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -44,6 +44,13 @@ for phase in "${@:-tests gpt2 8b}"; do
     fp8)   # batch 1 (the 1.6x target is against the 8b phase's bf16 figure, same card, same call)
            python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1 --repeats 2 --out "$R" \
              --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl ;;
+    fp8ab) # FP8 against bf16 at batch 1 (the fused step), FP8 with and without the split-K configs
+           python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 --repeats 2 --out "$R" \
+             --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step
+           python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1 --repeats 2 --out "$R" \
+             --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step
+           PIPELINE_FUSED_GEMV_SPLIT_K=0 python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1 \
+             --repeats 2 --out "$R/no-split-k" --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step ;;
     nccl)  mpirun -n 2 python bench/nccl_check.py ;;  # collectives stage by stage (NCCL, CUDA graph), 60 s watchdog
     tp2)   # tp=1 and tp=2 of one model (device-random weights are the same for any tp), the same decode path;
            # greedy tokens compared in float32 (bfloat16 tokens of a random 8B model flip on rounding: see README)

@@ -372,3 +372,22 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
     lines = proc.stdout.splitlines()
     assert len(lines) == 75 and all(line.startswith("ok    sm_90 ") for line in lines)
     assert sum("griddepcontrol" in line for line in lines) == 13
+
+
+def test_autotuning_candidates_per_shape():
+    """What autotuning times: split-K for FP8 only and with K's chunks shared equally; FP8's big GEMVs (a wgmma
+    tile per SM and more) in the wgmma form only; bfloat16 without either restriction."""
+    configs = fused_decode._CONFIGS
+
+    def kept(n, k, fp8):
+        return [c.kwargs for c in fused_decode._prune(configs, {"N": n, "K": k}, FP8=fp8)]
+
+    fc_gate = kept(14336, 4096, True)
+    assert fc_gate and all(c["USE_DOT"] == 2 and c["BLOCK_N"] >= 64 for c in fc_gate)
+    dense = kept(4096, 4096, True)
+    assert any(c.get("SPLIT_K", 1) > 1 for c in dense) and any(c["USE_DOT"] == 0 for c in dense)
+    assert all((4096 // c["BLOCK_K"]) % c.get("SPLIT_K", 1) == 0 for c in dense)
+    for n, k in ((14336, 4096), (4096, 4096), (4096, 14336)):
+        assert not any(c.get("SPLIT_K", 1) > 1 for c in kept(n, k, False))
+    assert any(c["USE_DOT"] == 0 for c in kept(14336, 4096, False))
+    assert not any(c.get("SPLIT_K", 1) > 1 for c in kept(4096, 4000, True))  # ragged K: no split

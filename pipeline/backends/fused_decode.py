@@ -47,6 +47,7 @@ ACT_NONE, ACT_SILU_GATE, ACT_GELU = 0, 1, 2
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 64, "USE_DOT": 0}
 
 FORMS_ENV = "PIPELINE_FUSED_GEMV_FORMS"  # e.g. "0,1": autotune over these USE_DOT forms only (A/B timing)
+SPLIT_K_ENV = "PIPELINE_FUSED_GEMV_SPLIT_K"  # "0": no split-K configs (A/B timing)
 
 
 def _forms_from_env() -> set[int]:
@@ -89,7 +90,7 @@ if triton is not None:
     ] + [  # split-K (FP8 only, see _prune): the wgmma tiles of the 4096-row GEMVs on every SM
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": 2, "SPLIT_K": split}, num_warps=w, num_stages=s)
         for bn, bk, w, s, split in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4))
-        if 2 in _forms_from_env()
+        if 2 in _forms_from_env() and os.environ.get(SPLIT_K_ENV, "1") != "0"
     ]
 
     def _prune(configs, named_args, **kwargs):
@@ -115,7 +116,15 @@ if triton is not None:
             fp8_wgmma = kwargs.get("FP8", False) and c.kwargs["BLOCK_N"] >= 64
             return n // c.kwargs["BLOCK_N"] >= (64 if fp8_wgmma else 128)
 
-        kept = [c for c in configs if split_k_fits(c) and enough_blocks(c) and (k < 2048 or not small_k_only(c))]
+        def fp8_form(c):
+            # FP8 GEMVs with rows for a wgmma tile per SM and more take the wgmma form only: the FMA form converts
+            # each byte twice (about 2.4 TB/s against 3.7 at the 8B shape's fc_gate, H200 run 11), and autotuning,
+            # timing each config alone, once picked it there anyway (run 14: a 3.13 ms step against 2.72)
+            wgmma = c.kwargs["USE_DOT"] == 2 and c.kwargs["BLOCK_N"] >= 64
+            return not kwargs.get("FP8", False) or n // 64 < 128 or wgmma or 2 not in _forms_from_env()
+
+        kept = [c for c in configs if split_k_fits(c) and enough_blocks(c) and fp8_form(c)
+                and (k < 2048 or not small_k_only(c))]
         return kept or sorted([c for c in configs if c.kwargs.get("SPLIT_K", 1) == 1],
                               key=lambda c: c.kwargs["BLOCK_N"])[:2]
 
