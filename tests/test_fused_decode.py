@@ -135,8 +135,9 @@ def test_fused_fp8_gemv_is_an_fp8_gemm():
     x = (quantize_fp8(x.float(), sa).float() * sa).half()  # exactly representable: no emulator rounding involved
     y, _ = fused_decode.fused_gemv(x, None, None, None, wq, None, sa, sw, 1e-5, fused_decode.NORM_NONE,
                                    fused_decode.ACT_NONE, torch.float32)
-    want = fp8_linear(x, wq, sa, sw, None, torch.float32)[0]
-    assert ((y - want).norm() / want.norm()).item() < 1e-5  # the same products; the sums differ in order only
+    # on the CPU: exact FP8 products with float32 sums (cuBLAS's FP8 GEMM on a GPU need not sum in float32)
+    want = fp8_linear(x.cpu(), wq.cpu(), sa.cpu(), sw.cpu(), None, torch.float32)[0]
+    assert ((y.cpu() - want).norm() / want.norm()).item() < 1e-5  # the same products; the sums differ in order
 
 
 @pytest.mark.parametrize("norm, act", [(1, 1), (0, 0)])
@@ -307,7 +308,9 @@ def test_the_tensor_core_configs_compute_the_same_gemv(monkeypatch, fp8):
     plain = run(0)
     for use_dot in (1, 2):  # fp16: the dots round x * g to fp16; FP8: the same products, other summation order
         dot = run(use_dot)
-        assert ((dot - plain).norm() / plain.norm()).item() < (1e-5 if fp8 else 2e-3), use_dot
+        # FP8 form 2 runs wgmma, which sums FP8 products with less than float32 precision: 5e-4 on an H200
+        tol = (1e-3 if use_dot == 2 and DEVICE.type == "cuda" else 1e-5) if fp8 else 2e-3
+        assert ((dot - plain).norm() / plain.norm()).item() < tol, use_dot
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) run of the fused step; GPUs run it in bench")
