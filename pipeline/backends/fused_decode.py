@@ -680,21 +680,29 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
 
 MAX_SPLIT_K = 4  # the largest SPLIT_K among the autotuning configs (sizes the split-K sums)
 
-# Split-K's float32 sums [MAX_SPLIT_K, 2, N] and per-row-block int32 counters, per (device, N). Like the split
-# attention's buffers they outlive the call (CUDA graphs replay the addresses they captured); the last share of a
-# row block sets its counter back to 0. GEMVs run one at a time on one stream, so GEMVs of one N share them.
-_gemv_split: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# The float32 partial sums and int32 counters of the kernels that split their work and let the last program finish
+# (split-K GEMVs, flash-decoding attention), per (kind, device, shape). They outlive the call because CUDA graphs
+# capture the kernels with these addresses and replay them; the counters start at 0 and the last program of each
+# group sets its counter back to 0. Two launches of one shape running at once (on two streams) would share them
+# and corrupt each other: the decode steps run one at a time, on one stream.
+_split_work: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_buffers(key: tuple, device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (float32 partials, zeroed int32 counters) of `key`, made on first use (not while a graph is captured)."""
+    key = (*key, device)
+    if key not in _split_work:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the split buffers for {key} do not exist yet and cannot be made while a CUDA graph "
+                               "is captured: run the step once before capturing (warm-up)")
+        _split_work[key] = (torch.empty(partials, dtype=torch.float32, device=device),
+                            torch.zeros(counters, dtype=torch.int32, device=device))
+    return _split_work[key]
 
 
 def _gemv_split_buffers(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (device, n)
-    if key not in _gemv_split:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"fused_gemv's split-K buffers for N={n} do not exist yet and cannot be made while a "
-                               "CUDA graph is captured: run the step once before capturing (warm-up)")
-        _gemv_split[key] = (torch.empty(MAX_SPLIT_K * 2 * n, dtype=torch.float32, device=device),
-                            torch.zeros(triton.cdiv(n, 2), dtype=torch.int32, device=device))
-    return _gemv_split[key]
+    """Split-K's sums [MAX_SPLIT_K, 2, N] and a counter per row block (GEMVs of one N share them)."""
+    return _split_buffers(("gemv", n), device, MAX_SPLIT_K * 2 * n, triton.cdiv(n, 2))
 
 
 # Why autotuning over every form failed in this process, if it did (fused_gemv then leaves the swap-AB forms out)
@@ -759,26 +767,6 @@ def attention_splits(batch: int, kv_heads: int, max_len: int) -> int:
     return triton.cdiv(blocks, triton.cdiv(blocks, splits))  # no split left without blocks (6 blocks: 4 -> 3)
 
 
-# The split attention's float32 partials and its per-(sequence, KV head) int32 counters, per (device, shape). They
-# outlive the call because CUDA graphs capture the op with these addresses and replay it; the counters start at 0
-# and the last split of each pair sets its counter back to 0. Two launches of one shape running at once (on two
-# streams) would share them and corrupt each other: the decode steps run one at a time, on one stream.
-_attention_split_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _split_buffers(device: torch.device, batch: int, kv_heads: int, splits: int, group_p: int,
-                   d_p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (device, batch, kv_heads, splits, group_p, d_p)
-    if key not in _attention_split_buffers:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode_attention's split buffers for {key} do not exist yet and cannot be made "
-                               "while a CUDA graph is captured: run the step once before capturing (warm-up)")
-        _attention_split_buffers[key] = (
-            torch.empty(batch * kv_heads * splits * group_p * (d_p + 2), dtype=torch.float32, device=device),
-            torch.zeros(batch * kv_heads, dtype=torch.int32, device=device))
-    return _attention_split_buffers[key]
-
-
 @torch.library.custom_op("pipeline::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
                      positions: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor | None, heads: int,
@@ -796,7 +784,10 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         splits = attention_splits(batch, kv_heads, max_len)
     elif splits < 1:
         raise ValueError(f"decode_attention: splits={splits}; give 1 or more (or None to choose)")
-    part, counter = _split_buffers(qkv.device, batch, kv_heads, splits, group_p, d_p) if splits > 1 else (out, out)
+    # per split: m [GROUP_P], denom [GROUP_P], acc [GROUP_P, D_P]; a counter per (sequence, KV head)
+    part, counter = (_split_buffers(("attention", batch, kv_heads, splits, group_p, d_p), qkv.device,
+                                    batch * kv_heads * splits * group_p * (d_p + 2), batch * kv_heads)
+                     if splits > 1 else (out, out))
     emulated = os.environ.get("TRITON_INTERPRET") == "1"
     kernel = _decode_attention_kernel_emulated if emulated else _decode_attention_kernel
     extra = dict(PDL=True, launch_pdl=True) if pdl and not emulated else {}

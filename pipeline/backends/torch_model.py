@@ -146,14 +146,21 @@ class RankModel:
 
     def _attention(self, layer: dict, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: int,
                    slot_start: int | torch.Tensor, mask: torch.Tensor, decode_attention=None) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        hd = self.head_size
+        batch = x.shape[0]
         qkv = layer["qkv"](x)
         if decode_attention is not None:  # one kernel: rotary embedding, cache write, attention (see forward)
             out = decode_attention(qkv.view(batch, -1), cache.k[index], cache.v[index], cache.valid,
-                                   positions.view(batch), slot_start)
-            out = self.comm.all_reduce_tp(layer["dense"](out.view(batch, 1, -1)))
-            return out + layer["dense_bias"] if layer["dense_bias"] is not None else out
+                                   positions.view(batch), slot_start).view(batch, 1, -1)
+        else:
+            out = self._cached_attention(qkv, positions, cache, index, slot_start, mask, layer.get("kv_scale"))
+        out = self.comm.all_reduce_tp(layer["dense"](out))
+        return out + layer["dense_bias"] if layer["dense_bias"] is not None else out
+
+    def _cached_attention(self, qkv: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: int,
+                          slot_start: int | torch.Tensor, mask: torch.Tensor, kv_scale) -> torch.Tensor:
+        """Rotary embedding, the cache write at slot_start, and attention over the cache: [B, T, heads * hd]."""
+        batch, seq, _ = qkv.shape
+        hd = self.head_size
         q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
         q = q.view(batch, seq, self.heads, hd).transpose(1, 2)
         k = k.view(batch, seq, self.kv_heads, hd).transpose(1, 2)
@@ -165,7 +172,7 @@ class RankModel:
         k_cache, v_cache = cache.k[index], cache.v[index]
         keys_len = mask.shape[-1]
         if self.kv_format is not None:  # a quantized cache: store q(k), q(v); attention reads them dequantized
-            k, v = quantize_kv(k, layer["kv_scale"], self.kv_format), quantize_kv(v, layer["kv_scale"], self.kv_format)
+            k, v = quantize_kv(k, kv_scale, self.kv_format), quantize_kv(v, kv_scale, self.kv_format)
         if isinstance(slot_start, torch.Tensor):  # a decode step with the slot on the device (CUDA-graph safe)
             k_cache.index_copy_(2, slot_start.view(1), k)
             v_cache.index_copy_(2, slot_start.view(1), v)
@@ -174,8 +181,8 @@ class RankModel:
             v_cache[:, :, slot_start:slot_start + seq] = v
         keys, values = k_cache[:, :, :keys_len], v_cache[:, :, :keys_len]
         if self.kv_format is not None:
-            keys = dequantize_kv(keys, layer["kv_scale"], q.dtype)
-            values = dequantize_kv(values, layer["kv_scale"], q.dtype)
+            keys = dequantize_kv(keys, kv_scale, q.dtype)
+            values = dequantize_kv(values, kv_scale, q.dtype)
         if seq == 1:
             out = self._grouped_attention(q, keys, values, mask)
         else:
@@ -184,9 +191,7 @@ class RankModel:
                 keys = keys.repeat_interleave(repeat, dim=1)
                 values = values.repeat_interleave(repeat, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(batch, seq, self.heads * hd)
-        out = self.comm.all_reduce_tp(layer["dense"](out))
-        return out + layer["dense_bias"] if layer["dense_bias"] is not None else out
+        return out.transpose(1, 2).reshape(batch, seq, self.heads * hd)
 
     def _grouped_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                            mask: torch.Tensor) -> torch.Tensor:
