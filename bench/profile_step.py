@@ -1,10 +1,11 @@
 """Where a batch-1 decode step's time goes, on one GPU: GEMV bandwidth per weight shape, and a kernel profile.
 
-    python bench/profile_step.py llama-3-8b [--quant fp8] [--variants LABEL,...] [--steps 20]
+    python bench/profile_step.py llama-3-8b [--quant fp8] [--variants LABEL,...] [--steps 20] [--sweep qkv,dense]
 
 1. For each GEMM of a layer (and lm_head), the bandwidth of the GEMV over all layers' weights of that shape, in a
    CUDA graph (so the weights stream from HBM, not L2): cuBLAS, the plain Triton GEMV (pipeline::gemv), and the
    fused GEMV as the fused step calls it (residual + norm prologue, activation epilogue).
+   With --sweep, every fused-GEMV config of the named GEMMs, timed the same way.
 2. For each decode path: the step time (CUDA events over graph replays), the GPU kernel time per step from the
    profiler, their difference (idle gaps between kernels), and the kernels that take the most time.
 
@@ -130,6 +131,60 @@ def gemv_table(model, bandwidth: float, batch: int = 1) -> list[str]:
     return rows
 
 
+def sweep_table(model, bandwidth: float, keys: list[str]) -> list[str]:
+    """Every fused-GEMV config of fused_decode._CONFIGS (each form, tile and split-K) for each GEMM shape of `keys`,
+    timed as gemv_table times the fused GEMV (over all layers' weights, in a CUDA graph), fastest first; the FMA
+    form's FP8 configs with the integer conversion of the weights and with the hardware's (INT_CVT 1 / 0)."""
+    import os
+
+    hidden = model.hidden
+    x = torch.randn(hidden, device=model.device).to(model.dtype)
+    r = torch.randn(hidden, device=model.device).to(model.dtype)
+    g = torch.ones(hidden, device=model.device, dtype=model.dtype)
+    lines = []
+    for key in keys:
+        linears = [model.head] if key == "lm_head" else [layer[key] for layer in model.layers]
+        n, k = linears[0].weight.shape
+        fp8 = isinstance(linears[0], FP8Linear)
+        total = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+        act = fd.ACT_SILU_GATE if key == "fc_gate" else fd.ACT_NONE
+        rows = n // 2 if act == fd.ACT_SILU_GATE else n
+        prologue = key in ("qkv", "fc_gate", "lm_head")
+        inp = x if prologue else torch.randn(k, device=model.device).to(model.dtype)
+        timed = []
+        for config in fd._CONFIGS:
+            c = config.kwargs
+            split = c.get("SPLIT_K", 1)
+            if split > 1 and (not fp8 or k % c["BLOCK_K"] or (k // c["BLOCK_K"]) % split):
+                continue
+            if rows // c["BLOCK_N"] * split < 32 or (k >= 2048 and c["BLOCK_N"] <= 4 and c["BLOCK_K"] == 256):
+                continue
+            for int_cvt in (("1", "0") if fp8 and c["USE_DOT"] == 0 else ("1",)):
+                os.environ[fd.INT_CVT_ENV] = int_cvt
+
+                def run(config=config):
+                    for lin in linears:
+                        fd.launch_fused_gemv(inp, r if prologue else None, g if prologue else None, None, lin.weight,
+                                             None, getattr(lin, "act_scale", None), getattr(lin, "weight_scale", None),
+                                             1e-5, fd.NORM_RMS if prologue else fd.NORM_NONE, act,
+                                             torch.float32 if key == "lm_head" else model.dtype, config=config)
+                try:
+                    speed = total / graph_time(run) / 1e9
+                except Exception as exc:  # a config this GPU cannot run (shared memory) is listed, not fatal
+                    print(f"{key} {config}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
+                    continue
+                label = ", ".join(f"{name} {value}" for name, value in c.items())
+                timed.append((speed, f"{label}, warps {config.num_warps}, stages {config.num_stages}"
+                                     f"{', INT_CVT ' + int_cvt if fp8 and c['USE_DOT'] == 0 else ''}"))
+        os.environ.pop(fd.INT_CVT_ENV, None)
+        lines += [f"#### {key} {n}x{k}{' fp8' if fp8 else ''}: {total / 1e9:.3f} GB, {len(timed)} configs", "",
+                  "| config | GB/s | % of copy |", "|---|---|---|"]
+        lines += [f"| {label} | {speed:.0f} | {100 * speed * 1e9 / bandwidth:.1f}% |"
+                  for speed, label in sorted(timed, reverse=True)[:8]]
+        lines.append("")
+    return lines
+
+
 def profile_variant(model, options: DecodeOptions, steps: int, read_bytes: int, bandwidth: float,
                     batch: int = 1) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
@@ -177,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=1, help="sequences per step (the fused step runs at batch 1 only)")
     p.add_argument("--no-gemv", action="store_true", help="skip the GEMV table (at --batch rows)")
+    p.add_argument("--sweep", default="", help="GEMMs (e.g. qkv,dense,fc_gate,proj) whose every fused-GEMV config "
+                   "is timed (batch 1)")
     args = p.parse_args(argv)
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
@@ -195,7 +252,9 @@ def main(argv=None) -> int:
         for key, config in fd.chosen_configs().items():
             print(f"- fused GEMV config for (N, K, NORM, FP8, ACT, ...) = {key}: {config}")
         print(flush=True)
-    for label in args.variants.split(","):
+    if args.sweep:
+        print("\n".join(sweep_table(model, bandwidth, args.sweep.split(","))) + "\n", flush=True)
+    for label in filter(None, args.variants.split(",")):
         options = DecodeOptions.from_label(label)
         set_triton_gemv(model, options.triton_gemv)
         try:

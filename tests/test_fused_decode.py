@@ -140,6 +140,73 @@ def test_fused_fp8_gemv_is_an_fp8_gemm():
     assert ((y.cpu() - want).norm() / want.norm()).item() < 1e-5  # the same products; the sums differ in order
 
 
+def _run_e4m3_bits_ptx(word: int) -> list[int]:
+    """fused_decode.E4M3_BITS_PTX executed on one 32-bit word (its three opcodes, 32-bit registers)."""
+    regs = {"$4": word}
+    for line in fused_decode.E4M3_BITS_PTX.strip("{} ").split(";"):
+        if not line.strip() or line.strip().startswith(".reg"):
+            continue
+        op, operands = line.split(None, 1)
+        dst, src, imm = (o.strip() for o in operands.split(","))
+        a, b = regs[src], int(imm, 0)
+        if op == "shl.b32":
+            value = a << b
+        elif op == "shr.s32":
+            value = (a - (1 << 32) if a & 0x80000000 else a) >> b
+        elif op == "and.b32":
+            value = a & b
+        else:
+            raise AssertionError(f"an opcode the test does not know: {op}")
+        regs[dst] = value & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(4)]
+
+
+def test_e4m3_bits_ptx_gives_every_value_times_2_pow_minus_120():
+    """The FMA form's integer conversion of FP8 weights (on a GPU): every E4M3 byte but the NaNs, subnormals and
+    -0 included, becomes the float32 of its value times 2^-120 exactly, byte i of the word in output i."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    for first in range(0, 256, 4):
+        bits = _run_e4m3_bits_ptx(int.from_bytes(bytes(range(first, first + 4)), "little"))
+        got = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32).double() * 2.0**120
+        for i, byte in enumerate(range(first, first + 4)):
+            if byte & 0x7F == 0x7F:  # E4M3's NaN: FP8 checkpoints never hold it (the quantizer saturates)
+                continue
+            assert got[i].item() == values[byte].item() and got[i].signbit() == values[byte].signbit(), hex(byte)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the integer conversion is inline PTX: GPU only")
+def test_fp8_fma_form_with_integer_conversion_gives_the_same_sums(monkeypatch):
+    """The FMA form with FP8 weights, converted by integer operations (the default) and by the hardware's cvt
+    (PIPELINE_FP8_INT_CVT=0): bit for bit the same output, with every finite E4M3 byte among the weights."""
+    torch.manual_seed(4)
+    K, N = 512, 64
+    codes = torch.randint(0, 256, (N, K), dtype=torch.uint8)
+    codes[codes & 0x7F == 0x7F] = 0x01  # no NaN: the smallest subnormal instead
+    codes.view(-1)[: 256] = torch.arange(256, dtype=torch.uint8).masked_fill(torch.arange(256) & 0x7F == 0x7F, 0)
+    wq = codes.view(torch.float8_e4m3fn).to(DEVICE)
+    sw = torch.tensor(0.01, device=DEVICE)
+    sa = fp8_scale(torch.tensor(4.0)).to(DEVICE)
+    x, r, g = (torch.randn(K, device=DEVICE).half() for _ in range(3))
+    x_exact = (quantize_fp8(x.float() * 3, sa).float() * sa).half()  # E4M3 times the scale: quantized exactly
+
+    def run(int_cvt, norm, x):
+        monkeypatch.setenv(fused_decode.INT_CVT_ENV, int_cvt)
+        y = torch.empty(N, device=DEVICE)
+        h = torch.empty(K, device=DEVICE, dtype=x.dtype)
+        fused_decode._fused_gemv_gpu[(triton.cdiv(N, 8),)](
+            x, r, h, g, y, wq, y, y, sa, sw, y, y, N, K, 1e-5, ADD_RESIDUAL=bool(norm), NORM=norm, HAS_BIAS=False,
+            FP8=True, ACT=0, W_F32=False, BLOCK_N=8, BLOCK_K=256, USE_DOT=0)
+        return y
+
+    assert torch.equal(run("1", 1, x), run("0", 1, x))  # with the residual add and RMSNorm before quantizing
+    got = run("1", 0, x_exact)
+    assert torch.equal(got, run("0", 0, x_exact))
+    # against exact FP8 products summed in float64 on the CPU
+    xq = quantize_fp8(x_exact.cpu().float(), sa.cpu()).double()
+    want = (wq.cpu().double() @ xq) * (sa.cpu().double() * sw.cpu().double())
+    assert ((got.cpu().double() - want).norm() / want.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("norm, act", [(1, 1), (0, 0)])
 def test_split_k_fp8_gemv_sums_the_same_products(monkeypatch, norm, act):
     """Split-K (each program a share of K, the last to finish adds the shares up and runs the epilogue) against

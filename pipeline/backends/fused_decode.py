@@ -48,6 +48,18 @@ INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 64, "USE_DOT": 0}
 
 FORMS_ENV = "PIPELINE_FUSED_GEMV_FORMS"  # e.g. "0,1": autotune over these USE_DOT forms only (A/B timing)
 SPLIT_K_ENV = "PIPELINE_FUSED_GEMV_SPLIT_K"  # "0": no split-K configs (A/B timing)
+PDL_PREFETCH_ENV = "PIPELINE_PDL_PREFETCH_CHUNKS"  # weight chunks a PDL-launched GEMV prefetches into L2 (default 2)
+INT_CVT_ENV = "PIPELINE_FP8_INT_CVT"  # "0": FP8 weights converted by the hardware's cvt in the FMA form (A/B timing)
+
+
+# The four bytes of $4 (element 0 the lowest) to four float32 in $0..$3: each byte moved to the top, shifted down
+# by 4 with its sign (sign to bit 31 and 27, exponent and mantissa to bits 26..20), then the bits between cleared.
+# See _e4m3_bits_to_f32; tests/test_fused_decode.py runs this text on the CPU for all 256 bytes.
+E4M3_BITS_PTX = ("{ .reg .b32 t;"
+                 " shl.b32 t, $4, 24; shr.s32 t, t, 4; and.b32 $0, t, 0x87F00000;"
+                 " shl.b32 t, $4, 16; shr.s32 t, t, 4; and.b32 $1, t, 0x87F00000;"
+                 " shl.b32 t, $4, 8; shr.s32 t, t, 4; and.b32 $2, t, 0x87F00000;"
+                 " shr.s32 t, $4, 4; and.b32 $3, t, 0x87F00000; }")
 
 
 def _forms_from_env() -> set[int]:
@@ -136,7 +148,9 @@ if triton is not None:
             x = (x.to(tl.float32) + tl.load(r_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)).to(x.dtype)
         return x.to(tl.float32)
 
-    PREFETCH_CHUNKS = tl.constexpr(2)  # BLOCK_K chunks of each weight row prefetched before gdc_wait (bounded: L2 is shared)
+    # BLOCK_K chunks of each weight row prefetched before gdc_wait (bounded: L2 is shared); PDL_PREFETCH_ENV=0:
+    # none (A/B timing of PDL without the prefetch)
+    PREFETCH_CHUNKS = tl.constexpr(int(os.environ.get(PDL_PREFETCH_ENV, "2")))
 
     @triton.jit
     def _prefetch_l2(ptrs):
@@ -149,11 +163,12 @@ if triton is not None:
         """The first PREFETCH_CHUNKS chunks of the weight rows (and of the gate rows), a line per 128 bytes."""
         LINE: tl.constexpr = 1024 // w_rows.dtype.element_ty.primitive_bitwidth
         lines = tl.arange(0, BLOCK_K // LINE) * LINE
-        for k0 in tl.static_range(0, PREFETCH_CHUNKS * BLOCK_K, BLOCK_K):
-            offs = tl.minimum(k0 + lines, K - 1)[None, :]  # never past the row (nor the matrix)
-            _prefetch_l2(w_rows + offs)
-            if GATED:
-                _prefetch_l2(w2_rows + offs)
+        if PREFETCH_CHUNKS > 0:
+            for k0 in tl.static_range(0, PREFETCH_CHUNKS * BLOCK_K, BLOCK_K):
+                offs = tl.minimum(k0 + lines, K - 1)[None, :]  # never past the row (nor the matrix)
+                _prefetch_l2(w_rows + offs)
+                if GATED:
+                    _prefetch_l2(w2_rows + offs)
 
     @triton.jit
     def _activation(y, y2, dt, ACT: tl.constexpr):
@@ -173,11 +188,30 @@ if triton is not None:
     # is 4e-3). Adding each 32-product step to a float32 accumulator (max_num_imprecise_acc=32) left 3.7e-4 and
     # slowed the 8B FP8 step from 2.72 to 2.90 ms (H200, run 16): not done.
 
+    # E4M3 to float32 by integer operations: the byte's sign to bit 31, its 4 exponent and 3 mantissa bits to bits
+    # 26..20. That float32 is the E4M3 value times 2^-120 (an E4M3 subnormal lands on a float32 denormal, which
+    # the kernels keep: no flush-to-zero), and every product with an E4M3 input is exact in float32 (each
+    # significand has 4 bits, the smallest product's last bit is 2^-138), so the float32 sums are those of the
+    # converted values times 2^-120, exactly. 2.75 integer operations a byte (shift, arithmetic shift, and) on the
+    # CUDA cores' integer pipes, where the hardware conversion (e4m3x2 -> f16x2, then f16 -> f32) takes 1.5
+    # conversions a byte on the 16-per-clock conversion pipe. E4M3's NaN (S.1111.111, which FP8 checkpoints never
+    # hold: the quantizer saturates at 448) would become 480.
+    E4M3_BITS_SCALE = tl.constexpr(2.0 ** 120)
+    E4M3_BITS_ASM = tl.constexpr(E4M3_BITS_PTX)
+
+    @triton.jit
+    def _e4m3_bits_to_f32(w):
+        """float32 of E4M3 values times 2^-120 (see above), four bytes per 32-bit register."""
+        return tl.inline_asm_elementwise(E4M3_BITS_ASM, "=r,=r,=r,=r,r", [w.to(tl.uint8, bitcast=True)],
+                                         dtype=tl.float32, is_pure=True, pack=4)
+
     @triton.jit
     def _tile_product(w_rows, offs_k, k_mask, x, xq, FP8: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN_K: tl.constexpr):
+                      EVEN_K: tl.constexpr, INT_CVT: tl.constexpr = False):
         """One weight tile [BLOCK_N, BLOCK_K] (streamed once: evicted first) times the input chunk, in the shape
-        of the accumulator the form keeps (x: float32 input; xq: the same in the weight's dtype or E4M3)."""
+        of the accumulator the form keeps (x: float32 input; xq: the same in the weight's dtype or E4M3). INT_CVT
+        (the FMA form with FP8 weights, on a GPU): the weights converted by _e4m3_bits_to_f32, so the products
+        are 2^-120 of the true ones."""
         if EVEN_K:
             w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
         else:
@@ -186,6 +220,8 @@ if triton is not None:
             return tl.dot(tl.broadcast_to(xq[None, :], (16, BLOCK_K)), tl.trans(w))
         elif DOT == 2:
             return tl.dot(w, tl.trans(tl.broadcast_to(xq[None, :], (16, BLOCK_K))))
+        elif FP8 and INT_CVT:
+            return _e4m3_bits_to_f32(w) * xq.to(tl.float32)[None, :]
         elif FP8:
             return w.to(tl.float32) * xq.to(tl.float32)[None, :]
         else:
@@ -197,7 +233,7 @@ if triton is not None:
                     ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
-                    SPLIT_K: tl.constexpr = 1):
+                    SPLIT_K: tl.constexpr = 1, INT_CVT: tl.constexpr = False):
         """The fused GEMV of one row block (see fused_gemv). On a GPU K is a runtime argument; in Triton's CPU
         emulator, which cannot loop to a runtime bound, _fused_gemv_emulated calls this with K a constant.
 
@@ -205,7 +241,10 @@ if triton is not None:
         host keeps K's chunks a multiple of SPLIT_K), stores the float32 sums to part_ptr, and the share that
         finishes last (counted on counter_ptr[pid]) adds them up and runs the epilogue. For the small FP8 GEMVs,
         whose tall wgmma tiles leave SMs idle otherwise. Not with the one-pass RMSNorm (its 1 / rms needs all of
-        K): FP8 and LayerNorm take their statistics in a first pass over the whole row anyway."""
+        K): FP8 and LayerNorm take their statistics in a first pass over the whole row anyway.
+
+        INT_CVT: the FMA form converts FP8 weights with integer operations (_e4m3_bits_to_f32; inline PTX, so on a
+        GPU only), the same sums."""
         tl.static_assert(SPLIT_K == 1 or NORM != 1 or FP8, "split-K needs the norm's statistics pass")
         DOT: tl.constexpr = 0 if W_F32 else USE_DOT  # float32 weights stay on the CUDA cores (no tf32 rounding)
         pid = tl.program_id(0)
@@ -280,9 +319,9 @@ if triton is not None:
                 xq = tl.clamp(x / a_scale, -448.0, 448.0).to(tl.float8e4nv)
             else:
                 xq = x.to(w_ptr.dtype.element_ty)
-            acc += _tile_product(w_rows, offs_k, k_mask, x, xq, FP8, DOT, BLOCK_K, EVEN_K)
+            acc += _tile_product(w_rows, offs_k, k_mask, x, xq, FP8, DOT, BLOCK_K, EVEN_K, INT_CVT)
             if ACT == 1:
-                acc2 += _tile_product(w2_rows, offs_k, k_mask, x, xq, FP8, DOT, BLOCK_K, EVEN_K)
+                acc2 += _tile_product(w2_rows, offs_k, k_mask, x, xq, FP8, DOT, BLOCK_K, EVEN_K, INT_CVT)
         if PDL:
             # the next kernel may launch once every program got here: only the epilogues and the last wave's tail
             # remain, so its programs (waiting in gdc_wait) take no SM slot that this kernel's later waves need.
@@ -298,6 +337,9 @@ if triton is not None:
         else:
             y = tl.sum(acc, axis=1)
             y2 = tl.sum(acc2, axis=1)
+            if FP8 and INT_CVT:  # the products were 2^-120 of the true ones: exact, a power of two
+                y = y * E4M3_BITS_SCALE
+                y2 = y2 * E4M3_BITS_SCALE
         if SPLIT_K == 1:
             if NORM == 1 and not FP8:
                 inv_rms = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
@@ -352,8 +394,13 @@ if triton is not None:
                     part_ptr, counter_ptr, N, K, eps, ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32,
                     USE_DOT, EVEN_K, False, SPLIT_K)
 
-    # the GPU entry: _fused_gemv with EVEN_K worked out per launch (the emulated entry sets it the same way)
-    _fused_gemv_gpu = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_gemv)
+    # the GPU entry: _fused_gemv with EVEN_K worked out per launch (the emulated entry sets it the same way), and
+    # FP8 weights converted with integer operations in the FMA form (PIPELINE_FP8_INT_CVT=0: the hardware
+    # conversions, for A/B timing)
+    _fused_gemv_gpu = triton.heuristics({
+        "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+        "INT_CVT": lambda args: os.environ.get(INT_CVT_ENV, "1") != "0",
+    })(_fused_gemv)
 
     def _autotuned(configs):
         return triton.autotune(configs=configs, key=["N", "K", "NORM", "FP8", "ACT"],
@@ -654,6 +701,14 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
     """act(W @ norm(x + residual) + bias) for one row; returns (y, x + residual) (the second is empty without a
     residual). With act=silu-gate, weight holds [fc; gate] and y has half its rows. pdl: launch with programmatic
     dependent launch (Hopper+), so that the next kernel's launch overlaps this one's end."""
+    return launch_fused_gemv(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm,
+                             act, out_dtype, pdl)
+
+
+def launch_fused_gemv(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act,
+                      out_dtype, pdl=False, config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_gemv's launch; with `config` (a triton.Config of _CONFIGS, on a GPU) that config instead of the
+    autotuned one (bench/profile_step.py --sweep times each so)."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
     y = torch.empty(N, dtype=out_dtype, device=x.device)
@@ -663,7 +718,10 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
     part, counter = _gemv_split_buffers(x.device, N) if act_scale is not None else (y, y)  # split-K: FP8 only
     args = (*pointers, part, counter, N, K, eps)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))  # noqa: E731
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
+    if config is not None:
+        _fused_gemv_gpu[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                                              num_stages=config.num_stages)
+    elif os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
         _fused_gemv_emulated[grid(INTERPRETER_CONFIG)](*args, **flags, **INTERPRETER_CONFIG)
     elif _autotune_failed:
         _fused_gemv_kernel_known[grid](*args, **flags)
