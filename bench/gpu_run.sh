@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests profile profile32 forms quick 8b fp8 fp8ab fp8cvt gpt2 nccl tp2  # any subset, in order
+#   bash bench/gpu_run.sh tests profile profile32 forms quick 8b fp8 fp8ab tune gpt2 nccl tp2  # any subset, in order
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -51,20 +51,15 @@ for phase in "${@:-tests gpt2 8b}"; do
              --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step
            PIPELINE_FUSED_GEMV_SPLIT_K=0 python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1 \
              --repeats 2 --out "$R/no-split-k" --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step ;;
-    fp8cvt) # the FP8 FMA form's integer conversion of the weights (default) against the hardware's cvt
-           # (PIPELINE_FP8_INT_CVT=0); PDL with and without its L2 prefetch; bf16 alongside (same card, same call);
-           # then every fused-GEMV config of the FP8 GEMMs (profile_step --sweep) and the FP8 GPU tests
+    tune)  # the fused step's GEMV configs tuned in a graph of all layers (default) against Triton's autotuner
+           # (PIPELINE_FUSED_GEMV_TUNE=0), each with and without PDL; bf16, FP8 and GPT-2 in one call
            F=graph+triton-gemv+fused-mlp+fused-step
-           for q in bf16 fp8; do
-             python -m pipeline bench llama-3-8b-random-$q --device-random --batch-sizes 1 --repeats 2 --out "$R" \
-               --no-baseline --variants $F,$F+pdl
-             PIPELINE_PDL_PREFETCH_CHUNKS=0 python -m pipeline bench llama-3-8b-random-$q --device-random --batch-sizes 1 \
-               --repeats 2 --out "$R/pdl-no-prefetch" --no-baseline --variants $F+pdl
-           done
-           PIPELINE_FP8_INT_CVT=0 python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1 \
-             --repeats 2 --out "$R/fp8-hw-cvt" --no-baseline --variants $F
-           python bench/profile_step.py llama-3-8b --quant fp8 --sweep qkv,dense,proj,fc_gate --variants $F
-           python -m pytest -q -p no:cacheprovider tests/test_fused_decode.py tests/test_gpu.py -k "fp8 or fma or tensor_core" 2>&1 | tail -15 ;;
+           for r in llama-3-8b-random-bf16 llama-3-8b-random-fp8 gpt2-random; do
+             python -m pipeline bench $r --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
+               --variants $F,$F+pdl
+             PIPELINE_FUSED_GEMV_TUNE=0 python -m pipeline bench $r --device-random --batch-sizes 1 --repeats 2 \
+               --out "$R/autotuned" --no-baseline --variants $F,$F+pdl
+           done ;;
     nccl)  mpirun -n 2 python bench/nccl_check.py ;;  # collectives stage by stage (NCCL, CUDA graph), 60 s watchdog
     tp2)   # tp=1 and tp=2 of one model (device-random weights are the same for any tp), the same decode path;
            # greedy tokens compared in float32 (bfloat16 tokens of a random 8B model flip on rounding: see README)

@@ -133,10 +133,7 @@ def gemv_table(model, bandwidth: float, batch: int = 1) -> list[str]:
 
 def sweep_table(model, bandwidth: float, keys: list[str]) -> list[str]:
     """Every fused-GEMV config of fused_decode._CONFIGS (each form, tile and split-K) for each GEMM shape of `keys`,
-    timed as gemv_table times the fused GEMV (over all layers' weights, in a CUDA graph), fastest first; the FMA
-    form's FP8 configs with the integer conversion of the weights and with the hardware's (INT_CVT 1 / 0)."""
-    import os
-
+    timed as gemv_table times the fused GEMV (over all layers' weights, in a CUDA graph), fastest first."""
     hidden = model.hidden
     x = torch.randn(hidden, device=model.device).to(model.dtype)
     r = torch.randn(hidden, device=model.device).to(model.dtype)
@@ -159,24 +156,21 @@ def sweep_table(model, bandwidth: float, keys: list[str]) -> list[str]:
                 continue
             if rows // c["BLOCK_N"] * split < 32 or (k >= 2048 and c["BLOCK_N"] <= 4 and c["BLOCK_K"] == 256):
                 continue
-            for int_cvt in (("1", "0") if fp8 and c["USE_DOT"] == 0 else ("1",)):
-                os.environ[fd.INT_CVT_ENV] = int_cvt
 
-                def run(config=config):
-                    for lin in linears:
-                        fd.launch_fused_gemv(inp, r if prologue else None, g if prologue else None, None, lin.weight,
-                                             None, getattr(lin, "act_scale", None), getattr(lin, "weight_scale", None),
-                                             1e-5, fd.NORM_RMS if prologue else fd.NORM_NONE, act,
-                                             torch.float32 if key == "lm_head" else model.dtype, config=config)
-                try:
-                    speed = total / graph_time(run) / 1e9
-                except Exception as exc:  # a config this GPU cannot run (shared memory) is listed, not fatal
-                    print(f"{key} {config}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
-                    continue
-                label = ", ".join(f"{name} {value}" for name, value in c.items())
-                timed.append((speed, f"{label}, warps {config.num_warps}, stages {config.num_stages}"
-                                     f"{', INT_CVT ' + int_cvt if fp8 and c['USE_DOT'] == 0 else ''}"))
-        os.environ.pop(fd.INT_CVT_ENV, None)
+            def run(config=config):
+                for lin in linears:
+                    fd.launch_fused_gemv(inp, r if prologue else None, g if prologue else None, None, lin.weight,
+                                         None, getattr(lin, "act_scale", None), getattr(lin, "weight_scale", None),
+                                         1e-5, fd.NORM_RMS if prologue else fd.NORM_NONE, act,
+                                         torch.float32 if key == "lm_head" else model.dtype, config=config)
+
+            try:
+                speed = total / graph_time(run) / 1e9
+            except Exception as exc:  # a config this GPU cannot run (shared memory) is listed, not fatal
+                print(f"{key} {config}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
+                continue
+            label = ", ".join(f"{name} {value}" for name, value in c.items())
+            timed.append((speed, f"{label}, warps {config.num_warps}, stages {config.num_stages}"))
         lines += [f"#### {key} {n}x{k}{' fp8' if fp8 else ''}: {total / 1e9:.3f} GB, {len(timed)} configs", "",
                   "| config | GB/s | % of copy |", "|---|---|---|"]
         lines += [f"| {label} | {speed:.0f} | {100 * speed * 1e9 / bandwidth:.1f}% |"

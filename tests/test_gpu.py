@@ -129,6 +129,29 @@ def test_prefill_graphs_give_the_eager_prefills_state(home):
         assert len(graphed._prefill_cache) == 1
 
 
+def test_tuning_times_every_gemm_and_keeps_the_tokens(home, monkeypatch):
+    """FusedStep.tune (each GEMV's config timed over all layers' weights in a CUDA graph) picks one of autotuning's
+    candidates for each of the step's five GEMMs, and the tuned step gives the autotuned step's tokens."""
+    from pipeline.backends import fused_decode as fd
+    from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
+
+    _, artifact = _artifact("llama-tiny", dtype="float32")
+    options = DecodeOptions.from_label("graph+triton-gemv+fused-mlp+fused-step")
+    model = accelerate(_model(artifact, GPU), options)
+    prompts = [[5, 9, 2, 7, 1, 3, 8]]
+    monkeypatch.setenv(fd.TUNE_ENV, "0")
+    autotuned = CudaDecoder(model, 1, 64, options)
+    autotuned.warm_up()
+    assert autotuned.fused.configs == {}
+    want = autotuned.generate(prompts, 16)
+    monkeypatch.delenv(fd.TUNE_ENV)
+    tuned = CudaDecoder(model, 1, 64, options)
+    tuned.warm_up()
+    assert set(tuned.fused.configs) == {"qkv", "dense", "mlp", "proj", "head"}
+    assert all(config in fd._CONFIGS for config in tuned.fused.configs.values())
+    assert tuned.generate(prompts, 16) == want
+
+
 @pytest.mark.parametrize("norm, act, n, k", [(1, 1, 14336, 4096), (2, 2, 3072, 768), (0, 0, 4096, 14336)])
 def test_fused_gemv_against_float64(norm, act, n, k):
     """Residual add, RMSNorm/LayerNorm, bias, silu-gate/GELU around the GEMV, bfloat16, Llama-3-8B/GPT-2 shapes."""
@@ -174,7 +197,8 @@ def test_fused_gemm_rows_against_float64(batch, n, k):
 
 
 def test_pdl_changes_no_result():
-    """Programmatic dependent launch (with the weights' L2 prefetch) gives the same bits, kernel after kernel."""
+    """Programmatic dependent launch (the first weight tile loaded before the wait) gives the same bits, kernel
+    after kernel."""
     from pipeline.backends import fused_decode as fd
 
     k, n = 4096, 6144

@@ -262,13 +262,15 @@ class CudaDecoder:
         return logits
 
     def warm_up(self) -> None:
-        """Compile, autotune and capture with throwaway state (prefill resets everything the graph reads).
+        """Compile, tune and capture with throwaway state (prefill resets everything the graph reads).
 
         The warm-up steps run on a side stream, as CUDA graph capture (and NCCL inside it) requires."""
         self.slot.fill_(0)
         if self.model.device.type != "cuda":
             self._step_fn()
             return
+        if self.fused is not None and self.batch == 1:
+            self.fused.tune()  # each GEMV's config, timed as the step runs it
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

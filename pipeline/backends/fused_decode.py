@@ -48,18 +48,7 @@ INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 64, "USE_DOT": 0}
 
 FORMS_ENV = "PIPELINE_FUSED_GEMV_FORMS"  # e.g. "0,1": autotune over these USE_DOT forms only (A/B timing)
 SPLIT_K_ENV = "PIPELINE_FUSED_GEMV_SPLIT_K"  # "0": no split-K configs (A/B timing)
-PDL_PREFETCH_ENV = "PIPELINE_PDL_PREFETCH_CHUNKS"  # weight chunks a PDL-launched GEMV prefetches into L2 (default 2)
-INT_CVT_ENV = "PIPELINE_FP8_INT_CVT"  # "0": FP8 weights converted by the hardware's cvt in the FMA form (A/B timing)
-
-
-# The four bytes of $4 (element 0 the lowest) to four float32 in $0..$3: each byte moved to the top, shifted down
-# by 4 with its sign (sign to bit 31 and 27, exponent and mantissa to bits 26..20), then the bits between cleared.
-# See _e4m3_bits_to_f32; tests/test_fused_decode.py runs this text on the CPU for all 256 bytes.
-E4M3_BITS_PTX = ("{ .reg .b32 t;"
-                 " shl.b32 t, $4, 24; shr.s32 t, t, 4; and.b32 $0, t, 0x87F00000;"
-                 " shl.b32 t, $4, 16; shr.s32 t, t, 4; and.b32 $1, t, 0x87F00000;"
-                 " shl.b32 t, $4, 8; shr.s32 t, t, 4; and.b32 $2, t, 0x87F00000;"
-                 " shr.s32 t, $4, 4; and.b32 $3, t, 0x87F00000; }")
+TUNE_ENV = "PIPELINE_FUSED_GEMV_TUNE"  # "0": Triton's autotuner picks the fused step's GEMV configs (A/B timing)
 
 
 def _forms_from_env() -> set[int]:
@@ -74,11 +63,15 @@ def _forms_from_env() -> set[int]:
 
 
 def chosen_configs() -> dict[str, str]:
-    """The GEMV configuration autotuning chose for each (N, K, NORM, FP8, ACT, ...) key in this process."""
+    """The GEMV configuration autotuning chose for each (N, K, NORM, FP8, ACT, ...) key in this process, and those
+    FusedStep.tune chose (keyed by the GEMM's name and shape)."""
     if triton is None:
         return {}
     chosen = {**_fused_gemv_kernel_known.cache, **_fused_gemv_kernel.cache}
-    return {str(key): str(config) for key, config in chosen.items()}
+    return {**{str(key): str(config) for key, config in chosen.items()}, **_tuned}
+
+
+_tuned: dict[str, str] = {}  # FusedStep.tune's choices in this process, for the bench's record
 
 
 if triton is not None:
@@ -148,28 +141,6 @@ if triton is not None:
             x = (x.to(tl.float32) + tl.load(r_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)).to(x.dtype)
         return x.to(tl.float32)
 
-    # BLOCK_K chunks of each weight row prefetched before gdc_wait (bounded: L2 is shared); PDL_PREFETCH_ENV=0:
-    # none (A/B timing of PDL without the prefetch)
-    PREFETCH_CHUNKS = tl.constexpr(int(os.environ.get(PDL_PREFETCH_ENV, "2")))
-
-    @triton.jit
-    def _prefetch_l2(ptrs):
-        """prefetch.global.L2 of each address (one per 128-byte line is enough); nothing is loaded into registers."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_rows(w_rows, K, BLOCK_K: tl.constexpr, GATED: tl.constexpr, w2_rows):
-        """The first PREFETCH_CHUNKS chunks of the weight rows (and of the gate rows), a line per 128 bytes."""
-        LINE: tl.constexpr = 1024 // w_rows.dtype.element_ty.primitive_bitwidth
-        lines = tl.arange(0, BLOCK_K // LINE) * LINE
-        if PREFETCH_CHUNKS > 0:
-            for k0 in tl.static_range(0, PREFETCH_CHUNKS * BLOCK_K, BLOCK_K):
-                offs = tl.minimum(k0 + lines, K - 1)[None, :]  # never past the row (nor the matrix)
-                _prefetch_l2(w_rows + offs)
-                if GATED:
-                    _prefetch_l2(w2_rows + offs)
-
     @triton.jit
     def _activation(y, y2, dt, ACT: tl.constexpr):
         """The epilogue's activation on float32 sums: silu(fc) * gate (ACT 1; y2 the gate), each rounded to the
@@ -188,44 +159,55 @@ if triton is not None:
     # is 4e-3). Adding each 32-product step to a float32 accumulator (max_num_imprecise_acc=32) left 3.7e-4 and
     # slowed the 8B FP8 step from 2.72 to 2.90 ms (H200, run 16): not done.
 
-    # E4M3 to float32 by integer operations: the byte's sign to bit 31, its 4 exponent and 3 mantissa bits to bits
-    # 26..20. That float32 is the E4M3 value times 2^-120 (an E4M3 subnormal lands on a float32 denormal, which
-    # the kernels keep: no flush-to-zero), and every product with an E4M3 input is exact in float32 (each
-    # significand has 4 bits, the smallest product's last bit is 2^-138), so the float32 sums are those of the
-    # converted values times 2^-120, exactly. 2.75 integer operations a byte (shift, arithmetic shift, and) on the
-    # CUDA cores' integer pipes, where the hardware conversion (e4m3x2 -> f16x2, then f16 -> f32) takes 1.5
-    # conversions a byte on the 16-per-clock conversion pipe. E4M3's NaN (S.1111.111, which FP8 checkpoints never
-    # hold: the quantizer saturates at 448) would become 480.
-    E4M3_BITS_SCALE = tl.constexpr(2.0 ** 120)
-    E4M3_BITS_ASM = tl.constexpr(E4M3_BITS_PTX)
-
     @triton.jit
-    def _e4m3_bits_to_f32(w):
-        """float32 of E4M3 values times 2^-120 (see above), four bytes per 32-bit register."""
-        return tl.inline_asm_elementwise(E4M3_BITS_ASM, "=r,=r,=r,=r,r", [w.to(tl.uint8, bitcast=True)],
-                                         dtype=tl.float32, is_pure=True, pack=4)
-
-    @triton.jit
-    def _tile_product(w_rows, offs_k, k_mask, x, xq, FP8: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN_K: tl.constexpr, INT_CVT: tl.constexpr = False):
-        """One weight tile [BLOCK_N, BLOCK_K] (streamed once: evicted first) times the input chunk, in the shape
-        of the accumulator the form keeps (x: float32 input; xq: the same in the weight's dtype or E4M3). INT_CVT
-        (the FMA form with FP8 weights, on a GPU): the weights converted by _e4m3_bits_to_f32, so the products
-        are 2^-120 of the true ones."""
+    def _load_tile(w_rows, offs_k, k_mask, EVEN_K: tl.constexpr):
+        """One weight tile [BLOCK_N, BLOCK_K], streamed once: evicted first."""
         if EVEN_K:
-            w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
-        else:
-            w = tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+            return tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+        return tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+
+    @triton.jit
+    def _tile_product(w, x, xq, FP8: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A weight tile times the input chunk, in the shape of the accumulator the form keeps (x: float32 input;
+        xq: the same in the weight's dtype or E4M3)."""
         if DOT == 1:
             return tl.dot(tl.broadcast_to(xq[None, :], (16, BLOCK_K)), tl.trans(w))
         elif DOT == 2:
             return tl.dot(w, tl.trans(tl.broadcast_to(xq[None, :], (16, BLOCK_K))))
-        elif FP8 and INT_CVT:
-            return _e4m3_bits_to_f32(w) * xq.to(tl.float32)[None, :]
         elif FP8:
             return w.to(tl.float32) * xq.to(tl.float32)[None, :]
         else:
             return w.to(tl.float32) * x[None, :]
+
+    @triton.jit
+    def _gemv_chunk(acc, acc2, ss, w, w2, offs_k, k_mask, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, a_scale, mean,
+                    rstd, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr,
+                    DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One BLOCK_K chunk of the GEMV: the input chunk (residual added, normalized, quantized for FP8) times the
+        weight tile w (and the gate tile w2), added to the accumulators; returns (acc, acc2, ss)."""
+        dt = x_ptr.dtype.element_ty
+        x = _load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL)
+        if ADD_RESIDUAL:
+            tl.store(h_out_ptr + offs_k, x.to(dt), mask=k_mask & (pid == 0))
+        if NORM == 1:
+            g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            if FP8:  # weight * (x * rstd).to(dtype), in the model dtype
+                x = (g * (x * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            else:  # one pass: scale the sum by 1/rms(x) at the end
+                ss += x * x
+                x = x * g
+        elif NORM == 2:
+            g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            b = tl.load(nb_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            x = ((x - mean) * rstd * g + b).to(dt).to(tl.float32)
+        if FP8:
+            xq = tl.clamp(x / a_scale, -448.0, 448.0).to(tl.float8e4nv)
+        else:
+            xq = x.to(w.dtype)
+        acc += _tile_product(w, x, xq, FP8, DOT, BLOCK_K)
+        if ACT == 1:
+            acc2 += _tile_product(w2, x, xq, FP8, DOT, BLOCK_K)
+        return acc, acc2, ss
 
     @triton.jit
     def _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
@@ -233,7 +215,7 @@ if triton is not None:
                     ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
-                    SPLIT_K: tl.constexpr = 1, INT_CVT: tl.constexpr = False):
+                    SPLIT_K: tl.constexpr = 1):
         """The fused GEMV of one row block (see fused_gemv). On a GPU K is a runtime argument; in Triton's CPU
         emulator, which cannot loop to a runtime bound, _fused_gemv_emulated calls this with K a constant.
 
@@ -241,10 +223,7 @@ if triton is not None:
         host keeps K's chunks a multiple of SPLIT_K), stores the float32 sums to part_ptr, and the share that
         finishes last (counted on counter_ptr[pid]) adds them up and runs the epilogue. For the small FP8 GEMVs,
         whose tall wgmma tiles leave SMs idle otherwise. Not with the one-pass RMSNorm (its 1 / rms needs all of
-        K): FP8 and LayerNorm take their statistics in a first pass over the whole row anyway.
-
-        INT_CVT: the FMA form converts FP8 weights with integer operations (_e4m3_bits_to_f32; inline PTX, so on a
-        GPU only), the same sums."""
+        K): FP8 and LayerNorm take their statistics in a first pass over the whole row anyway."""
         tl.static_assert(SPLIT_K == 1 or NORM != 1 or FP8, "split-K needs the norm's statistics pass")
         DOT: tl.constexpr = 0 if W_F32 else USE_DOT  # float32 weights stay on the CUDA cores (no tf32 rounding)
         pid = tl.program_id(0)
@@ -258,9 +237,21 @@ if triton is not None:
         w_rows = w_ptr + rows[:, None] * K
         w2_rows = w_ptr + (rows + N)[:, None] * K  # the gate half of a fused gated GEMM
         arange_k = tl.arange(0, BLOCK_K)
+        # this program's share of K: all of it, or (split-K) its share's chunks, a count inline as the emulator needs
+        k_first = 0  # a constant without split-K: the loads' alignment stays provable
+        if SPLIT_K > 1:
+            k_first = pid_k * ((K // BLOCK_K) // SPLIT_K) * BLOCK_K
+        offs_k0 = k_first + arange_k
+        k_mask0 = offs_k0 < K
         if PDL:  # programmatic dependent launch: this kernel was launched before the previous one ended
-            # while the previous kernel finishes: this program's first weights into L2 (they depend on no kernel)
-            _prefetch_rows(w_rows, K, BLOCK_K, ACT == 1, w2_rows)
+            # while the previous kernel finishes, this program's first weight tile into registers (the weights
+            # depend on no kernel); the loop below starts at the second. An L2 prefetch of the first two tiles
+            # instead (prefetch.global.L2) slowed the 8B step from 4.18 to 4.95 ms; no load at all, 4.07 (H200,
+            # run 18).
+            w0 = _load_tile(w_rows, offs_k0, k_mask0, EVEN_K)
+            w20 = w0
+            if ACT == 1:
+                w20 = _load_tile(w2_rows, offs_k0, k_mask0, EVEN_K)
             gdc_wait()  # the previous kernel's writes are visible from here (nothing above reads them)
 
         # statistics first where the normalized value is needed inside the loop (LayerNorm; FP8 quantizes it)
@@ -281,6 +272,7 @@ if triton is not None:
                 d = tl.where(k_mask, x - mean, 0.0)
                 s2 += d * d
             rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K + eps)
+        a_scale = 1.0
         if FP8:
             a_scale = tl.load(a_scale_ptr)
 
@@ -294,34 +286,19 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        # this program's share of K: all of it, or (split-K) its share's chunks, a count inline as the emulator needs
-        k_first = 0  # a constant without split-K: the loads' alignment stays provable
-        if SPLIT_K > 1:
-            k_first = pid_k * ((K // BLOCK_K) // SPLIT_K) * BLOCK_K
-        for k0 in range(0, K if SPLIT_K == 1 else (K // BLOCK_K) // SPLIT_K * BLOCK_K, BLOCK_K):
+        K_START: tl.constexpr = BLOCK_K if PDL else 0  # with PDL the first chunk's tile is in w0 already
+        if PDL:
+            acc, acc2, ss = _gemv_chunk(acc, acc2, ss, w0, w20, offs_k0, k_mask0, pid, x_ptr, r_ptr, h_out_ptr,
+                                        nw_ptr, nb_ptr, a_scale, mean, rstd, ADD_RESIDUAL, NORM, FP8, ACT, DOT, BLOCK_K)
+        for k0 in range(K_START, K if SPLIT_K == 1 else (K // BLOCK_K) // SPLIT_K * BLOCK_K, BLOCK_K):
             offs_k = k_first + k0 + arange_k
             k_mask = offs_k < K
-            x = _load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL)
-            if ADD_RESIDUAL:
-                tl.store(h_out_ptr + offs_k, x.to(dt), mask=k_mask & (pid == 0))
-            if NORM == 1:
-                g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                if FP8:  # weight * (x * rstd).to(dtype), in the model dtype
-                    x = (g * (x * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-                else:  # one pass: scale the sum by 1/rms(x) at the end
-                    ss += x * x
-                    x = x * g
-            elif NORM == 2:
-                g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                b = tl.load(nb_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                x = ((x - mean) * rstd * g + b).to(dt).to(tl.float32)
-            if FP8:
-                xq = tl.clamp(x / a_scale, -448.0, 448.0).to(tl.float8e4nv)
-            else:
-                xq = x.to(w_ptr.dtype.element_ty)
-            acc += _tile_product(w_rows, offs_k, k_mask, x, xq, FP8, DOT, BLOCK_K, EVEN_K, INT_CVT)
+            w = _load_tile(w_rows, offs_k, k_mask, EVEN_K)
+            w2 = w
             if ACT == 1:
-                acc2 += _tile_product(w2_rows, offs_k, k_mask, x, xq, FP8, DOT, BLOCK_K, EVEN_K, INT_CVT)
+                w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
+            acc, acc2, ss = _gemv_chunk(acc, acc2, ss, w, w2, offs_k, k_mask, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr,
+                                        nb_ptr, a_scale, mean, rstd, ADD_RESIDUAL, NORM, FP8, ACT, DOT, BLOCK_K)
         if PDL:
             # the next kernel may launch once every program got here: only the epilogues and the last wave's tail
             # remain, so its programs (waiting in gdc_wait) take no SM slot that this kernel's later waves need.
@@ -337,9 +314,6 @@ if triton is not None:
         else:
             y = tl.sum(acc, axis=1)
             y2 = tl.sum(acc2, axis=1)
-            if FP8 and INT_CVT:  # the products were 2^-120 of the true ones: exact, a power of two
-                y = y * E4M3_BITS_SCALE
-                y2 = y2 * E4M3_BITS_SCALE
         if SPLIT_K == 1:
             if NORM == 1 and not FP8:
                 inv_rms = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
@@ -394,13 +368,8 @@ if triton is not None:
                     part_ptr, counter_ptr, N, K, eps, ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32,
                     USE_DOT, EVEN_K, False, SPLIT_K)
 
-    # the GPU entry: _fused_gemv with EVEN_K worked out per launch (the emulated entry sets it the same way), and
-    # FP8 weights converted with integer operations in the FMA form (PIPELINE_FP8_INT_CVT=0: the hardware
-    # conversions, for A/B timing)
-    _fused_gemv_gpu = triton.heuristics({
-        "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-        "INT_CVT": lambda args: os.environ.get(INT_CVT_ENV, "1") != "0",
-    })(_fused_gemv)
+    # the GPU entry: _fused_gemv with EVEN_K worked out per launch (the emulated entry sets it the same way)
+    _fused_gemv_gpu = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_gemv)
 
     def _autotuned(configs):
         return triton.autotune(configs=configs, key=["N", "K", "NORM", "FP8", "ACT"],
@@ -452,8 +421,7 @@ if triton is not None:
         offs_b = tl.arange(0, B_P)
         b_mask = offs_b < B
         arange_k = tl.arange(0, BLOCK_K)
-        if PDL:  # as in _fused_gemv
-            _prefetch_rows(w_rows, K, BLOCK_K, ACT == 1, w2_rows)
+        if PDL:  # as in _fused_gemv (without loading a first tile)
             gdc_wait()
 
         # statistics first where the normalized rows are needed inside the loop (LayerNorm; FP8 quantizes them);
@@ -865,6 +833,31 @@ def _(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, 
 # ------------------------------------------------------------------------------------------------- the step
 
 
+def _graph_seconds(fn, replays: int) -> float:
+    """Median seconds of fn() replayed from a CUDA graph, after two runs outside it (which compile the kernels and
+    make the split-K buffers)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()  # the first replay uploads the graph
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
 class _Gemm:
     """The tensors one GEMV reads: weight, bias, and FP8 scales when the weight is FP8."""
 
@@ -935,17 +928,75 @@ class FusedStep:
         self.inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
         # programmatic dependent launch needs Hopper or newer; elsewhere the flag is dropped
         self.pdl = pdl and model.device.type == "cuda" and torch.cuda.get_device_capability(model.device)[0] >= 9
+        self.configs: dict[str, object] = {}  # GEMM name -> the triton.Config tune() chose for it
 
-    def _gemv(self, x, residual, norm, gemm: _Gemm, act=ACT_NONE, out_dtype=None):
-        """The fused GEMM of rows x [B, K]: (y [B, N], x + residual [B, K]); batch 1 runs the GEMV kernel."""
+    def _gemv(self, x, residual, norm, gemm: _Gemm, act=ACT_NONE, out_dtype=None, name: str | None = None):
+        """The fused GEMM of rows x [B, K]: (y [B, N], x + residual [B, K]); batch 1 runs the GEMV kernel, in the
+        config tune() chose for the GEMM `name` if it did."""
         weight, bias = norm if norm is not None else (None, None)
         kind = NORM_NONE if norm is None else self.norm
         args = (x, residual, weight, bias if kind == NORM_LAYER else None, gemm.weight, gemm.bias, gemm.act_scale,
                 gemm.weight_scale, float(self.model.eps), kind, act, out_dtype or self.model.dtype, self.pdl)
         if x.shape[0] > 1:
             return torch.ops.pipeline.fused_gemm_rows(*args)
-        y, h_out = torch.ops.pipeline.fused_gemv(*args)
+        if name in self.configs:
+            y, h_out = launch_fused_gemv(*args, config=self.configs[name])
+        else:
+            y, h_out = torch.ops.pipeline.fused_gemv(*args)
         return y.view(1, -1), h_out.view(1, -1)
+
+    def _gemv_calls(self) -> dict[str, tuple[list[_Gemm], tuple | None, int, torch.dtype | None]]:
+        """Each GEMM of the step: (its GEMMs over the layers, the norm of its prologue per layer or None, its
+        activation, its output dtype (None: the model's))."""
+        layers = self.layers
+        return {"qkv": ([ly["qkv"] for ly in layers], [ly["ln1"] for ly in layers], ACT_NONE, None),
+                "dense": ([ly["dense"] for ly in layers], None, ACT_NONE, None),
+                "mlp": ([ly["mlp"] for ly in layers], [ly["ln2"] for ly in layers], self.act, None),
+                "proj": ([ly["proj"] for ly in layers], None, ACT_NONE, None),
+                "head": ([self.head], [self.model.ln_f], ACT_NONE, torch.float32)}
+
+    def tune(self, replays: int = 10) -> dict[str, str]:
+        """Choose each batch-1 GEMV's config as the step runs it: every config autotuning would time (_CONFIGS,
+        pruned by _prune), timed over all layers' weights of that GEMM launched back to back in a CUDA graph, the
+        fastest kept. Triton's autotuner times each kernel alone on one weight, a few microseconds for the
+        4096-row GEMVs, and chose differently from process to process (H200 runs 13-16: FP8 steps of 2.72 to 3.13
+        ms). Returns {GEMM: "config (GB/s)"}; GPU only (elsewhere, and with PIPELINE_FUSED_GEMV_TUNE=0, nothing
+        is tuned and autotuning chooses)."""
+        model = self.model
+        if model.device.type != "cuda" or os.environ.get(TUNE_ENV, "1") == "0":
+            return {}
+        chosen = {}
+        generator = torch.Generator(device=model.device).manual_seed(0)
+        for name, (gemms, norms, act, out_dtype) in self._gemv_calls().items():
+            weight = gemms[0].weight
+            k = weight.shape[1]
+            n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
+            x = torch.randn(1, k, device=model.device, generator=generator).to(model.dtype)
+            residual = torch.randn(1, k, device=model.device, generator=generator).to(model.dtype)
+            timed = []
+            for config in _prune(_CONFIGS, {"N": n, "K": k}, FP8=gemms[0].act_scale is not None):
+
+                def run(config=config):
+                    for i, gemm in enumerate(gemms):
+                        kind = NORM_NONE if norms is None else self.norm
+                        norm_weight, norm_bias = norms[i] if norms is not None else (None, None)
+                        launch_fused_gemv(x, residual if norms is not None else None, norm_weight,
+                                          norm_bias if kind == NORM_LAYER else None, gemm.weight, gemm.bias,
+                                          gemm.act_scale, gemm.weight_scale, float(model.eps), kind, act,
+                                          out_dtype or model.dtype, self.pdl, config=config)
+                try:
+                    timed.append((_graph_seconds(run, replays), config))
+                except Exception as exc:  # noqa: BLE001 - a config this GPU cannot run (shared memory) is skipped
+                    warnings.warn(f"fused GEMV config {config} skipped for {name}: {type(exc).__name__}: "
+                                  f"{str(exc)[:200]}", stacklevel=2)
+            if not timed:
+                continue  # autotuning chooses for this GEMM
+            seconds, best = min(timed, key=lambda t: t[0])
+            self.configs[name] = best
+            read = sum(g.weight.numel() * g.weight.element_size() for g in gemms)
+            chosen[name] = f"{best} ({read / seconds / 1e9:.0f} GB/s over {len(gemms)} weights)"
+            _tuned[f"{name} (N={n}, K={k}, {weight.dtype})"] = chosen[name]
+        return chosen
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -958,16 +1009,16 @@ class FusedStep:
             h = h + F.embedding(positions.view(batch), model.pos_embed)
         residual = None
         for index, layer in enumerate(self.layers):
-            qkv, h_new = self._gemv(h, residual, layer["ln1"], layer["qkv"])
+            qkv, h_new = self._gemv(h, residual, layer["ln1"], layer["qkv"], name="qkv")
             h = h_new if residual is not None else h
             attn = torch.ops.pipeline.decode_attention(
                 qkv, cache.k[index], cache.v[index], cache.valid, positions.view(batch), slot,
                 self.inv_freq, model.heads, model.kv_heads, model.head_size, self.pdl)
-            residual, _ = self._gemv(attn, None, None, layer["dense"])
+            residual, _ = self._gemv(attn, None, None, layer["dense"], name="dense")
             residual = comm.all_reduce_tp(residual)
-            hidden, h = self._gemv(h, residual, layer["ln2"], layer["mlp"], self.act)
-            residual, _ = self._gemv(hidden, None, None, layer["proj"])
+            hidden, h = self._gemv(h, residual, layer["ln2"], layer["mlp"], self.act, name="mlp")
+            residual, _ = self._gemv(hidden, None, None, layer["proj"], name="proj")
             residual = comm.all_reduce_tp(residual)
-        logits, _ = self._gemv(h, residual, model.ln_f, self.head, out_dtype=torch.float32)
+        logits, _ = self._gemv(h, residual, model.ln_f, self.head, out_dtype=torch.float32, name="head")
         logits = comm.all_gather_tp(logits.view(batch, 1, -1))
         return logits[..., : model.vocab_size]
