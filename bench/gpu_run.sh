@@ -65,8 +65,8 @@ for phase in "${@:-tests gpt2 8b}"; do
            # greedy tokens compared in float32 (bfloat16 tokens of a random 8B model flip on rounding: see README)
            for dtype in bfloat16 float32; do for tp in 1 2; do
              python -m pipeline bench llama-3-8b-random-bf16 parallel.tp=$tp precision.dtype=$dtype --device-random \
-               --batch-sizes 1 --repeats 2 --no-baseline --out "$R/$dtype" --variants graph+triton-gemv+fused-mlp+fused-step \
-               --watchdog 180
+               --batch-sizes 1 --repeats 2 --no-baseline --out "$R/$dtype" --watchdog 180 \
+               --variants graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl
            done
            python bench/compare_tokens.py "$R/$dtype/bench-llama-3-8b-random-bf16-tp1.json" \
              "$R/$dtype/bench-llama-3-8b-random-bf16-tp2.json"; done ;;

@@ -267,7 +267,7 @@ def test_unsupported_models_fall_back_with_the_reason(home):
     assert wide.fused is None and wide.path == f"layer by layer (batch {too_many})"
     with pytest.raises(ValueError, match="not a decode path"):
         DecodeOptions.from_label("graph+turbo")
-    assert DecodeOptions.from_label("graph+compile+cublas+fused-mlp+fused-step") == DecodeOptions(triton_gemv=False)
+    assert DecodeOptions.from_label("graph+compile+cublas+fused-mlp+fused-step+pdl") == DecodeOptions(triton_gemv=False)
     pdl = DecodeOptions.from_label("graph+triton-gemv+fused-mlp+fused-step+fused-rows+pdl")
     assert pdl.pdl and pdl.fused_rows and DecodeOptions.from_label(pdl.label) == pdl
     if DEVICE.type == "cpu":  # programmatic dependent launch is a Hopper feature: dropped elsewhere

@@ -41,9 +41,10 @@ class DecodeOptions:
     fused_step: bool = True  # batch 1: pipeline.backends.fused_decode where the model allows it
     # batches 2..64 too (fused_decode's batched GEMM): at batch 32 of the 8B shape half cuBLAS's speed (H200)
     fused_rows: bool = False
-    # the fused step's kernels with programmatic dependent launch: each starts while the previous one ends and
-    # prefetches its first weights into L2 meanwhile (Hopper+). H200: GPT-2 6% faster, the 8B shape 16% slower
-    pdl: bool = False
+    # the fused step's kernels with programmatic dependent launch (Hopper+; dropped elsewhere): each starts while
+    # the previous one ends and loads its first weight tile meanwhile. H200, run 19: the 8B step 2.7% faster in
+    # bf16, 1.8% in FP8, GPT-2's 19%
+    pdl: bool = True
     # the layer-by-layer step (batches > 1 without fused-rows) with the fused step's attention kernel (rotary
     # embedding, cache write and attention in one) in place of the grouped attention's matmuls and softmax
     fused_attention: bool = False
