@@ -24,6 +24,8 @@ from pipeline.quantize.formats import fp8_linear, fp8_scale, quantize_fp8  # noq
 from pipeline.recipe import recipe_from_dict  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # compiled on a GPU, emulated on the CPU
+# programmatic dependent launch (on by default) needs Hopper: the fused step drops it elsewhere
+HOPPER = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 9
 
 
 def _model(shape: str, dtype: str):
@@ -39,7 +41,7 @@ def _model(shape: str, dtype: str):
 def test_fused_step_matches_the_layer_by_layer_step(home, shape, dtype, tol, batch):
     """Batch 1 runs the GEMV kernel; batch 3 (fused-rows) the batched GEMM kernel, prompts of unequal lengths."""
     fused = DecodeOptions(cuda_graph=False, compile=False, fused_step=True, fused_rows=batch > 1)
-    _compare_steps(shape, dtype, tol, batch, fused, "fused step")
+    _compare_steps(shape, dtype, tol, batch, fused, "fused step, PDL" if HOPPER else "fused step")
 
 
 @pytest.mark.parametrize("shape", ["llama-tiny", "gpt2-tiny"])

@@ -665,12 +665,13 @@ def _launch_arguments(x, residual, norm_weight, norm_bias, weight, bias, act_sca
 def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
                norm_bias: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                act_scale: torch.Tensor | None, weight_scale: torch.Tensor | None, eps: float, norm: int, act: int,
-               out_dtype: torch.dtype, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               out_dtype: torch.dtype, pdl: bool = False, config: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """act(W @ norm(x + residual) + bias) for one row; returns (y, x + residual) (the second is empty without a
     residual). With act=silu-gate, weight holds [fc; gate] and y has half its rows. pdl: launch with programmatic
-    dependent launch (Hopper+), so that the next kernel's launch overlaps this one's end."""
+    dependent launch (Hopper+), so that the next kernel's launch overlaps this one's end. config: an index into
+    _CONFIGS (FusedStep.tune's choice), or -1 to autotune. An op, so that torch.compile calls it unopened."""
     return launch_fused_gemv(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm,
-                             act, out_dtype, pdl)
+                             act, out_dtype, pdl, _CONFIGS[config] if config >= 0 else None)
 
 
 def launch_fused_gemv(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act,
@@ -737,7 +738,7 @@ _autotune_failed: list[str] = []
 
 @fused_gemv.register_fake
 def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act, out_dtype,
-      pdl=False):
+      pdl=False, config=-1):
     n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
     k = x.shape[-1] if residual is not None else 0
     return torch.empty(n, dtype=out_dtype, device=x.device), torch.empty(k, dtype=x.dtype, device=x.device)
@@ -939,10 +940,9 @@ class FusedStep:
                 gemm.weight_scale, float(self.model.eps), kind, act, out_dtype or self.model.dtype, self.pdl)
         if x.shape[0] > 1:
             return torch.ops.pipeline.fused_gemm_rows(*args)
-        if name in self.configs:
-            y, h_out = launch_fused_gemv(*args, config=self.configs[name])
-        else:
-            y, h_out = torch.ops.pipeline.fused_gemv(*args)
+        # through the op (torch.compile traces this step with the compile option), the tuned config by its index
+        config = _CONFIGS.index(self.configs[name]) if name in self.configs else -1
+        y, h_out = torch.ops.pipeline.fused_gemv(*args, config)
         return y.view(1, -1), h_out.view(1, -1)
 
     def _gemv_calls(self) -> dict[str, tuple[list[_Gemm], tuple | None, int, torch.dtype | None]]:
