@@ -375,7 +375,7 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 75 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert len(lines) == 81 and all(line.startswith("ok    sm_90 ") for line in lines)
     assert sum("griddepcontrol" in line for line in lines) == 13
 
 
@@ -383,6 +383,7 @@ def test_autotuning_candidates_per_shape():
     """What autotuning times: split-K for FP8 only and with K's chunks shared equally; FP8's big GEMVs (a wgmma
     tile per SM and more) in the wgmma form only; bfloat16 without either restriction."""
     configs = fused_decode._CONFIGS
+    assert fused_decode.MAX_SPLIT_K == max(c.kwargs.get("SPLIT_K", 1) for c in configs)  # sizes the split-K sums
 
     def kept(n, k, fp8):
         return [c.kwargs for c in fused_decode._prune(configs, {"N": n, "K": k}, FP8=fp8)]
