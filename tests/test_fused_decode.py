@@ -375,7 +375,7 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 81 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert len(lines) == 75 and all(line.startswith("ok    sm_90 ") for line in lines)
     assert sum("griddepcontrol" in line for line in lines) == 13
 
 

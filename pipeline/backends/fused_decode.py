@@ -87,15 +87,14 @@ if triton is not None:
         for bn, bk, w, s, dot in (
             (2, 256, 4, 3, 0), (4, 256, 4, 3, 0),  # small K (GPT-2's 768) without masked lanes
             (2, 1024, 4, 3, 0), (4, 1024, 4, 2, 0), (8, 512, 4, 3, 0), (8, 1024, 8, 2, 0),
-            (16, 512, 8, 3, 0), (32, 256, 8, 2, 0), (4, 2048, 8, 2, 0), (8, 2048, 8, 2, 0),
+            (16, 512, 8, 3, 0), (32, 256, 8, 2, 0),
             (16, 256, 4, 4, 1), (32, 512, 8, 3, 1), (64, 256, 8, 3, 1),
             (32, 256, 4, 3, 2), (32, 512, 4, 3, 2), (64, 128, 4, 4, 2), (64, 256, 4, 3, 2), (128, 128, 4, 3, 2),
         )
         if dot in _forms_from_env()
     ] + [  # split-K (FP8 only, see _prune): the wgmma tiles of the 4096-row GEMVs on every SM
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": 2, "SPLIT_K": split}, num_warps=w, num_stages=s)
-        for bn, bk, w, s, split in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4),
-                                    (64, 256, 4, 3, 8), (64, 128, 4, 4, 8))
+        for bn, bk, w, s, split in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4))
         if 2 in _forms_from_env() and os.environ.get(SPLIT_K_ENV, "1") != "0"
     ]
 
@@ -706,7 +705,7 @@ def launch_fused_gemv(x, residual, norm_weight, norm_bias, weight, bias, act_sca
     return y, h_out
 
 
-MAX_SPLIT_K = 8  # the largest SPLIT_K among the autotuning configs (sizes the split-K sums)
+MAX_SPLIT_K = 4  # the largest SPLIT_K among the autotuning configs (sizes the split-K sums)
 
 # The float32 partial sums and int32 counters of the kernels that split their work and let the last program finish
 # (split-K GEMVs, flash-decoding attention), per (kind, device, shape). They outlive the call because CUDA graphs
