@@ -17,6 +17,9 @@ tail in which the memory system idles. This step folds them into the GEMVs and o
   float32 sums).
 - The attention kernel rotates q and k, writes k and v into the cache slot, and runs an online softmax over the
   cache for one KV head and its group of query heads, with tensor-core dots.
+- Each GEMV's form and tile are chosen per GEMM as TensorRT's builder chooses tactics, by timing: every candidate
+  over all layers' weights, launched back to back in a CUDA graph (FusedStep.tune). On Hopper the kernels launch
+  with programmatic dependent launch: each loads its first weight tile while the previous kernel finishes.
 
 Rounding follows the unfused model where it is cheap (the residual sum, the norm output, the activation inputs
 are rounded to the model dtype as it rounds them), so its greedy tokens stay those of the plain path on the test
@@ -75,13 +78,15 @@ _tuned: dict[str, str] = {}  # FusedStep.tune's choices in this process, for the
 
 
 if triton is not None:
-    # Three ways to run the products, autotuned per shape (USE_DOT): 0, CUDA-core FMAs on a [BLOCK_N, BLOCK_K]
-    # tile; 1, tensor-core dots of the input row (broadcast to the 16 rows a dot needs) with the weight tile; 2, the
-    # same dot with the weights as the tall operand ([BLOCK_N, K] x [K, 16], the "swap AB" form of small-batch GEMMs,
-    # which lets Hopper's wgmma take BLOCK_N >= 64 rows). For FP8 weights on sm_90, the compiled PTX shows
-    # (bench/compile_check.py): the FMA form converts each weight byte twice (e4m3x2 -> f16x2, f16 -> f32) before
-    # its FMA, so the CUDA cores' conversion rate, not memory, likely bounds it; form 1 and form 2 with BLOCK_N = 32
-    # also convert to f16 (mma.sync); only form 2 with BLOCK_N >= 64 feeds the FP8 bytes to wgmma unconverted.
+    # Three ways to run the products, chosen per shape (USE_DOT; by FusedStep.tune, else by autotuning): 0,
+    # CUDA-core FMAs on a [BLOCK_N, BLOCK_K] tile; 1, tensor-core dots of the input row (broadcast to the 16 rows a
+    # dot needs) with the weight tile; 2, the same dot with the weights as the tall operand ([BLOCK_N, K] x [K, 16],
+    # the "swap AB" form of small-batch GEMMs, which lets Hopper's wgmma take BLOCK_N >= 64 rows). For FP8 weights
+    # on sm_90, the compiled PTX shows (bench/compile_check.py): the FMA form converts each weight byte twice
+    # (e4m3x2 -> f16x2, f16 -> f32) before its FMA; form 1 and form 2 with BLOCK_N = 32 also convert to f16
+    # (mma.sync); only form 2 with BLOCK_N >= 64 feeds the FP8 bytes to wgmma unconverted. The conversions are not
+    # what bounds the FMA form: converting with integer operations instead (sign and exponent bits shifted into a
+    # float32, exact) was slower, 2.87 against 2.79 ms for the 8B FP8 step (H200, run 18).
     _CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": dot}, num_warps=w, num_stages=s)
         for bn, bk, w, s, dot in (
