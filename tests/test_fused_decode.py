@@ -44,6 +44,47 @@ def test_fused_step_matches_the_layer_by_layer_step(home, shape, dtype, tol, bat
     _compare_steps(shape, dtype, tol, batch, fused, "fused step, PDL" if HOPPER else "fused step")
 
 
+def test_tuning_keeps_the_fastest_config_per_gemm_for_the_process(home, monkeypatch):
+    """FusedStep.tune with a stand-in timer (a GPU times each config over all layers in a CUDA graph): each GEMM
+    keeps its fastest candidate, a second decoder of the model reuses the choices without timing, and the step
+    with them gives the untuned step's logits (the emulator runs its one config; the GPU test runs the tuned
+    ones)."""
+    monkeypatch.setattr(fused_decode, "_tune_cache", {})
+    options = DecodeOptions(cuda_graph=False, compile=False)
+    model = accelerate(_model("llama-tiny", "float32"), options)
+    speed = {id(c): i for i, c in enumerate(fused_decode._CONFIGS)}  # stand-in: later configs time faster
+    timed = []
+
+    def timer(run):
+        config = run.__defaults__[0]
+        timed.append(config)
+        return 1.0 / (1 + speed[id(config)])
+
+    tuned = CudaDecoder(model, 1, 24, options)
+    chosen = tuned.fused.tune(timer=timer)
+    assert set(chosen) == set(tuned.fused.configs) == {"qkv", "dense", "mlp", "proj", "head"}
+    expected_timings = 0
+    for name, (gemms, _, act, _) in tuned.fused._gemv_calls().items():
+        rows, k = gemms[0].weight.shape
+        n = rows // 2 if act == fused_decode.ACT_SILU_GATE else rows
+        candidates = fused_decode._prune(fused_decode._CONFIGS, {"N": n, "K": k}, FP8=False)
+        assert tuned.fused.configs[name] is candidates[-1], name
+        assert chosen[name].endswith(f"GB/s over {len(gemms)} weights)"), chosen[name]
+        expected_timings += len(candidates)
+    assert len(timed) == expected_timings  # every candidate of every GEMM, once
+    again = CudaDecoder(model, 1, 24, options)
+    calls = len(timed)
+    assert again.fused.tune(timer=timer) == {} and len(timed) == calls  # reused: nothing timed, nothing new
+    assert again.fused.configs == tuned.fused.configs
+    plain = CudaDecoder(model, 1, 24, options)
+    prompt = [[3, 14, 15, 92, 65]]
+    for decoder in (plain, tuned):
+        decoder.prefill(prompt)
+    for _ in range(2):  # the emulator: the same config, the same logits; a GPU: other tiles, other sum orders
+        got, want = tuned._step(), plain._step()
+        assert torch.equal(got, want) if DEVICE.type == "cpu" else torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", ["llama-tiny", "gpt2-tiny"])
 def test_fused_attention_in_the_layer_by_layer_step(home, shape):
     """fused-attn: the layer-by-layer step (batches > 1) with the fused step's attention kernel."""

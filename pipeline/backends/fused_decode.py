@@ -28,6 +28,7 @@ models (tests/test_fused_decode.py, tests/test_gpu.py).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -75,6 +76,7 @@ def chosen_configs() -> dict[str, str]:
 
 
 _tuned: dict[str, str] = {}  # FusedStep.tune's choices in this process, for the bench's record
+_tune_cache: dict[tuple, object] = {}  # (GEMM, shape, dtypes, norm, activation, PDL, device) -> its triton.Config
 
 
 if triton is not None:
@@ -681,8 +683,8 @@ def fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
 
 def launch_fused_gemv(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act,
                       out_dtype, pdl=False, config=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fused_gemv's launch; with `config` (a triton.Config of _CONFIGS, on a GPU) that config instead of the
-    autotuned one (bench/profile_step.py --sweep times each so)."""
+    """fused_gemv's launch; with `config` (a triton.Config of _CONFIGS) that config instead of the autotuned one
+    (bench/profile_step.py --sweep times each so); Triton's CPU emulator runs INTERPRETER_CONFIG whatever it is."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
     y = torch.empty(N, dtype=out_dtype, device=x.device)
@@ -692,11 +694,11 @@ def launch_fused_gemv(x, residual, norm_weight, norm_bias, weight, bias, act_sca
     part, counter = _gemv_split_buffers(x.device, N) if act_scale is not None else (y, y)  # split-K: FP8 only
     args = (*pointers, part, counter, N, K, eps)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))  # noqa: E731
-    if config is not None:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune (nor run K at runtime): one config
+        _fused_gemv_emulated[grid(INTERPRETER_CONFIG)](*args, **flags, **INTERPRETER_CONFIG)
+    elif config is not None:
         _fused_gemv_gpu[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
                                               num_stages=config.num_stages)
-    elif os.environ.get("TRITON_INTERPRET") == "1":  # the CPU emulator cannot autotune: one config
-        _fused_gemv_emulated[grid(INTERPRETER_CONFIG)](*args, **flags, **INTERPRETER_CONFIG)
     elif _autotune_failed:
         _fused_gemv_kernel_known[grid](*args, **flags)
     else:
@@ -960,26 +962,36 @@ class FusedStep:
                 "proj": ([ly["proj"] for ly in layers], None, ACT_NONE, None),
                 "head": ([self.head], [self.model.ln_f], ACT_NONE, torch.float32)}
 
-    def tune(self, replays: int = 10) -> dict[str, str]:
+    def tune(self, replays: int = 10, timer=None) -> dict[str, str]:
         """Choose each batch-1 GEMV's config as the step runs it: every config autotuning would time (_CONFIGS,
         pruned by _prune), timed over all layers' weights of that GEMM launched back to back in a CUDA graph, the
         fastest kept. Triton's autotuner times each kernel alone on one weight, a few microseconds for the
         4096-row GEMVs, and chose differently from process to process (H200 runs 13-16: FP8 steps of 2.72 to 3.13
-        ms). Returns {GEMM: "config (GB/s)"}; GPU only (elsewhere, and with PIPELINE_FUSED_GEMV_TUNE=0, nothing
-        is tuned and autotuning chooses)."""
+        ms). A choice is kept for the process, per GEMM shape and launch kind: another decoder of the same model
+        (another batch size, the bench's next variant) does not time again.
+
+        Returns {GEMM: "config (GB/s)"}. GPU only: elsewhere, and with PIPELINE_FUSED_GEMV_TUNE=0, nothing is tuned
+        and autotuning chooses. timer(run) -> seconds replaces the graph timing (tests)."""
         model = self.model
-        if model.device.type != "cuda" or os.environ.get(TUNE_ENV, "1") == "0":
-            return {}
+        if timer is None:
+            if model.device.type != "cuda" or os.environ.get(TUNE_ENV, "1") == "0":
+                return {}
+            timer = functools.partial(_graph_seconds, replays=replays)
         chosen = {}
         generator = torch.Generator(device=model.device).manual_seed(0)
         for name, (gemms, norms, act, out_dtype) in self._gemv_calls().items():
             weight = gemms[0].weight
             k = weight.shape[1]
             n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
+            fp8 = gemms[0].act_scale is not None
+            key = (name, n, k, len(gemms), weight.dtype, model.dtype, self.norm, act, self.pdl, str(model.device))
+            if key in _tune_cache:
+                self.configs[name] = _tune_cache[key]
+                continue
             x = torch.randn(1, k, device=model.device, generator=generator).to(model.dtype)
             residual = torch.randn(1, k, device=model.device, generator=generator).to(model.dtype)
             timed = []
-            for config in _prune(_CONFIGS, {"N": n, "K": k}, FP8=gemms[0].act_scale is not None):
+            for config in _prune(_CONFIGS, {"N": n, "K": k}, FP8=fp8):
 
                 def run(config=config):
                     for i, gemm in enumerate(gemms):
@@ -990,14 +1002,14 @@ class FusedStep:
                                           gemm.act_scale, gemm.weight_scale, float(model.eps), kind, act,
                                           out_dtype or model.dtype, self.pdl, config=config)
                 try:
-                    timed.append((_graph_seconds(run, replays), config))
+                    timed.append((timer(run), config))
                 except Exception as exc:  # noqa: BLE001 - a config this GPU cannot run (shared memory) is skipped
                     warnings.warn(f"fused GEMV config {config} skipped for {name}: {type(exc).__name__}: "
                                   f"{str(exc)[:200]}", stacklevel=2)
             if not timed:
                 continue  # autotuning chooses for this GEMM
             seconds, best = min(timed, key=lambda t: t[0])
-            self.configs[name] = best
+            self.configs[name] = _tune_cache[key] = best
             read = sum(g.weight.numel() * g.weight.element_size() for g in gemms)
             chosen[name] = f"{best} ({read / seconds / 1e9:.0f} GB/s over {len(gemms)} weights)"
             _tuned[f"{name} (N={n}, K={k}, {weight.dtype})"] = chosen[name]
