@@ -47,25 +47,8 @@ from pipeline.quantize.runtime import FP8Linear  # noqa: E402
 
 
 def graph_time(fn, replays: int = 20) -> float:
-    """Median seconds of one call of fn, captured in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times[2:])
+    """Median seconds of one call of fn, captured in a CUDA graph (as FusedStep.tune times its candidates)."""
+    return fd.graph_seconds(fn, replays)
 
 
 def gemv_table(model, bandwidth: float, batch: int = 1) -> list[str]:

@@ -841,7 +841,7 @@ def _(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, 
 # ------------------------------------------------------------------------------------------------- the step
 
 
-def _graph_seconds(fn, replays: int) -> float:
+def graph_seconds(fn, replays: int) -> float:
     """Median seconds of fn() replayed from a CUDA graph, after two runs outside it (which compile the kernels and
     make the split-K buffers)."""
     side = torch.cuda.Stream()
@@ -976,7 +976,7 @@ class FusedStep:
         if timer is None:
             if model.device.type != "cuda" or os.environ.get(TUNE_ENV, "1") == "0":
                 return {}
-            timer = functools.partial(_graph_seconds, replays=replays)
+            timer = functools.partial(graph_seconds, replays=replays)
         chosen = {}
         generator = torch.Generator(device=model.device).manual_seed(0)
         for name, (gemms, norms, act, out_dtype) in self._gemv_calls().items():
