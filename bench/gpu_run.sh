@@ -18,7 +18,9 @@ R="$OUT/results"
 for phase in "${@:-tests gpt2 8b}"; do
   echo "=== phase $phase $(date -u +%T)" | tee -a "$OUT/log.txt"
   case $phase in
-    tests) python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider tests/test_gpu.py tests/test_fused_decode.py 2>&1 | tail -25 ;;
+    tests) # the whole output in tests.txt (run 21's tail lost the failures' details), its end in the log
+           python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
+             tests/test_fused_decode.py > "$OUT/tests.txt" 2>&1; grep -E "^(FAILED|ERROR)" "$OUT/tests.txt"; tail -3 "$OUT/tests.txt" ;;
     profile) # where a batch-1 step's time goes: GEMV bandwidth per shape, kernels per step (bench/profile_step.py)
            python bench/profile_step.py llama-3-8b
            python bench/profile_step.py llama-3-8b --quant fp8 --variants graph+triton-gemv+fused-mlp+fused-step
