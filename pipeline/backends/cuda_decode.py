@@ -11,8 +11,9 @@ stream skinny matrices slowly. This module removes both, for one rank's shard (t
   weight read); larger batches through cuBLAS (torch._scaled_mm for FP8 on Ada/Hopper);
 - the gate and fc GEMMs of a gated MLP fused into one, as trtllm-build's use_fused_mlp does (FP8: dequantized,
   concatenated and requantized with the larger of the two weight scales, as TensorRT-LLM's builder does);
-- at batch 1 (and up to 64 with fused-rows), the fused step of pipeline.backends.fused_decode: five kernels per layer (norms, residual adds and
-  activations inside the GEMVs; rotary embedding, cache write and attention in one kernel).
+- at batch 1 (and up to 64 with fused-rows), the fused step of pipeline.backends.fused_decode: five kernels per
+  layer (norms, residual adds and activations inside the GEMVs; rotary embedding, cache write and attention in one
+  kernel).
 
 `DecodeOptions` selects each piece, so the benchmark can measure them one by one.
 """

@@ -480,20 +480,13 @@ if triton is not None:
                 xq = tl.clamp(x / a_scale, -448.0, 448.0).to(tl.float8e4nv)
             else:
                 xq = x.to(w_ptr.dtype.element_ty)
-            if EVEN_K:
-                w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
-            else:
-                w = tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+            w = _load_tile(w_rows, offs_k, k_mask, EVEN_K)
             if W_F32:  # float32 weights: no tf32 rounding
                 acc += tl.dot(xq, tl.trans(w), input_precision="ieee")
             else:
                 acc += tl.dot(xq, tl.trans(w))
             if ACT == 1:
-                if EVEN_K:
-                    w2 = tl.load(w2_rows + offs_k[None, :], eviction_policy="evict_first")
-                else:
-                    w2 = tl.load(w2_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0,
-                                 eviction_policy="evict_first")
+                w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
                 if W_F32:
                     acc2 += tl.dot(xq, tl.trans(w2), input_precision="ieee")
                 else:
@@ -941,16 +934,20 @@ class FusedStep:
     def _gemv(self, x, residual, norm, gemm: _Gemm, act=ACT_NONE, out_dtype=None, name: str | None = None):
         """The fused GEMM of rows x [B, K]: (y [B, N], x + residual [B, K]); batch 1 runs the GEMV kernel, in the
         config tune() chose for the GEMM `name` if it did."""
-        weight, bias = norm if norm is not None else (None, None)
-        kind = NORM_NONE if norm is None else self.norm
-        args = (x, residual, weight, bias if kind == NORM_LAYER else None, gemm.weight, gemm.bias, gemm.act_scale,
-                gemm.weight_scale, float(self.model.eps), kind, act, out_dtype or self.model.dtype, self.pdl)
+        args = self._args(x, residual, norm, gemm, act, out_dtype)
         if x.shape[0] > 1:
             return torch.ops.pipeline.fused_gemm_rows(*args)
         # through the op (torch.compile traces this step with the compile option), the tuned config by its index
         config = _CONFIGS.index(self.configs[name]) if name in self.configs else -1
         y, h_out = torch.ops.pipeline.fused_gemv(*args, config)
         return y.view(1, -1), h_out.view(1, -1)
+
+    def _args(self, x, residual, norm, gemm: _Gemm, act, out_dtype) -> tuple:
+        """The arguments of the GEMV ops (fused_gemv, fused_gemm_rows, launch_fused_gemv) for one GEMM."""
+        weight, bias = norm if norm is not None else (None, None)
+        kind = NORM_NONE if norm is None else self.norm
+        return (x, residual, weight, bias if kind == NORM_LAYER else None, gemm.weight, gemm.bias, gemm.act_scale,
+                gemm.weight_scale, float(self.model.eps), kind, act, out_dtype or self.model.dtype, self.pdl)
 
     def _gemv_calls(self) -> dict[str, tuple[list[_Gemm], tuple | None, int, torch.dtype | None]]:
         """Each GEMM of the step: (its GEMMs over the layers, the norm of its prologue per layer or None, its
@@ -995,12 +992,9 @@ class FusedStep:
 
                 def run(config=config):
                     for i, gemm in enumerate(gemms):
-                        kind = NORM_NONE if norms is None else self.norm
-                        norm_weight, norm_bias = norms[i] if norms is not None else (None, None)
-                        launch_fused_gemv(x, residual if norms is not None else None, norm_weight,
-                                          norm_bias if kind == NORM_LAYER else None, gemm.weight, gemm.bias,
-                                          gemm.act_scale, gemm.weight_scale, float(model.eps), kind, act,
-                                          out_dtype or model.dtype, self.pdl, config=config)
+                        norm = norms[i] if norms is not None else None
+                        launch_fused_gemv(*self._args(x, residual if norm is not None else None, norm, gemm, act,
+                                                      out_dtype), config=config)
                 try:
                     timed.append((timer(run), config))
                 except Exception as exc:  # noqa: BLE001 - a config this GPU cannot run (shared memory) is skipped
