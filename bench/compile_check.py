@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for name, kernel, signature, constexprs, options in cases():
-        if "SPLIT_K" in kernel.arg_names:  # the JIT's default, which the AST source does not apply
-            constexprs = {"SPLIT_K": 1, **constexprs}
+        if "SPLIT_K" in kernel.arg_names:  # the JIT's defaults and heuristics, which the AST source does not apply
+            constexprs = {"SPLIT_K": 1, "STATS_K": fd.STATS_K_MAX, **constexprs}
         ordered = {arg: signature.get(arg, "constexpr") for arg in kernel.arg_names}
         # as the JIT specializes arguments at the 8B shape: pointers 16-byte aligned, N and K multiples of 16
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)

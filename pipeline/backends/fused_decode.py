@@ -222,7 +222,7 @@ if triton is not None:
                     ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
-                    SPLIT_K: tl.constexpr = 1):
+                    SPLIT_K: tl.constexpr = 1, STATS_K: tl.constexpr = 256):
         """The fused GEMV of one row block (see fused_gemv). On a GPU K is a runtime argument; in Triton's CPU
         emulator, which cannot loop to a runtime bound, _fused_gemv_emulated calls this with K a constant.
 
@@ -230,7 +230,11 @@ if triton is not None:
         host keeps K's chunks a multiple of SPLIT_K), stores the float32 sums to part_ptr, and the share that
         finishes last (counted on counter_ptr[pid]) adds them up and runs the epilogue. For the small FP8 GEMVs,
         whose tall wgmma tiles leave SMs idle otherwise. Not with the one-pass RMSNorm (its 1 / rms needs all of
-        K): FP8 and LayerNorm take their statistics in a first pass over the whole row anyway."""
+        K): FP8 and LayerNorm take their statistics in a first pass over the whole row anyway.
+
+        STATS_K: the block of that statistics pass (K rounded up to a power of 2, at most STATS_K_MAX), so that it
+        reads the row in one round trip instead of one per BLOCK_K chunk (a loop of dependent loads, which Triton
+        does not pipeline; the 8B FP8 bench went from 285.6 to 290.1 tok/s with it, H100 run 27)."""
         tl.static_assert(SPLIT_K == 1 or NORM != 1 or FP8, "split-K needs the norm's statistics pass")
         DOT: tl.constexpr = 0 if W_F32 else USE_DOT  # float32 weights stay on the CUDA cores (no tf32 rounding)
         pid = tl.program_id(0)
@@ -250,30 +254,32 @@ if triton is not None:
             k_first = pid_k * ((K // BLOCK_K) // SPLIT_K) * BLOCK_K
         offs_k0 = k_first + arange_k
         k_mask0 = offs_k0 < K
-        if PDL:  # programmatic dependent launch: this kernel was launched before the previous one ended
-            # while the previous kernel finishes, this program's first weight tile into registers (the weights
-            # depend on no kernel); the loop below starts at the second. An L2 prefetch of the first two tiles
-            # instead (prefetch.global.L2) slowed the 8B step from 4.18 to 4.95 ms; no load at all, 4.07 (H200,
-            # run 18).
-            w0 = _load_tile(w_rows, offs_k0, k_mask0, EVEN_K)
-            w20 = w0
-            if ACT == 1:
-                w20 = _load_tile(w2_rows, offs_k0, k_mask0, EVEN_K)
+        # the first chunk's weight tile into registers before anything else; the loop below starts at the second.
+        # With PDL (programmatic dependent launch: this kernel was launched before the previous one ended) this
+        # load overlaps the previous kernel's end, as the weights depend on no kernel. An L2 prefetch of the first
+        # two tiles instead (prefetch.global.L2) slowed the 8B step from 4.18 to 4.95 ms; no load at all, 4.07
+        # (H200, run 18).
+        w0 = _load_tile(w_rows, offs_k0, k_mask0, EVEN_K)
+        w20 = w0
+        if ACT == 1:
+            w20 = _load_tile(w2_rows, offs_k0, k_mask0, EVEN_K)
+        if PDL:
             gdc_wait()  # the previous kernel's writes are visible from here (nothing above reads them)
 
         # statistics first where the normalized value is needed inside the loop (LayerNorm; FP8 quantizes it)
         mean = 0.0
         rstd = 1.0
         if NORM == 2 or (NORM == 1 and FP8):
+            arange_s = tl.arange(0, STATS_K)
             if NORM == 2:
-                s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    offs_k = k0 + arange_k
+                s1 = tl.zeros((STATS_K,), dtype=tl.float32)
+                for k0 in range(0, K, STATS_K):
+                    offs_k = k0 + arange_s
                     s1 += _load_row(x_ptr, r_ptr, offs_k, offs_k < K, ADD_RESIDUAL)
                 mean = tl.sum(s1, axis=0) / K
-            s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + arange_k
+            s2 = tl.zeros((STATS_K,), dtype=tl.float32)
+            for k0 in range(0, K, STATS_K):
+                offs_k = k0 + arange_s
                 k_mask = offs_k < K
                 x = _load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL)
                 d = tl.where(k_mask, x - mean, 0.0)
@@ -293,11 +299,9 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        K_START: tl.constexpr = BLOCK_K if PDL else 0  # with PDL the first chunk's tile is in w0 already
-        if PDL:
-            acc, acc2, ss = _gemv_chunk(acc, acc2, ss, w0, w20, offs_k0, k_mask0, pid, x_ptr, r_ptr, h_out_ptr,
-                                        nw_ptr, nb_ptr, a_scale, mean, rstd, ADD_RESIDUAL, NORM, FP8, ACT, DOT, BLOCK_K)
-        for k0 in range(K_START, K if SPLIT_K == 1 else (K // BLOCK_K) // SPLIT_K * BLOCK_K, BLOCK_K):
+        acc, acc2, ss = _gemv_chunk(acc, acc2, ss, w0, w20, offs_k0, k_mask0, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr,
+                                    nb_ptr, a_scale, mean, rstd, ADD_RESIDUAL, NORM, FP8, ACT, DOT, BLOCK_K)
+        for k0 in range(BLOCK_K, K if SPLIT_K == 1 else (K // BLOCK_K) // SPLIT_K * BLOCK_K, BLOCK_K):
             offs_k = k_first + k0 + arange_k
             k_mask = offs_k < K
             w = _load_tile(w_rows, offs_k, k_mask, EVEN_K)
@@ -363,20 +367,24 @@ if triton is not None:
     # K as a runtime argument: the Llama-3-8B step took 4.31 ms so, against 4.37-4.42 ms with K a constant (H200,
     # bench/results/gpu-h200 runs 7-8). GPT-2 ran faster with K a constant (0.308 against 0.376 ms per step, with
     # the attention's cache length a constant too): not adopted, as the two changes were not timed apart.
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    STATS_K_MAX = 4096  # the statistics pass's block: a row of up to this many values in one load
+    _GEMV_HEURISTICS = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+                        "STATS_K": lambda args: min(triton.next_power_of_2(args["K"]), STATS_K_MAX)}
+
+    @triton.heuristics(_GEMV_HEURISTICS)
     @triton.jit
     def _fused_gemv_emulated(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
                              part_ptr, counter_ptr, N, K: tl.constexpr, eps,
                              ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                              FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                             SPLIT_K: tl.constexpr = 1):
+                             STATS_K: tl.constexpr, SPLIT_K: tl.constexpr = 1):
         _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
                     part_ptr, counter_ptr, N, K, eps, ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32,
-                    USE_DOT, EVEN_K, False, SPLIT_K)
+                    USE_DOT, EVEN_K, False, SPLIT_K, STATS_K)
 
-    # the GPU entry: _fused_gemv with EVEN_K worked out per launch (the emulated entry sets it the same way)
-    _fused_gemv_gpu = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_gemv)
+    # the GPU entry: _fused_gemv with EVEN_K and STATS_K worked out per launch (the emulated entry the same way)
+    _fused_gemv_gpu = triton.heuristics(_GEMV_HEURISTICS)(_fused_gemv)
 
     def _autotuned(configs):
         return triton.autotune(configs=configs, key=["N", "K", "NORM", "FP8", "ACT"],
