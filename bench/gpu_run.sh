@@ -46,12 +46,14 @@ for phase in "${@:-tests gpt2 8b}"; do
     fp8)   # batch 1 (the 1.6x target is against the 8b phase's bf16 figure, same card, same call)
            python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1 --repeats 2 --out "$R" \
              --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl ;;
-    fp8ab) # FP8 against bf16 at batch 1, the fused step (with PDL, the default on Hopper), and the FP8 step's kernels
+    fp8ab) # FP8 against bf16 at batch 1, the fused step without and with PDL (a label without "pdl" turns it
+           # off: runs 27-31 measured that way), and the FP8 step's kernels with PDL
+           F=graph+triton-gemv+fused-mlp+fused-step
            for r in llama-3-8b-random-bf16 llama-3-8b-random-fp8; do
              python -m pipeline bench $r --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
-               --variants graph+triton-gemv+fused-mlp+fused-step
+               --variants $F,$F+pdl
            done
-           python bench/profile_step.py llama-3-8b --quant fp8 --no-gemv --variants graph+triton-gemv+fused-mlp+fused-step ;;
+           python bench/profile_step.py llama-3-8b --quant fp8 --no-gemv --variants $F+pdl ;;
     tune)  # the fused step's GEMV configs tuned in a graph of all layers (default) against Triton's autotuner
            # (PIPELINE_FUSED_GEMV_TUNE=0), each with and without PDL; bf16, FP8 and GPT-2 in one call
            F=graph+triton-gemv+fused-mlp+fused-step

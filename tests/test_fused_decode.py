@@ -183,6 +183,30 @@ def test_fused_fp8_gemv_is_an_fp8_gemm():
     assert ((y.cpu() - want).norm() / want.norm()).item() < 1e-5  # the same products; the sums differ in order
 
 
+@pytest.mark.parametrize("norm, fp8", [(fused_decode.NORM_LAYER, False), (fused_decode.NORM_RMS, True)])
+def test_statistics_pass_over_several_blocks_gives_the_same_gemv(monkeypatch, norm, fp8):
+    """The statistics pass (LayerNorm's mean and variance; RMSNorm's before FP8 quantizes the normalized row) reads
+    the row in blocks of STATS_K (K rounded up to a power of 2, at most STATS_K_MAX): one block at the 8B shape.
+    With the cap at 64, K = 300 takes five blocks, the last one ragged: the same GEMV within rounding."""
+    torch.manual_seed(5)
+    K, N = 300, 16
+    x, r, g, nb = (torch.randn(K, device=DEVICE).half() for _ in range(4))
+    w = torch.randn(N, K, device=DEVICE) / K**0.5
+    sw = fp8_scale(w.abs().max()).to(DEVICE)
+    weight = quantize_fp8(w, sw) if fp8 else w.half()
+    scales = (fp8_scale(torch.tensor(4.0)).to(DEVICE), sw) if fp8 else (None, None)
+
+    def run():
+        return fused_decode.launch_fused_gemv(x, r, g, nb if norm == fused_decode.NORM_LAYER else None, weight, None,
+                                              *scales, 1e-5, norm, fused_decode.ACT_NONE, torch.float32)
+
+    one_block, one_h = run()
+    monkeypatch.setattr(fused_decode, "STATS_K_MAX", 64)
+    blocks, blocks_h = run()
+    assert torch.equal(blocks_h, one_h)
+    assert ((blocks - one_block).norm() / one_block.norm()).item() < (2e-2 if fp8 else 1e-3)
+
+
 @pytest.mark.parametrize("norm, act", [(1, 1), (0, 0)])
 def test_split_k_fp8_gemv_sums_the_same_products(monkeypatch, norm, act):
     """Split-K (each program a share of K, the last to finish adds the shares up and runs the epilogue) against
