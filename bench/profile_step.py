@@ -15,6 +15,7 @@ Device-random weights (pipeline.bench.device_random_model); prints Markdown tabl
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quant", default="none", choices=("none", "fp8"))
     p.add_argument("--variants", default="graph+triton-gemv+fused-mlp+fused-step",
-                   help="decode paths to profile (labels; a compile variant adds about a minute of set-up)")
+                   help="decode paths to profile (labels; a compile variant adds about a minute of set-up), each "
+                   "optionally with environment settings for it alone: LABEL@NAME=VALUE@...")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=1, help="sequences per step (the fused step runs at batch 1 only)")
     p.add_argument("--no-gemv", action="store_true", help="skip the GEMV table (at --batch rows)")
@@ -231,14 +233,24 @@ def main(argv=None) -> int:
         print(flush=True)
     if args.sweep:
         print("\n".join(sweep_table(model, bandwidth, args.sweep.split(","))) + "\n", flush=True)
-    for label in filter(None, args.variants.split(",")):
+    for variant in filter(None, args.variants.split(",")):
+        label, *settings = variant.split("@")  # LABEL@NAME=VALUE@...: environment settings for this variant only
+        saved = {name: os.environ.get(name) for name, _ in (setting.split("=", 1) for setting in settings)}
+        os.environ.update(setting.split("=", 1) for setting in settings)
         options = DecodeOptions.from_label(label)
         set_triton_gemv(model, options.triton_gemv)
         try:
-            print("\n".join(profile_variant(model, options, args.steps, read_bytes, bandwidth, args.batch)) + "\n",
-                  flush=True)
+            lines = profile_variant(model, options, args.steps, read_bytes, bandwidth, args.batch)
+            lines[0] += f" {' '.join(settings)}"
+            print("\n".join(lines) + "\n", flush=True)
         except Exception as exc:
-            print(f"### {label}: failed: {type(exc).__name__}: {exc}"[:600] + "\n", flush=True)
+            print(f"### {variant}: failed: {type(exc).__name__}: {exc}"[:600] + "\n", flush=True)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         torch.cuda.empty_cache()
     return 0
 
