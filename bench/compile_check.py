@@ -23,6 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from pipeline.backends import batched_gemm  # noqa: E402
 from pipeline.backends import fused_decode as fd  # noqa: E402
 
 SHARED_LIMIT = 227 * 1024  # the shared memory one block may use on an H100/H200
@@ -84,6 +85,14 @@ def cases():
             yield (f"fused_gemm_rows {weight} B_P={rows} config {config}", fd._fused_gemm_rows.fn,
                    gemv_signature("bf16", weight, "bf16", True), constexprs,
                    dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    # the batched GEMM's split-K swap-AB kernel (pipeline.backends.batched_gemm), every config, at 32 rows
+    for config in batched_gemm._CONFIGS:
+        for dtype, bias in (("bf16", False), ("fp16", True)):
+            signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+                         "part_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
+            constexprs = dict(HAS_BIAS=bias, M_P=32, EVEN_K=True, F32_DOT=False, **config.kwargs)
+            yield (f"skinny_gemm {dtype} bias={bias} config {config}", batched_gemm._skinny_gemm, signature,
+                   constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages))
     # splits > 1: flash-decoding (6 is what batch 1 of the 8B shape gets at 384 slots)
     for dtype, rope, pdl, splits in (("bf16", True, True, 1), ("fp16", False, False, 1), ("fp32", True, False, 1),
                                      ("bf16", True, True, 6), ("fp32", True, False, 3)):
@@ -103,7 +112,7 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for name, kernel, signature, constexprs, options in cases():
-        if "SPLIT_K" in kernel.arg_names:  # the JIT's defaults and heuristics, which the AST source does not apply
+        if "STATS_K" in kernel.arg_names:  # the JIT's defaults and heuristics, which the AST source does not apply
             constexprs = {"SPLIT_K": 1, "STATS_K": fd.STATS_K_MAX, **constexprs}
         ordered = {arg: signature.get(arg, "constexpr") for arg in kernel.arg_names}
         # as the JIT specializes arguments at the 8B shape: pointers 16-byte aligned, N and K multiples of 16
@@ -119,6 +128,8 @@ def main(argv=None) -> int:
             if constexprs.get("FP8") and constexprs.get("USE_DOT") == 2 and constexprs["BLOCK_N"] >= 64 \
                     and "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" not in ptx:
                 raise AssertionError("the swap-AB FP8 form does not reach wgmma with FP8 operands")
+            if name.startswith("skinny_gemm") and "wgmma.mma_async" not in ptx:
+                raise AssertionError("the batched GEMM's weight tile does not reach wgmma")
             gdc = "griddepcontrol.wait" in ptx
             if gdc != constexprs.get("PDL", False):
                 raise AssertionError(f"PDL={constexprs.get('PDL')} but griddepcontrol in the PTX: {gdc}")

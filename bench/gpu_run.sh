@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests profile profile32 forms quick 8b fp8 fp8ab tune gpt2 nccl tp2  # any subset, in order
+#   bash bench/gpu_run.sh tests profile profile32 b32 forms quick 8b fp8 fp8ab tune gpt2 nccl tp2  # any subset
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -34,6 +34,13 @@ for phase in "${@:-tests gpt2 8b}"; do
            python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --variants graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl \
              --batched-variants graph+compile+cublas+fused-mlp,graph+compile+cublas+fused-mlp+fused-attn ;;
+    b32)   # batch 32: the compiled layer-by-layer step with cuBLAS against tuned-gemm (cuBLAS or the split-K kernel per
+           # GEMM shape, pipeline/backends/batched_gemm.py), no baseline; the kernel's GPU tests first
+           python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
+             -k "batched_gemm or tuned_gemm" 2>&1 | tail -15
+           B=graph+compile+cublas+fused-mlp+fused-attn
+           python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 32 --repeats 2 --out "$R" \
+             --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step+pdl --batched-variants $B,$B+tuned-gemm ;;
     forms) # A/B of the fused GEMV's forms (0 FMA, 1 dot, 2 swap-AB dot): bf16 batch 1 autotuned over 0,1 only;
            # the 8b phase (after it, same card) autotunes over all three
            PIPELINE_FUSED_GEMV_FORMS=0,1 python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 \

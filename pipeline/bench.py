@@ -259,6 +259,10 @@ def worker(args: argparse.Namespace) -> int:
                 from pipeline.backends.fused_decode import chosen_configs
 
                 m["gemv_configs"] = chosen_configs()
+            if options.tuned_gemm and batch > 1:  # cuBLAS or the split-K kernel, per GEMM shape
+                from pipeline.backends import batched_gemm
+
+                m["gemm_configs"] = batched_gemm.chosen_configs()
             progress(f"{tag}: {m['output_tokens_per_s']:.1f} tok/s")
         finally:
             decoder = None

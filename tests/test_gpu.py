@@ -253,3 +253,47 @@ def test_fp8_on_the_gpu_matches_the_cpu_emulation(home):
     quantization_error = rel_err(cpu, score(_model(plain, CPU), ids))
     assert rel_err(gpu, cpu) < 0.5 * quantization_error
     assert (gpu.argmax(-1) == cpu.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("rows", [32, 5])
+@pytest.mark.parametrize("n, k, bias", [(6144, 4096, False), (4096, 14336, True)])
+def test_batched_gemm_every_config_against_float64(rows, n, k, bias):
+    """The split-K swap-AB GEMM (pipeline.backends.batched_gemm) at Llama-3-8B shapes in bfloat16, every config
+    tuning may time; a split-K config twice, for the counters' reset (the same bits again)."""
+    from pipeline.backends import batched_gemm
+
+    x = torch.randn(rows, k, device=GPU).to(torch.bfloat16)
+    w = (torch.randn(n, k, device=GPU) / k**0.5).to(torch.bfloat16)
+    b = torch.randn(n, device=GPU).to(torch.bfloat16) if bias else None
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    indices = batched_gemm.candidates(n, k)
+    assert any(batched_gemm._CONFIGS[i].kwargs["SPLIT_K"] > 1 for i in indices)
+    for index in indices:
+        y = batched_gemm.skinny_mm(x, w, b, index)
+        assert y.shape == (rows, n) and y.dtype == torch.bfloat16
+        assert rel_err(y, ref) < 1e-2, batched_gemm._CONFIGS[index]
+        if batched_gemm._CONFIGS[index].kwargs["SPLIT_K"] > 1:
+            assert torch.equal(batched_gemm.skinny_mm(x, w, b, index), y)
+
+
+def test_tuned_gemm_decode_gives_the_cublas_steps_logits(home):
+    """tuned-gemm at batch 3, compiled and in a CUDA graph, with every GEMM forced onto the split-K kernel: the
+    cuBLAS step's logits within float16 rounding, and its greedy tokens."""
+    from pipeline.backends import batched_gemm
+    from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
+
+    _, artifact = _artifact("llama-tiny", dtype="float16")
+    cublas = DecodeOptions.from_label("graph+compile+cublas+fused-mlp+fused-attn")
+    tuned = DecodeOptions.from_label("graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm")
+    model = accelerate(_model(artifact, GPU), tuned)
+    batch = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6], [11, 2, 3, 5, 7]]
+    plain = CudaDecoder(model, 3, 64, cublas)
+    plain.warm_up()
+    want = plain.generate(batch, 16)
+    chosen = batched_gemm.tune(model, 3, timer=lambda run: 1.0 if run.__defaults__[0] < 0 else 0.5)
+    assert chosen and not any(c.startswith("cuBLAS") for c in chosen.values()), chosen
+    decoder = CudaDecoder(model, 3, 64, tuned)
+    decoder.warm_up()  # tune() again: the forced choices are kept for the process
+    assert all(linear.skinny[16] >= 0 for layer in model.layers for key, linear in layer.items()
+               if key in ("qkv", "dense", "fc_gate", "proj"))
+    assert decoder.generate(batch, 16) == want

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.backends import cuda_kernels
+from pipeline.backends import batched_gemm, cuda_kernels
 from pipeline.backends.torch_model import Linear, RankModel
 from pipeline.quantize.formats import fp8_linear, fp8_scale, quantize_fp8
 from pipeline.quantize.runtime import FP8Linear
@@ -49,13 +49,17 @@ class DecodeOptions:
     # the layer-by-layer step (batches > 1 without fused-rows) with the fused step's attention kernel (rotary
     # embedding, cache write and attention in one) in place of the grouped attention's matmuls and softmax
     fused_attention: bool = False
+    # batches 2..64 on the layer-by-layer step: each GEMM shape runs cuBLAS or the split-K swap-AB kernel
+    # (pipeline.backends.batched_gemm), whichever was faster when timed at warm-up
+    tuned_gemm: bool = False
 
     @property
     def label(self) -> str:
         parts = [("graph" if self.cuda_graph else "eager"), ("compile" if self.compile else None),
                  ("triton-gemv" if self.triton_gemv else "cublas"), ("fused-mlp" if self.fuse_gate_up else None),
                  ("fused-step" if self.fused_step else None), ("fused-rows" if self.fused_rows else None),
-                 ("pdl" if self.pdl else None), ("fused-attn" if self.fused_attention else None)]
+                 ("pdl" if self.pdl else None), ("fused-attn" if self.fused_attention else None),
+                 ("tuned-gemm" if self.tuned_gemm else None)]
         return "+".join(p for p in parts if p)
 
     @classmethod
@@ -63,27 +67,36 @@ class DecodeOptions:
         """The options a label names (the inverse of `label`), e.g. 'graph+cublas+fused-mlp+fused-step'."""
         parts = set(label.split("+"))
         known = {"graph", "eager", "compile", "triton-gemv", "cublas", "fused-mlp", "fused-step", "fused-rows", "pdl",
-                 "fused-attn"}
+                 "fused-attn", "tuned-gemm"}
         if parts - known or ("graph" in parts) == ("eager" in parts) or ("cublas" in parts) == ("triton-gemv" in parts):
             raise ValueError(f"not a decode path: {label!r} (parts: graph|eager, compile, triton-gemv|cublas, "
-                             "fused-mlp, fused-step, fused-rows, pdl, fused-attn)")
+                             "fused-mlp, fused-step, fused-rows, pdl, fused-attn, tuned-gemm)")
         return cls(cuda_graph="graph" in parts, compile="compile" in parts, triton_gemv="triton-gemv" in parts,
                    fuse_gate_up="fused-mlp" in parts, fused_step="fused-step" in parts,
-                   fused_rows="fused-rows" in parts, pdl="pdl" in parts, fused_attention="fused-attn" in parts)
+                   fused_rows="fused-rows" in parts, pdl="pdl" in parts, fused_attention="fused-attn" in parts,
+                   tuned_gemm="tuned-gemm" in parts)
 
 
 class CudaLinear(Linear):
-    """F.linear, or the Triton GEMV when the input is one row; out_dtype=float32 keeps the float32 accumulators
-    (lm_head: logits_dtype float32) instead of rounding them to the model dtype."""
+    """F.linear, or the Triton GEMV when the input is one row, or for a few rows the split-K kernel where
+    batched_gemm.tune chose it (`skinny`: padded rows -> config index, -1 for cuBLAS); out_dtype=float32 keeps the
+    float32 accumulators (lm_head: logits_dtype float32) instead of rounding them to the model dtype."""
 
     def __init__(self, weight, bias=None, triton_gemv: bool = True, out_dtype: torch.dtype | None = None):
         super().__init__(weight, bias)
         self.triton_gemv = triton_gemv and cuda_kernels.available()
         self.out_dtype = out_dtype
+        self.skinny: dict[int, int] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.triton_gemv and x.numel() == x.shape[-1]:
             return cuda_kernels.linear_1row(x, self.weight, self.bias, out_dtype=self.out_dtype)
+        rows = x.numel() // x.shape[-1]
+        if self.skinny and 2 <= rows <= batched_gemm.MAX_ROWS:
+            index = self.skinny.get(batched_gemm.padded_rows(rows), -1)
+            if index >= 0:
+                y = torch.ops.pipeline.skinny_mm(x.reshape(rows, x.shape[-1]), self.weight, self.bias, index)
+                return y.view(*x.shape[:-1], self.weight.shape[0])
         if self.out_dtype is not None and self.bias is None and x.device.type == "cuda":
             y = torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out_dtype=self.out_dtype)
             return y.reshape(*x.shape[:-1], self.weight.shape[0])
@@ -268,6 +281,10 @@ class CudaDecoder:
 
         The warm-up steps run on a side stream, as CUDA graph capture (and NCCL inside it) requires."""
         self.slot.fill_(0)
+        if self.fused is None and self.options.tuned_gemm:
+            batched_gemm.tune(self.model, self.batch)  # cuBLAS or the split-K kernel, per GEMM shape
+        else:
+            batched_gemm.forget(self.model)  # cuBLAS for every batch, as the options ask (another decoder tuned)
         if self.model.device.type != "cuda":
             self._step_fn()
             return

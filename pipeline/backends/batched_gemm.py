@@ -1,0 +1,253 @@
+"""GEMMs of a few rows (batched decode: 2 to 64 sequences) that stream the weight at the memory's speed.
+
+At batch 32 of the Llama-3-8B shape a decode step still reads every weight once, so its GEMMs are bound by memory
+bandwidth like batch 1's GEMVs. cuBLAS runs the large ones near the copy bandwidth, but not those with few output
+rows (H200, run 11: qkv 6144x4096 at 2.9 TB/s, dense 4096x4096 at 2.5, proj 4096x14336 at 3.6 plus a separate
+split-K reduction, against 4.1 for fc/gate): their tiles leave SMs idle. This kernel is the "swap AB" form of
+small-batch GEMMs with split-K:
+
+- each program computes a [BLOCK_N, rows] tile of y^T = W x^T: the weight is the tall operand (BLOCK_N >= 64 rows:
+  Hopper's wgmma), the few input rows the narrow one, so no tensor-core lane is spent on padding rows;
+- split-K: SPLIT_K programs share a row block's K, each stores its float32 sums, and the last to finish (a counter
+  per row block) adds them in order and stores the result: no second kernel, and the same bits on every run.
+
+`tune` chooses per GEMM shape between cuBLAS and each config, by timing every candidate over all layers' weights of
+that shape in a CUDA graph, as TensorRT's builder chooses a tactic; cuBLAS is a candidate, so a shape where this
+kernel loses keeps cuBLAS. The decode path asks for it with the label part `tuned-gemm`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.backends.fused_decode import _split_buffers, graph_seconds
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: cuBLAS (F.linear) serves every batch
+    triton = None
+
+MAX_ROWS = 64  # the widest input this kernel takes (the narrow operand of the dot)
+MAX_SPLIT_K = 8
+INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}  # what Triton's CPU emulator runs (SPLIT_K chosen per call)
+DTYPES = (torch.bfloat16, torch.float16)  # float32 GEMMs stay on cuBLAS (no tf32 rounding)
+
+_tuned: dict[str, str] = {}  # the choices tune() made in this process, for the bench's record
+_tune_cache: dict[tuple, int] = {}  # (GEMM, shape, dtype, padded rows, device) -> config index, -1 for cuBLAS
+
+
+def padded_rows(rows: int) -> int:
+    """The rows of the kernel's narrow operand for `rows` inputs (a power of 2, at least 16)."""
+    return max(16, triton.next_power_of_2(rows)) if triton is not None else rows
+
+
+if triton is not None:
+    _CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in ((64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4),
+                             (128, 256, 8, 2))
+        for split in (1, 2, 4, 8)
+    ]
+
+    @triton.jit
+    def _skinny_gemm(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_P: tl.constexpr,
+                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, F32_DOT: tl.constexpr = False):
+        """y [M, N] = x [M, K] @ w [N, K]^T (+ bias) for one row block of w and one share of K (see the module).
+        On a GPU K is a runtime argument; the CPU emulator's entry passes it as a constant (its loops need one),
+        and F32_DOT (its tl.dot of bfloat16 operands returns garbage: Triton 3.6). With SPLIT_K > 1 the host keeps
+        K a multiple of BLOCK_K * SPLIT_K."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        dt = y_ptr.dtype.element_ty
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped rows: the weight loads need no row mask
+        offs_m = tl.arange(0, M_P)
+        m_mask = offs_m < M
+        arange_k = tl.arange(0, BLOCK_K)
+        k_first = 0  # a constant without split-K: the loads' alignment stays provable
+        if SPLIT_K > 1:
+            k_first = pid_k * (K // SPLIT_K)
+        acc = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
+        for k0 in range(0, K if SPLIT_K == 1 else K // SPLIT_K, BLOCK_K):  # the count inline, as the emulator needs
+            offs_k = k_first + k0 + arange_k
+            if EVEN_K:
+                w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], eviction_policy="evict_first")
+                x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            else:
+                k_mask = offs_k < K
+                w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=k_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+                x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                            other=0.0)
+            if F32_DOT:
+                acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(w, tl.trans(x))
+        out = y_ptr + offs_m[None, :] * N + offs_n[:, None]
+        out_mask = n_mask[:, None] & m_mask[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(out, acc.to(dt), mask=out_mask)
+        else:  # this share's sums [SPLIT_K, N, M_P], then the last share to finish adds them up in order
+            tile = (offs_n[:, None] * M_P + offs_m[None, :]).to(tl.int64)
+            tl.store(part_ptr + pid_k * N * M_P + tile, acc, mask=n_mask[:, None])
+            tl.debug_barrier()  # every thread of this program has stored before the counter counts it
+            # acq_rel: the sums above are visible to the program that sees the last count, and it sees them all
+            if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
+                for s in range(0, SPLIT_K):  # at L2 (.cg): other SMs wrote them, this SM's L1 may be stale
+                    total += tl.load(part_ptr + s * N * M_P + tile, mask=n_mask[:, None], other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                tl.store(out, total.to(dt), mask=out_mask)
+                tl.store(counter_ptr + pid, 0)  # the next launch (and a CUDA graph's replay) counts from 0 again
+
+    @triton.jit
+    def _skinny_gemm_emulated(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              M_P: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+        _skinny_gemm(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K, HAS_BIAS, BLOCK_N, BLOCK_K, M_P,
+                     SPLIT_K, EVEN_K, True)
+
+
+def candidates(n: int, k: int) -> list[int]:
+    """The configs (indices into _CONFIGS) worth timing for an [n, k] weight: split-K only where K's chunks share
+    out equally, and a grid of about one to eight programs per SM (132 on an H100/H200); for weights too small
+    for that, the configs with the most programs."""
+    fits = [i for i, c in enumerate(_CONFIGS) if c.kwargs["SPLIT_K"] == 1 or not k % (c.kwargs["BLOCK_K"] *
+                                                                                    c.kwargs["SPLIT_K"])]
+
+    def programs(index):
+        return triton.cdiv(n, _CONFIGS[index].kwargs["BLOCK_N"]) * _CONFIGS[index].kwargs["SPLIT_K"]
+
+    kept = [i for i in fits if 96 <= programs(i) <= 1056]
+    most = max(map(programs, fits))
+    return kept or [i for i in fits if programs(i) == most]
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() != 2 or not 2 <= x.shape[0] <= MAX_ROWS or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"skinny_mm takes x [rows, K] with 2 to {MAX_ROWS} rows and the weight's K "
+                         f"{weight.shape[1]}, not {tuple(x.shape)}")
+    if weight.dtype not in DTYPES or x.dtype != weight.dtype:
+        raise ValueError(f"skinny_mm runs {DTYPES} weights with inputs of the same dtype, not {weight.dtype} "
+                         f"and {x.dtype}")
+
+
+@torch.library.custom_op("pipeline::skinny_mm", mutates_args=())
+def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: int,
+              split_k: int = 1) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias) -> [M, N] in x's dtype, for 2 <= M <= MAX_ROWS. config: an index into
+    _CONFIGS (tune's choice). In Triton's CPU emulator INTERPRETER_CONFIG runs instead, with split_k programs per
+    row block (tests). An op, so that torch.compile calls it unopened."""
+    _check(x, weight)
+    x = x.contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    emulated = os.environ.get("TRITON_INTERPRET") == "1"
+    meta = dict(INTERPRETER_CONFIG, SPLIT_K=split_k) if emulated else dict(_CONFIGS[config].kwargs)
+    split = meta["SPLIT_K"]
+    if split > 1 and K % (meta["BLOCK_K"] * split):
+        raise ValueError(f"skinny_mm: K = {K} does not share out over {split} splits of {meta['BLOCK_K']}")
+    m_p = padded_rows(M)
+    part, counter = (_split_buffers(("skinny", N, m_p), x.device, MAX_SPLIT_K * N * m_p,
+                                    triton.cdiv(N, 16)) if split > 1 else (y, y))
+    args = (x, weight, bias if bias is not None else y, y, part, counter, M, N, K)
+    flags = dict(HAS_BIAS=bias is not None, M_P=m_p, EVEN_K=K % meta["BLOCK_K"] == 0)
+    grid = (triton.cdiv(N, meta["BLOCK_N"]), split)
+    if emulated:
+        _skinny_gemm_emulated[grid](*args, **flags, **meta)
+    else:
+        config = _CONFIGS[config]
+        _skinny_gemm[grid](*args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    return y
+
+
+@skinny_mm.register_fake
+def _(x, weight, bias, config, split_k=1):
+    return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+
+
+def _gemm_groups(model) -> dict[tuple, list]:
+    """The model's GEMMs that tune() can give this kernel, grouped by (name, N, K, dtype): CUDA linears of a model
+    dtype in DTYPES with no float32 output (lm_head keeps cuBLAS, which streams it at about 98%)."""
+    groups: dict[tuple, list] = {}
+    for layer in model.layers:
+        for name in ("qkv", "dense", "fc_gate", "fc", "gate", "proj"):
+            linear = layer.get(name)
+            if getattr(linear, "skinny", None) is None or linear.out_dtype is not None:
+                continue
+            if linear.weight.dtype not in DTYPES:
+                continue
+            n, k = linear.weight.shape
+            groups.setdefault((name, n, k, linear.weight.dtype), []).append(linear)
+    return groups
+
+
+def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
+    """For decode steps of `rows` sequences: per GEMM shape of the model, time cuBLAS and every candidate config
+    over all layers' weights of that shape, launched back to back in a CUDA graph, and keep the fastest in each
+    linear's `skinny` map (padded rows -> config index, -1 for cuBLAS). A choice is kept for the process.
+    Returns {GEMM: "choice (GB/s)"}. timer(run) -> seconds replaces the graph timing (tests)."""
+    if triton is None or not 2 <= rows <= MAX_ROWS:
+        return {}
+    if timer is None:
+        if model.device.type != "cuda":
+            return {}
+        timer = functools.partial(graph_seconds, replays=replays)
+    m_p = padded_rows(rows)
+    chosen = {}
+    generator = torch.Generator(device=model.device).manual_seed(0)
+    for (name, n, k, dtype), linears in _gemm_groups(model).items():
+        key = (name, n, k, len(linears), dtype, m_p, str(model.device))
+        if key not in _tune_cache:
+            x = torch.randn(rows, k, device=model.device, generator=generator).to(dtype)
+            timed = []
+            for index in [-1] + candidates(n, k):
+
+                def run(index=index):
+                    for linear in linears:
+                        if index < 0:
+                            F.linear(x, linear.weight, linear.bias)
+                        else:
+                            skinny_mm(x, linear.weight, linear.bias, index)
+
+                run.gemm = name  # for a stand-in timer (tests)
+                try:
+                    timed.append((timer(run), index))
+                except Exception as exc:  # noqa: BLE001 - a config this GPU cannot run (shared memory) is skipped
+                    warnings.warn(f"skinny GEMM config {index} skipped for {name}: {type(exc).__name__}: "
+                                  f"{str(exc)[:200]}", stacklevel=2)
+            seconds, best = min(timed)
+            _tune_cache[key] = best
+            read = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+            cublas = next(s for s, i in timed if i < 0)
+            label = "cuBLAS" if best < 0 else str(_CONFIGS[best])
+            _tuned[f"{name} (N={n}, K={k}, {rows} rows)"] = chosen[name] = (
+                f"{label} ({read / seconds / 1e9:.0f} GB/s; cuBLAS {read / cublas / 1e9:.0f} GB/s)")
+        for linear in linears:
+            linear.skinny[m_p] = _tune_cache[key]
+    return chosen
+
+
+def forget(model) -> None:
+    """Back to cuBLAS for every batch: clear the choices tune() left on the model's linears."""
+    for linears in _gemm_groups(model).values():
+        for linear in linears:
+            linear.skinny.clear()
+
+
+def chosen_configs() -> dict[str, str]:
+    """What tune() chose in this process, per GEMM and batch."""
+    return dict(_tuned)

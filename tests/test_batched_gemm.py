@@ -1,0 +1,116 @@
+"""The batched decode GEMM (pipeline.backends.batched_gemm: split-K, swap-AB) in Triton's CPU emulator, its tuning
+with a stand-in timer, and the decode step that uses it; tests/test_gpu.py runs it compiled at the 8B shapes."""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET before triton loads"
+
+from pipeline.backends import batched_gemm  # noqa: E402
+from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate  # noqa: E402
+from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config  # noqa: E402
+from pipeline.build import Builder  # noqa: E402
+from pipeline.dist import Comm  # noqa: E402
+from pipeline.mapping import Mapping  # noqa: E402
+from pipeline.recipe import recipe_from_dict  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("rows, n, k, split, bias, dtype", [
+    (2, 48, 64, 1, False, torch.bfloat16), (5, 64, 128, 2, True, torch.float16), (17, 40, 96, 1, True, torch.bfloat16),
+    (32, 32, 256, 4, False, torch.bfloat16), (64, 16, 100, 1, False, torch.float16)])
+def test_batched_gemm_against_float64(rows, n, k, split, bias, dtype):
+    """Rows padded to the dot's width, ragged K, row blocks past N, bias, and split-K (each share's float32 sums
+    added by the last share to finish): float64's result within the output dtype's rounding. Twice, so a split-K
+    counter left unreset would show (the second call's last share would never see the last count)."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    first = batched_gemm.skinny_mm(x, w, b, 0, split)
+    assert first.shape == (rows, n) and first.dtype == dtype
+    # two units in the last place: the emulator rounds float32 to bfloat16 toward zero (the GPU test: to nearest)
+    assert ((first.double() - ref).abs() <= 2 * ulp * ref.abs() + 1e-3).all()
+    assert torch.equal(batched_gemm.skinny_mm(x, w, b, 0, split), first)
+
+
+def test_batched_gemm_rejects_what_it_cannot_run():
+    w = torch.zeros(32, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="2 to 64 rows"):
+        batched_gemm.skinny_mm(torch.zeros(1, 64, dtype=torch.bfloat16, device=DEVICE), w, None, 0)
+    with pytest.raises(ValueError, match="2 to 64 rows"):
+        batched_gemm.skinny_mm(torch.zeros(65, 64, dtype=torch.bfloat16, device=DEVICE), w, None, 0)
+    with pytest.raises(ValueError, match="same dtype"):
+        batched_gemm.skinny_mm(torch.zeros(4, 64, device=DEVICE), w.float(), None, 0)
+    with pytest.raises(ValueError, match="does not share out"):
+        batched_gemm.skinny_mm(torch.zeros(4, 64, dtype=torch.bfloat16, device=DEVICE), w, None, 0, 3)
+
+
+def test_candidates_split_k_evenly_and_fill_the_gpu():
+    """Llama-3-8B's dense (4096 x 4096): split-K configs whose shares are whole chunks, grids of 96 to 1056
+    programs; a tiny weight keeps the configs with the most programs."""
+    configs = batched_gemm._CONFIGS
+    dense = batched_gemm.candidates(4096, 4096)
+    assert dense and any(configs[i].kwargs["SPLIT_K"] > 1 for i in dense)
+    for i in dense:
+        c = configs[i].kwargs
+        assert 4096 % (c["BLOCK_K"] * c["SPLIT_K"]) == 0
+        assert 96 <= 4096 // c["BLOCK_N"] * c["SPLIT_K"] <= 1056
+    assert not any(configs[i].kwargs["SPLIT_K"] == 1 for i in dense)  # 32-64 programs: too few without a split
+    # K = 100 shares out over no split, and every tile gives one program
+    assert batched_gemm.candidates(64, 100) == [i for i, c in enumerate(configs) if c.kwargs["SPLIT_K"] == 1]
+
+
+def _model(shape: str, dtype: str):
+    recipe = recipe_from_dict({"model": {"random": shape}, "precision": {"dtype": dtype}}, name=f"batched-{shape}")
+    artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
+    config = read_checkpoint_config(artifact)
+    return load_rank_model(artifact, config, Comm(Mapping(1, 1, 0), DEVICE), DEVICE)
+
+
+def test_tuning_keeps_the_fastest_per_shape_and_the_step_its_tokens(home, monkeypatch):
+    """tune() with a stand-in timer: each GEMM shape keeps its fastest candidate, cuBLAS included (-1), for the
+    process; the decode step with the kernel gives the cuBLAS step's logits within float16 rounding and its
+    tokens; a decoder without tuned-gemm goes back to cuBLAS."""
+    monkeypatch.setattr(batched_gemm, "_tune_cache", {})
+    options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False, tuned_gemm=True)
+    plain = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
+    model = accelerate(_model("llama-tiny-tied", "float16"), options)
+    timed = []
+
+    def timer(run):  # the kernel wins every shape but dense, where cuBLAS does; later configs time faster
+        index = run.__defaults__[0]
+        timed.append(index)
+        if run.gemm == "dense":
+            return 0.5 if index < 0 else 1.0
+        return 1.0 if index < 0 else 1.0 / (2 + index)
+
+    chosen = batched_gemm.tune(model, 3, timer=timer)
+    assert set(chosen) == {"qkv", "dense", "fc_gate", "proj"}
+    assert chosen["dense"].startswith("cuBLAS")
+    layer = model.layers[0]
+    assert layer["dense"].skinny == {16: -1}
+    for name in ("qkv", "fc_gate", "proj"):
+        n, k = layer[name].weight.shape
+        assert layer[name].skinny == {16: max(batched_gemm.candidates(n, k))}, name
+    calls = len(timed)
+    assert batched_gemm.tune(model, 3, timer=timer) == {} and len(timed) == calls  # kept: nothing timed again
+
+    prompts = [[3, 14, 15, 92, 65, 7, 1], [2, 71, 82], [5, 9, 26, 53, 58]]
+    reference = CudaDecoder(accelerate(_model("llama-tiny-tied", "float16"), plain), 3, 24, plain)
+    decoder = CudaDecoder(model, 3, 24, options)
+    for d in (reference, decoder):
+        d.prefill(prompts)
+    for _ in range(3):
+        want, got = reference._step(), decoder._step()
+        assert ((got - want).norm() / want.norm()).item() < 5e-3
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    CudaDecoder(model, 3, 24, plain).warm_up()
+    assert all(not linear.skinny for lyr in model.layers for key, linear in lyr.items() if key in chosen)
