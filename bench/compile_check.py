@@ -35,7 +35,7 @@ def gemv_signature(dtype: str, weight: str, out: str, rows: bool) -> dict:
     types = {name: f"*{dtype}" for name in GEMV_POINTERS}
     types.update(w_ptr=f"*{weight}", y_ptr=f"*{out}", a_scale_ptr="*fp32", w_scale_ptr="*fp32")
     scalars = {"B": "i32", "N": "i32", "K": "i32", "eps": "fp32"} if rows else {"N": "i32", "K": "i32", "eps": "fp32"}
-    split = {} if rows else {"part_ptr": "*fp32", "counter_ptr": "*i32"}  # the GEMV's split-K sums and counters
+    split = {"part_ptr": "*fp32", "counter_ptr": "*i32"}  # split-K's sums and counters
     return {**types, **split, **scalars}
 
 
@@ -60,8 +60,10 @@ def cases():
                                                ("fp32", "fp32", "fp32", fd.NORM_RMS, fd.ACT_NONE, False),
                                                ("bf16", "bf16", "fp32", fd.NORM_RMS, fd.ACT_NONE, True)):
         constexprs = dict(ADD_RESIDUAL=True, NORM=norm, HAS_BIAS=act == fd.ACT_GELU, FP8=weight == "fp8e4nv", ACT=act,
-                          BLOCK_N=64, BLOCK_K=128, B_P=32, W_F32=dtype == "fp32", EVEN_K=True, PDL=pdl)
-        yield (f"fused_gemm_rows {weight}->{out} norm={norm} act={act} pdl={pdl}", fd._fused_gemm_rows.fn,
+                          BLOCK_N=64, BLOCK_K=128, B_P=32, W_F32=dtype == "fp32", EVEN_K=True, PDL=pdl,
+                          SPLIT_K=2 if pdl else 1, F32_DOT=False)
+        yield (f"fused_gemm_rows {weight}->{out} norm={norm} act={act} pdl={pdl} split-K={constexprs['SPLIT_K']}",
+               fd._fused_gemm_rows,
                gemv_signature(dtype, weight, out, rows=True), constexprs, dict(launch_pdl=pdl))
     # every autotuning config, at the 8B shape's dtypes (a config that does not compile would stop autotuning)
     for config in fd._CONFIGS:
@@ -81,18 +83,20 @@ def cases():
     for config in fd._ROWS_CONFIGS:
         for weight, rows in (("bf16", 32), ("fp8e4nv", 64)):
             constexprs = dict(common, NORM=fd.NORM_RMS, FP8=weight == "fp8e4nv", ACT=fd.ACT_SILU_GATE, W_F32=False,
-                              PDL=False, B_P=rows, **config.kwargs)
-            yield (f"fused_gemm_rows {weight} B_P={rows} config {config}", fd._fused_gemm_rows.fn,
+                              PDL=False, B_P=rows, F32_DOT=False, **config.kwargs)
+            yield (f"fused_gemm_rows {weight} B_P={rows} config {config}", fd._fused_gemm_rows,
                    gemv_signature("bf16", weight, "bf16", True), constexprs,
                    dict(num_warps=config.num_warps, num_stages=config.num_stages))
     # the batched GEMM's split-K swap-AB kernel (pipeline.backends.batched_gemm), every config, at 32 rows
     for config in batched_gemm._CONFIGS:
-        for dtype, bias in (("bf16", False), ("fp16", True)):
+        for dtype, bias, act in (("bf16", False, fd.ACT_NONE), ("bf16", True, fd.ACT_SILU_GATE)):
             signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
                          "part_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
-            constexprs = dict(HAS_BIAS=bias, M_P=32, EVEN_K=True, F32_DOT=False, **config.kwargs)
-            yield (f"skinny_gemm {dtype} bias={bias} config {config}", batched_gemm._skinny_gemm, signature,
-                   constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages))
+            pdl = act == fd.ACT_SILU_GATE  # with PDL: griddepcontrol, the first weight tile before its wait
+            constexprs = dict(HAS_BIAS=bias, M_P=32, EVEN_K=True, ACT=act, PDL=pdl, F32_DOT=False, **config.kwargs)
+            yield (f"skinny_gemm {dtype} bias={bias} act={act} pdl={pdl} config {config}", batched_gemm._skinny_gemm,
+                   signature, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages,
+                                               launch_pdl=pdl))
     # splits > 1: flash-decoding (6 is what batch 1 of the 8B shape gets at 384 slots)
     for dtype, rope, pdl, splits in (("bf16", True, True, 1), ("fp16", False, False, 1), ("fp32", True, False, 1),
                                      ("bf16", True, True, 6), ("fp32", True, False, 3)):
@@ -128,7 +132,8 @@ def main(argv=None) -> int:
             if constexprs.get("FP8") and constexprs.get("USE_DOT") == 2 and constexprs["BLOCK_N"] >= 64 \
                     and "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" not in ptx:
                 raise AssertionError("the swap-AB FP8 form does not reach wgmma with FP8 operands")
-            if name.startswith("skinny_gemm") and "wgmma.mma_async" not in ptx:
+            if name.startswith(("skinny_gemm", "fused_gemm_rows")) and not constexprs.get("W_F32") \
+                    and "wgmma.mma_async" not in ptx:
                 raise AssertionError("the batched GEMM's weight tile does not reach wgmma")
             gdc = "griddepcontrol.wait" in ptx
             if gdc != constexprs.get("PDL", False):
@@ -137,12 +142,10 @@ def main(argv=None) -> int:
             counted = "bar.sync" in ptx and "atom.global.gpu.acq_rel.add" in ptx
             if "SPLITS" in constexprs and counted != (constexprs["SPLITS"] > 1):
                 raise AssertionError(f"SPLITS={constexprs['SPLITS']} but an acq_rel counter in the PTX: {counted}")
-            if "w_ptr" in signature and not name.startswith("fused_gemm_rows") and \
-                    counted != (constexprs.get("SPLIT_K", 1) > 1):
+            if "w_ptr" in signature and counted != (constexprs.get("SPLIT_K", 1) > 1):
                 raise AssertionError(f"SPLIT_K={constexprs.get('SPLIT_K', 1)} but an acq_rel counter: {counted}")
             first_load = ptx.find("ld.global.L1::evict_first")  # a weight tile (the only evict-first loads)
-            if gdc and "w_ptr" in signature and not name.startswith("fused_gemm_rows") and \
-                    not 0 <= first_load < ptx.find("griddepcontrol.wait"):
+            if gdc and "w_ptr" in signature and not 0 <= first_load < ptx.find("griddepcontrol.wait"):
                 raise AssertionError("with PDL the first weight tile must be loaded before griddepcontrol.wait")
             print(f"ok    sm_{args.arch} {name}: {len(compiled.asm['cubin'])} bytes of cubin"
                   f"{', griddepcontrol' if gdc else ''}, {time.perf_counter() - start:.1f} s", flush=True)

@@ -29,18 +29,21 @@ for phase in "${@:-tests gpt2 8b}"; do
            python bench/profile_step.py llama-3-8b --batch 32 --variants graph+compile+cublas+fused-mlp ;;
     gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl ;;
-    8b)    # batch 1: the fused step with and without PDL; batch 32: the compiled layer-by-layer step (cuBLAS) with
-           # and without the fused attention kernel (fused-rows ran batch 32 at half cuBLAS's speed: run 11)
+    8b)    # batch 1: the fused step with and without PDL; batch 32: the compiled layer-by-layer step with the fused
+           # attention kernel, its GEMMs on cuBLAS, then tuned (tuned-gemm: cuBLAS or the split-K kernel per shape),
+           # then with PDL (the split-K kernels and the attention)
+           B=graph+compile+cublas+fused-mlp+fused-attn
            python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --variants graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl \
-             --batched-variants graph+compile+cublas+fused-mlp,graph+compile+cublas+fused-mlp+fused-attn ;;
-    b32)   # batch 32: the compiled layer-by-layer step with cuBLAS against tuned-gemm (cuBLAS or the split-K kernel per
-           # GEMM shape, pipeline/backends/batched_gemm.py), no baseline; the kernel's GPU tests first
+             --batched-variants $B,$B+tuned-gemm,$B+tuned-gemm+pdl ;;
+    b32)   # batch 32 without the baseline: tuned-gemm (cuBLAS or the split-K kernel per GEMM shape,
+           # pipeline/backends/batched_gemm.py) against the fused step's batched GEMM (fused-rows); their GPU tests first
            python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
-             -k "batched_gemm or tuned_gemm" 2>&1 | tail -15
-           B=graph+compile+cublas+fused-mlp+fused-attn
+             -k "batched_gemm or tuned_gemm or rows or every_decode_path" 2>&1 | tail -15
+           B=graph+compile+cublas+fused-mlp+fused-attn F=graph+triton-gemv+fused-mlp+fused-step+fused-rows
            python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 32 --repeats 2 --out "$R" \
-             --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step+pdl --batched-variants $B,$B+tuned-gemm ;;
+             --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step+pdl \
+             --batched-variants $B+tuned-gemm,$F,$F+pdl ;;
     forms) # A/B of the fused GEMV's forms (0 FMA, 1 dot, 2 swap-AB dot): bf16 batch 1 autotuned over 0,1 only;
            # the 8b phase (after it, same card) autotunes over all three
            PIPELINE_FUSED_GEMV_FORMS=0,1 python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 \

@@ -34,11 +34,29 @@ def test_batched_gemm_against_float64(rows, n, k, split, bias, dtype):
     b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
     ref = x.double() @ w.double().T + (b.double() if bias else 0)
     ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-    first = batched_gemm.skinny_mm(x, w, b, 0, split)
+    first = batched_gemm.skinny_mm(x, w, b, 0, 0, False, split)
     assert first.shape == (rows, n) and first.dtype == dtype
     # two units in the last place: the emulator rounds float32 to bfloat16 toward zero (the GPU test: to nearest)
     assert ((first.double() - ref).abs() <= 2 * ulp * ref.abs() + 1e-3).all()
-    assert torch.equal(batched_gemm.skinny_mm(x, w, b, 0, split), first)
+    assert torch.equal(batched_gemm.skinny_mm(x, w, b, 0, 0, False, split), first)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_batched_gemm_silu_gate_epilogue(split):
+    """act=silu-gate: the [fc; gate] weight's two halves per program and silu(fc) * gate in the epilogue, rounded
+    as the unfused ops round (each to float16; the emulator rounds bfloat16 toward zero, four times here), with
+    bias and split-K."""
+    torch.manual_seed(split)
+    rows, n, k = 6, 40, 128
+    half = torch.float16
+    x = torch.randn(rows, k, device=DEVICE).to(half)
+    w = (torch.randn(2 * n, k, device=DEVICE) / k**0.5).to(half)
+    b = torch.randn(2 * n, device=DEVICE).to(half)
+    fc, gate = (x.double() @ w.double().T + b.double()).chunk(2, dim=-1)
+    want = (torch.nn.functional.silu(fc.to(half).float()).to(half).float() * gate.to(half).float()).double()
+    got = batched_gemm.skinny_mm(x, w, b, 0, batched_gemm.ACT_SILU_GATE, False, split)
+    assert got.shape == (rows, n) and got.dtype == half
+    assert ((got.double() - want).abs() <= 3 * 2.0**-11 * want.abs() + 1e-3).all()
 
 
 def test_batched_gemm_rejects_what_it_cannot_run():
@@ -50,7 +68,7 @@ def test_batched_gemm_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="same dtype"):
         batched_gemm.skinny_mm(torch.zeros(4, 64, device=DEVICE), w.float(), None, 0)
     with pytest.raises(ValueError, match="does not share out"):
-        batched_gemm.skinny_mm(torch.zeros(4, 64, dtype=torch.bfloat16, device=DEVICE), w, None, 0, 3)
+        batched_gemm.skinny_mm(torch.zeros(4, 64, dtype=torch.bfloat16, device=DEVICE), w, None, 0, 0, False, 3)
 
 
 def test_candidates_split_k_evenly_and_fill_the_gpu():
@@ -77,8 +95,8 @@ def _model(shape: str, dtype: str):
 
 def test_tuning_keeps_the_fastest_per_shape_and_the_step_its_tokens(home, monkeypatch):
     """tune() with a stand-in timer: each GEMM shape keeps its fastest candidate, cuBLAS included (-1), for the
-    process; the decode step with the kernel gives the cuBLAS step's logits within float16 rounding and its
-    tokens; a decoder without tuned-gemm goes back to cuBLAS."""
+    process; the decode step with the kernel (the gated MLP's activation in its epilogue) gives the cuBLAS step's
+    logits within float16 rounding and its tokens; a decoder without tuned-gemm goes back to cuBLAS."""
     monkeypatch.setattr(batched_gemm, "_tune_cache", {})
     options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False, tuned_gemm=True)
     plain = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
@@ -96,10 +114,11 @@ def test_tuning_keeps_the_fastest_per_shape_and_the_step_its_tokens(home, monkey
     assert set(chosen) == {"qkv", "dense", "fc_gate", "proj"}
     assert chosen["dense"].startswith("cuBLAS")
     layer = model.layers[0]
-    assert layer["dense"].skinny == {16: -1}
+    assert layer["dense"].skinny == {16: (-1, False)}
     for name in ("qkv", "fc_gate", "proj"):
         n, k = layer[name].weight.shape
-        assert layer[name].skinny == {16: max(batched_gemm.candidates(n, k))}, name
+        n = n // 2 if name == "fc_gate" else n  # programs per output row: silu-gate gives half the rows
+        assert layer[name].skinny == {16: (max(batched_gemm.candidates(n, k)), False)}, name
     calls = len(timed)
     assert batched_gemm.tune(model, 3, timer=timer) == {} and len(timed) == calls  # kept: nothing timed again
 

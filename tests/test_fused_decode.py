@@ -85,6 +85,25 @@ def test_tuning_keeps_the_fastest_config_per_gemm_for_the_process(home, monkeypa
         assert torch.equal(got, want) if DEVICE.type == "cpu" else torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_tuning_the_batched_gemm_keeps_the_fastest_config_per_gemm(home, monkeypatch):
+    """FusedStep.tune(rows=3) (fused-rows) with a stand-in timer: each GEMM keeps the fastest of its batched-GEMM
+    candidates (split-K where K shares out), the batch-1 choices stay empty, and the step runs with them."""
+    monkeypatch.setattr(fused_decode, "_tune_cache", {})
+    options = DecodeOptions(cuda_graph=False, compile=False, fused_rows=True)
+    model = accelerate(_model("llama-tiny", "float32"), options)
+    speed = {id(c): i for i, c in enumerate(fused_decode._ROWS_CONFIGS)}  # later configs time faster
+    decoder = CudaDecoder(model, 3, 24, options)
+    chosen = decoder.fused.tune(timer=lambda run: 1.0 / (1 + speed[id(run.__defaults__[0])]), rows=3)
+    assert set(chosen) == set(decoder.fused.row_configs) == {"qkv", "dense", "mlp", "proj", "head"}
+    assert decoder.fused.configs == {}
+    for name, (gemms, _, act, _) in decoder.fused._gemv_calls().items():
+        rows, k = gemms[0].weight.shape
+        n = rows // 2 if act == fused_decode.ACT_SILU_GATE else rows
+        assert decoder.fused.row_configs[name] is fused_decode.rows_candidates(n, k)[-1], name
+    decoder.prefill([[3, 14, 15, 92, 65], [2, 71, 82], [5, 9]])
+    assert decoder._step().shape == (3, model.vocab_size)
+
+
 @pytest.mark.parametrize("shape", ["llama-tiny", "gpt2-tiny"])
 def test_fused_attention_in_the_layer_by_layer_step(home, shape):
     """fused-attn: the layer-by-layer step (batches > 1) with the fused step's attention kernel."""
@@ -137,10 +156,14 @@ def test_fused_gemv_prologue_and_epilogue_against_float64():
     assert torch.allclose(y.double(), wd[:N] @ rms, atol=1e-4)
 
 
-def test_fused_gemm_rows_against_float64():
-    """The batched kernel (fused-rows): per-row residual add, RMSNorm or LayerNorm, bias, silu-gate or GELU."""
+@pytest.mark.parametrize("K, split", [(200, 1), (256, 2)])
+def test_fused_gemm_rows_against_float64(monkeypatch, K, split):
+    """The batched kernel (fused-rows): per-row residual add, RMSNorm or LayerNorm, bias, silu-gate or GELU; K not a
+    multiple of the block, or split-K (two shares, the one-pass RMSNorm's sums of squares added up with the sums;
+    run twice, so a counter left unreset would show)."""
+    monkeypatch.setitem(fused_decode.ROWS_INTERPRETER_CONFIG, "SPLIT_K", split)
     torch.manual_seed(4)
-    B, K, N = 3, 200, 24  # K not a multiple of the block
+    B, N = 3, 24
     x, r = torch.randn(B, K, device=DEVICE), torch.randn(B, K, device=DEVICE)
     g, b = torch.randn(K, device=DEVICE), torch.randn(K, device=DEVICE)
     w, bias = torch.randn(2 * N, K, device=DEVICE) / K**0.5, torch.randn(2 * N, device=DEVICE)
@@ -150,11 +173,12 @@ def test_fused_gemm_rows_against_float64():
         + b.double()
     wd, bd = w.double(), bias.double()
 
-    y, h_out = fused_decode.fused_gemm_rows(x, r, g, None, w, bias, None, None, 1e-5, fused_decode.NORM_RMS,
-                                            fused_decode.ACT_SILU_GATE, torch.float32)
     fc, gate = (rms @ wd.T + bd).chunk(2, dim=-1)
-    assert y.shape == (B, N) and torch.allclose(h_out.double(), h, atol=1e-6)
-    assert torch.allclose(y.double(), torch.nn.functional.silu(fc) * gate, atol=1e-4)
+    for _ in range(2):
+        y, h_out = fused_decode.fused_gemm_rows(x, r, g, None, w, bias, None, None, 1e-5, fused_decode.NORM_RMS,
+                                                fused_decode.ACT_SILU_GATE, torch.float32)
+        assert y.shape == (B, N) and torch.allclose(h_out.double(), h, atol=1e-6)
+        assert torch.allclose(y.double(), torch.nn.functional.silu(fc) * gate, atol=1e-4)
     y, h_out = fused_decode.fused_gemm_rows(x, r, g, b, w[:N], bias[:N], None, None, 1e-5, fused_decode.NORM_LAYER,
                                             fused_decode.ACT_GELU, torch.float32)
     assert torch.allclose(y.double(), torch.nn.functional.gelu(layer @ wd[:N].T + bd[:N], approximate="tanh"),
@@ -427,7 +451,7 @@ def test_bench_compares_batched_decode_paths_on_the_cpu(home, tmp_path):
 
 def test_the_gpu_kernels_compile_for_hopper(tmp_path):
     """bench/compile_check.py: every fused kernel form (each dtype, the dot forms, every autotuning config, the
-    batched GEMM, programmatic dependent launch, the split attention) compiles to an sm_90 cubin with the ptxas of
+    batched GEMMs, programmatic dependent launch, the split attention) compiles to an sm_90 cubin with the ptxas of
     Triton's wheel, no GPU needed; with PDL the PTX has griddepcontrol, without it none."""
     import subprocess
     import sys
@@ -440,8 +464,8 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 75 and all(line.startswith("ok    sm_90 ") for line in lines)
-    assert sum("griddepcontrol" in line for line in lines) == 13
+    assert len(lines) == 151 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert sum("griddepcontrol" in line for line in lines) == 45
 
 
 def test_autotuning_candidates_per_shape():

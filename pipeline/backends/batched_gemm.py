@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from pipeline.backends.fused_decode import _split_buffers, graph_seconds
+from pipeline.backends.fused_decode import ACT_NONE, ACT_SILU_GATE, _split_buffers, graph_seconds
 
 try:
     import triton
@@ -48,21 +48,30 @@ def padded_rows(rows: int) -> int:
 
 
 if triton is not None:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from pipeline.backends.fused_decode import _activation, _load_tile  # the fused step's, shared
+
     _CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in ((64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4),
-                             (128, 256, 8, 2))
+        for bn, bk, w, s in ((64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 64, 4, 4), (128, 128, 4, 4),
+                             (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 2))
         for split in (1, 2, 4, 8)
     ]
 
     @triton.jit
     def _skinny_gemm(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_P: tl.constexpr,
-                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, F32_DOT: tl.constexpr = False):
+                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr = 0, PDL: tl.constexpr = False,
+                     F32_DOT: tl.constexpr = False):
         """y [M, N] = x [M, K] @ w [N, K]^T (+ bias) for one row block of w and one share of K (see the module).
+        ACT = 1 (silu-gate): w holds [fc; gate] (2N rows) and y = silu(x fc^T) * (x gate^T), each program taking
+        both halves of its rows, rounded as the unfused ops round (fused_decode._activation).
         On a GPU K is a runtime argument; the CPU emulator's entry passes it as a constant (its loops need one),
         and F32_DOT (its tl.dot of bfloat16 operands returns garbage: Triton 3.6). With SPLIT_K > 1 the host keeps
-        K a multiple of BLOCK_K * SPLIT_K."""
+        K a multiple of BLOCK_K * SPLIT_K. PDL (programmatic dependent launch): the first weight tile is loaded
+        before waiting for the previous kernel, and the next one may launch once the main loops are done, as in
+        fused_decode._fused_gemv."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         dt = y_ptr.dtype.element_ty
@@ -75,49 +84,90 @@ if triton is not None:
         k_first = 0  # a constant without split-K: the loads' alignment stays provable
         if SPLIT_K > 1:
             k_first = pid_k * (K // SPLIT_K)
+        w_rows = w_ptr + rows[:, None] * K
+        w2_rows = w_ptr + (rows + N)[:, None] * K  # the gate half (ACT = 1)
+        # the first chunk's weight tile before anything else (with PDL, while the previous kernel ends)
+        offs_k0 = k_first + arange_k
+        k_mask0 = offs_k0 < K
+        w0 = _load_tile(w_rows, offs_k0, k_mask0, EVEN_K)
+        w20 = w0
+        if ACT == 1:
+            w20 = _load_tile(w2_rows, offs_k0, k_mask0, EVEN_K)
+        if PDL:
+            gdc_wait()  # the previous kernel's writes (x) are visible from here
         acc = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
-        for k0 in range(0, K if SPLIT_K == 1 else K // SPLIT_K, BLOCK_K):  # the count inline, as the emulator needs
+        acc2 = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
+        acc, acc2 = _chunk(acc, acc2, w0, w20, x_ptr, offs_m, m_mask, offs_k0, k_mask0, K, EVEN_K, ACT, F32_DOT)
+        for k0 in range(BLOCK_K, K if SPLIT_K == 1 else K // SPLIT_K, BLOCK_K):  # the count inline (the emulator)
             offs_k = k_first + k0 + arange_k
-            if EVEN_K:
-                w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], eviction_policy="evict_first")
-                x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None], other=0.0)
-            else:
-                k_mask = offs_k < K
-                w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :], mask=k_mask[None, :], other=0.0,
-                            eviction_policy="evict_first")
-                x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                            other=0.0)
-            if F32_DOT:
-                acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(w, tl.trans(x))
-        out = y_ptr + offs_m[None, :] * N + offs_n[:, None]
-        out_mask = n_mask[:, None] & m_mask[None, :]
+            k_mask = offs_k < K
+            w = _load_tile(w_rows, offs_k, k_mask, EVEN_K)
+            w2 = w
+            if ACT == 1:
+                w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
+            acc, acc2 = _chunk(acc, acc2, w, w2, x_ptr, offs_m, m_mask, offs_k, k_mask, K, EVEN_K, ACT, F32_DOT)
+        if PDL:
+            gdc_launch_dependents()
         if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            tl.store(out, acc.to(dt), mask=out_mask)
-        else:  # this share's sums [SPLIT_K, N, M_P], then the last share to finish adds them up in order
+            _epilogue(acc, acc2, offs_n, n_mask, offs_m, m_mask, N, b_ptr, y_ptr, dt, HAS_BIAS, ACT)
+        else:  # this share's sums [SPLIT_K, 2, N, M_P], then the last share to finish adds them up in order
             tile = (offs_n[:, None] * M_P + offs_m[None, :]).to(tl.int64)
-            tl.store(part_ptr + pid_k * N * M_P + tile, acc, mask=n_mask[:, None])
+            tl.store(part_ptr + (pid_k * 2) * N * M_P + tile, acc, mask=n_mask[:, None])
+            if ACT == 1:
+                tl.store(part_ptr + (pid_k * 2 + 1) * N * M_P + tile, acc2, mask=n_mask[:, None])
             tl.debug_barrier()  # every thread of this program has stored before the counter counts it
             # acq_rel: the sums above are visible to the program that sees the last count, and it sees them all
             if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
-                total = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
+                acc = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
+                acc2 = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
                 for s in range(0, SPLIT_K):  # at L2 (.cg): other SMs wrote them, this SM's L1 may be stale
-                    total += tl.load(part_ptr + s * N * M_P + tile, mask=n_mask[:, None], other=0.0,
-                                     cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-                tl.store(out, total.to(dt), mask=out_mask)
+                    acc += tl.load(part_ptr + (s * 2) * N * M_P + tile, mask=n_mask[:, None], other=0.0,
+                                   cache_modifier=".cg")
+                    if ACT == 1:
+                        acc2 += tl.load(part_ptr + (s * 2 + 1) * N * M_P + tile, mask=n_mask[:, None], other=0.0,
+                                        cache_modifier=".cg")
+                _epilogue(acc, acc2, offs_n, n_mask, offs_m, m_mask, N, b_ptr, y_ptr, dt, HAS_BIAS, ACT)
                 tl.store(counter_ptr + pid, 0)  # the next launch (and a CUDA graph's replay) counts from 0 again
+
+    @triton.jit
+    def _chunk(acc, acc2, w, w2, x_ptr, offs_m, m_mask, offs_k, k_mask, K, EVEN_K: tl.constexpr, ACT: tl.constexpr,
+               F32_DOT: tl.constexpr):
+        """One BLOCK_K chunk: the rows' chunk times the weight tile w (and the gate tile w2); returns (acc, acc2)."""
+        if EVEN_K:
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+        acc += _dot(w, x, F32_DOT)
+        if ACT == 1:
+            acc2 += _dot(w2, x, F32_DOT)
+        return acc, acc2
+
+    @triton.jit
+    def _dot(w, x, F32_DOT: tl.constexpr):
+        """A weight tile [BLOCK_N, BLOCK_K] times the rows [M_P, BLOCK_K], transposed: [BLOCK_N, M_P]."""
+        if F32_DOT:
+            return tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+        return tl.dot(w, tl.trans(x))
+
+    @triton.jit
+    def _epilogue(y, y2, offs_n, n_mask, offs_m, m_mask, N, b_ptr, y_ptr, dt, HAS_BIAS: tl.constexpr,
+                  ACT: tl.constexpr):
+        """Bias and activation on a tile's float32 sums [BLOCK_N, M_P], stored to y [M, N]."""
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            if ACT == 1:
+                y2 += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        y = _activation(y, y2, dt, ACT)
+        tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], y.to(dt), mask=n_mask[:, None] & m_mask[None, :])
 
     @triton.jit
     def _skinny_gemm_emulated(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K: tl.constexpr,
                               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              M_P: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+                              M_P: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                              ACT: tl.constexpr = 0):
         _skinny_gemm(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K, HAS_BIAS, BLOCK_N, BLOCK_K, M_P,
-                     SPLIT_K, EVEN_K, True)
+                     SPLIT_K, EVEN_K, ACT, False, True)
 
 
 def candidates(n: int, k: int) -> list[int]:
@@ -145,15 +195,19 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("pipeline::skinny_mm", mutates_args=())
-def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: int,
-              split_k: int = 1) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T (+ bias) -> [M, N] in x's dtype, for 2 <= M <= MAX_ROWS. config: an index into
-    _CONFIGS (tune's choice). In Triton's CPU emulator INTERPRETER_CONFIG runs instead, with split_k programs per
-    row block (tests). An op, so that torch.compile calls it unopened."""
+def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: int, act: int = 0,
+              pdl: bool = False, split_k: int = 1) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias) -> [M, N] in x's dtype, for 2 <= M <= MAX_ROWS; act=ACT_SILU_GATE: weight
+    holds [fc; gate] and the result is silu(fc) * gate [M, N / 2]. config: an index into _CONFIGS (tune's choice).
+    pdl: launch with programmatic dependent launch (Hopper+; see _skinny_gemm).
+    In Triton's CPU emulator INTERPRETER_CONFIG runs instead, with split_k programs per row block (tests). An op,
+    so that torch.compile calls it unopened."""
     _check(x, weight)
+    if act not in (ACT_NONE, ACT_SILU_GATE):
+        raise ValueError(f"skinny_mm: act={act}; give {ACT_NONE} (none) or {ACT_SILU_GATE} (silu-gate)")
     x = x.contiguous()
     M, K = x.shape
-    N = weight.shape[0]
+    N = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     emulated = os.environ.get("TRITON_INTERPRET") == "1"
     meta = dict(INTERPRETER_CONFIG, SPLIT_K=split_k) if emulated else dict(_CONFIGS[config].kwargs)
@@ -161,22 +215,24 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     if split > 1 and K % (meta["BLOCK_K"] * split):
         raise ValueError(f"skinny_mm: K = {K} does not share out over {split} splits of {meta['BLOCK_K']}")
     m_p = padded_rows(M)
-    part, counter = (_split_buffers(("skinny", N, m_p), x.device, MAX_SPLIT_K * N * m_p,
+    part, counter = (_split_buffers(("skinny", N, m_p), x.device, MAX_SPLIT_K * 2 * N * m_p,
                                     triton.cdiv(N, 16)) if split > 1 else (y, y))
     args = (x, weight, bias if bias is not None else y, y, part, counter, M, N, K)
-    flags = dict(HAS_BIAS=bias is not None, M_P=m_p, EVEN_K=K % meta["BLOCK_K"] == 0)
+    flags = dict(HAS_BIAS=bias is not None, M_P=m_p, EVEN_K=K % meta["BLOCK_K"] == 0, ACT=act)
     grid = (triton.cdiv(N, meta["BLOCK_N"]), split)
     if emulated:
         _skinny_gemm_emulated[grid](*args, **flags, **meta)
     else:
         config = _CONFIGS[config]
-        _skinny_gemm[grid](*args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+        extra = dict(PDL=True, launch_pdl=True) if pdl else {}
+        _skinny_gemm[grid](*args, **flags, **meta, **extra, num_warps=config.num_warps, num_stages=config.num_stages)
     return y
 
 
 @skinny_mm.register_fake
-def _(x, weight, bias, config, split_k=1):
-    return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+def _(x, weight, bias, config, act=0, pdl=False, split_k=1):
+    n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
+    return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
 
 
 def _gemm_groups(model) -> dict[tuple, list]:
@@ -195,10 +251,11 @@ def _gemm_groups(model) -> dict[tuple, list]:
     return groups
 
 
-def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
+def tune(model, rows: int, pdl: bool = False, replays: int = 10, timer=None) -> dict[str, str]:
     """For decode steps of `rows` sequences: per GEMM shape of the model, time cuBLAS and every candidate config
     over all layers' weights of that shape, launched back to back in a CUDA graph, and keep the fastest in each
-    linear's `skinny` map (padded rows -> config index, -1 for cuBLAS). A choice is kept for the process.
+    linear's `skinny` map (padded rows -> (config index, -1 for cuBLAS; pdl)). pdl: the kernel launches with
+    programmatic dependent launch (Hopper+). A choice is kept for the process.
     Returns {GEMM: "choice (GB/s)"}. timer(run) -> seconds replaces the graph timing (tests)."""
     if triton is None or not 2 <= rows <= MAX_ROWS:
         return {}
@@ -210,18 +267,23 @@ def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
     chosen = {}
     generator = torch.Generator(device=model.device).manual_seed(0)
     for (name, n, k, dtype), linears in _gemm_groups(model).items():
-        key = (name, n, k, len(linears), dtype, m_p, str(model.device))
+        # the gated MLP's fused GEMM with its activation in the epilogue (CudaLinear.silu_gate)
+        act = ACT_SILU_GATE if name == "fc_gate" else ACT_NONE
+        key = (name, n, k, len(linears), dtype, m_p, pdl, str(model.device))
         if key not in _tune_cache:
             x = torch.randn(rows, k, device=model.device, generator=generator).to(dtype)
             timed = []
-            for index in [-1] + candidates(n, k):
+            for index in [-1] + candidates(n // 2 if act == ACT_SILU_GATE else n, k):  # programs per output row
 
                 def run(index=index):
                     for linear in linears:
-                        if index < 0:
-                            F.linear(x, linear.weight, linear.bias)
+                        if index >= 0:
+                            skinny_mm(x, linear.weight, linear.bias, index, act, pdl)
+                        elif act == ACT_SILU_GATE:  # as RankModel._mlp runs it with cuBLAS
+                            fc, gate = F.linear(x, linear.weight, linear.bias).chunk(2, dim=-1)
+                            F.silu(fc) * gate
                         else:
-                            skinny_mm(x, linear.weight, linear.bias, index)
+                            F.linear(x, linear.weight, linear.bias)
 
                 run.gemm = name  # for a stand-in timer (tests)
                 try:
@@ -237,7 +299,7 @@ def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
             _tuned[f"{name} (N={n}, K={k}, {rows} rows)"] = chosen[name] = (
                 f"{label} ({read / seconds / 1e9:.0f} GB/s; cuBLAS {read / cublas / 1e9:.0f} GB/s)")
         for linear in linears:
-            linear.skinny[m_p] = _tune_cache[key]
+            linear.skinny[m_p] = (_tune_cache[key], pdl)
     return chosen
 
 

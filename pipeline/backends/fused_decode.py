@@ -395,21 +395,37 @@ if triton is not None:
     # config this GPU's Triton cannot compile), the process goes on with these
     _fused_gemv_kernel_known = _autotuned([c for c in _CONFIGS if c.kwargs["USE_DOT"] != 2])
 
-    # Batches above 1: the same fusion as a small GEMM, each weight tile read once for all rows (a tensor-core dot
-    # of the [B_P, BLOCK_K] input tile with it). At batch 32 of the 8B shape: half cuBLAS's speed (H200, run 11).
+    # Batches above 1 (fused-rows): the same fusion as a small GEMM in the swap-AB form of batched_gemm. Each
+    # program computes a [BLOCK_N, B_P] tile of y^T: the weight is the tall operand (wgmma), the batch's rows the
+    # narrow one; SPLIT_K programs share K, and the last of them to finish adds the shares (with RMSNorm's sums of
+    # squares) and runs the epilogue. The first version, a [B_P, BLOCK_N] tile per program without split-K, ran
+    # batch 32 of the 8B shape at half cuBLAS's speed (H200, run 11).
     _ROWS_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bn, bk, w, st in ((16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3),
-                              (128, 128, 8, 3))
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in ((64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3))
+        for split in (1, 2, 4)
     ]
-    ROWS_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
+    MAX_ROWS_SPLIT_K = 4
+    ROWS_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}  # tests set SPLIT_K to exercise it
+
+    def rows_candidates(n: int, k: int, configs=None) -> list:
+        """The configs worth timing for an [n, k] weight: split-K only where K's chunks share out equally, a grid
+        of about one to eight programs per SM (132 on an H100/H200); for weights too small for that, the configs
+        with the most programs."""
+        configs = _ROWS_CONFIGS if configs is None else configs
+        fits = [c for c in configs if not k % (c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]) or c.kwargs["SPLIT_K"] == 1]
+
+        def programs(c):
+            return triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"]
+
+        most = max(map(programs, fits))
+        return [c for c in fits if 96 <= programs(c) <= 1056] or [c for c in fits if programs(c) == most]
 
     def _prune_rows(configs, named_args, **kwargs):
-        kept = [c for c in configs if named_args["N"] // c.kwargs["BLOCK_N"] >= 128]
-        return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_N"])[:2]
+        return rows_candidates(named_args["N"], named_args["K"], configs)
 
     @triton.jit
-    def _load_rows(x_ptr, r_ptr, offs_b, offs_k, mask, K: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    def _load_rows(x_ptr, r_ptr, offs_b, offs_k, mask, K, ADD_RESIDUAL: tl.constexpr):
         """Rows [B_P, BLOCK_K] of the input in float32 (with a residual, the sum rounded to the model dtype)."""
         offs = offs_b[:, None] * K + offs_k[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -417,16 +433,82 @@ if triton is not None:
             x = (x.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
         return x.to(tl.float32)
 
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.jit
+    def _rows_dot(w, xq, W_F32: tl.constexpr, F32_DOT: tl.constexpr):
+        """The weight tile [BLOCK_N, BLOCK_K] times the rows [B_P, BLOCK_K], transposed: [BLOCK_N, B_P]."""
+        if W_F32:  # float32 weights: no tf32 rounding
+            return tl.dot(w, tl.trans(xq), input_precision="ieee")
+        elif F32_DOT:  # the CPU emulator's dot of bfloat16 or FP8 operands is wrong (Triton 3.6): exact in float32
+            return tl.dot(w.to(tl.float32), tl.trans(xq.to(tl.float32)), input_precision="ieee")
+        else:
+            return tl.dot(w, tl.trans(xq))
+
+    @triton.jit
+    def _rows_chunk(acc, acc2, ss, w, w2, offs_k, k_mask, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, a_scale,
+                    mean, rstd, offs_b, b_mask, K, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
+                    ACT: tl.constexpr, W_F32: tl.constexpr, F32_DOT: tl.constexpr):
+        """One BLOCK_K chunk of the batched GEMM, as _gemv_chunk for a GEMV; returns (acc, acc2, ss)."""
+        dt = x_ptr.dtype.element_ty
+        mask = b_mask[:, None] & k_mask[None, :]
+        x = _load_rows(x_ptr, r_ptr, offs_b, offs_k, mask, K, ADD_RESIDUAL)
+        if ADD_RESIDUAL:
+            tl.store(h_out_ptr + offs_b[:, None] * K + offs_k[None, :], x.to(dt), mask=mask & (pid == 0))
+        if NORM == 1:
+            g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            if FP8:  # weight * (x * rstd).to(dtype), in the model dtype
+                x = (g[None, :] * (x * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            else:  # one pass: each row's sum scaled by its 1 / rms(x) at the end
+                ss += tl.sum(x * x, axis=1)
+                x = x * g[None, :]
+        elif NORM == 2:
+            g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            b = tl.load(nb_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            x = ((x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]).to(dt).to(tl.float32)
+        if FP8:
+            xq = tl.clamp(x / a_scale, -448.0, 448.0).to(tl.float8e4nv)
+        else:
+            xq = x.to(w.dtype)
+        acc += _rows_dot(w, xq, W_F32, F32_DOT)
+        if ACT == 1:
+            acc2 += _rows_dot(w2, xq, W_F32, F32_DOT)
+        return acc, acc2, ss
+
+    @triton.jit
+    def _rows_epilogue(y, y2, ss, offs_n, n_mask, offs_b, b_mask, N, K, eps, b_ptr, y_ptr, a_scale, w_scale_ptr,
+                       dt, NORM: tl.constexpr, FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+        """1 / rms, FP8 scales, bias and activation on a tile's float32 sums [BLOCK_N, B_P], stored to y [B, N]."""
+        if NORM == 1 and not FP8:
+            inv_rms = 1.0 / tl.sqrt(ss / K + eps)
+            y = y * inv_rms[None, :]
+            y2 = y2 * inv_rms[None, :]
+        if FP8:
+            scale = a_scale * tl.load(w_scale_ptr)
+            y = y * scale
+            y2 = y2 * scale
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            if ACT == 1:
+                y2 += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        y = _activation(y, y2, dt, ACT)
+        tl.store(y_ptr + offs_b[None, :] * N + offs_n[:, None], y.to(y_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & b_mask[None, :])
+
     @triton.jit
     def _fused_gemm_rows(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
-                         B, N, K: tl.constexpr, eps,
+                         part_ptr, counter_ptr, B, N, K, eps,
                          ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                          FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         B_P: tl.constexpr, W_F32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
-        """fused_gemv for B rows (B <= B_P): act(norm(x + r) @ W^T + bias) as [B_P, BLOCK_N] tiles, each row's
-        norm as _fused_gemv applies it."""
+                         B_P: tl.constexpr, W_F32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
+                         SPLIT_K: tl.constexpr = 1, F32_DOT: tl.constexpr = False):
+        """fused_gemv for B rows (B <= B_P): act(norm(x + r) @ W^T + bias), each row's norm as _fused_gemv applies
+        it, one [BLOCK_N, B_P] tile of the transposed result per program (see above). K is a runtime argument on a
+        GPU and a constant in the CPU emulator (_fused_gemm_rows_emulated). With SPLIT_K > 1 the host keeps K a
+        multiple of BLOCK_K * SPLIT_K; part_ptr holds the shares' sums [SPLIT_K, 2, N, B_P] and then their sums of
+        squares [SPLIT_K, row blocks, B_P], counter_ptr a count per row block."""
         pid = tl.program_id(0)
+        pid_k = 0
+        if SPLIT_K > 1:
+            pid_k = tl.program_id(1)
         dt = x_ptr.dtype.element_ty
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -436,92 +518,108 @@ if triton is not None:
         offs_b = tl.arange(0, B_P)
         b_mask = offs_b < B
         arange_k = tl.arange(0, BLOCK_K)
-        if PDL:  # as in _fused_gemv (without loading a first tile)
+        k_first = 0
+        if SPLIT_K > 1:
+            k_first = pid_k * (K // SPLIT_K)
+        offs_k0 = k_first + arange_k
+        k_mask0 = offs_k0 < K
+        # as in _fused_gemv: the first weight tile before anything else (with PDL, while the previous kernel ends)
+        w0 = _load_tile(w_rows, offs_k0, k_mask0, EVEN_K)
+        w20 = w0
+        if ACT == 1:
+            w20 = _load_tile(w2_rows, offs_k0, k_mask0, EVEN_K)
+        if PDL:
             gdc_wait()
 
-        # statistics first where the normalized rows are needed inside the loop (LayerNorm; FP8 quantizes them);
-        # RMSNorm otherwise takes one pass, as in _fused_gemv: sum(w * g * x) scaled by 1 / rms(x) at the end
-        TWO_PASS: tl.constexpr = NORM == 2 or (NORM == 1 and FP8)
+        # statistics first where the normalized rows are needed inside the loop (LayerNorm; FP8 quantizes them),
+        # over all of K whatever the split
         mean = tl.zeros((B_P,), dtype=tl.float32)
         rstd = tl.zeros((B_P,), dtype=tl.float32) + 1.0
         if NORM == 2:
-            s1 = tl.zeros((B_P, BLOCK_K), dtype=tl.float32)
+            s1 = tl.zeros((B_P,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + arange_k
-                s1 += _load_rows(x_ptr, r_ptr, offs_b, offs_k, b_mask[:, None] & (offs_k < K)[None, :], K,
-                                 ADD_RESIDUAL)
-            mean = tl.sum(s1, axis=1) / K
-        if TWO_PASS:
-            s2 = tl.zeros((B_P, BLOCK_K), dtype=tl.float32)
+                s1 += tl.sum(_load_rows(x_ptr, r_ptr, offs_b, offs_k, b_mask[:, None] & (offs_k < K)[None, :], K,
+                                        ADD_RESIDUAL), axis=1)
+            mean = s1 / K
+        if NORM == 2 or (NORM == 1 and FP8):
+            s2 = tl.zeros((B_P,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + arange_k
                 mask = b_mask[:, None] & (offs_k < K)[None, :]
                 d = tl.where(mask, _load_rows(x_ptr, r_ptr, offs_b, offs_k, mask, K, ADD_RESIDUAL) - mean[:, None],
                              0.0)
-                s2 += d * d
-            rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=1) / K + eps)
+                s2 += tl.sum(d * d, axis=1)
+            rstd = 1.0 / tl.sqrt(s2 / K + eps)
+        a_scale = 1.0
         if FP8:
             a_scale = tl.load(a_scale_ptr)
 
-        acc = tl.zeros((B_P, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((B_P, BLOCK_N), dtype=tl.float32)
-        ss = tl.zeros((B_P, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + arange_k
+        acc = tl.zeros((BLOCK_N, B_P), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, B_P), dtype=tl.float32)
+        ss = tl.zeros((B_P,), dtype=tl.float32)
+        acc, acc2, ss = _rows_chunk(acc, acc2, ss, w0, w20, offs_k0, k_mask0, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr,
+                                    nb_ptr, a_scale, mean, rstd, offs_b, b_mask, K, ADD_RESIDUAL, NORM, FP8, ACT,
+                                    W_F32, F32_DOT)
+        for k0 in range(BLOCK_K, K if SPLIT_K == 1 else K // SPLIT_K, BLOCK_K):
+            offs_k = k_first + k0 + arange_k
             k_mask = offs_k < K
-            mask = b_mask[:, None] & k_mask[None, :]
-            x = _load_rows(x_ptr, r_ptr, offs_b, offs_k, mask, K, ADD_RESIDUAL)
-            if ADD_RESIDUAL:
-                tl.store(h_out_ptr + offs_b[:, None] * K + offs_k[None, :], x.to(dt), mask=mask & (pid == 0))
-            if NORM == 1:
-                g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                if FP8:  # weight * (x * rstd).to(dtype), in the model dtype
-                    x = (g[None, :] * (x * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-                else:
-                    ss += x * x
-                    x = x * g[None, :]
-            elif NORM == 2:
-                g = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                b = tl.load(nb_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                x = ((x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]).to(dt).to(tl.float32)
-            if FP8:
-                xq = tl.clamp(x / a_scale, -448.0, 448.0).to(tl.float8e4nv)
-            else:
-                xq = x.to(w_ptr.dtype.element_ty)
             w = _load_tile(w_rows, offs_k, k_mask, EVEN_K)
-            if W_F32:  # float32 weights: no tf32 rounding
-                acc += tl.dot(xq, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(xq, tl.trans(w))
+            w2 = w
             if ACT == 1:
                 w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
-                if W_F32:
-                    acc2 += tl.dot(xq, tl.trans(w2), input_precision="ieee")
-                else:
-                    acc2 += tl.dot(xq, tl.trans(w2))
+            acc, acc2, ss = _rows_chunk(acc, acc2, ss, w, w2, offs_k, k_mask, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr,
+                                        nb_ptr, a_scale, mean, rstd, offs_b, b_mask, K, ADD_RESIDUAL, NORM, FP8, ACT,
+                                        W_F32, F32_DOT)
         if PDL:  # as in _fused_gemv: after the main loop
             gdc_launch_dependents()
 
-        y = acc
-        y2 = acc2
-        if NORM == 1 and not FP8:
-            inv_rms = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
-            y = y * inv_rms[:, None]
-            y2 = y2 * inv_rms[:, None]
-        if FP8:
-            scale = a_scale * tl.load(w_scale_ptr)
-            y = y * scale
-            y2 = y2 * scale
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if SPLIT_K == 1:
+            _rows_epilogue(acc, acc2, ss, offs_n, n_mask, offs_b, b_mask, N, K, eps, b_ptr, y_ptr, a_scale,
+                           w_scale_ptr, dt, NORM, FP8, HAS_BIAS, ACT)
+        else:  # this share's sums and sums of squares, then the last share to finish adds them up in order
+            tile = (offs_n[:, None] * B_P + offs_b[None, :]).to(tl.int64)
+            squares = part_ptr + SPLIT_K * 2 * N * B_P + pid * B_P + offs_b  # [SPLIT_K, row blocks, B_P]
+            blocks = tl.num_programs(0) * B_P
+            tl.store(part_ptr + (pid_k * 2) * N * B_P + tile, acc, mask=n_mask[:, None])
             if ACT == 1:
-                y2 += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        y = _activation(y, y2, dt, ACT)
-        tl.store(y_ptr + offs_b[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=b_mask[:, None] & n_mask[None, :])
+                tl.store(part_ptr + (pid_k * 2 + 1) * N * B_P + tile, acc2, mask=n_mask[:, None])
+            tl.store(squares + pid_k * blocks, ss)
+            tl.debug_barrier()  # every thread of this program has stored before the counter counts it
+            # acq_rel: the sums above are visible to the program that sees the last count, and it sees them all
+            if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+                acc = tl.zeros((BLOCK_N, B_P), dtype=tl.float32)
+                acc2 = tl.zeros((BLOCK_N, B_P), dtype=tl.float32)
+                ss = tl.zeros((B_P,), dtype=tl.float32)
+                for s in range(0, SPLIT_K):  # at L2 (.cg): other SMs wrote them, this SM's L1 may be stale
+                    acc += tl.load(part_ptr + (s * 2) * N * B_P + tile, mask=n_mask[:, None], other=0.0,
+                                   cache_modifier=".cg")
+                    if ACT == 1:
+                        acc2 += tl.load(part_ptr + (s * 2 + 1) * N * B_P + tile, mask=n_mask[:, None], other=0.0,
+                                        cache_modifier=".cg")
+                    ss += tl.load(squares + s * blocks, cache_modifier=".cg")
+                _rows_epilogue(acc, acc2, ss, offs_n, n_mask, offs_b, b_mask, N, K, eps, b_ptr, y_ptr, a_scale,
+                               w_scale_ptr, dt, NORM, FP8, HAS_BIAS, ACT)
+                tl.store(counter_ptr + pid, 0)  # the next launch (and a CUDA graph's replay) counts from 0 again
 
+    _ROWS_HEURISTICS = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
+
+    @triton.heuristics(_ROWS_HEURISTICS)
+    @triton.jit
+    def _fused_gemm_rows_emulated(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr,
+                                  w_scale_ptr, part_ptr, counter_ptr, B, N, K: tl.constexpr, eps,
+                                  ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  B_P: tl.constexpr, W_F32: tl.constexpr, EVEN_K: tl.constexpr,
+                                  SPLIT_K: tl.constexpr = 1):
+        _fused_gemm_rows(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
+                         part_ptr, counter_ptr, B, N, K, eps, ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N,
+                         BLOCK_K, B_P, W_F32, EVEN_K, False, SPLIT_K, True)
+
+    _fused_gemm_rows_gpu = triton.heuristics(_ROWS_HEURISTICS)(_fused_gemm_rows)
     _fused_gemm_rows_kernel = triton.autotune(configs=_ROWS_CONFIGS, key=["N", "K", "B_P", "NORM", "FP8", "ACT"],
-                                              prune_configs_by={"early_config_prune": _prune_rows})(_fused_gemm_rows)
+                                              prune_configs_by={"early_config_prune": _prune_rows})(
+                                                  _fused_gemm_rows_gpu)
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
@@ -756,9 +854,17 @@ def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale
 def fused_gemm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
                     norm_bias: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                     act_scale: torch.Tensor | None, weight_scale: torch.Tensor | None, eps: float, norm: int, act: int,
-                    out_dtype: torch.dtype, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    out_dtype: torch.dtype, pdl: bool = False, config: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """fused_gemv for a batch of rows x [B, K] (B <= MAX_ROWS): returns (y [B, N], x + residual [B, K]; empty
-    without a residual)."""
+    without a residual). config: an index into _ROWS_CONFIGS (FusedStep.tune's choice), or -1 to autotune."""
+    return launch_fused_gemm_rows(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps,
+                                  norm, act, out_dtype, pdl, _ROWS_CONFIGS[config] if config >= 0 else None)
+
+
+def launch_fused_gemm_rows(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm,
+                           act, out_dtype, pdl=False, config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_gemm_rows's launch; with `config` (a triton.Config of _ROWS_CONFIGS) that config instead of the
+    autotuned one; Triton's CPU emulator runs ROWS_INTERPRETER_CONFIG whatever it is."""
     B, K = x.shape
     if B > MAX_ROWS:
         raise ValueError(f"fused_gemm_rows takes at most {MAX_ROWS} rows, not {B}")
@@ -767,13 +873,23 @@ def fused_gemm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     h_out = torch.empty((B, K) if residual is not None else (0,), dtype=x.dtype, device=x.device)
     pointers, flags = _launch_arguments(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale,
                                         y, h_out, norm, act, pdl)
-    args = (*pointers, B, N, K, eps)
-    flags["B_P"] = max(16, triton.next_power_of_2(B))
+    b_p = max(16, triton.next_power_of_2(B))
+    flags["B_P"] = b_p
+    # the split-K shares' sums [MAX_ROWS_SPLIT_K, 2, N, B_P] and sums of squares per row block, a count per block
+    blocks = triton.cdiv(N, 16)
+    part, counter = _split_buffers(("rows", N, b_p), x.device, MAX_ROWS_SPLIT_K * (2 * N + blocks) * b_p, blocks)
+    args = (*pointers, part, counter, B, N, K, eps)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))  # noqa: E731
     if os.environ.get("TRITON_INTERPRET") == "1":
-        _fused_gemm_rows[(triton.cdiv(N, ROWS_INTERPRETER_CONFIG["BLOCK_N"]),)](*args, **flags,
-                                                                                **ROWS_INTERPRETER_CONFIG)
+        meta = dict(ROWS_INTERPRETER_CONFIG)
+        if K % (meta["BLOCK_K"] * meta["SPLIT_K"]):
+            meta["SPLIT_K"] = 1  # K's chunks do not share out: no split
+        _fused_gemm_rows_emulated[grid(meta)](*args, **flags, **meta)
+    elif config is not None:
+        _fused_gemm_rows_gpu[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                                                   num_stages=config.num_stages)
     else:
-        _fused_gemm_rows_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+        _fused_gemm_rows_kernel[grid](*args, **flags)
     return y, h_out
 
 
@@ -782,7 +898,7 @@ MAX_ROWS = 64  # the batched fused step's limit (the rows of one tensor-core til
 
 @fused_gemm_rows.register_fake
 def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale, eps, norm, act, out_dtype,
-      pdl=False):
+      pdl=False, config=-1):
     n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
     h = x.shape if residual is not None else (0,)
     return (torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device),
@@ -937,14 +1053,16 @@ class FusedStep:
         self.inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
         # programmatic dependent launch needs Hopper or newer; elsewhere the flag is dropped
         self.pdl = pdl and model.device.type == "cuda" and torch.cuda.get_device_capability(model.device)[0] >= 9
-        self.configs: dict[str, object] = {}  # GEMM name -> the triton.Config tune() chose for it
+        self.configs: dict[str, object] = {}  # GEMM name -> the triton.Config tune() chose for it (batch 1)
+        self.row_configs: dict[str, object] = {}  # the same for the batched GEMM (fused-rows)
 
     def _gemv(self, x, residual, norm, gemm: _Gemm, act=ACT_NONE, out_dtype=None, name: str | None = None):
         """The fused GEMM of rows x [B, K]: (y [B, N], x + residual [B, K]); batch 1 runs the GEMV kernel, in the
         config tune() chose for the GEMM `name` if it did."""
         args = self._args(x, residual, norm, gemm, act, out_dtype)
         if x.shape[0] > 1:
-            return torch.ops.pipeline.fused_gemm_rows(*args)
+            config = _ROWS_CONFIGS.index(self.row_configs[name]) if name in self.row_configs else -1
+            return torch.ops.pipeline.fused_gemm_rows(*args, config)
         # through the op (torch.compile traces this step with the compile option), the tuned config by its index
         config = _CONFIGS.index(self.configs[name]) if name in self.configs else -1
         y, h_out = torch.ops.pipeline.fused_gemv(*args, config)
@@ -967,13 +1085,16 @@ class FusedStep:
                 "proj": ([ly["proj"] for ly in layers], None, ACT_NONE, None),
                 "head": ([self.head], [self.model.ln_f], ACT_NONE, torch.float32)}
 
-    def tune(self, replays: int = 10, timer=None) -> dict[str, str]:
+    def tune(self, replays: int = 10, timer=None, rows: int = 1) -> dict[str, str]:
         """Choose each batch-1 GEMV's config as the step runs it: every config autotuning would time (_CONFIGS,
         pruned by _prune), timed over all layers' weights of that GEMM launched back to back in a CUDA graph, the
         fastest kept. Triton's autotuner times each kernel alone on one weight, a few microseconds for the
         4096-row GEMVs, and chose differently from process to process (H200 runs 13-16: FP8 steps of 2.72 to 3.13
         ms). A choice is kept for the process, per GEMM shape and launch kind: another decoder of the same model
         (another batch size, the bench's next variant) does not time again.
+
+        rows > 1: the batched GEMM's configs (fused-rows, _ROWS_CONFIGS pruned by rows_candidates) for that many
+        rows, kept in row_configs.
 
         Returns {GEMM: "config (GB/s)"}. GPU only: elsewhere, and with PIPELINE_FUSED_GEMV_TUNE=0, nothing is tuned
         and autotuning chooses. timer(run) -> seconds replaces the graph timing (tests)."""
@@ -984,25 +1105,30 @@ class FusedStep:
             timer = functools.partial(graph_seconds, replays=replays)
         chosen = {}
         generator = torch.Generator(device=model.device).manual_seed(0)
+        padded = 1 if rows == 1 else max(16, triton.next_power_of_2(rows))
+        configs = self.configs if rows == 1 else self.row_configs
+        launch = launch_fused_gemv if rows == 1 else launch_fused_gemm_rows
         for name, (gemms, norms, act, out_dtype) in self._gemv_calls().items():
             weight = gemms[0].weight
             k = weight.shape[1]
             n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
             fp8 = gemms[0].act_scale is not None
-            key = (name, n, k, len(gemms), weight.dtype, model.dtype, self.norm, act, self.pdl, str(model.device))
+            key = (name, n, k, len(gemms), weight.dtype, model.dtype, self.norm, act, self.pdl, padded,
+                   str(model.device))
             if key in _tune_cache:
-                self.configs[name] = _tune_cache[key]
+                configs[name] = _tune_cache[key]
                 continue
-            x = torch.randn(1, k, device=model.device, generator=generator).to(model.dtype)
-            residual = torch.randn(1, k, device=model.device, generator=generator).to(model.dtype)
+            x = torch.randn(rows, k, device=model.device, generator=generator).to(model.dtype)
+            residual = torch.randn(rows, k, device=model.device, generator=generator).to(model.dtype)
             timed = []
-            for config in _prune(_CONFIGS, {"N": n, "K": k}, FP8=fp8):
+            candidates = _prune(_CONFIGS, {"N": n, "K": k}, FP8=fp8) if rows == 1 else rows_candidates(n, k)
+            for config in candidates:
 
                 def run(config=config):
                     for i, gemm in enumerate(gemms):
                         norm = norms[i] if norms is not None else None
-                        launch_fused_gemv(*self._args(x, residual if norm is not None else None, norm, gemm, act,
-                                                      out_dtype), config=config)
+                        launch(*self._args(x, residual if norm is not None else None, norm, gemm, act, out_dtype),
+                               config=config)
                 try:
                     timed.append((timer(run), config))
                 except Exception as exc:  # noqa: BLE001 - a config this GPU cannot run (shared memory) is skipped
@@ -1011,10 +1137,10 @@ class FusedStep:
             if not timed:
                 continue  # autotuning chooses for this GEMM
             seconds, best = min(timed, key=lambda t: t[0])
-            self.configs[name] = _tune_cache[key] = best
+            configs[name] = _tune_cache[key] = best
             read = sum(g.weight.numel() * g.weight.element_size() for g in gemms)
             chosen[name] = f"{best} ({read / seconds / 1e9:.0f} GB/s over {len(gemms)} weights)"
-            _tuned[f"{name} (N={n}, K={k}, {weight.dtype})"] = chosen[name]
+            _tuned[f"{name} (N={n}, K={k}, {weight.dtype}{f', {rows} rows' if rows > 1 else ''})"] = chosen[name]
         return chosen
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:

@@ -208,6 +208,8 @@ class RankModel:
     def _mlp(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
         if self.is_gpt:
             h = F.gelu(layer["fc"](x), approximate="tanh")
+        elif hasattr(layer.get("fc_gate"), "silu_gate"):  # the CUDA path's fused GEMM, activation included
+            h = layer["fc_gate"].silu_gate(x)
         elif "fc_gate" in layer:  # the CUDA path fuses the two GEMMs of the gated MLP into one
             fc, gate = layer["fc_gate"](x).chunk(2, dim=-1)
             h = F.silu(fc) * gate
