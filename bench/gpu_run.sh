@@ -20,7 +20,13 @@ for phase in "${@:-tests gpt2 8b}"; do
   case $phase in
     tests) # the whole output in tests.txt (run 21's tail lost the failures' details), its end in the log
            python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
-             tests/test_fused_decode.py > "$OUT/tests.txt" 2>&1; grep -E "^(FAILED|ERROR)" "$OUT/tests.txt"; tail -3 "$OUT/tests.txt" ;;
+             tests/test_batched_gemm.py tests/test_fused_decode.py > "$OUT/tests.txt" 2>&1
+           grep -E "^(FAILED|ERROR)" "$OUT/tests.txt"; tail -3 "$OUT/tests.txt" ;;
+    tests-batched) # the GPU tests of the batched GEMMs and what runs them (about 7 min on an H100)
+           python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
+             tests/test_batched_gemm.py tests/test_fused_decode.py -k "not compile_for_hopper and (batched or rows or \
+             tuned or decode_path or layer_by_layer or gpu_logits or fp8_on_the_gpu or prefill)" > "$OUT/tests.txt" 2>&1
+           grep -E "^(FAILED|ERROR)" "$OUT/tests.txt"; tail -3 "$OUT/tests.txt" ;;
     profile) # where a batch-1 step's time goes: GEMV bandwidth per shape, kernels per step (bench/profile_step.py)
            python bench/profile_step.py llama-3-8b
            python bench/profile_step.py llama-3-8b --quant fp8 --variants graph+triton-gemv+fused-mlp+fused-step
@@ -30,12 +36,12 @@ for phase in "${@:-tests gpt2 8b}"; do
     gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl ;;
     8b)    # batch 1: the fused step with and without PDL; batch 32: the compiled layer-by-layer step with the fused
-           # attention kernel, its GEMMs on cuBLAS, then tuned (tuned-gemm: cuBLAS or the split-K kernel per shape),
-           # then with PDL (the split-K kernels and the attention)
+           # attention kernel, its GEMMs on cuBLAS, then tuned (tuned-gemm: cuBLAS or the split-K kernel per shape;
+           # with PDL too it was no faster: H100 run 36). About 6.5 min on an H100: run fp8 in a call of its own
            B=graph+compile+cublas+fused-mlp+fused-attn
            python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --variants graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl \
-             --batched-variants $B,$B+tuned-gemm,$B+tuned-gemm+pdl ;;
+             --batched-variants $B,$B+tuned-gemm ;;
     b32)   # batch 32 without the baseline: tuned-gemm (cuBLAS or the split-K kernel per GEMM shape,
            # pipeline/backends/batched_gemm.py) against the fused step's batched GEMM (fused-rows); their GPU tests first
            python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
