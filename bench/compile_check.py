@@ -80,23 +80,24 @@ def cases():
                           USE_DOT=2, SPLIT_K=split)
         yield (f"fused_gemv fp8e4nv split-K={split} norm={norm} pdl", fd._fused_gemv,
                gemv_signature("bf16", "fp8e4nv", "bf16", False), constexprs, dict(launch_pdl=True))
+    f32_tiles = fd.rows_candidates(64, 64, w_f32=True)  # float32 weights' own small tile
     for config in fd._ROWS_CONFIGS:
-        for weight, rows in (("bf16", 32), ("fp8e4nv", 64)):
-            constexprs = dict(common, NORM=fd.NORM_RMS, FP8=weight == "fp8e4nv", ACT=fd.ACT_SILU_GATE, W_F32=False,
-                              PDL=False, B_P=rows, F32_DOT=False, **config.kwargs)
+        kinds = (("fp32", 16),) if config in f32_tiles else (("bf16", 32), ("fp8e4nv", 64))
+        for weight, rows in kinds:
+            constexprs = dict(common, NORM=fd.NORM_RMS, FP8=weight == "fp8e4nv", ACT=fd.ACT_SILU_GATE,
+                              W_F32=weight == "fp32", PDL=False, B_P=rows, F32_DOT=False, **config.kwargs)
+            dtype = "fp32" if weight == "fp32" else "bf16"
             yield (f"fused_gemm_rows {weight} B_P={rows} config {config}", fd._fused_gemm_rows,
-                   gemv_signature("bf16", weight, "bf16", True), constexprs,
+                   gemv_signature(dtype, weight, dtype, True), constexprs,
                    dict(num_warps=config.num_warps, num_stages=config.num_stages))
     # the batched GEMM's split-K swap-AB kernel (pipeline.backends.batched_gemm), every config, at 32 rows
     for config in batched_gemm._CONFIGS:
         for dtype, bias, act in (("bf16", False, fd.ACT_NONE), ("bf16", True, fd.ACT_SILU_GATE)):
             signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
                          "part_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
-            pdl = act == fd.ACT_SILU_GATE  # with PDL: griddepcontrol, the first weight tile before its wait
-            constexprs = dict(HAS_BIAS=bias, M_P=32, EVEN_K=True, ACT=act, PDL=pdl, F32_DOT=False, **config.kwargs)
-            yield (f"skinny_gemm {dtype} bias={bias} act={act} pdl={pdl} config {config}", batched_gemm._skinny_gemm,
-                   signature, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages,
-                                               launch_pdl=pdl))
+            constexprs = dict(HAS_BIAS=bias, M_P=32, EVEN_K=True, ACT=act, F32_DOT=False, **config.kwargs)
+            yield (f"skinny_gemm {dtype} bias={bias} act={act} config {config}", batched_gemm._skinny_gemm,
+                   signature, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages))
     # splits > 1: flash-decoding (6 is what batch 1 of the 8B shape gets at 384 slots)
     for dtype, rope, pdl, splits in (("bf16", True, True, 1), ("fp16", False, False, 1), ("fp32", True, False, 1),
                                      ("bf16", True, True, 6), ("fp32", True, False, 3)):

@@ -48,8 +48,6 @@ def padded_rows(rows: int) -> int:
 
 
 if triton is not None:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
     from pipeline.backends.fused_decode import _activation, _load_tile  # the fused step's, shared
 
     _CONFIGS = [
@@ -62,16 +60,15 @@ if triton is not None:
     @triton.jit
     def _skinny_gemm(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_P: tl.constexpr,
-                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr = 0, PDL: tl.constexpr = False,
-                     F32_DOT: tl.constexpr = False):
+                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr = 0, F32_DOT: tl.constexpr = False):
         """y [M, N] = x [M, K] @ w [N, K]^T (+ bias) for one row block of w and one share of K (see the module).
         ACT = 1 (silu-gate): w holds [fc; gate] (2N rows) and y = silu(x fc^T) * (x gate^T), each program taking
         both halves of its rows, rounded as the unfused ops round (fused_decode._activation).
         On a GPU K is a runtime argument; the CPU emulator's entry passes it as a constant (its loops need one),
         and F32_DOT (its tl.dot of bfloat16 operands returns garbage: Triton 3.6). With SPLIT_K > 1 the host keeps
-        K a multiple of BLOCK_K * SPLIT_K. PDL (programmatic dependent launch): the first weight tile is loaded
-        before waiting for the previous kernel, and the next one may launch once the main loops are done, as in
-        fused_decode._fused_gemv."""
+        K a multiple of BLOCK_K * SPLIT_K. Launched with programmatic dependent launch (the first weight tile
+        loaded before waiting for the previous kernel, as _fused_gemv does) the batch-32 step was no faster (H100
+        run 36), and the peeled first tile took a pipeline stage's worth of shared memory more: not kept."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         dt = y_ptr.dtype.element_ty
@@ -86,19 +83,9 @@ if triton is not None:
             k_first = pid_k * (K // SPLIT_K)
         w_rows = w_ptr + rows[:, None] * K
         w2_rows = w_ptr + (rows + N)[:, None] * K  # the gate half (ACT = 1)
-        # the first chunk's weight tile before anything else (with PDL, while the previous kernel ends)
-        offs_k0 = k_first + arange_k
-        k_mask0 = offs_k0 < K
-        w0 = _load_tile(w_rows, offs_k0, k_mask0, EVEN_K)
-        w20 = w0
-        if ACT == 1:
-            w20 = _load_tile(w2_rows, offs_k0, k_mask0, EVEN_K)
-        if PDL:
-            gdc_wait()  # the previous kernel's writes (x) are visible from here
         acc = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
-        acc, acc2 = _chunk(acc, acc2, w0, w20, x_ptr, offs_m, m_mask, offs_k0, k_mask0, K, EVEN_K, ACT, F32_DOT)
-        for k0 in range(BLOCK_K, K if SPLIT_K == 1 else K // SPLIT_K, BLOCK_K):  # the count inline (the emulator)
+        for k0 in range(0, K if SPLIT_K == 1 else K // SPLIT_K, BLOCK_K):  # the count inline, as the emulator needs
             offs_k = k_first + k0 + arange_k
             k_mask = offs_k < K
             w = _load_tile(w_rows, offs_k, k_mask, EVEN_K)
@@ -106,8 +93,6 @@ if triton is not None:
             if ACT == 1:
                 w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
             acc, acc2 = _chunk(acc, acc2, w, w2, x_ptr, offs_m, m_mask, offs_k, k_mask, K, EVEN_K, ACT, F32_DOT)
-        if PDL:
-            gdc_launch_dependents()
         if SPLIT_K == 1:
             _epilogue(acc, acc2, offs_n, n_mask, offs_m, m_mask, N, b_ptr, y_ptr, dt, HAS_BIAS, ACT)
         else:  # this share's sums [SPLIT_K, 2, N, M_P], then the last share to finish adds them up in order
@@ -167,7 +152,7 @@ if triton is not None:
                               M_P: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                               ACT: tl.constexpr = 0):
         _skinny_gemm(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K, HAS_BIAS, BLOCK_N, BLOCK_K, M_P,
-                     SPLIT_K, EVEN_K, ACT, False, True)
+                     SPLIT_K, EVEN_K, ACT, True)
 
 
 def candidates(n: int, k: int) -> list[int]:
@@ -196,10 +181,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 @torch.library.custom_op("pipeline::skinny_mm", mutates_args=())
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: int, act: int = 0,
-              pdl: bool = False, split_k: int = 1) -> torch.Tensor:
+              split_k: int = 1) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias) -> [M, N] in x's dtype, for 2 <= M <= MAX_ROWS; act=ACT_SILU_GATE: weight
     holds [fc; gate] and the result is silu(fc) * gate [M, N / 2]. config: an index into _CONFIGS (tune's choice).
-    pdl: launch with programmatic dependent launch (Hopper+; see _skinny_gemm).
     In Triton's CPU emulator INTERPRETER_CONFIG runs instead, with split_k programs per row block (tests). An op,
     so that torch.compile calls it unopened."""
     _check(x, weight)
@@ -224,13 +208,12 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         _skinny_gemm_emulated[grid](*args, **flags, **meta)
     else:
         config = _CONFIGS[config]
-        extra = dict(PDL=True, launch_pdl=True) if pdl else {}
-        _skinny_gemm[grid](*args, **flags, **meta, **extra, num_warps=config.num_warps, num_stages=config.num_stages)
+        _skinny_gemm[grid](*args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
     return y
 
 
 @skinny_mm.register_fake
-def _(x, weight, bias, config, act=0, pdl=False, split_k=1):
+def _(x, weight, bias, config, act=0, split_k=1):
     n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
     return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
 
@@ -251,11 +234,11 @@ def _gemm_groups(model) -> dict[tuple, list]:
     return groups
 
 
-def tune(model, rows: int, pdl: bool = False, replays: int = 10, timer=None) -> dict[str, str]:
+def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
     """For decode steps of `rows` sequences: per GEMM shape of the model, time cuBLAS and every candidate config
     over all layers' weights of that shape, launched back to back in a CUDA graph, and keep the fastest in each
-    linear's `skinny` map (padded rows -> (config index, -1 for cuBLAS; pdl)). pdl: the kernel launches with
-    programmatic dependent launch (Hopper+). A choice is kept for the process.
+    linear's `skinny` map (padded rows -> config index, -1 for cuBLAS). A config this GPU cannot run (shared
+    memory) is skipped. A choice is kept for the process.
     Returns {GEMM: "choice (GB/s)"}. timer(run) -> seconds replaces the graph timing (tests)."""
     if triton is None or not 2 <= rows <= MAX_ROWS:
         return {}
@@ -269,7 +252,7 @@ def tune(model, rows: int, pdl: bool = False, replays: int = 10, timer=None) -> 
     for (name, n, k, dtype), linears in _gemm_groups(model).items():
         # the gated MLP's fused GEMM with its activation in the epilogue (CudaLinear.silu_gate)
         act = ACT_SILU_GATE if name == "fc_gate" else ACT_NONE
-        key = (name, n, k, len(linears), dtype, m_p, pdl, str(model.device))
+        key = (name, n, k, len(linears), dtype, m_p, str(model.device))
         if key not in _tune_cache:
             x = torch.randn(rows, k, device=model.device, generator=generator).to(dtype)
             timed = []
@@ -278,7 +261,7 @@ def tune(model, rows: int, pdl: bool = False, replays: int = 10, timer=None) -> 
                 def run(index=index):
                     for linear in linears:
                         if index >= 0:
-                            skinny_mm(x, linear.weight, linear.bias, index, act, pdl)
+                            skinny_mm(x, linear.weight, linear.bias, index, act)
                         elif act == ACT_SILU_GATE:  # as RankModel._mlp runs it with cuBLAS
                             fc, gate = F.linear(x, linear.weight, linear.bias).chunk(2, dim=-1)
                             F.silu(fc) * gate
@@ -299,7 +282,7 @@ def tune(model, rows: int, pdl: bool = False, replays: int = 10, timer=None) -> 
             _tuned[f"{name} (N={n}, K={k}, {rows} rows)"] = chosen[name] = (
                 f"{label} ({read / seconds / 1e9:.0f} GB/s; cuBLAS {read / cublas / 1e9:.0f} GB/s)")
         for linear in linears:
-            linear.skinny[m_p] = (_tune_cache[key], pdl)
+            linear.skinny[m_p] = _tune_cache[key]
     return chosen
 
 

@@ -79,41 +79,41 @@ class DecodeOptions:
 
 class CudaLinear(Linear):
     """F.linear, or the Triton GEMV when the input is one row, or for a few rows the split-K kernel where
-    batched_gemm.tune chose it (`skinny`: padded rows -> (config index, -1 for cuBLAS; PDL launch)); out_dtype=float32
-    keeps the float32 accumulators (lm_head: logits_dtype float32) instead of rounding them to the model dtype."""
+    batched_gemm.tune chose it (`skinny`: padded rows -> config index, -1 for cuBLAS); out_dtype=float32 keeps the
+    float32 accumulators (lm_head: logits_dtype float32) instead of rounding them to the model dtype."""
 
     def __init__(self, weight, bias=None, triton_gemv: bool = True, out_dtype: torch.dtype | None = None):
         super().__init__(weight, bias)
         self.triton_gemv = triton_gemv and cuda_kernels.available()
         self.out_dtype = out_dtype
-        self.skinny: dict[int, tuple[int, bool]] = {}
+        self.skinny: dict[int, int] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.triton_gemv and x.numel() == x.shape[-1]:
             return cuda_kernels.linear_1row(x, self.weight, self.bias, out_dtype=self.out_dtype)
-        index, pdl = self._skinny(x)
+        index = self._skinny(x)
         if index >= 0:
-            y = torch.ops.pipeline.skinny_mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, index, 0, pdl)
+            y = torch.ops.pipeline.skinny_mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, index)
             return y.view(*x.shape[:-1], self.weight.shape[0])
         if self.out_dtype is not None and self.bias is None and x.device.type == "cuda":
             y = torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out_dtype=self.out_dtype)
             return y.reshape(*x.shape[:-1], self.weight.shape[0])
         return F.linear(x, self.weight, self.bias)
 
-    def _skinny(self, x: torch.Tensor) -> tuple[int, bool]:
-        """(the split-K kernel's config tuned for x's rows or -1 for cuBLAS, whether it launches with PDL)."""
+    def _skinny(self, x: torch.Tensor) -> int:
+        """The split-K kernel's config tuned for x's rows, or -1 (cuBLAS)."""
         rows = x.numel() // x.shape[-1]
         if not self.skinny or not 2 <= rows <= batched_gemm.MAX_ROWS:
-            return -1, False
-        return self.skinny.get(batched_gemm.padded_rows(rows), (-1, False))
+            return -1
+        return self.skinny.get(batched_gemm.padded_rows(rows), -1)
 
     def silu_gate(self, x: torch.Tensor) -> torch.Tensor:
         """silu(fc(x)) * gate(x) for this fused [fc; gate] GEMM (RankModel._mlp): in the split-K kernel's epilogue
         where tuning chose it for x's rows, else the GEMM and then the activation."""
-        index, pdl = self._skinny(x)
+        index = self._skinny(x)
         if index >= 0:
             y = torch.ops.pipeline.skinny_mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, index,
-                                             batched_gemm.ACT_SILU_GATE, pdl)
+                                             batched_gemm.ACT_SILU_GATE)
             return y.view(*x.shape[:-1], self.weight.shape[0] // 2)
         fc, gate = self(x).chunk(2, dim=-1)
         return F.silu(fc) * gate
@@ -213,10 +213,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size,
-                      pdl=False):
+def _decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size):
     return torch.ops.pipeline.decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
-                                               kv_heads, head_size, pdl)
+                                               kv_heads, head_size)
 
 
 class CudaDecoder:
@@ -232,10 +231,6 @@ class CudaDecoder:
         if model.mapping.pp != 1:
             raise ValueError("the CUDA decode path runs pp = 1 (pipeline stages use the plain path)")
         self.model, self.batch, self.max_len, self.options = model, batch, max_len, options
-        # programmatic dependent launch (Hopper+): the fused step's kernels; at batches > 1 the split-K GEMMs
-        # (tuned-gemm) and the attention kernel (fused-attn) of the layer-by-layer step
-        self._pdl = (options.pdl and model.device.type == "cuda"
-                     and torch.cuda.get_device_capability(model.device)[0] >= 9)
         device = model.device
         self.cache = model.new_cache(batch, max_len)
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
@@ -263,8 +258,7 @@ class CudaDecoder:
             if reason is None:
                 inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
                 self.attention = functools.partial(_decode_attention, inv_freq=inv_freq, heads=model.heads,
-                                                   kv_heads=model.kv_heads, head_size=model.head_size,
-                                                   pdl=self._pdl)
+                                                   kv_heads=model.kv_heads, head_size=model.head_size)
             else:
                 self.fallback_reason += f"; fused-attn not applied: {reason}"
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if options.compile else self._step
@@ -304,7 +298,7 @@ class CudaDecoder:
         The warm-up steps run on a side stream, as CUDA graph capture (and NCCL inside it) requires."""
         self.slot.fill_(0)
         if self.fused is None and self.options.tuned_gemm:  # cuBLAS or the split-K kernel, per GEMM shape
-            batched_gemm.tune(self.model, self.batch, pdl=self._pdl)
+            batched_gemm.tune(self.model, self.batch)
         else:
             batched_gemm.forget(self.model)  # cuBLAS for every batch, as the options ask (another decoder tuned)
         if self.model.device.type != "cuda":

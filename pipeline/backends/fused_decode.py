@@ -404,15 +404,20 @@ if triton is not None:
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=s)
         for bn, bk, w, s in ((64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3))
         for split in (1, 2, 4)
-    ]
+    ] + [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_warps=4, num_stages=2)]  # float32 only
     MAX_ROWS_SPLIT_K = 4
     ROWS_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}  # tests set SPLIT_K to exercise it
 
-    def rows_candidates(n: int, k: int, configs=None) -> list:
+    def rows_candidates(n: int, k: int, configs=None, w_f32: bool = False) -> list:
         """The configs worth timing for an [n, k] weight: split-K only where K's chunks share out equally, a grid
         of about one to eight programs per SM (132 on an H100/H200); for weights too small for that, the configs
-        with the most programs."""
+        with the most programs. Float32 weights (tests, references) take the one small tile whose float32 operands
+        fit shared memory."""
         configs = _ROWS_CONFIGS if configs is None else configs
+        small = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32]
+        if w_f32:
+            return small
+        configs = [c for c in configs if c not in small]
         fits = [c for c in configs if not k % (c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]) or c.kwargs["SPLIT_K"] == 1]
 
         def programs(c):
@@ -422,7 +427,7 @@ if triton is not None:
         return [c for c in fits if 96 <= programs(c) <= 1056] or [c for c in fits if programs(c) == most]
 
     def _prune_rows(configs, named_args, **kwargs):
-        return rows_candidates(named_args["N"], named_args["K"], configs)
+        return rows_candidates(named_args["N"], named_args["K"], configs, kwargs.get("W_F32", False))
 
     @triton.jit
     def _load_rows(x_ptr, r_ptr, offs_b, offs_k, mask, K, ADD_RESIDUAL: tl.constexpr):
@@ -1121,7 +1126,8 @@ class FusedStep:
             x = torch.randn(rows, k, device=model.device, generator=generator).to(model.dtype)
             residual = torch.randn(rows, k, device=model.device, generator=generator).to(model.dtype)
             timed = []
-            candidates = _prune(_CONFIGS, {"N": n, "K": k}, FP8=fp8) if rows == 1 else rows_candidates(n, k)
+            candidates = (_prune(_CONFIGS, {"N": n, "K": k}, FP8=fp8) if rows == 1
+                          else rows_candidates(n, k, w_f32=weight.dtype == torch.float32))
             for config in candidates:
 
                 def run(config=config):
