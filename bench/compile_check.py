@@ -133,6 +133,12 @@ def main(argv=None) -> int:
             if constexprs.get("FP8") and constexprs.get("USE_DOT") == 2 and constexprs["BLOCK_N"] >= 64 \
                     and "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" not in ptx:
                 raise AssertionError("the swap-AB FP8 form does not reach wgmma with FP8 operands")
+            if name.startswith("skinny_gemm"):  # tuning leaves out what does not fit by this count
+                config = next(c for c in batched_gemm._CONFIGS if c.kwargs.items() <= constexprs.items()
+                              and (c.num_warps, c.num_stages) == (options["num_warps"], options["num_stages"]))
+                want = batched_gemm.shared_bytes(config, constexprs["ACT"], constexprs["M_P"])
+                if compiled.metadata.shared != want:
+                    raise AssertionError(f"shared memory {compiled.metadata.shared}, batched_gemm.shared_bytes {want}")
             if name.startswith(("skinny_gemm", "fused_gemm_rows")) and not constexprs.get("W_F32") \
                     and "wgmma.mma_async" not in ptx:
                 raise AssertionError("the batched GEMM's weight tile does not reach wgmma")

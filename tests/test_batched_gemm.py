@@ -76,7 +76,8 @@ def test_batched_gemm_rejects_what_it_cannot_run():
 
 def test_candidates_split_k_evenly_and_fill_the_gpu():
     """Llama-3-8B's dense (4096 x 4096): split-K configs whose shares are whole chunks, grids of 96 to 1056
-    programs; a tiny weight keeps the configs with the most programs."""
+    programs; a tiny weight keeps the configs with the most programs; with silu-gate's two weight tiles, only
+    configs whose shared memory fits (bench/compile_check.py checks the count against the compiler's)."""
     configs = batched_gemm._CONFIGS
     dense = batched_gemm.candidates(4096, 4096)
     assert dense and any(configs[i].kwargs["SPLIT_K"] > 1 for i in dense)
@@ -87,6 +88,10 @@ def test_candidates_split_k_evenly_and_fill_the_gpu():
     assert not any(configs[i].kwargs["SPLIT_K"] == 1 for i in dense)  # 32-64 programs: too few without a split
     # K = 100 shares out over no split, and every tile gives one program
     assert batched_gemm.candidates(64, 100) == [i for i, c in enumerate(configs) if c.kwargs["SPLIT_K"] == 1]
+    gated = batched_gemm.candidates(14336, 4096, batched_gemm.ACT_SILU_GATE)
+    assert gated and all(batched_gemm.shared_bytes(configs[i], batched_gemm.ACT_SILU_GATE) <= 232448 for i in gated)
+    big = [i for i in batched_gemm.candidates(14336, 4096) if i not in gated]  # fit with one tile, not with two
+    assert big and all(batched_gemm.shared_bytes(configs[i], batched_gemm.ACT_SILU_GATE) > 232448 for i in big)
 
 
 def _model(shape: str, dtype: str):
@@ -124,8 +129,9 @@ def test_tuning_keeps_the_fastest_per_shape_and_the_step_its_tokens(home, monkey
     assert layer["dense"].skinny == {16: -1}
     for name in ("qkv", "fc_gate", "proj"):
         n, k = layer[name].weight.shape
-        n = n // 2 if name == "fc_gate" else n  # programs per output row: silu-gate gives half the rows
-        assert sorted(ran[name]) == [-1] + batched_gemm.candidates(n, k) or DEVICE.type == "cuda", name
+        act = batched_gemm.ACT_SILU_GATE if name == "fc_gate" else batched_gemm.ACT_NONE  # half the rows out
+        wanted = batched_gemm.candidates(n // 2 if act else n, k, act, 16)
+        assert sorted(ran[name]) == [-1] + wanted, name
         assert layer[name].skinny == {16: max(ran[name])}, name
     calls = len(timed)
     assert batched_gemm.tune(model, 3, timer=timer) == {} and len(timed) == calls  # kept: nothing timed again

@@ -155,12 +155,24 @@ if triton is not None:
                      SPLIT_K, EVEN_K, ACT, True)
 
 
-def candidates(n: int, k: int) -> list[int]:
-    """The configs (indices into _CONFIGS) worth timing for an [n, k] weight: split-K only where K's chunks share
-    out equally, and a grid of about one to eight programs per SM (132 on an H100/H200); for weights too small
-    for that, the configs with the most programs."""
-    fits = [i for i, c in enumerate(_CONFIGS) if c.kwargs["SPLIT_K"] == 1 or not k % (c.kwargs["BLOCK_K"] *
-                                                                                    c.kwargs["SPLIT_K"])]
+SHARED_LIMIT = 232448  # the shared memory one block may use on an H100/H200 (227 KiB)
+
+
+def shared_bytes(config, act: int = ACT_NONE, m_p: int = 32, element_size: int = 2) -> int:
+    """The shared memory _skinny_gemm takes in a config: each pipeline stage holds the weight tile (two with
+    silu-gate) and the rows' chunk. Exact for Triton 3.6 on sm_90 (bench/compile_check.py checks it)."""
+    c = config.kwargs
+    tiles = 2 if act == ACT_SILU_GATE else 1
+    return config.num_stages * (tiles * c["BLOCK_N"] + m_p) * c["BLOCK_K"] * element_size
+
+
+def candidates(n: int, k: int, act: int = ACT_NONE, m_p: int = 32) -> list[int]:
+    """The configs (indices into _CONFIGS) worth timing for an [n, k] weight (n: output rows; with silu-gate the
+    weight has 2n) at m_p padded rows: those whose shared memory fits, split-K only where K's chunks share out
+    equally, and a grid of about one to eight programs per SM (132 on an H100/H200); for weights too small for
+    that, the configs with the most programs."""
+    fits = [i for i, c in enumerate(_CONFIGS) if shared_bytes(c, act, m_p) <= SHARED_LIMIT
+            and (c.kwargs["SPLIT_K"] == 1 or not k % (c.kwargs["BLOCK_K"] * c.kwargs["SPLIT_K"]))]
 
     def programs(index):
         return triton.cdiv(n, _CONFIGS[index].kwargs["BLOCK_N"]) * _CONFIGS[index].kwargs["SPLIT_K"]
@@ -256,7 +268,7 @@ def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
         if key not in _tune_cache:
             x = torch.randn(rows, k, device=model.device, generator=generator).to(dtype)
             timed = []
-            for index in [-1] + candidates(n // 2 if act == ACT_SILU_GATE else n, k):  # programs per output row
+            for index in [-1] + candidates(n // 2 if act == ACT_SILU_GATE else n, k, act, m_p):
 
                 def run(index=index):
                     for linear in linears:
