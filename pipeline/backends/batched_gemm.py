@@ -48,7 +48,8 @@ def padded_rows(rows: int) -> int:
 
 
 if triton is not None:
-    from pipeline.backends.fused_decode import _activation, _load_tile  # the fused step's, shared
+    # shared with fused-rows
+    from pipeline.backends.fused_decode import _add_split_tiles, _load_tile, _store_tile
 
     _CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=s)
@@ -94,25 +95,13 @@ if triton is not None:
                 w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
             acc, acc2 = _chunk(acc, acc2, w, w2, x_ptr, offs_m, m_mask, offs_k, k_mask, K, EVEN_K, ACT, F32_DOT)
         if SPLIT_K == 1:
-            _epilogue(acc, acc2, offs_n, n_mask, offs_m, m_mask, N, b_ptr, y_ptr, dt, HAS_BIAS, ACT)
-        else:  # this share's sums [SPLIT_K, 2, N, M_P], then the last share to finish adds them up in order
+            _store_tile(acc, acc2, offs_n, n_mask, offs_m, m_mask, N, b_ptr, y_ptr, dt, HAS_BIAS, ACT)
+        else:  # the last share to finish adds the shares' sums and stores the result
             tile = (offs_n[:, None] * M_P + offs_m[None, :]).to(tl.int64)
-            tl.store(part_ptr + (pid_k * 2) * N * M_P + tile, acc, mask=n_mask[:, None])
-            if ACT == 1:
-                tl.store(part_ptr + (pid_k * 2 + 1) * N * M_P + tile, acc2, mask=n_mask[:, None])
-            tl.debug_barrier()  # every thread of this program has stored before the counter counts it
-            # acq_rel: the sums above are visible to the program that sees the last count, and it sees them all
-            if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
-                acc = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
-                acc2 = tl.zeros((BLOCK_N, M_P), dtype=tl.float32)
-                for s in range(0, SPLIT_K):  # at L2 (.cg): other SMs wrote them, this SM's L1 may be stale
-                    acc += tl.load(part_ptr + (s * 2) * N * M_P + tile, mask=n_mask[:, None], other=0.0,
-                                   cache_modifier=".cg")
-                    if ACT == 1:
-                        acc2 += tl.load(part_ptr + (s * 2 + 1) * N * M_P + tile, mask=n_mask[:, None], other=0.0,
-                                        cache_modifier=".cg")
-                _epilogue(acc, acc2, offs_n, n_mask, offs_m, m_mask, N, b_ptr, y_ptr, dt, HAS_BIAS, ACT)
-                tl.store(counter_ptr + pid, 0)  # the next launch (and a CUDA graph's replay) counts from 0 again
+            last, acc, acc2 = _add_split_tiles(acc, acc2, part_ptr, counter_ptr, pid, pid_k, tile, n_mask, N, M_P,
+                                               SPLIT_K, ACT)
+            if last:
+                _store_tile(acc, acc2, offs_n, n_mask, offs_m, m_mask, N, b_ptr, y_ptr, dt, HAS_BIAS, ACT)
 
     @triton.jit
     def _chunk(acc, acc2, w, w2, x_ptr, offs_m, m_mask, offs_k, k_mask, K, EVEN_K: tl.constexpr, ACT: tl.constexpr,
@@ -134,17 +123,6 @@ if triton is not None:
         if F32_DOT:
             return tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
         return tl.dot(w, tl.trans(x))
-
-    @triton.jit
-    def _epilogue(y, y2, offs_n, n_mask, offs_m, m_mask, N, b_ptr, y_ptr, dt, HAS_BIAS: tl.constexpr,
-                  ACT: tl.constexpr):
-        """Bias and activation on a tile's float32 sums [BLOCK_N, M_P], stored to y [M, N]."""
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            if ACT == 1:
-                y2 += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        y = _activation(y, y2, dt, ACT)
-        tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], y.to(dt), mask=n_mask[:, None] & m_mask[None, :])
 
     @triton.jit
     def _skinny_gemm_emulated(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K: tl.constexpr,

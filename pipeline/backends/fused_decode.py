@@ -490,6 +490,13 @@ if triton is not None:
             scale = a_scale * tl.load(w_scale_ptr)
             y = y * scale
             y2 = y2 * scale
+        _store_tile(y, y2, offs_n, n_mask, offs_b, b_mask, N, b_ptr, y_ptr, dt, HAS_BIAS, ACT)
+
+    @triton.jit
+    def _store_tile(y, y2, offs_n, n_mask, offs_b, b_mask, N, b_ptr, y_ptr, dt, HAS_BIAS: tl.constexpr,
+                    ACT: tl.constexpr):
+        """Bias and activation on a batched GEMM's float32 tile y^T [BLOCK_N, rows] (y2: the gate half's), stored
+        to y [B, N] (fused-rows here, batched_gemm's split-K GEMM)."""
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             if ACT == 1:
@@ -497,6 +504,32 @@ if triton is not None:
         y = _activation(y, y2, dt, ACT)
         tl.store(y_ptr + offs_b[None, :] * N + offs_n[:, None], y.to(y_ptr.dtype.element_ty),
                  mask=n_mask[:, None] & b_mask[None, :])
+
+    @triton.jit
+    def _add_split_tiles(acc, acc2, part_ptr, counter_ptr, pid, pid_k, tile, n_mask, N, ROWS: tl.constexpr,
+                         SPLIT_K: tl.constexpr, ACT: tl.constexpr):
+        """Split-K of a batched GEMM's tile: store this share's float32 sums [BLOCK_N, ROWS] (acc, and acc2 with
+        silu-gate) to part_ptr [SPLIT_K, 2, N, ROWS] at `tile`, and count the share on counter_ptr[pid]. The share
+        that counts last loads every share's sums, adds them in order (the same bits on every run) and sets the
+        counter back to 0 for the next launch (and a CUDA graph's replay). Returns (last, acc, acc2). Whatever else
+        a share stores before calling this is visible to the last one too."""
+        tl.store(part_ptr + (pid_k * 2) * N * ROWS + tile, acc, mask=n_mask[:, None])
+        if ACT == 1:
+            tl.store(part_ptr + (pid_k * 2 + 1) * N * ROWS + tile, acc2, mask=n_mask[:, None])
+        tl.debug_barrier()  # every thread of this program has stored before the counter counts it
+        # acq_rel: the sums above are visible to the program that sees the last count, and it sees them all
+        last = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = tl.zeros_like(acc)
+            acc2 = tl.zeros_like(acc2)
+            for s in range(0, SPLIT_K):  # at L2 (.cg): other SMs wrote them, this SM's L1 may be stale
+                acc += tl.load(part_ptr + (s * 2) * N * ROWS + tile, mask=n_mask[:, None], other=0.0,
+                               cache_modifier=".cg")
+                if ACT == 1:
+                    acc2 += tl.load(part_ptr + (s * 2 + 1) * N * ROWS + tile, mask=n_mask[:, None], other=0.0,
+                                    cache_modifier=".cg")
+            tl.store(counter_ptr + pid, 0)
+        return last, acc, acc2
 
     @triton.jit
     def _fused_gemm_rows(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
@@ -582,30 +615,19 @@ if triton is not None:
         if SPLIT_K == 1:
             _rows_epilogue(acc, acc2, ss, offs_n, n_mask, offs_b, b_mask, N, K, eps, b_ptr, y_ptr, a_scale,
                            w_scale_ptr, dt, NORM, FP8, HAS_BIAS, ACT)
-        else:  # this share's sums and sums of squares, then the last share to finish adds them up in order
-            tile = (offs_n[:, None] * B_P + offs_b[None, :]).to(tl.int64)
-            squares = part_ptr + SPLIT_K * 2 * N * B_P + pid * B_P + offs_b  # [SPLIT_K, row blocks, B_P]
+        else:  # the shares' sums of squares [SPLIT_K, row blocks, B_P] after their sums, stored before the count
+            squares = part_ptr + SPLIT_K * 2 * N * B_P + pid * B_P + offs_b
             blocks = tl.num_programs(0) * B_P
-            tl.store(part_ptr + (pid_k * 2) * N * B_P + tile, acc, mask=n_mask[:, None])
-            if ACT == 1:
-                tl.store(part_ptr + (pid_k * 2 + 1) * N * B_P + tile, acc2, mask=n_mask[:, None])
             tl.store(squares + pid_k * blocks, ss)
-            tl.debug_barrier()  # every thread of this program has stored before the counter counts it
-            # acq_rel: the sums above are visible to the program that sees the last count, and it sees them all
-            if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
-                acc = tl.zeros((BLOCK_N, B_P), dtype=tl.float32)
-                acc2 = tl.zeros((BLOCK_N, B_P), dtype=tl.float32)
+            tile = (offs_n[:, None] * B_P + offs_b[None, :]).to(tl.int64)
+            last, acc, acc2 = _add_split_tiles(acc, acc2, part_ptr, counter_ptr, pid, pid_k, tile, n_mask, N, B_P,
+                                               SPLIT_K, ACT)
+            if last:
                 ss = tl.zeros((B_P,), dtype=tl.float32)
-                for s in range(0, SPLIT_K):  # at L2 (.cg): other SMs wrote them, this SM's L1 may be stale
-                    acc += tl.load(part_ptr + (s * 2) * N * B_P + tile, mask=n_mask[:, None], other=0.0,
-                                   cache_modifier=".cg")
-                    if ACT == 1:
-                        acc2 += tl.load(part_ptr + (s * 2 + 1) * N * B_P + tile, mask=n_mask[:, None], other=0.0,
-                                        cache_modifier=".cg")
+                for s in range(0, SPLIT_K):
                     ss += tl.load(squares + s * blocks, cache_modifier=".cg")
                 _rows_epilogue(acc, acc2, ss, offs_n, n_mask, offs_b, b_mask, N, K, eps, b_ptr, y_ptr, a_scale,
                                w_scale_ptr, dt, NORM, FP8, HAS_BIAS, ACT)
-                tl.store(counter_ptr + pid, 0)  # the next launch (and a CUDA graph's replay) counts from 0 again
 
     _ROWS_HEURISTICS = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
 
