@@ -36,12 +36,18 @@ for phase in "${@:-tests gpt2 8b}"; do
     gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl ;;
     8b)    # batch 1: the fused step with and without PDL; batch 32: the compiled layer-by-layer step with the fused
-           # attention kernel, its GEMMs on cuBLAS, then tuned (tuned-gemm: cuBLAS or the split-K kernel per shape;
-           # with PDL too it was no faster: H100 run 36). About 6.5 min on an H100: run fp8 in a call of its own
-           B=graph+compile+cublas+fused-mlp+fused-attn
+           # attention kernel, each GEMM shape on cuBLAS or the split-K kernel, whichever timed faster at warm-up
+           # (tuned-gemm; against cuBLAS alone: H100 runs 35-36; with PDL too it was no faster: run 36). About 5 min
+           # on an H100: run fp8 in the same call for the FP8 / bf16 ratio
+           B=graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm
            python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --variants graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl \
-             --batched-variants $B,$B+tuned-gemm ;;
+             --batched-variants $B ;;
+    tests-gemm) # the GPU tests of the batched GEMMs, tuned-gemm and the logits against the CPU (about 3 min)
+           python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
+             tests/test_batched_gemm.py -k "batched_gemm or tuned_gemm or rows or gpu_logits or fp8_on_the_gpu or pdl" \
+             > "$OUT/tests.txt" 2>&1
+           grep -E "^(FAILED|ERROR)" "$OUT/tests.txt"; tail -3 "$OUT/tests.txt" ;;
     b32)   # batch 32 without the baseline: tuned-gemm (cuBLAS or the split-K kernel per GEMM shape,
            # pipeline/backends/batched_gemm.py) against the fused step's batched GEMM (fused-rows); their GPU tests first
            python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \

@@ -163,6 +163,50 @@ def sweep_table(model, bandwidth: float, keys: list[str]) -> list[str]:
     return lines
 
 
+def attention_table(model, bandwidth: float, batch: int, max_len: int, slot: int, configs: list[tuple]) -> list[str]:
+    """decode_attention over all layers' caches (batch sequences, max_len slots, the new token at `slot`, every
+    slot before it valid), in a CUDA graph, for each (splits, block_s, warps, stages) of `configs` (stages None:
+    Triton's default); fastest first, with the bandwidth of the cache bytes it reads."""
+    kv, hd = model.kv_heads, model.head_size
+    dtype, device = model.dtype, model.device
+    caches = [(torch.randn(batch, kv, max_len, hd, device=device).to(dtype),
+               torch.randn(batch, kv, max_len, hd, device=device).to(dtype)) for _ in model.layers]
+    valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+    valid[:, : slot + 1] = True
+    qkv = torch.randn(batch, (model.heads + 2 * kv) * hd, device=device).to(dtype)
+    positions = torch.full((batch,), slot, device=device)
+    slot_t = torch.tensor(slot, device=device)
+    inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
+    read = 2 * batch * kv * slot * hd * caches[0][0].element_size() * len(caches)
+    timed = []
+    for splits, block_s, warps, stages in configs:
+        def run(splits=splits, block_s=block_s, warps=warps, stages=stages):
+            for k, v in caches:
+                fd.launch_decode_attention(qkv, k, v, valid, positions, slot_t, inv_freq, model.heads, kv, hd,
+                                           False, splits, block_s, warps, stages)
+
+        try:
+            seconds = graph_time(run)
+        except Exception as exc:  # a config this GPU cannot run is listed, not fatal
+            print(f"attention {splits, block_s, warps, stages}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
+            continue
+        timed.append((seconds, f"splits {splits}, block {block_s}, warps {warps}, stages {stages}"))
+    chosen = fd.attention_splits(batch, kv, max_len)
+    lines = [f"#### decode attention, batch {batch}, {max_len} slots, new token at {slot}: {read / 1e6:.1f} MB of "
+             f"cache over {len(caches)} layers; attention_splits gives {chosen}", "",
+             "| config | us per layer | GB/s | % of copy |", "|---|---|---|---|"]
+    lines += [f"| {label} | {1e6 * t / len(caches):.2f} | {read / t / 1e9:.0f} | {100 * read / t / bandwidth:.1f}% |"
+              for t, label in sorted(timed)]
+    return lines + [""]
+
+
+def attention_configs(text: str) -> list[tuple]:
+    """'SPLITS/BLOCKS/WARPS/STAGES' with comma lists in each field (stages 0: Triton's default), every combination;
+    e.g. '1,2/32,64/4,8/0,2'."""
+    fields = [[int(v) for v in part.split(",")] for part in text.split("/")]
+    return [(s, b, w, st or None) for s in fields[0] for b in fields[1] for w in fields[2] for st in fields[3]]
+
+
 def profile_variant(model, options: DecodeOptions, steps: int, read_bytes: int, bandwidth: float,
                     batch: int = 1) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
@@ -213,6 +257,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-gemv", action="store_true", help="skip the GEMV table (at --batch rows)")
     p.add_argument("--sweep", default="", help="GEMMs (e.g. qkv,dense,fc_gate,proj) whose every fused-GEMV config "
                    "is timed (batch 1)")
+    p.add_argument("--attention", action="append", default=[], metavar="SPLITS/BLOCKS/WARPS/STAGES",
+                   help="time decode_attention's configs at --batch (see attention_configs; repeatable)")
+    p.add_argument("--attention-slot", type=int, default=192, help="the new token's slot for --attention (of 384)")
     args = p.parse_args(argv)
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
@@ -231,6 +278,9 @@ def main(argv=None) -> int:
         for key, config in fd.chosen_configs().items():
             print(f"- fused GEMV config for (N, K, NORM, FP8, ACT, ...) = {key}: {config}")
         print(flush=True)
+    for spec in args.attention:
+        print("\n".join(attention_table(model, bandwidth, args.batch, 384, args.attention_slot,
+                                        attention_configs(spec))), flush=True)
     if args.sweep:
         print("\n".join(sweep_table(model, bandwidth, args.sweep.split(","))) + "\n", flush=True)
     for variant in filter(None, args.variants.split(",")):

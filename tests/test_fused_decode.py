@@ -274,8 +274,9 @@ def test_split_k_fp8_gemv_sums_the_same_products(monkeypatch, norm, act):
 
 
 def _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size):
-    """decode_attention in float64: rotate-half rope at `positions`, the new k, v at `slot`, softmax over the valid
-    slots and the new token. Returns (out [B, heads * head_size], rotated k and v [B, kv_heads, head_size])."""
+    """decode_attention in float64: rotate-half rope at `positions`, the new k, v at `slot`, softmax over the new
+    token and the valid slots before it (those after it are not attended, as RankModel.attention_mask has it).
+    Returns (out [B, heads * head_size], rotated k and v [B, kv_heads, head_size])."""
     batch, group = qkv.shape[0], heads // kv_heads
     x = qkv.double().view(batch, heads + 2 * kv_heads, head_size)
     q, k, v = x[:, :heads], x[:, heads:heads + kv_heads], x[:, heads + kv_heads:]
@@ -289,41 +290,66 @@ def _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot, inv
     q, k = rotate(q), rotate(k)
     keys, values, mask = k_cache.double().clone(), v_cache.double().clone(), valid.clone()
     keys[:, :, slot], values[:, :, slot], mask[:, slot] = k, v, True
+    mask[:, slot + 1:] = False
+    values = values.masked_fill(~mask[:, None, :, None], 0.0)  # a slot that is not attended adds nothing
     scores = torch.einsum("bhgd,bhsd->bhgs", q.view(batch, kv_heads, group, head_size), keys) / head_size ** 0.5
     probs = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
     return torch.einsum("bhgs,bhsd->bhgd", probs, values).reshape(batch, -1), k, v
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3])
-def test_split_decode_attention_against_float64(splits):
-    """Flash-decoding (the slots split over programs, the last one to finish combining): 80 slots are 2 blocks of
-    64, so 2 splits give sequence 0 a split with no valid slot and 3 a split past the cache's end; 1 is the unsplit
-    kernel. Two calls in a row: the second only combines if the first set its counters back to 0."""
+@pytest.mark.parametrize("splits,block_s", [(1, 64), (2, 64), (3, 64), (2, 16), (5, 16)])
+def test_split_decode_attention_against_float64(splits, block_s):
+    """Flash-decoding (the slots before the new token's split over programs, the last one to finish combining):
+    160 slots, the new token at 100 and 101, so 64-slot blocks give 2 blocks to share (3 splits: one empty) and
+    16-slot ones 7 (each split loops over several). Valid slots after the new token's are not attended. Two calls
+    in a row: the second only combines if the first set its counters back to 0. 1 split is the unsplit kernel."""
     torch.manual_seed(5)
-    batch, heads, kv_heads, head_size, max_len = 2, 8, 2, 16, 80
+    batch, heads, kv_heads, head_size, max_len = 2, 8, 2, 16, 160
     k_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
     v_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
     valid = torch.rand(batch, max_len, device=DEVICE) < 0.7
-    valid[0, 64:] = False  # sequence 0's second block: nothing to attend
+    valid[0, 64:100] = False  # sequence 0: nothing to attend in its second 64-slot block
     valid[1, :12] = False  # sequence 1 left-padded
+    v_cache[1, :, :12] = float("nan")  # what a slot that is not valid holds is never used
     inv_freq = 1.0 / 10000 ** (torch.arange(0, head_size, 2, device=DEVICE).float() / head_size)
-    positions = torch.tensor([41, 29], device=DEVICE)
-    slot = torch.tensor(41, device=DEVICE)
+    positions = torch.tensor([100, 88], device=DEVICE)
+    slot = torch.tensor(100, device=DEVICE)
     for call in range(2):
         valid[:, slot] = True  # as the decoder marks the new token's slot before the step
         qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_size, device=DEVICE)
         before = k_cache.clone(), v_cache.clone()
         want, k, v = _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
                                                kv_heads, head_size)
-        got = torch.ops.pipeline.decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
-                                                  kv_heads, head_size, False, splits)
+        got = fused_decode.launch_decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
+                                                   kv_heads, head_size, False, splits, block_s)
         assert torch.allclose(got.double(), want, atol=1e-4), (call, (got.double() - want).abs().max().item())
         assert torch.allclose(k_cache[:, :, slot].double(), k, atol=1e-5)
         assert torch.equal(v_cache[:, :, slot], v.float())
         others = torch.arange(max_len, device=DEVICE) != slot
         assert torch.equal(k_cache[:, :, others], before[0][:, :, others])
-        assert torch.equal(v_cache[:, :, others], before[1][:, :, others])
+        assert torch.equal(v_cache[:, :, others].nan_to_num(), before[1][:, :, others].nan_to_num())
         positions, slot = positions + 1, slot + 1  # the next step: the token just written is attended
+
+
+def test_decode_attention_op_reads_no_slot_after_the_new_one():
+    """The op (attention_splits' choice of splits): valid slots after the new token's change nothing."""
+    torch.manual_seed(6)
+    batch, heads, kv_heads, head_size, max_len = 1, 4, 2, 16, 96
+    k_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
+    v_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
+    valid = torch.zeros(batch, max_len, dtype=torch.bool, device=DEVICE)
+    valid[:, :71] = True
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_size, device=DEVICE)
+    positions, slot = torch.tensor([70], device=DEVICE), torch.tensor(70, device=DEVICE)
+    outs = []
+    for after in (False, True):
+        valid[:, 71:] = after
+        outs.append(torch.ops.pipeline.decode_attention(qkv, k_cache.clone(), v_cache.clone(), valid, positions, slot,
+                                                        None, heads, kv_heads, head_size))
+    assert torch.equal(outs[0], outs[1])
+    want, _, _ = _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot,
+                                           torch.zeros(head_size // 2, device=DEVICE), heads, kv_heads, head_size)
+    assert torch.allclose(outs[0].double(), want, atol=1e-4)
 
 
 def test_attention_splits_fill_the_gpu_with_at_least_a_block_each():
@@ -333,6 +359,7 @@ def test_attention_splits_fill_the_gpu_with_at_least_a_block_each():
     assert fused_decode.attention_splits(16, 8, 384) == 3  # 128 pairs: 3 splits of 2 blocks
     assert fused_decode.attention_splits(10, 8, 384) == 3  # 4 wanted: 2 blocks each already needs only 3
     assert fused_decode.attention_splits(64, 8, 384) == 1  # 512 pairs fill the GPU: no split
+    assert fused_decode.attention_splits(32, 8, 384) == 1  # 256 pairs: combining splits costs more than it gains
     assert fused_decode.attention_splits(2, 2, 80) == 2
 
 

@@ -649,15 +649,50 @@ if triton is not None:
                                                   _fused_gemm_rows_gpu)
 
     @triton.jit
+    def _attention_block(q, m, denom, acc, k_ptr, v_ptr, valid_ptr, start, s_end, scale, d, d_mask,
+                         IEEE: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        """The online softmax over one block of cache slots [start, start + BLOCK_S), those from s_end on left out:
+        returns the updated (m, denom, acc). The keys, values and valid flags are loaded at once (none waits for
+        another); a slot that is not valid gets no weight, and its value is zeroed (0 * a non-finite one is not)."""
+        offs_s = start + tl.arange(0, BLOCK_S)
+        in_share = offs_s < s_end
+        kv_mask = in_share[:, None] & d_mask[None, :]
+        kb = tl.load(k_ptr + offs_s[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
+        vb = tl.load(v_ptr + offs_s[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
+        keep = (tl.load(valid_ptr + offs_s, mask=in_share, other=0) != 0) & in_share
+        if IEEE:
+            scores = tl.dot(q, tl.trans(kb), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(kb))
+        scores = tl.where(keep[None, :], scores * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        vb = tl.where(keep[:, None], vb, 0.0)
+        if IEEE:
+            pv = tl.dot(p.to(q.dtype), vb, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(q.dtype), vb)
+        return m_new, denom, acc * alpha[:, None] + pv
+
+    @triton.jit
     def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
                                  part_ptr, counter_ptr, max_len, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
                                  D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 SPLITS: tl.constexpr, PDL: tl.constexpr = False):
-        """One (sequence, KV head, split) of decode_attention; max_len is a runtime argument on a GPU and a constant
-        in the CPU emulator (_decode_attention_kernel_emulated). With SPLITS > 1 (flash-decoding) each split runs
-        the online softmax over its own BLOCK_S-aligned share of the slots and stores (m, denom, acc) to part_ptr;
-        the split that finishes last (counted on counter_ptr) combines them. SPLITS == 1 touches neither."""
+                                 SPLITS: tl.constexpr, PDL: tl.constexpr = False, EMULATED: tl.constexpr = False):
+        """One (sequence, KV head, split) of decode_attention. The new token sits at `slot`; the cache's other
+        slots that count are the valid ones before it (as RankModel.attention_mask has it: a query sees the valid
+        slots at or before its own), so only slots [0, slot) are read, whatever max_len is. With SPLITS > 1
+        (flash-decoding) each split runs the online softmax over its own BLOCK_S-aligned share of those slots and
+        stores (m, denom, acc) to part_ptr; the split that finishes last (counted on counter_ptr) combines them.
+        SPLITS == 1 touches neither.
+
+        The cache loads depend on `slot` alone, not on the valid flags (which only mask the scores and values
+        afterwards), so that a block's keys, values and flags are all in flight at once. max_len is a runtime
+        argument on a GPU; the CPU emulator (EMULATED, max_len a constant) cannot run a loop whose bound it loads,
+        so there each split loops over the most blocks any slot could give it, the surplus masked off."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = 0
@@ -682,7 +717,7 @@ if triton is not None:
         q = tl.load(row + q_off + d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
         k = tl.load(row + k_off + d, mask=d_mask, other=0.0).to(tl.float32)
         v = tl.load(row + v_off + d, mask=d_mask, other=0.0)
-        slot = tl.load(slot_ptr)
+        slot = tl.load(slot_ptr).to(tl.int32)
         if ROPE:  # rotate-half rotary embedding at this sequence's position
             partner = tl.where(d < HALF, d + HALF, d - HALF)
             sign = tl.where(d < HALF, -1.0, 1.0)
@@ -699,7 +734,7 @@ if triton is not None:
         tl.store(k_ptr + cache + slot * D + d, k, mask=d_mask & first)
         tl.store(v_ptr + cache + slot * D + d, v, mask=d_mask & first)
 
-        # the new token first (always attended), then the cache's other valid slots, online softmax
+        # the new token first (always attended), then the valid slots before it, online softmax
         m = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale
         m = tl.where(g_mask, m, 0.0)
         denom = tl.zeros((GROUP_P,), dtype=tl.float32) + 1.0
@@ -708,33 +743,19 @@ if triton is not None:
             m = tl.where(first, m, -1e30)
             denom = tl.where(first, denom, 0.0)
             acc = tl.where(first, acc, 0.0)
-        # this split's blocks: a count, not a slot bound, as the emulator's loops need constant bounds (there, an
-        # assigned value is a tensor: the count stays inline). The last split's share may run past max_len: masked
-        # like the last block.
-        s_first = split * (((max_len + BLOCK_S - 1) // BLOCK_S + SPLITS - 1) // SPLITS) * BLOCK_S
-        s_range = tl.arange(0, BLOCK_S)
-        for i in range(0, ((max_len + BLOCK_S - 1) // BLOCK_S + SPLITS - 1) // SPLITS):
-            offs_s = s_first + i * BLOCK_S + s_range
-            in_range = offs_s < max_len
-            keep = (tl.load(valid_ptr + b * max_len + offs_s, mask=in_range, other=0) != 0) & (offs_s != slot)
-            kv_mask = keep[:, None] & d_mask[None, :]
-            kb = tl.load(k_ptr + cache + offs_s[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(kb), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(kb))
-            scores = tl.where(keep[None, :], scores * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            denom = denom * alpha + tl.sum(p, axis=1)
-            vb = tl.load(v_ptr + cache + offs_s[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(dt), vb, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(dt), vb)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
+        # this split's share of the blocks before the slot, and where it ends
+        share = (tl.cdiv(slot, BLOCK_S) + SPLITS - 1) // SPLITS
+        s_first = split * share * BLOCK_S
+        s_end = tl.minimum(s_first + share * BLOCK_S, slot)
+        flags = valid_ptr + b * max_len
+        if EMULATED:  # the bound inline: the emulator makes an assigned value a tensor
+            for i in range(0, ((max_len + BLOCK_S - 1) // BLOCK_S + SPLITS - 1) // SPLITS):
+                m, denom, acc = _attention_block(q, m, denom, acc, k_ptr + cache, v_ptr + cache, flags,
+                                                 s_first + i * BLOCK_S, s_end, scale, d, d_mask, IEEE, BLOCK_S, D)
+        else:
+            for i in range(0, share):
+                m, denom, acc = _attention_block(q, m, denom, acc, k_ptr + cache, v_ptr + cache, flags,
+                                                 s_first + i * BLOCK_S, s_end, scale, d, d_mask, IEEE, BLOCK_S, D)
         if SPLITS == 1:
             out = acc / denom[:, None]
             tl.store(out_ptr + b * HEADS * D + q_off + d[None, :], out.to(dt), mask=qd_mask)
@@ -773,7 +794,7 @@ if triton is not None:
                                           IEEE: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
         _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
                                  part_ptr, counter_ptr, max_len, scale, HEADS, KV_HEADS, D, GROUP_P, D_P, ROPE, IEEE,
-                                 BLOCK_S, SPLITS)
+                                 BLOCK_S, SPLITS, False, True)
 
 
 # ------------------------------------------------------------------------------------------------- the ops
@@ -933,16 +954,29 @@ def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale
 
 
 ATTENTION_BLOCK_S = 64  # cache slots per block of the attention's loop (and the unit a split's share is made of)
+ATTENTION_WARPS = 4
 ATTENTION_PROGRAMS = 264  # two programs per SM of an H100/H200 (132 SMs): what flash-decoding splits aim for
 
 
 def attention_splits(batch: int, kv_heads: int, max_len: int) -> int:
     """How many programs share each (sequence, KV head)'s slots (flash-decoding): enough for the grid to reach
     ATTENTION_PROGRAMS, but at least one block of slots each. At batch 1 of Llama-3-8B (8 KV heads, 384 slots: 6
-    blocks) that is 6 splits, 48 programs instead of 8; from 264 (sequence, KV head) pairs on it is 1 (no split)."""
+    blocks) that is 6 splits, 48 programs instead of 8. From half of ATTENTION_PROGRAMS (sequence, KV head) pairs
+    on it is 1 (no split): at batch 32 of the 8B shape (256 pairs) 2 splits took 26 us a layer, 1 split 15-17 us
+    (H100, run 40: the cost of combining outweighs the programs gained)."""
+    pairs = batch * kv_heads
+    if 2 * pairs >= ATTENTION_PROGRAMS:
+        return 1
     blocks = triton.cdiv(max_len, ATTENTION_BLOCK_S)
-    splits = min(blocks, max(1, triton.cdiv(ATTENTION_PROGRAMS, batch * kv_heads)))
+    splits = min(blocks, max(1, triton.cdiv(ATTENTION_PROGRAMS, pairs)))
     return triton.cdiv(blocks, triton.cdiv(blocks, splits))  # no split left without blocks (6 blocks: 4 -> 3)
+
+
+def attention_stages(splits: int) -> int | None:
+    """The attention loop's pipeline stages: 1 (no software pipelining, more programs resident) where each
+    program loops over all of its sequence's slots (splits 1: 14.8 us a layer at batch 32 of the 8B shape against
+    16.7 with Triton's default, H100 run 40), else Triton's default (None)."""
+    return 1 if splits == 1 else None
 
 
 @torch.library.custom_op("pipeline::decode_attention", mutates_args=("k_cache", "v_cache"))
@@ -951,8 +985,17 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                      kv_heads: int, head_size: int, pdl: bool = False, splits: int | None = None) -> torch.Tensor:
     """One decode step's attention for qkv [B, (heads + 2 kv_heads) * head_size]: rotary embedding (if inv_freq),
     k and v written to the caches [B, kv_heads, max_len, head_size] at `slot`, and softmax(q k^T / sqrt(d)) v over
-    the valid slots. Returns [B, heads * head_size]. splits: programs per (sequence, KV head), each over a share of
-    the slots (None: attention_splits chooses; tests force it)."""
+    the new token and the valid slots before `slot`. Returns [B, heads * head_size]. splits: programs per
+    (sequence, KV head), each over a share of the slots (None: attention_splits chooses; tests force it)."""
+    return launch_decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads,
+                                   head_size, pdl, splits)
+
+
+def launch_decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size,
+                            pdl=False, splits=None, block_s=ATTENTION_BLOCK_S, num_warps=ATTENTION_WARPS,
+                            num_stages=-1) -> torch.Tensor:
+    """decode_attention's launch, its tile (block_s slots a loop step), warps and pipeline stages given
+    (bench/profile_step.py --attention times each so; num_stages -1: attention_stages, None: Triton's default)."""
     batch = qkv.shape[0]
     max_len = k_cache.shape[2]
     out = torch.empty((batch, heads * head_size), dtype=qkv.dtype, device=qkv.device)
@@ -969,11 +1012,15 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     emulated = os.environ.get("TRITON_INTERPRET") == "1"
     kernel = _decode_attention_kernel_emulated if emulated else _decode_attention_kernel
     extra = dict(PDL=True, launch_pdl=True) if pdl and not emulated else {}
+    if num_stages == -1:
+        num_stages = attention_stages(splits)
+    if num_stages is not None and not emulated:
+        extra["num_stages"] = num_stages
     kernel[(batch, kv_heads, splits)](
         qkv, k_cache, v_cache, valid.view(torch.uint8), positions, slot,
         inv_freq if inv_freq is not None else qkv, out, part, counter, max_len, head_size ** -0.5,
         HEADS=heads, KV_HEADS=kv_heads, D=head_size, GROUP_P=group_p, D_P=d_p, ROPE=inv_freq is not None,
-        IEEE=qkv.dtype == torch.float32, BLOCK_S=ATTENTION_BLOCK_S, SPLITS=splits, num_warps=4, **extra)
+        IEEE=qkv.dtype == torch.float32, BLOCK_S=block_s, SPLITS=splits, num_warps=num_warps, **extra)
     return out
 
 
