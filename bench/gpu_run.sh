@@ -12,7 +12,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 TOKENIZERS_PARA
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.max.sm --format=csv
   python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
   git log -1 --format='commit %h %ad' 2>/dev/null || true  # the copy's HEAD may lag its working tree:
-  echo "source sha256 $(git ls-files -co --exclude-standard pipeline bench | sort | xargs cat | sha256sum | cut -c1-16)"
+  echo "source sha256 $(git ls-files -co --exclude-standard pipeline bench | grep -v "^bench/results/" | sort | xargs cat | sha256sum | cut -c1-16)"
   date -u; } | tee "$OUT/gpu.txt"
 R="$OUT/results"
 for phase in "${@:-tests gpt2 8b}"; do

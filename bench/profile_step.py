@@ -208,10 +208,10 @@ def attention_configs(text: str) -> list[tuple]:
 
 
 def profile_variant(model, options: DecodeOptions, steps: int, read_bytes: int, bandwidth: float,
-                    batch: int = 1) -> list[str]:
+                    batch: int = 1, max_len: int = 256) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
 
-    decoder = CudaDecoder(model, batch, 256, options)
+    decoder = CudaDecoder(model, batch, max_len, options)
     decoder.warm_up()
     decoder.prefill(make_prompts(batch, 128, model.vocab_size, seed=1))
     decoder.run_steps(3)
@@ -259,6 +259,7 @@ def main(argv=None) -> int:
                    "is timed (batch 1)")
     p.add_argument("--attention", action="append", default=[], metavar="SPLITS/BLOCKS/WARPS/STAGES",
                    help="time decode_attention's configs at --batch (see attention_configs; repeatable)")
+    p.add_argument("--max-len", type=int, default=256, help="the profiled decoder's cache slots (the bench: 384)")
     p.add_argument("--attention-slot", type=int, default=192, help="the new token's slot for --attention (of 384)")
     args = p.parse_args(argv)
     device = torch.device("cuda", 0)
@@ -290,7 +291,7 @@ def main(argv=None) -> int:
         options = DecodeOptions.from_label(label)
         set_triton_gemv(model, options.triton_gemv)
         try:
-            lines = profile_variant(model, options, args.steps, read_bytes, bandwidth, args.batch)
+            lines = profile_variant(model, options, args.steps, read_bytes, bandwidth, args.batch, args.max_len)
             lines[0] += f" {' '.join(settings)}"
             print("\n".join(lines) + "\n", flush=True)
         except Exception as exc:

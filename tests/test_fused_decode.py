@@ -352,6 +352,27 @@ def test_decode_attention_op_reads_no_slot_after_the_new_one():
     assert torch.allclose(outs[0].double(), want, atol=1e-4)
 
 
+def test_decode_attention_for_many_sequences_against_float64():
+    """136 (sequence, KV head) pairs: the op's choice is one program each (no split; on a GPU without software
+    pipelining, attention_stages), over several blocks of slots."""
+    torch.manual_seed(7)
+    batch, heads, kv_heads, head_size, max_len = 17, 32, 8, 16, 200
+    assert fused_decode.attention_splits(batch, kv_heads, max_len) == 1
+    k_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
+    v_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
+    valid = torch.rand(batch, max_len, device=DEVICE) < 0.8
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_size, 2, device=DEVICE).float() / head_size)
+    positions = torch.arange(150, 150 + batch, device=DEVICE)
+    slot = torch.tensor(150, device=DEVICE)
+    valid[:, slot] = True
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_size, device=DEVICE)
+    want, _, _ = _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads,
+                                           head_size)
+    got = torch.ops.pipeline.decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
+                                              kv_heads, head_size)
+    assert torch.allclose(got.double(), want, atol=1e-4), (got.double() - want).abs().max().item()
+
+
 def test_attention_splits_fill_the_gpu_with_at_least_a_block_each():
     """(sequence, KV head) pairs x splits reach ~264 programs (2 per SM of an H100/H200), each split >= 64 slots."""
     assert fused_decode.attention_splits(1, 8, 384) == 6  # Llama-3-8B at batch 1: 6 blocks, one each
