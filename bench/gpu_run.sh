@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests profile profile32 b32 forms quick 8b fp8 fp8ab tune gpt2 nccl tp2  # any subset
+#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention b32 forms quick 8b fp8 fp8ab tune \
+#     gpt2 nccl tp2  # any subset
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -31,8 +32,13 @@ for phase in "${@:-tests gpt2 8b}"; do
            python bench/profile_step.py llama-3-8b
            python bench/profile_step.py llama-3-8b --quant fp8 --variants graph+triton-gemv+fused-mlp+fused-step
            python bench/profile_step.py gpt2 --no-gemv --variants graph+triton-gemv+fused-mlp+fused-step ;;
+    attention) # the decode attention's configs (splits/block/warps/stages), every layer in a graph, at batch 1 and 32
+           python bench/profile_step.py llama-3-8b --no-gemv --variants "" --attention 3,6,12/16,32,64/4/0,1,2
+           python bench/profile_step.py llama-3-8b --batch 32 --no-gemv --variants "" \
+             --attention 1,2/32,64,128/4,8/0,1,2 ;;
     profile32) # where a batch-32 step's time goes (the compiled layer-by-layer step that batches > 1 run)
-           python bench/profile_step.py llama-3-8b --batch 32 --variants graph+compile+cublas+fused-mlp ;;
+           python bench/profile_step.py llama-3-8b --batch 32 --max-len 384 --no-gemv \
+             --variants graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm ;;
     gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl ;;
     8b)    # batch 1: the fused step with and without PDL; batch 32: the compiled layer-by-layer step with the fused
