@@ -269,8 +269,11 @@ def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
             read = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
             cublas = next(s for s, i in timed if i < 0)
             label = "cuBLAS" if best < 0 else str(_CONFIGS[best])
+            kernel = min(((s, i) for s, i in timed if i >= 0), default=None)  # how close the kernel came
+            runner_up = (f"; the kernel at best {read / kernel[0] / 1e9:.0f} GB/s"
+                         if best < 0 and kernel is not None else "")
             _tuned[f"{name} (N={n}, K={k}, {rows} rows)"] = chosen[name] = (
-                f"{label} ({read / seconds / 1e9:.0f} GB/s; cuBLAS {read / cublas / 1e9:.0f} GB/s)")
+                f"{label} ({read / seconds / 1e9:.0f} GB/s; cuBLAS {read / cublas / 1e9:.0f} GB/s{runner_up})")
         for linear in linears:
             linear.skinny[m_p] = _tune_cache[key]
     return chosen
