@@ -90,24 +90,32 @@ def cases():
             yield (f"fused_gemm_rows {weight} B_P={rows} config {config}", fd._fused_gemm_rows,
                    gemv_signature(dtype, weight, dtype, True), constexprs,
                    dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    # the batched GEMM's split-K swap-AB kernel (pipeline.backends.batched_gemm), every config, at 32 rows
+    # the batched GEMM's split-K swap-AB kernel (pipeline.backends.batched_gemm), every config, at 32 rows; without
+    # an activation as qkv runs it before a PDL-launched attention (TRIGGER)
     for config in batched_gemm._CONFIGS:
         for dtype, bias, act in (("bf16", False, fd.ACT_NONE), ("bf16", True, fd.ACT_SILU_GATE)):
             signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
                          "part_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
-            constexprs = dict(HAS_BIAS=bias, M_P=32, EVEN_K=True, ACT=act, F32_DOT=False, **config.kwargs)
-            yield (f"skinny_gemm {dtype} bias={bias} act={act} config {config}", batched_gemm._skinny_gemm,
+            constexprs = dict(HAS_BIAS=bias, M_P=32, EVEN_K=True, ACT=act, F32_DOT=False,
+                              TRIGGER=act == fd.ACT_NONE, **config.kwargs)
+            yield (f"skinny_gemm {dtype} bias={bias} act={act} trigger={act == fd.ACT_NONE} config {config}",
+                   batched_gemm._skinny_gemm,
                    signature, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages))
     # splits > 1: flash-decoding (6 is what batch 1 of the 8B shape gets at 384 slots)
-    for dtype, rope, pdl, splits in (("bf16", True, True, 1), ("fp16", False, False, 1), ("fp32", True, False, 1),
-                                     ("bf16", True, True, 6), ("fp32", True, False, 3)):
+    # preload: the split's first cache block loaded before griddepcontrol.wait (checked in main)
+    for dtype, rope, pdl, splits, preload in (("bf16", True, True, 1, False), ("fp16", False, False, 1, False),
+                                              ("fp32", True, False, 1, False), ("bf16", True, True, 6, False),
+                                              ("fp32", True, False, 3, False), ("bf16", True, True, 6, True),
+                                              ("bf16", True, True, 1, True)):
         signature = {name: f"*{dtype}" for name in ("qkv_ptr", "k_ptr", "v_ptr", "out_ptr")}
         signature.update(valid_ptr="*u8", pos_ptr="*i64", slot_ptr="*i64", inv_freq_ptr="*fp32", part_ptr="*fp32",
                          counter_ptr="*i32", max_len="i32", scale="fp32")
         constexprs = dict(HEADS=32, KV_HEADS=8, D=128, GROUP_P=16, D_P=128, ROPE=rope, IEEE=dtype == "fp32",
-                          BLOCK_S=fd.ATTENTION_BLOCK_S, SPLITS=splits, PDL=pdl)
-        yield (f"decode_attention {dtype} rope={rope} pdl={pdl} splits={splits}", fd._decode_attention_kernel,
-               signature, constexprs, dict(launch_pdl=pdl))
+                          BLOCK_S=fd.ATTENTION_BLOCK_S, SPLITS=splits, PDL=pdl, PRELOAD=preload)
+        stages = fd.attention_stages(splits)
+        yield (f"decode_attention {dtype} rope={rope} pdl={pdl} splits={splits} preload={preload}",
+               fd._decode_attention_kernel, signature, constexprs,
+               dict(launch_pdl=pdl, **({"num_stages": stages} if stages else {})))
 
 
 def main(argv=None) -> int:
@@ -142,6 +150,8 @@ def main(argv=None) -> int:
             if name.startswith(("skinny_gemm", "fused_gemm_rows")) and not constexprs.get("W_F32") \
                     and "wgmma.mma_async" not in ptx:
                 raise AssertionError("the batched GEMM's weight tile does not reach wgmma")
+            if "TRIGGER" in constexprs and ("griddepcontrol.launch_dependents" in ptx) != constexprs["TRIGGER"]:
+                raise AssertionError(f"TRIGGER={constexprs['TRIGGER']} but not so in the PTX")
             gdc = "griddepcontrol.wait" in ptx
             if gdc != constexprs.get("PDL", False):
                 raise AssertionError(f"PDL={constexprs.get('PDL')} but griddepcontrol in the PTX: {gdc}")
@@ -151,6 +161,10 @@ def main(argv=None) -> int:
                 raise AssertionError(f"SPLITS={constexprs['SPLITS']} but an acq_rel counter in the PTX: {counted}")
             if "w_ptr" in signature and counted != (constexprs.get("SPLIT_K", 1) > 1):
                 raise AssertionError(f"SPLIT_K={constexprs.get('SPLIT_K', 1)} but an acq_rel counter: {counted}")
+            if gdc and "SPLITS" in constexprs:  # before the wait: the slot index alone, or the first cache block too
+                early = ptx[:ptx.find("griddepcontrol.wait")].count("ld.global")
+                if (early > 1) != constexprs["PRELOAD"]:
+                    raise AssertionError(f"PRELOAD={constexprs['PRELOAD']} but {early} loads before the wait")
             first_load = ptx.find("ld.global.L1::evict_first")  # a weight tile (the only evict-first loads)
             if gdc and "w_ptr" in signature and not 0 <= first_load < ptx.find("griddepcontrol.wait"):
                 raise AssertionError("with PDL the first weight tile must be loaded before griddepcontrol.wait")

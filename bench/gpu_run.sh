@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention b32 forms quick 8b fp8 fp8ab tune \
-#     gpt2 nccl tp2  # any subset
+#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention preload b32 forms quick 8b fp8 \
+#     fp8ab tune gpt2 nccl tp2  # any subset
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -36,6 +36,16 @@ for phase in "${@:-tests gpt2 8b}"; do
            python bench/profile_step.py llama-3-8b --no-gemv --variants "" --attention 3,6,12/16,32,64/4/0,1,2
            python bench/profile_step.py llama-3-8b --batch 32 --no-gemv --variants "" \
              --attention 1,2/32,64,128/4,8/0,1,2 ;;
+    preload) # the decode attention launched with PDL after qkv's split-K kernel at batch 32, and its first cache
+           # block loaded before the wait (PIPELINE_ATTENTION_PRELOAD), against neither; batch 1 (fused step, PDL)
+           # with and without the preload, bf16 and FP8. Step times and kernels (bench/profile_step.py)
+           B=graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm F=graph+triton-gemv+fused-mlp+fused-step+pdl
+           python bench/profile_step.py llama-3-8b --batch 32 --max-len 384 --no-gemv \
+             --variants $B,$B+pdl,$B+pdl@PIPELINE_ATTENTION_PRELOAD=1
+           for q in none fp8; do
+             python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv \
+               --variants $F,$F@PIPELINE_ATTENTION_PRELOAD=1,$F
+           done ;;
     profile32) # where a batch-32 step's time goes (the compiled layer-by-layer step that batches > 1 run)
            python bench/profile_step.py llama-3-8b --batch 32 --max-len 384 --no-gemv \
              --variants graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm ;;

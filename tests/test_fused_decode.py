@@ -297,12 +297,14 @@ def _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot, inv
     return torch.einsum("bhgs,bhsd->bhgd", probs, values).reshape(batch, -1), k, v
 
 
-@pytest.mark.parametrize("splits,block_s", [(1, 64), (2, 64), (3, 64), (2, 16), (5, 16)])
-def test_split_decode_attention_against_float64(splits, block_s):
+@pytest.mark.parametrize("splits,block_s,preload", [(1, 64, False), (2, 64, False), (3, 64, False), (2, 16, False),
+                                                     (5, 16, False), (1, 64, True), (3, 64, True), (2, 16, True)])
+def test_split_decode_attention_against_float64(splits, block_s, preload):
     """Flash-decoding (the slots before the new token's split over programs, the last one to finish combining):
     160 slots, the new token at 100 and 101, so 64-slot blocks give 2 blocks to share (3 splits: one empty) and
     16-slot ones 7 (each split loops over several). Valid slots after the new token's are not attended. Two calls
-    in a row: the second only combines if the first set its counters back to 0. 1 split is the unsplit kernel."""
+    in a row: the second only combines if the first set its counters back to 0. 1 split is the unsplit kernel.
+    preload: each split's first block loaded before the qkv row (the kernel's PRELOAD), the same result."""
     torch.manual_seed(5)
     batch, heads, kv_heads, head_size, max_len = 2, 8, 2, 16, 160
     k_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
@@ -321,7 +323,7 @@ def test_split_decode_attention_against_float64(splits, block_s):
         want, k, v = _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
                                                kv_heads, head_size)
         got = fused_decode.launch_decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
-                                                   kv_heads, head_size, False, splits, block_s)
+                                                   kv_heads, head_size, False, splits, block_s, preload=preload)
         assert torch.allclose(got.double(), want, atol=1e-4), (call, (got.double() - want).abs().max().item())
         assert torch.allclose(k_cache[:, :, slot].double(), k, atol=1e-5)
         assert torch.equal(v_cache[:, :, slot], v.float())
@@ -518,8 +520,8 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 152 and all(line.startswith("ok    sm_90 ") for line in lines)
-    assert sum("griddepcontrol" in line for line in lines) == 13
+    assert len(lines) == 154 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert sum("griddepcontrol" in line for line in lines) == 15
 
 
 def test_autotuning_candidates_per_shape():

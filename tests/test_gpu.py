@@ -295,9 +295,10 @@ def test_batched_gemm_every_config_against_float64(rows, n, k, bias):
     assert ran >= len(indices) // 2
 
 
-def test_tuned_gemm_decode_gives_the_cublas_steps_logits(home):
+def test_tuned_gemm_decode_gives_the_cublas_steps_logits(home, monkeypatch):
     """tuned-gemm at batch 3, compiled and in a CUDA graph, with every GEMM forced onto the split-K kernel: the
-    cuBLAS step's logits within float16 rounding, and its greedy tokens."""
+    cuBLAS step's greedy tokens. With pdl too (Hopper), the attention launched while qkv's kernel ends, with and
+    without its first cache block loaded before the wait (PIPELINE_ATTENTION_PRELOAD): the same tokens."""
     from pipeline.backends import batched_gemm
     from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
 
@@ -320,6 +321,16 @@ def test_tuned_gemm_decode_gives_the_cublas_steps_logits(home):
     assert all(linear.skinny[16] >= 0 for layer in model.layers for key, linear in layer.items()
                if key in ("qkv", "dense", "fc_gate", "proj"))
     assert decoder.generate(batch, 16) == want
+    hopper = torch.cuda.get_device_capability(GPU)[0] >= 9
+    for preload in ("0", "1"):
+        monkeypatch.setenv("PIPELINE_ATTENTION_PRELOAD", preload)
+        pdl = CudaDecoder(model, 3, 64, DecodeOptions.from_label(tuned.label + "+pdl"))
+        pdl.warm_up()
+        assert pdl.path.startswith("layer by layer, fused attention" + (", PDL" if hopper else "")), pdl.path
+        assert all(layer["qkv"].trigger_dependents == hopper for layer in model.layers)
+        assert pdl.generate(batch, 16) == want, preload
+    decoder.warm_up()  # a decoder without pdl: qkv's kernel triggers nothing again
+    assert not any(layer["qkv"].trigger_dependents for layer in model.layers)
 
 
 def test_batched_gemm_silu_gate_at_the_8b_shape():

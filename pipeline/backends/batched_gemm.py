@@ -49,6 +49,8 @@ def padded_rows(rows: int) -> int:
 
 if triton is not None:
     # shared with fused-rows
+    from triton.language.extra.cuda import gdc_launch_dependents
+
     from pipeline.backends.fused_decode import _add_split_tiles, _load_tile, _store_tile
 
     _CONFIGS = [
@@ -61,7 +63,8 @@ if triton is not None:
     @triton.jit
     def _skinny_gemm(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_P: tl.constexpr,
-                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr = 0, F32_DOT: tl.constexpr = False):
+                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr = 0, F32_DOT: tl.constexpr = False,
+                     TRIGGER: tl.constexpr = False):
         """y [M, N] = x [M, K] @ w [N, K]^T (+ bias) for one row block of w and one share of K (see the module).
         ACT = 1 (silu-gate): w holds [fc; gate] (2N rows) and y = silu(x fc^T) * (x gate^T), each program taking
         both halves of its rows, rounded as the unfused ops round (fused_decode._activation).
@@ -69,7 +72,10 @@ if triton is not None:
         and F32_DOT (its tl.dot of bfloat16 operands returns garbage: Triton 3.6). With SPLIT_K > 1 the host keeps
         K a multiple of BLOCK_K * SPLIT_K. Launched with programmatic dependent launch (the first weight tile
         loaded before waiting for the previous kernel, as _fused_gemv does) the batch-32 step was no faster (H100
-        run 36), and the peeled first tile took a pipeline stage's worth of shared memory more: not kept."""
+        run 36), and the peeled first tile took a pipeline stage's worth of shared memory more: not kept.
+        TRIGGER (Hopper): once past its main loop, a program lets the next kernel launch, if that one was launched
+        with programmatic dependent launch (the decode attention after qkv); that kernel waits for this one's
+        results before reading them, and may load what this one does not write meanwhile."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         dt = y_ptr.dtype.element_ty
@@ -94,6 +100,8 @@ if triton is not None:
             if ACT == 1:
                 w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
             acc, acc2 = _chunk(acc, acc2, w, w2, x_ptr, offs_m, m_mask, offs_k, k_mask, K, EVEN_K, ACT, F32_DOT)
+        if TRIGGER:
+            gdc_launch_dependents()
         if SPLIT_K == 1:
             _store_tile(acc, acc2, offs_n, n_mask, offs_m, m_mask, N, b_ptr, y_ptr, dt, HAS_BIAS, ACT)
         else:  # the last share to finish adds the shares' sums and stores the result
@@ -171,11 +179,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 @torch.library.custom_op("pipeline::skinny_mm", mutates_args=())
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: int, act: int = 0,
-              split_k: int = 1) -> torch.Tensor:
+              split_k: int = 1, trigger: bool = False) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias) -> [M, N] in x's dtype, for 2 <= M <= MAX_ROWS; act=ACT_SILU_GATE: weight
     holds [fc; gate] and the result is silu(fc) * gate [M, N / 2]. config: an index into _CONFIGS (tune's choice).
-    In Triton's CPU emulator INTERPRETER_CONFIG runs instead, with split_k programs per row block (tests). An op,
-    so that torch.compile calls it unopened."""
+    trigger: let a kernel launched after it with programmatic dependent launch start early (the kernel's TRIGGER;
+    GPU only). In Triton's CPU emulator INTERPRETER_CONFIG runs instead, with split_k programs per row block
+    (tests). An op, so that torch.compile calls it unopened."""
     _check(x, weight)
     if act not in (ACT_NONE, ACT_SILU_GATE):
         raise ValueError(f"skinny_mm: act={act}; give {ACT_NONE} (none) or {ACT_SILU_GATE} (silu-gate)")
@@ -198,12 +207,13 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         _skinny_gemm_emulated[grid](*args, **flags, **meta)
     else:
         config = _CONFIGS[config]
-        _skinny_gemm[grid](*args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+        _skinny_gemm[grid](*args, **flags, **meta, TRIGGER=trigger, num_warps=config.num_warps,
+                           num_stages=config.num_stages)
     return y
 
 
 @skinny_mm.register_fake
-def _(x, weight, bias, config, act=0, split_k=1):
+def _(x, weight, bias, config, act=0, split_k=1, trigger=False):
     n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]
     return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
 

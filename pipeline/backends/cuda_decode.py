@@ -44,7 +44,8 @@ class DecodeOptions:
     fused_rows: bool = False
     # the fused step's kernels with programmatic dependent launch (Hopper+; dropped elsewhere): each starts while
     # the previous one ends and loads its first weight tile meanwhile. H200, run 19: the 8B step 2.7% faster in
-    # bf16, 1.8% in FP8, GPT-2's 19%
+    # bf16, 1.8% in FP8, GPT-2's 19%. In the layer-by-layer step with fused-attn, the attention is launched so
+    # after qkv (not yet timed: bench/gpu_run.sh preload)
     pdl: bool = True
     # the layer-by-layer step (batches > 1 without fused-rows) with the fused step's attention kernel (rotary
     # embedding, cache write and attention in one) in place of the grouped attention's matmuls and softmax
@@ -87,13 +88,17 @@ class CudaLinear(Linear):
         self.triton_gemv = triton_gemv and cuda_kernels.available()
         self.out_dtype = out_dtype
         self.skinny: dict[int, int] = {}
+        # the split-K kernel lets the next kernel start early (programmatic dependent launch): set on qkv where the
+        # decode attention that follows it is launched so
+        self.trigger_dependents = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.triton_gemv and x.numel() == x.shape[-1]:
             return cuda_kernels.linear_1row(x, self.weight, self.bias, out_dtype=self.out_dtype)
         index = self._skinny(x)
         if index >= 0:
-            y = torch.ops.pipeline.skinny_mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, index)
+            y = torch.ops.pipeline.skinny_mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, index,
+                                             trigger=self.trigger_dependents)
             return y.view(*x.shape[:-1], self.weight.shape[0])
         if self.out_dtype is not None and self.bias is None and x.device.type == "cuda":
             y = torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out_dtype=self.out_dtype)
@@ -213,9 +218,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size):
+def _decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size,
+                      pdl=False):
     return torch.ops.pipeline.decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
-                                               kv_heads, head_size)
+                                               kv_heads, head_size, pdl)
 
 
 class CudaDecoder:
@@ -253,12 +259,17 @@ class CudaDecoder:
             self.fallback_reason = f"batch {batch}" + ("" if options.fused_rows else "; fused-rows runs batches > 1")
         # the layer-by-layer step's attention as one kernel (fused-attn), where the fused step's kernel applies
         self.attention = None
+        self.attention_pdl = False
         if self.fused is None and options.fused_attention:
             reason = fused_decode.attention_unsupported_reason(model)
             if reason is None:
                 inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
+                # with pdl (Hopper), the attention is launched so that it starts while qkv's split-K kernel ends
+                self.attention_pdl = options.pdl and model.device.type == "cuda" and \
+                    torch.cuda.get_device_capability(model.device)[0] >= 9
                 self.attention = functools.partial(_decode_attention, inv_freq=inv_freq, heads=model.heads,
-                                                   kv_heads=model.kv_heads, head_size=model.head_size)
+                                                   kv_heads=model.kv_heads, head_size=model.head_size,
+                                                   pdl=self.attention_pdl)
             else:
                 self.fallback_reason += f"; fused-attn not applied: {reason}"
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if options.compile else self._step
@@ -275,7 +286,8 @@ class CudaDecoder:
     def path(self) -> str:
         if self.fused is not None:
             return "fused step, PDL" if self.fused.pdl else "fused step"
-        return f"layer by layer{', fused attention' if self.attention else ''} ({self.fallback_reason})"
+        attention = (", fused attention" + (", PDL" if self.attention_pdl else "")) if self.attention else ""
+        return f"layer by layer{attention} ({self.fallback_reason})"
 
     def _step(self) -> torch.Tensor:
         """One greedy decode step on the device buffers: write the cache at `slot`, compute logits, advance."""
@@ -301,6 +313,9 @@ class CudaDecoder:
             batched_gemm.tune(self.model, self.batch)
         else:
             batched_gemm.forget(self.model)  # cuBLAS for every batch, as the options ask (another decoder tuned)
+        for layer in self.model.layers:  # another decoder of this model may have set it otherwise
+            if hasattr(layer.get("qkv"), "trigger_dependents"):
+                layer["qkv"].trigger_dependents = self.attention_pdl
         if self.model.device.type != "cuda":
             self._step_fn()
             return

@@ -649,17 +649,21 @@ if triton is not None:
                                                   _fused_gemm_rows_gpu)
 
     @triton.jit
-    def _attention_block(q, m, denom, acc, k_ptr, v_ptr, valid_ptr, start, s_end, scale, d, d_mask,
-                         IEEE: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
-        """The online softmax over one block of cache slots [start, start + BLOCK_S), those from s_end on left out:
-        returns the updated (m, denom, acc). The keys, values and valid flags are loaded at once (none waits for
-        another); a slot that is not valid gets no weight, and its value is zeroed (0 * a non-finite one is not)."""
+    def _attention_load(k_ptr, v_ptr, valid_ptr, start, s_end, d, d_mask, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        """One block of cache slots [start, start + BLOCK_S), those from s_end on left out: (keys, values, keep).
+        The keys, values and valid flags are loaded at once (none waits for another)."""
         offs_s = start + tl.arange(0, BLOCK_S)
         in_share = offs_s < s_end
         kv_mask = in_share[:, None] & d_mask[None, :]
         kb = tl.load(k_ptr + offs_s[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
         vb = tl.load(v_ptr + offs_s[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
         keep = (tl.load(valid_ptr + offs_s, mask=in_share, other=0) != 0) & in_share
+        return kb, vb, keep
+
+    @triton.jit
+    def _attention_update(q, m, denom, acc, kb, vb, keep, scale, IEEE: tl.constexpr):
+        """The online softmax over one loaded block: returns the updated (m, denom, acc). A slot that is not kept
+        gets no weight, and its value is zeroed (0 * a non-finite one is not 0)."""
         if IEEE:
             scores = tl.dot(q, tl.trans(kb), input_precision="ieee")
         else:
@@ -681,7 +685,8 @@ if triton is not None:
                                  part_ptr, counter_ptr, max_len, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
                                  D_P: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 SPLITS: tl.constexpr, PDL: tl.constexpr = False, EMULATED: tl.constexpr = False):
+                                 SPLITS: tl.constexpr, PDL: tl.constexpr = False, EMULATED: tl.constexpr = False,
+                                 PRELOAD: tl.constexpr = False):
         """One (sequence, KV head, split) of decode_attention. The new token sits at `slot`; the cache's other
         slots that count are the valid ones before it (as RankModel.attention_mask has it: a query sees the valid
         slots at or before its own), so only slots [0, slot) are read, whatever max_len is. With SPLITS > 1
@@ -692,7 +697,12 @@ if triton is not None:
         The cache loads depend on `slot` alone, not on the valid flags (which only mask the scores and values
         afterwards), so that a block's keys, values and flags are all in flight at once. max_len is a runtime
         argument on a GPU; the CPU emulator (EMULATED, max_len a constant) cannot run a loop whose bound it loads,
-        so there each split loops over the most blocks any slot could give it, the surplus masked off."""
+        so there each split loops over the most blocks any slot could give it, the surplus masked off.
+
+        PRELOAD: the split's first block is loaded first, before the qkv row (and, with PDL, before waiting for the
+        kernel that writes it): none of the cache slots before the new token's is written by the kernels this
+        one can overlap (the qkv GEMM), nor are the slot index and valid flags, which the step sets before its
+        first layer."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = 0
@@ -707,6 +717,16 @@ if triton is not None:
         g_mask = g < G
         d_mask = d < D
         qd_mask = g_mask[:, None] & d_mask[None, :]
+        cache = (b * KV_HEADS + kvh).to(tl.int64) * max_len * D
+        flags = valid_ptr + b * max_len
+        # this split's share of the blocks before the slot, and where it ends
+        slot = tl.load(slot_ptr).to(tl.int32)
+        share = (tl.cdiv(slot, BLOCK_S) + SPLITS - 1) // SPLITS
+        s_first = split * share * BLOCK_S
+        s_end = tl.minimum(s_first + share * BLOCK_S, slot)
+        if PRELOAD:
+            kb0, vb0, keep0 = _attention_load(k_ptr + cache, v_ptr + cache, flags, s_first, s_end, d, d_mask,
+                                              BLOCK_S, D)
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
@@ -717,7 +737,6 @@ if triton is not None:
         q = tl.load(row + q_off + d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
         k = tl.load(row + k_off + d, mask=d_mask, other=0.0).to(tl.float32)
         v = tl.load(row + v_off + d, mask=d_mask, other=0.0)
-        slot = tl.load(slot_ptr).to(tl.int32)
         if ROPE:  # rotate-half rotary embedding at this sequence's position
             partner = tl.where(d < HALF, d + HALF, d - HALF)
             sign = tl.where(d < HALF, -1.0, 1.0)
@@ -730,7 +749,6 @@ if triton is not None:
             k = k * cos + sign * k_p * sin
         q = q.to(dt)
         k = k.to(dt)
-        cache = (b * KV_HEADS + kvh).to(tl.int64) * max_len * D
         tl.store(k_ptr + cache + slot * D + d, k, mask=d_mask & first)
         tl.store(v_ptr + cache + slot * D + d, v, mask=d_mask & first)
 
@@ -743,19 +761,19 @@ if triton is not None:
             m = tl.where(first, m, -1e30)
             denom = tl.where(first, denom, 0.0)
             acc = tl.where(first, acc, 0.0)
-        # this split's share of the blocks before the slot, and where it ends
-        share = (tl.cdiv(slot, BLOCK_S) + SPLITS - 1) // SPLITS
-        s_first = split * share * BLOCK_S
-        s_end = tl.minimum(s_first + share * BLOCK_S, slot)
-        flags = valid_ptr + b * max_len
+        FIRST: tl.constexpr = 1 if PRELOAD else 0  # the blocks the loop starts after
+        if PRELOAD:
+            m, denom, acc = _attention_update(q, m, denom, acc, kb0, vb0, keep0, scale, IEEE)
         if EMULATED:  # the bound inline: the emulator makes an assigned value a tensor
-            for i in range(0, ((max_len + BLOCK_S - 1) // BLOCK_S + SPLITS - 1) // SPLITS):
-                m, denom, acc = _attention_block(q, m, denom, acc, k_ptr + cache, v_ptr + cache, flags,
-                                                 s_first + i * BLOCK_S, s_end, scale, d, d_mask, IEEE, BLOCK_S, D)
+            for i in range(FIRST, ((max_len + BLOCK_S - 1) // BLOCK_S + SPLITS - 1) // SPLITS):
+                kb, vb, keep = _attention_load(k_ptr + cache, v_ptr + cache, flags, s_first + i * BLOCK_S, s_end,
+                                               d, d_mask, BLOCK_S, D)
+                m, denom, acc = _attention_update(q, m, denom, acc, kb, vb, keep, scale, IEEE)
         else:
-            for i in range(0, share):
-                m, denom, acc = _attention_block(q, m, denom, acc, k_ptr + cache, v_ptr + cache, flags,
-                                                 s_first + i * BLOCK_S, s_end, scale, d, d_mask, IEEE, BLOCK_S, D)
+            for i in range(FIRST, share):
+                kb, vb, keep = _attention_load(k_ptr + cache, v_ptr + cache, flags, s_first + i * BLOCK_S, s_end,
+                                               d, d_mask, BLOCK_S, D)
+                m, denom, acc = _attention_update(q, m, denom, acc, kb, vb, keep, scale, IEEE)
         if SPLITS == 1:
             out = acc / denom[:, None]
             tl.store(out_ptr + b * HEADS * D + q_off + d[None, :], out.to(dt), mask=qd_mask)
@@ -791,10 +809,11 @@ if triton is not None:
                                           part_ptr, counter_ptr, max_len: tl.constexpr, scale,
                                           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
                                           GROUP_P: tl.constexpr, D_P: tl.constexpr, ROPE: tl.constexpr,
-                                          IEEE: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
+                                          IEEE: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+                                          PRELOAD: tl.constexpr = False):
         _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, slot_ptr, inv_freq_ptr, out_ptr,
                                  part_ptr, counter_ptr, max_len, scale, HEADS, KV_HEADS, D, GROUP_P, D_P, ROPE, IEEE,
-                                 BLOCK_S, SPLITS, False, True)
+                                 BLOCK_S, SPLITS, False, True, PRELOAD)
 
 
 # ------------------------------------------------------------------------------------------------- the ops
@@ -993,9 +1012,12 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 def launch_decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size,
                             pdl=False, splits=None, block_s=ATTENTION_BLOCK_S, num_warps=ATTENTION_WARPS,
-                            num_stages=-1) -> torch.Tensor:
+                            num_stages=-1, preload=None) -> torch.Tensor:
     """decode_attention's launch, its tile (block_s slots a loop step), warps and pipeline stages given
-    (bench/profile_step.py --attention times each so; num_stages -1: attention_stages, None: Triton's default)."""
+    (bench/profile_step.py --attention times each so; num_stages -1: attention_stages, None: Triton's default).
+    preload: each program loads its first block of the cache before the qkv row (before waiting for the qkv GEMM,
+    with PDL); None: as PIPELINE_ATTENTION_PRELOAD says (default 0: not yet timed against the plain kernel with
+    PDL, which bench/profile_step.py can do with a variant LABEL@PIPELINE_ATTENTION_PRELOAD=1)."""
     batch = qkv.shape[0]
     max_len = k_cache.shape[2]
     out = torch.empty((batch, heads * head_size), dtype=qkv.dtype, device=qkv.device)
@@ -1014,13 +1036,16 @@ def launch_decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_f
     extra = dict(PDL=True, launch_pdl=True) if pdl and not emulated else {}
     if num_stages == -1:
         num_stages = attention_stages(splits)
+    if preload is None:
+        preload = os.environ.get("PIPELINE_ATTENTION_PRELOAD", "0") == "1"
     if num_stages is not None and not emulated:
         extra["num_stages"] = num_stages
     kernel[(batch, kv_heads, splits)](
         qkv, k_cache, v_cache, valid.view(torch.uint8), positions, slot,
         inv_freq if inv_freq is not None else qkv, out, part, counter, max_len, head_size ** -0.5,
         HEADS=heads, KV_HEADS=kv_heads, D=head_size, GROUP_P=group_p, D_P=d_p, ROPE=inv_freq is not None,
-        IEEE=qkv.dtype == torch.float32, BLOCK_S=block_s, SPLITS=splits, num_warps=num_warps, **extra)
+        IEEE=qkv.dtype == torch.float32, BLOCK_S=block_s, SPLITS=splits, PRELOAD=preload, num_warps=num_warps,
+        **extra)
     return out
 
 
