@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention preload b32 forms quick 8b fp8 \
-#     fp8ab tune gpt2 nccl tp2  # any subset
+#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention preload prefill b32 forms quick 8b \
+#     fp8 fp8ab tune gpt2 nccl tp2  # any subset
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -45,6 +45,13 @@ for phase in "${@:-tests gpt2 8b}"; do
            for q in none fp8; do
              python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv \
                --variants $F,$F@PIPELINE_ATTENTION_PRELOAD=1,$F
+           done ;;
+    prefill) # batch 1, bf16 and FP8: the fused step with the prefill compiled too (label part compile: the norms,
+           # rotary embedding and FP8 input quantization of the 128 prompt tokens fused; TTFT is part of tok/s)
+           F=graph+triton-gemv+fused-mlp+fused-step+pdl
+           for r in llama-3-8b-random-bf16 llama-3-8b-random-fp8; do
+             python -m pipeline bench $r --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
+               --variants $F,graph+compile+triton-gemv+fused-mlp+fused-step+pdl
            done ;;
     profile32) # where a batch-32 step's time goes (the compiled layer-by-layer step that batches > 1 run)
            python bench/profile_step.py llama-3-8b --batch 32 --max-len 384 --no-gemv \
