@@ -4,9 +4,12 @@
     python -m pipeline bench llama-3-8b-random-bf16 --device-random          # GPU machines without the checkpoint
 
 Each batch of B requests (random token ids, input_len tokens each, or lengths drawn around it) is prefilled
-together and decoded for output_len tokens (EOS ignored), repeated; reported per batch size:
+together and decoded for output_len tokens (EOS ignored; or a length drawn around it per request), repeated. B is
+the concurrency: B requests in flight at once, batched statically (each repeat is a wave that starts when the
+previous one has ended, and a request that is done waits for the batch's longest). Reported per batch size:
 - TTFT (time to first token), TPOT (time per output token after the first), ITL (inter-token latency, per step),
-  E2E (request latency), as p50/p90/p99, and output tokens/s (B * output_len / E2E);
+  E2E (request latency: until the request's own last token), as p50/p90/p99 over requests and repeats, and output
+  tokens/s (the batch's output tokens / the time until all of them are on the host);
 - on CUDA, each decode path (CUDA graph, torch.compile, Triton GEMV) at batch 1, and the copy bandwidth measured in
   the same run, which bounds batch-1 decoding: tokens/s <= bandwidth / bytes of weights read per token;
 - transformers' generate on the same GPU in the same run (dynamic cache; static cache for batch >= 8) and the ratio.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import math
 import random
 import statistics
 import subprocess
@@ -55,6 +59,14 @@ def make_prompts(batch: int, input_len: int, vocab: int, seed: int, spread: floa
     rng = random.Random(seed)
     lengths = [max(1, round(input_len * (1 + rng.uniform(-spread, spread)))) for _ in range(batch)]
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def output_lengths(batch: int, output_len: int, seed: int, spread: float = 0.0) -> list[int]:
+    """Each request's output length: output_len, or drawn uniformly within +-spread of it (at least 1)."""
+    if spread == 0.0:
+        return [output_len] * batch
+    rng = random.Random(f"output {seed}")
+    return [max(1, round(output_len * (1 + rng.uniform(-spread, spread)))) for _ in range(batch)]
 
 
 def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
@@ -152,15 +164,22 @@ def weight_bytes(model) -> int:
 # ------------------------------------------------------------------------------------------------ worker
 
 
-def measure(decoder, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
-    """Prefill, then output_len - 1 decode steps launched back to back, each followed by a CUDA event.
+def measure(decoder, prompts: list[list[int]], output_len: int | list[int], repeats: int) -> dict:
+    """Prefill, then max(lengths) - 1 decode steps launched back to back, each followed by a CUDA event.
+    output_len: every request's output length, or one per request.
 
-    TTFT is host time until the first token is on the host; ITL is the GPU time between consecutive steps'
-    events (the first from the end of prefill); E2E is host time until every token is on the host. The tokens of
-    the decode steps are read once at the end (a streaming server would read them one step behind)."""
+    TTFT is host time until the first tokens are on the host; ITL is the GPU time between consecutive steps'
+    events (the first from the end of prefill); a request's E2E is its TTFT plus the GPU time from the end of
+    prefill to the step of its last token; tokens/s counts the requests' own tokens over the host time until every
+    token is on the host. The tokens of the decode steps are read once at the end (a streaming server would read
+    them one step behind)."""
     from pipeline.backends.cuda_decode import synchronize, timing_event
 
-    ttft, e2e, itl, tokens = [], [], [], None
+    lengths = [output_len] * len(prompts) if isinstance(output_len, int) else list(output_len)
+    if len(lengths) != len(prompts) or min(lengths) < 1:
+        raise ValueError(f"measure: {len(prompts)} prompts need as many output lengths >= 1, not {lengths}")
+    steps = max(lengths)
+    ttft, e2e, tpot, itl, batch_e2e, tokens = [], [], [], [], [], None
     width = max(len(p) for p in prompts)
     device = decoder.model.device
     for r in range(repeats + 1):  # the first round warms up
@@ -172,19 +191,24 @@ def measure(decoder, prompts: list[list[int]], output_len: int, repeats: int) ->
         first_tokens = first.tolist()
         first_at = time.perf_counter()
         events = [after_prefill]
-        decoder.run_steps(output_len - 1, events)
-        rest = decoder.history[:, width:width + output_len - 1].tolist()
+        decoder.run_steps(steps - 1, events)
+        rest = decoder.history[:, width:width + steps - 1].tolist()
         end = time.perf_counter()
         if r == 0:
-            tokens = [[f, *r_] for f, r_ in zip(first_tokens, rest)]
+            tokens = [[f, *r_][:n] for f, r_, n in zip(first_tokens, rest, lengths)]
             continue
-        ttft.append(first_at - start)
-        e2e.append(end - start)
+        request_ttft = first_at - start
+        since_prefill = [0.0] + [events[0].elapsed_time(e) / 1e3 for e in events[1:]]  # seconds, per step
+        for n in lengths:
+            ttft.append(request_ttft)
+            e2e.append(request_ttft + since_prefill[n - 1])
+            if n > 1:
+                tpot.append(since_prefill[n - 1] / (n - 1))
+        batch_e2e.append(end - start)
         itl.extend(a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:]))
-    batch = len(prompts)
-    tpot = [(e - t) / max(1, output_len - 1) for e, t in zip(e2e, ttft)]
-    return {"batch": batch, "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "itl_s": percentiles(itl),
-            "e2e_s": percentiles(e2e), "output_tokens_per_s": batch * output_len / statistics.median(e2e),
+    return {"batch": len(prompts), "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
+            "itl_s": percentiles(itl), "e2e_s": percentiles(e2e), "batch_e2e_s": percentiles(batch_e2e),
+            "output_lens": lengths, "output_tokens_per_s": sum(lengths) / statistics.median(batch_e2e),
             "tokens": tokens}
 
 
@@ -220,7 +244,8 @@ def worker(args: argparse.Namespace) -> int:
     accelerate(model, DecodeOptions())
     bandwidth = copy_bandwidth(device)
     read_bytes = weight_bytes(model)
-    max_len = args.input_len * 2 + args.output_len
+    # room for the longest prompt (a drawn one is shorter than twice input_len) and the longest drawn output
+    max_len = args.input_len * 2 + math.ceil(args.output_len * (1 + args.output_spread))
     vocab = config["vocab_size"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"  # CPU: tests, tiny shapes
     result = {"rank": rank, "world_size": world, "device": name,
@@ -229,7 +254,7 @@ def worker(args: argparse.Namespace) -> int:
 
     variants = [DecodeOptions.from_label(label) for label in
                 (ALL_VARIANTS if args.variants == "all" else args.variants.split(","))]
-    def run_variant(options: DecodeOptions, prompts: list[list[int]]) -> dict:
+    def run_variant(options: DecodeOptions, prompts: list[list[int]], lengths: list[int] | None = None) -> dict:
         """Set up, warm up and measure one decode path at len(prompts) sequences; {"error": ...} if any rank could
         not set it up. Every rank learns of a failure on any rank before the next collective: a rank that went on
         alone would wait for the others forever."""
@@ -253,7 +278,7 @@ def worker(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
             return {"error": error}
         try:
-            m = measure(decoder, prompts, args.output_len, args.repeats)
+            m = measure(decoder, prompts, lengths or args.output_len, args.repeats)
             m.update(variant=options.label, step=decoder.path, setup_s=setup_s)
             if decoder.fused:  # which GEMV form and tile autotuning chose per shape (PIPELINE_FUSED_GEMV_FORMS)
                 from pipeline.backends.fused_decode import chosen_configs
@@ -292,14 +317,15 @@ def worker(args: argparse.Namespace) -> int:
     batched_labels = [batched.label] if args.batched_variants == "auto" else args.batched_variants.split(",")
     result["batched_variant"] = ",".join(batched_labels)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        if batch == 1 and args.input_spread == 0.0:  # measured already with the best path (same prompt seed)
+        if batch == 1 and args.input_spread == 0.0 and args.output_spread == 0.0:  # measured already (same seed)
             result["batches"].append({k: v for k, v in result["variants"][best.label].items()
                                       if k not in ("setup_s", "percent_of_roofline")})
             continue
         prompts = make_prompts(batch, args.input_len, vocab, seed=batch, spread=args.input_spread)
+        lengths = output_lengths(batch, args.output_len, seed=batch, spread=args.output_spread)
         rows = {}
         for label in batched_labels:
-            m = run_variant(DecodeOptions.from_label(label), prompts)
+            m = run_variant(DecodeOptions.from_label(label), prompts, lengths)
             if "error" not in m:
                 rows[label] = m
         if not rows:
@@ -341,8 +367,11 @@ class Progress:
 
 
 def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: list[int], input_len: int,
-                          output_len: int, repeats: int = 2) -> dict:
-    """transformers' generate on one GPU, bfloat16, greedy, EOS ignored: dynamic cache, and static for B >= 8."""
+                          output_len: int, repeats: int = 2, input_spread: float = 0.0,
+                          output_spread: float = 0.0) -> dict:
+    """transformers' generate on one GPU, bfloat16, greedy, EOS ignored: dynamic cache, and static for B >= 8.
+    The same requests as the worker's batches: with spreads, the same drawn prompt lengths (left-padded) and
+    output lengths, the batch generating the longest and its tokens/s counting each request's own."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.backends.cuda_decode import synchronize
@@ -358,26 +387,30 @@ def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: l
     vocab = model.config.vocab_size
     out = {}
     for batch in batch_sizes:
-        ids = torch.tensor(make_prompts(batch, input_len, vocab, seed=batch), device=device)
+        prompts = make_prompts(batch, input_len, vocab, seed=batch, spread=input_spread)
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        lengths = output_lengths(batch, output_len, seed=batch, spread=output_spread)
+        longest = max(lengths)
         for cache in ("dynamic", "static") if batch >= 8 else ("dynamic",):
-            kwargs = {"do_sample": False, "attention_mask": torch.ones_like(ids), "pad_token_id": 0,
-                      "eos_token_id": None}
+            kwargs = {"do_sample": False, "attention_mask": mask, "pad_token_id": 0, "eos_token_id": None}
             if cache == "static":
                 kwargs["cache_implementation"] = "static"
             with torch.no_grad():
                 # the warm-up runs the whole length: transformers compiles a static cache's forward on first use, and
                 # in run 9 a 4-token warm-up left the dynamic cache's first timed run at 9.3 s against 2.8 s after
-                model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kwargs)
+                model.generate(ids, max_new_tokens=longest, min_new_tokens=longest, **kwargs)
                 times = []
                 for _ in range(repeats):
                     synchronize(device)
                     start = time.perf_counter()
-                    model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kwargs)
+                    model.generate(ids, max_new_tokens=longest, min_new_tokens=longest, **kwargs)
                     synchronize(device)
                     times.append(time.perf_counter() - start)
             out[f"{batch}/{cache}"] = {"batch": batch, "cache": cache, "e2e_s": statistics.median(times),
                                        "runs_s": times,  # a run far from the others was compiling
-                                       "output_tokens_per_s": batch * output_len / statistics.median(times)}
+                                       "output_tokens_per_s": sum(lengths) / statistics.median(times)}
     del model
     torch.cuda.empty_cache()
     return out
@@ -414,11 +447,18 @@ def summarize(result: dict, baseline: dict | None) -> str:
             if baseline else {}
         best_base = max([v for v in base.values() if v], default=None)
         base_text = " / ".join(f"{v:.1f}" if v else "-" for v in (base.get("dynamic"), base.get("static")))
-        ratio = f"{m['output_tokens_per_s'] / best_base:.1f}x" if best_base else "-"
+        ratio = f"{m['output_tokens_per_s'] / best_base:.2f}x" if best_base else "-"  # 1.98 is not 2.0
         itl = m["itl_s"]
         lines.append(f"| {b} | {m['output_tokens_per_s']:.1f} | {m['ttft_s']['p50'] * 1e3:.2f} | "
                      f"{m['tpot_s']['p50'] * 1e3:.3f} | {itl['p50'] * 1e3:.3f} / {itl['p90'] * 1e3:.3f} / "
                      f"{itl['p99'] * 1e3:.3f} | {m['e2e_s']['p50']:.3f} | {base_text} | {ratio} |")
+    settings = result.get("settings", {})
+    drawn = [f"{what} lengths drawn within +-{100 * settings[key]:.0f}% of {settings[length]}"
+             for what, key, length in (("prompt", "input_spread", "input_len"), ("output", "output_spread", "output_len"))
+             if settings.get(key)]
+    if drawn:
+        lines += ["", "; ".join(drawn) + " (seeded per batch size; tok/s counts each request's own output tokens, "
+                  "E2E ends at a request's own last token)"]
     return "\n".join(lines)
 
 
@@ -463,6 +503,9 @@ def bench_command(recipe, args: argparse.Namespace) -> int:
                 DecodeOptions.from_label(label)
             except ValueError as exc:  # before any rank starts: a bad label is the user's to fix
                 raise PipelineError(f"{flag}: {exc}") from None
+    for flag, spread in (("--input-spread", args.input_spread), ("--output-spread", args.output_spread)):
+        if not 0.0 <= spread < 1.0:
+            raise PipelineError(f"{flag} {spread}: give a fraction in [0, 1) (0.25: lengths within +-25%)")
     if recipe.parallel.pp != 1:
         raise PipelineError("bench measures the CUDA decode path, which runs pp = 1; set parallel.pp=1")
     artifact = None
@@ -489,7 +532,8 @@ def bench_command(recipe, args: argparse.Namespace) -> int:
                                                  "--input-len", str(input_len), "--output-len", str(output_len),
                                                  "--repeats", str(args.repeats), "--variants", args.variants,
                                                  "--batched-variants", args.batched_variants,
-                                                 "--input-spread", str(args.input_spread), "--json", str(raw),
+                                                 "--input-spread", str(args.input_spread),
+                                                 "--output-spread", str(args.output_spread), "--json", str(raw),
                                                  "--watchdog", str(args.watchdog)])
         print("$ " + " ".join(cmd), file=sys.stderr)
         proc = subprocess.run(cmd, env=mpirun_env())
@@ -500,10 +544,12 @@ def bench_command(recipe, args: argparse.Namespace) -> int:
     if not args.no_baseline:
         baseline = transformers_baseline(recipe.model.random if args.device_random else None,
                                          None if args.device_random else _source_of(recipe),
-                                         [m["batch"] for m in result["batches"]], input_len, output_len)
+                                         [m["batch"] for m in result["batches"]], input_len, output_len,
+                                         input_spread=args.input_spread, output_spread=args.output_spread)
     result.update(recipe=recipe.name, recipe_resolved=recipe.to_dict(), baseline_transformers=baseline,
                   settings={"batch_sizes": batch_sizes, "input_len": input_len, "output_len": output_len,
                             "repeats": args.repeats, "input_spread": args.input_spread,
+                            "output_spread": args.output_spread,
                             "weights": "device-random" if args.device_random else str(artifact)},
                   date=time.strftime("%Y-%m-%d %H:%M:%S"), torch=torch.__version__)
     text = summarize(result, baseline)
@@ -531,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--input-spread", type=float, default=0.0)
+    p.add_argument("--output-spread", type=float, default=0.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default="all")
     p.add_argument("--batched-variants", default="auto")

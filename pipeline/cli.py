@@ -64,6 +64,8 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--input-spread", type=float, default=0.0,
                        help="draw prompt lengths uniformly within +-this fraction of --input-len")
+    bench.add_argument("--output-spread", type=float, default=0.0,
+                       help="draw each request's output length uniformly within +-this fraction of --output-len")
     bench.add_argument("--variants", default="all", help="decode paths to compare at batch 1 (labels, or all)")
     bench.add_argument("--batched-variants", default="auto",
                        help="decode paths for batches > 1, the fastest reported (labels; auto: the fastest compiled "

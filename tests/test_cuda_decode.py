@@ -89,3 +89,15 @@ def test_runner_fast_path_gives_the_plain_paths_tokens(home, tmp_path):
     refused = mpirun(home, 2, "--engine", str(artifact), "--decode", "fast", "--temperature", "0.7",
                      "--prompt-ids", "1,2")
     assert refused.returncode != 0 and "--decode fast runs greedy decoding" in refused.stderr
+
+
+def test_transformers_baseline_runs_the_same_drawn_requests():
+    """The transformers baseline with spreads: the worker's drawn prompts (left-padded, masked) decoded to the
+    longest drawn output length, its tokens/s counting each request's own output length."""
+    from pipeline.bench import output_lengths, transformers_baseline
+
+    out = transformers_baseline("gpt2-tiny", None, [8], 6, 4, repeats=1, input_spread=0.5, output_spread=0.5)
+    lengths = output_lengths(8, 4, seed=8, spread=0.5)
+    assert set(out) == {"8/dynamic", "8/static"} and len(set(lengths)) > 1
+    for run in out.values():
+        assert run["output_tokens_per_s"] == sum(lengths) / run["e2e_s"]

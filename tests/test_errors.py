@@ -123,3 +123,10 @@ def test_bench_refuses_an_unknown_decode_path_before_starting_ranks(home):
     assert proc.returncode == 2
     assert "--batched-variants: not a decode path: 'graph+cublas+warp-drive'" in proc.stderr
     assert "mpirun" not in proc.stderr  # no rank was started
+
+
+def test_bench_refuses_a_spread_out_of_range_before_starting_ranks(home):
+    proc = run_cli(home, "bench", "gpt2-random", "--device-random", "--no-baseline", "--output-spread", "1.5")
+    assert proc.returncode == 2
+    assert "--output-spread 1.5: give a fraction in [0, 1)" in proc.stderr
+    assert "mpirun" not in proc.stderr

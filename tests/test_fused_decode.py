@@ -505,6 +505,43 @@ def test_bench_compares_batched_decode_paths_on_the_cpu(home, tmp_path):
     assert "same greedy tokens: True" in proc.stdout
 
 
+def test_bench_with_drawn_prompt_and_output_lengths(home, tmp_path):
+    """`python -m pipeline bench` with --input-spread and --output-spread (CPU, under mpirun): each request of a
+    batch gets its own drawn output length, its tokens are that many, and they are the first tokens of the same
+    requests decoded to the longest length (the same drawn prompts, greedy); tokens/s counts the requests' own
+    tokens over the batch's time; each request's E2E ends at its own last token."""
+    import json
+    import subprocess
+    import sys
+
+    from pipeline.bench import output_lengths
+    from tests.conftest import REPO, child_env
+
+    plain = "eager+cublas+fused-mlp"
+    lengths = output_lengths(3, 6, seed=3, spread=0.5)
+    assert len(set(lengths)) > 1 and all(3 <= n <= 9 for n in lengths), lengths
+
+    def bench(out, *spread):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "bench", "gpt2-random", "model.random=gpt2-tiny",
+             "precision.dtype=float32", "--device-random", "--batch-sizes", "3", "--input-len", "8", "--repeats",
+             "2", "--no-baseline", "--out", str(out), "--variants", plain, "--batched-variants", plain,
+             "--input-spread", "0.25", *spread], cwd=REPO, env=child_env(home), capture_output=True, text=True,
+            timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((out / "bench-gpt2-random-tp1.json").read_text())["batches"][0]
+
+    drawn = bench(tmp_path / "drawn", "--output-len", "6", "--output-spread", "0.5")
+    longest = bench(tmp_path / "longest", "--output-len", str(max(lengths)))
+    assert drawn["output_lens"] == lengths and [len(t) for t in drawn["tokens"]] == lengths
+    assert all(t == full[:n] for t, full, n in zip(drawn["tokens"], longest["tokens"], lengths))
+    times = drawn["batch_e2e_s"]  # of 2 repeats: p50 the shorter, p99 the longer; tokens/s over their median
+    assert sum(lengths) / times["p99"] <= drawn["output_tokens_per_s"] <= sum(lengths) / times["p50"]
+    e2e, ttft = drawn["e2e_s"], drawn["ttft_s"]
+    assert ttft["p50"] <= e2e["p50"] <= e2e["p99"] <= drawn["batch_e2e_s"]["p99"]
+    assert longest["output_lens"] == [max(lengths)] * 3
+
+
 def test_the_gpu_kernels_compile_for_hopper(tmp_path):
     """bench/compile_check.py: every fused kernel form (each dtype, the dot forms, every autotuning config, the
     batched GEMMs, programmatic dependent launch, the split attention) compiles to an sm_90 cubin with the ptxas of
