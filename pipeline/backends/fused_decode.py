@@ -981,8 +981,8 @@ def attention_splits(batch: int, kv_heads: int, max_len: int) -> int:
     """How many programs share each (sequence, KV head)'s slots (flash-decoding): enough for the grid to reach
     ATTENTION_PROGRAMS, but at least one block of slots each. At batch 1 of Llama-3-8B (8 KV heads, 384 slots: 6
     blocks) that is 6 splits, 48 programs instead of 8. From half of ATTENTION_PROGRAMS (sequence, KV head) pairs
-    on it is 1 (no split): at batch 32 of the 8B shape (256 pairs) 2 splits took 26 us a layer, 1 split 15-17 us
-    (H100, run 40: the cost of combining outweighs the programs gained)."""
+    on it is 1 (no split): at batch 32 of the 8B shape (256 pairs) 2 splits took 19.8-23.5 us a layer, 1 split
+    14.8-16.7 (H100, run 40: the cost of combining outweighs the programs gained)."""
     pairs = batch * kv_heads
     if 2 * pairs >= ATTENTION_PROGRAMS:
         return 1
