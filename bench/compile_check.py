@@ -118,13 +118,23 @@ def cases():
                dict(launch_pdl=pdl, **({"num_stages": stages} if stages else {})))
 
 
+def argmax_cases():
+    """The greedy pick over Llama-3's vocabulary (fused_decode.greedy_argmax), float32 and bfloat16 logits."""
+    blocks = -(-128256 // fd.ARGMAX_BLOCK)
+    for dtype in ("fp32", "bf16"):
+        signature = {"x_ptr": f"*{dtype}", "part_ptr": "*fp32", "counter_ptr": "*i32", "out_ptr": "*i64", "V": "i32",
+                     "row_stride": "i32"}
+        constexprs = dict(BLOCK=fd.ARGMAX_BLOCK, BLOCKS_P=1 << (blocks - 1).bit_length())
+        yield f"greedy_argmax {dtype}", fd._greedy_argmax_kernel, signature, constexprs, {}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="the CUDA compute capability to compile for (90: Hopper)")
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for name, kernel, signature, constexprs, options in cases():
+    for name, kernel, signature, constexprs, options in (*cases(), *argmax_cases()):
         if "STATS_K" in kernel.arg_names:  # the JIT's defaults and heuristics, which the AST source does not apply
             constexprs = {"SPLIT_K": 1, "STATS_K": fd.STATS_K_MAX, **constexprs}
         ordered = {arg: signature.get(arg, "constexpr") for arg in kernel.arg_names}

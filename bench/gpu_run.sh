@@ -36,15 +36,17 @@ for phase in "${@:-tests gpt2 8b}"; do
            python bench/profile_step.py llama-3-8b --no-gemv --variants "" --attention 3,6,12/16,32,64/4/0,1,2
            python bench/profile_step.py llama-3-8b --batch 32 --no-gemv --variants "" \
              --attention 1,2/32,64,128/4,8/0,1,2 ;;
-    preload) # the decode attention launched with PDL after qkv's split-K kernel at batch 32, and its first cache
-           # block loaded before the wait (PIPELINE_ATTENTION_PRELOAD), against neither; batch 1 (fused step, PDL)
-           # with and without the preload, bf16 and FP8. Step times and kernels (bench/profile_step.py)
+    preload) # A/B of what waits to be timed (about 6 min on an H100), step times and kernels (bench/profile_step.py):
+           # batch 32: the decode attention launched with PDL after qkv's split-K kernel, with its first cache block
+           # loaded before the wait (PIPELINE_ATTENTION_PRELOAD), and the greedy pick as one kernel
+           # (PIPELINE_FUSED_ARGMAX), against none of them; batch 1 (fused step, PDL), bf16 and FP8: the preload and
+           # the pick, against neither (first and last)
            B=graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm F=graph+triton-gemv+fused-mlp+fused-step+pdl
            python bench/profile_step.py llama-3-8b --batch 32 --max-len 384 --no-gemv \
-             --variants $B,$B+pdl,$B+pdl@PIPELINE_ATTENTION_PRELOAD=1
+             --variants $B,$B+pdl,$B+pdl@PIPELINE_ATTENTION_PRELOAD=1,$B@PIPELINE_FUSED_ARGMAX=1
            for q in none fp8; do
              python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv \
-               --variants $F,$F@PIPELINE_ATTENTION_PRELOAD=1,$F
+               --variants $F,$F@PIPELINE_ATTENTION_PRELOAD=1,$F@PIPELINE_FUSED_ARGMAX=1,$F
            done ;;
     prefill) # batch 1, bf16 and FP8: the fused step with the prefill compiled too (label part compile: the norms,
            # rotary embedding and FP8 input quantization of the 128 prompt tokens fused; TTFT is part of tok/s)

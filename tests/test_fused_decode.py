@@ -375,6 +375,47 @@ def test_decode_attention_for_many_sequences_against_float64():
     assert torch.allclose(got.double(), want, atol=1e-4), (got.double() - want).abs().max().item()
 
 
+@pytest.mark.parametrize("batch, vocab", [(1, 128256), (3, 5000), (4, 1000)])
+def test_greedy_argmax_is_torchs_first_maximum(batch, vocab):
+    """greedy_argmax against torch.argmax: rows with a row stride longer than the vocabulary, a tie across blocks
+    (the first wins), a row of equal values (index 0), a NaN (counted as +inf); twice in a row (counters reset)."""
+    torch.manual_seed(8)
+    logits = torch.randn(batch, vocab + 7, device=DEVICE)[:, :vocab]
+    logits[0, 77] = logits[0, vocab - 1] = 50.0
+    if batch > 1:
+        logits[1] = 1.0
+    if batch > 2:
+        logits[2, vocab // 2] = float("nan")
+    want = torch.where(logits.isnan(), float("inf"), logits).argmax(-1)
+    for _ in range(2):
+        assert torch.equal(torch.ops.pipeline.greedy_argmax(logits), want)
+
+
+def test_decoder_with_the_fused_argmax_gives_the_same_tokens(home, monkeypatch):
+    """PIPELINE_FUSED_ARGMAX=1: the decode step picks its tokens with greedy_argmax; the same tokens as without."""
+    model = accelerate(_model("llama-tiny", "float32"), DecodeOptions())
+    options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
+    prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6]]
+    kernel, launches = fused_decode._greedy_argmax_kernel, []
+
+    class Counted:  # the kernel, its launches counted
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(fused_decode, "_greedy_argmax_kernel", Counted())
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PIPELINE_FUSED_ARGMAX", flag)
+        decoder = CudaDecoder(model, 2, 32, options)
+        assert decoder.fused_argmax == (flag == "1")
+        decoder.warm_up()
+        runs.append(decoder.generate(prompts, 8))
+        assert bool(launches) == (flag == "1")  # each step's pick (warm-up's and the 7 decode steps')
+    assert runs[0] == runs[1] and len(runs[0][0]) == 8
+    assert len(launches) == 1 + 7 and launches[0] == (2, 1)
+
+
 def test_attention_splits_fill_the_gpu_with_at_least_a_block_each():
     """(sequence, KV head) pairs x splits reach ~264 programs (2 per SM of an H100/H200), each split >= 64 slots."""
     assert fused_decode.attention_splits(1, 8, 384) == 6  # Llama-3-8B at batch 1: 6 blocks, one each
@@ -557,7 +598,7 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 154 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert len(lines) == 156 and all(line.startswith("ok    sm_90 ") for line in lines)
     assert sum("griddepcontrol" in line for line in lines) == 15
 
 

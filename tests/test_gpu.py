@@ -298,7 +298,8 @@ def test_batched_gemm_every_config_against_float64(rows, n, k, bias):
 def test_tuned_gemm_decode_gives_the_cublas_steps_logits(home, monkeypatch):
     """tuned-gemm at batch 3, compiled and in a CUDA graph, with every GEMM forced onto the split-K kernel: the
     cuBLAS step's greedy tokens. With pdl too (Hopper), the attention launched while qkv's kernel ends, with and
-    without its first cache block loaded before the wait (PIPELINE_ATTENTION_PRELOAD): the same tokens."""
+    without its first cache block loaded before the wait (PIPELINE_ATTENTION_PRELOAD) and the greedy pick as one
+    kernel (PIPELINE_FUSED_ARGMAX): the same tokens."""
     from pipeline.backends import batched_gemm
     from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
 
@@ -322,8 +323,9 @@ def test_tuned_gemm_decode_gives_the_cublas_steps_logits(home, monkeypatch):
                if key in ("qkv", "dense", "fc_gate", "proj"))
     assert decoder.generate(batch, 16) == want
     hopper = torch.cuda.get_device_capability(GPU)[0] >= 9
-    for preload in ("0", "1"):
+    for preload in ("0", "1"):  # the second also with the greedy pick as one kernel (PIPELINE_FUSED_ARGMAX)
         monkeypatch.setenv("PIPELINE_ATTENTION_PRELOAD", preload)
+        monkeypatch.setenv("PIPELINE_FUSED_ARGMAX", preload)
         pdl = CudaDecoder(model, 3, 64, DecodeOptions.from_label(tuned.label + "+pdl"))
         pdl.warm_up()
         assert pdl.path.startswith("layer by layer, fused attention" + (", PDL" if hopper else "")), pdl.path

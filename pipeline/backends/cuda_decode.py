@@ -21,6 +21,7 @@ stream skinny matrices slowly. This module removes both, for one rank's shard (t
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 
@@ -272,6 +273,11 @@ class CudaDecoder:
                                                    pdl=self.attention_pdl)
             else:
                 self.fallback_reason += f"; fused-attn not applied: {reason}"
+        # the greedy pick as one kernel of many programs (fused_decode.greedy_argmax) instead of torch.argmax, which
+        # reads Llama-3's 128256 logits in about 28 us on an H100 (run 39): PIPELINE_FUSED_ARGMAX=1, off by default
+        # until timed in a step (bench/gpu_run.sh preload)
+        self.fused_argmax = os.environ.get("PIPELINE_FUSED_ARGMAX", "0") == "1" and fused_decode.triton is not None \
+            and (model.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if options.compile else self._step
         self.graph = None
         on_gpu = model.device.type == "cuda"
@@ -297,7 +303,11 @@ class CudaDecoder:
         else:
             logits = self.model.forward(self.tokens, self.positions, self.cache, slot_start=self.slot,
                                         keys_len=self.max_len, decode_attention=self.attention)[:, -1]
-        next_tokens = logits.argmax(dim=-1, keepdim=True)
+        if self.fused_argmax:
+            next_tokens = torch.ops.pipeline.greedy_argmax(logits if logits.stride(-1) == 1 else logits.contiguous())
+            next_tokens = next_tokens.view(-1, 1)
+        else:
+            next_tokens = logits.argmax(dim=-1, keepdim=True)
         self.tokens.copy_(next_tokens)
         self.history.index_copy_(1, self.slot.view(1), next_tokens)
         self.positions.add_(1)
