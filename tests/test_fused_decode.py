@@ -392,7 +392,8 @@ def test_greedy_argmax_is_torchs_first_maximum(batch, vocab):
 
 
 def test_decoder_with_the_fused_argmax_gives_the_same_tokens(home, monkeypatch):
-    """PIPELINE_FUSED_ARGMAX=1: the decode step picks its tokens with greedy_argmax; the same tokens as without."""
+    """PIPELINE_FUSED_ARGMAX=1: the prefill and the decode steps pick their tokens with greedy_argmax; the same
+    tokens as without."""
     model = accelerate(_model("llama-tiny", "float32"), DecodeOptions())
     options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6]]
@@ -411,9 +412,9 @@ def test_decoder_with_the_fused_argmax_gives_the_same_tokens(home, monkeypatch):
         assert decoder.fused_argmax == (flag == "1")
         decoder.warm_up()
         runs.append(decoder.generate(prompts, 8))
-        assert bool(launches) == (flag == "1")  # each step's pick (warm-up's and the 7 decode steps')
+        assert bool(launches) == (flag == "1")  # each step's pick: warm-up's, the prefill's, 7 decode steps'
     assert runs[0] == runs[1] and len(runs[0][0]) == 8
-    assert len(launches) == 1 + 7 and launches[0] == (2, 1)
+    assert len(launches) == 1 + 1 + 7 and launches[0] == (2, 1)
 
 
 def test_attention_splits_fill_the_gpu_with_at_least_a_block_each():

@@ -303,16 +303,18 @@ class CudaDecoder:
         else:
             logits = self.model.forward(self.tokens, self.positions, self.cache, slot_start=self.slot,
                                         keys_len=self.max_len, decode_attention=self.attention)[:, -1]
-        if self.fused_argmax:
-            next_tokens = torch.ops.pipeline.greedy_argmax(logits if logits.stride(-1) == 1 else logits.contiguous())
-            next_tokens = next_tokens.view(-1, 1)
-        else:
-            next_tokens = logits.argmax(dim=-1, keepdim=True)
+        next_tokens = self._argmax(logits).view(-1, 1)
         self.tokens.copy_(next_tokens)
         self.history.index_copy_(1, self.slot.view(1), next_tokens)
         self.positions.add_(1)
         self.slot.add_(1)
         return logits
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy pick of each row of logits [B, V]: [B] int64."""
+        if self.fused_argmax:
+            return torch.ops.pipeline.greedy_argmax(logits if logits.stride(-1) == 1 else logits.contiguous())
+        return logits.argmax(dim=-1)
 
     def warm_up(self) -> None:
         """Compile, tune and capture with throwaway state (prefill resets everything the graph reads).
@@ -353,7 +355,7 @@ class CudaDecoder:
         self.cache.valid[:, :width] = mask
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = self.model.forward(tokens, positions, self.cache, slot_start=0)
-        first = logits[:, -1].argmax(dim=-1)
+        first = self._argmax(logits[:, -1])
         self.tokens.copy_(first[:, None])
         self.positions.copy_(positions[:, -1:] + 1)
         self.slot.fill_(width)
