@@ -375,6 +375,7 @@ def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: l
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.backends.cuda_decode import synchronize
+    from pipeline.generate import left_pad
     from pipeline.shapes import SHAPES
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -387,14 +388,11 @@ def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: l
     vocab = model.config.vocab_size
     out = {}
     for batch in batch_sizes:
-        prompts = make_prompts(batch, input_len, vocab, seed=batch, spread=input_spread)
-        width = max(map(len, prompts))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        ids, mask = left_pad(make_prompts(batch, input_len, vocab, seed=batch, spread=input_spread), 0, device)
         lengths = output_lengths(batch, output_len, seed=batch, spread=output_spread)
         longest = max(lengths)
         for cache in ("dynamic", "static") if batch >= 8 else ("dynamic",):
-            kwargs = {"do_sample": False, "attention_mask": mask, "pad_token_id": 0, "eos_token_id": None}
+            kwargs = {"do_sample": False, "attention_mask": mask.long(), "pad_token_id": 0, "eos_token_id": None}
             if cache == "static":
                 kwargs["cache_implementation"] = "static"
             with torch.no_grad():

@@ -51,7 +51,7 @@ if triton is not None:
     # shared with fused-rows
     from triton.language.extra.cuda import gdc_launch_dependents
 
-    from pipeline.backends.fused_decode import _add_split_tiles, _load_tile, _store_tile
+    from pipeline.backends.fused_decode import _add_split_tiles, _load_tiles, _store_tile
 
     _CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=s)
@@ -95,10 +95,7 @@ if triton is not None:
         for k0 in range(0, K if SPLIT_K == 1 else K // SPLIT_K, BLOCK_K):  # the count inline, as the emulator needs
             offs_k = k_first + k0 + arange_k
             k_mask = offs_k < K
-            w = _load_tile(w_rows, offs_k, k_mask, EVEN_K)
-            w2 = w
-            if ACT == 1:
-                w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
+            w, w2 = _load_tiles(w_rows, w2_rows, offs_k, k_mask, EVEN_K, ACT)
             acc, acc2 = _chunk(acc, acc2, w, w2, x_ptr, offs_m, m_mask, offs_k, k_mask, K, EVEN_K, ACT, F32_DOT)
         if TRIGGER:
             gdc_launch_dependents()

@@ -174,6 +174,16 @@ if triton is not None:
         return tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
 
     @triton.jit
+    def _load_tiles(w_rows, w2_rows, offs_k, k_mask, EVEN_K: tl.constexpr, ACT: tl.constexpr):
+        """The weight tile of a chunk and, for the gated MLP (ACT = 1: silu-gate), the gate half's (else the same
+        tile again): (w, w2)."""
+        w = _load_tile(w_rows, offs_k, k_mask, EVEN_K)
+        w2 = w
+        if ACT == 1:
+            w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
+        return w, w2
+
+    @triton.jit
     def _tile_product(w, x, xq, FP8: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr):
         """A weight tile times the input chunk, in the shape of the accumulator the form keeps (x: float32 input;
         xq: the same in the weight's dtype or E4M3)."""
@@ -259,10 +269,7 @@ if triton is not None:
         # load overlaps the previous kernel's end, as the weights depend on no kernel. An L2 prefetch of the first
         # two tiles instead (prefetch.global.L2) slowed the 8B step from 4.18 to 4.95 ms; no load at all, 4.07
         # (H200, run 18).
-        w0 = _load_tile(w_rows, offs_k0, k_mask0, EVEN_K)
-        w20 = w0
-        if ACT == 1:
-            w20 = _load_tile(w2_rows, offs_k0, k_mask0, EVEN_K)
+        w0, w20 = _load_tiles(w_rows, w2_rows, offs_k0, k_mask0, EVEN_K, ACT)
         if PDL:
             gdc_wait()  # the previous kernel's writes are visible from here (nothing above reads them)
 
@@ -304,10 +311,7 @@ if triton is not None:
         for k0 in range(BLOCK_K, K if SPLIT_K == 1 else (K // BLOCK_K) // SPLIT_K * BLOCK_K, BLOCK_K):
             offs_k = k_first + k0 + arange_k
             k_mask = offs_k < K
-            w = _load_tile(w_rows, offs_k, k_mask, EVEN_K)
-            w2 = w
-            if ACT == 1:
-                w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
+            w, w2 = _load_tiles(w_rows, w2_rows, offs_k, k_mask, EVEN_K, ACT)
             acc, acc2, ss = _gemv_chunk(acc, acc2, ss, w, w2, offs_k, k_mask, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr,
                                         nb_ptr, a_scale, mean, rstd, ADD_RESIDUAL, NORM, FP8, ACT, DOT, BLOCK_K)
         if PDL:
@@ -562,10 +566,7 @@ if triton is not None:
         offs_k0 = k_first + arange_k
         k_mask0 = offs_k0 < K
         # as in _fused_gemv: the first weight tile before anything else (with PDL, while the previous kernel ends)
-        w0 = _load_tile(w_rows, offs_k0, k_mask0, EVEN_K)
-        w20 = w0
-        if ACT == 1:
-            w20 = _load_tile(w2_rows, offs_k0, k_mask0, EVEN_K)
+        w0, w20 = _load_tiles(w_rows, w2_rows, offs_k0, k_mask0, EVEN_K, ACT)
         if PDL:
             gdc_wait()
 
@@ -602,10 +603,7 @@ if triton is not None:
         for k0 in range(BLOCK_K, K if SPLIT_K == 1 else K // SPLIT_K, BLOCK_K):
             offs_k = k_first + k0 + arange_k
             k_mask = offs_k < K
-            w = _load_tile(w_rows, offs_k, k_mask, EVEN_K)
-            w2 = w
-            if ACT == 1:
-                w2 = _load_tile(w2_rows, offs_k, k_mask, EVEN_K)
+            w, w2 = _load_tiles(w_rows, w2_rows, offs_k, k_mask, EVEN_K, ACT)
             acc, acc2, ss = _rows_chunk(acc, acc2, ss, w, w2, offs_k, k_mask, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr,
                                         nb_ptr, a_scale, mean, rstd, offs_b, b_mask, K, ADD_RESIDUAL, NORM, FP8, ACT,
                                         W_F32, F32_DOT)
