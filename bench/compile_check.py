@@ -111,7 +111,7 @@ def cases():
         signature.update(valid_ptr="*u8", pos_ptr="*i64", slot_ptr="*i64", inv_freq_ptr="*fp32", part_ptr="*fp32",
                          counter_ptr="*i32", max_len="i32", scale="fp32")
         constexprs = dict(HEADS=32, KV_HEADS=8, D=128, GROUP_P=16, D_P=128, ROPE=rope, IEEE=dtype == "fp32",
-                          BLOCK_S=fd.ATTENTION_BLOCK_S, SPLITS=splits, PDL=pdl, PRELOAD=preload)
+                          BLOCK_S=fd.attention_block(splits), SPLITS=splits, PDL=pdl, PRELOAD=preload)
         stages = fd.attention_stages(splits)
         yield (f"decode_attention {dtype} rope={rope} pdl={pdl} splits={splits} preload={preload}",
                fd._decode_attention_kernel, signature, constexprs,

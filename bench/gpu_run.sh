@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention preload prefill b32 forms quick 8b \
+#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention preload block prefill b32 forms quick 8b \
 #     fp8 fp8ab tune gpt2 nccl tp2  # any subset
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
@@ -36,17 +36,25 @@ for phase in "${@:-tests gpt2 8b}"; do
            python bench/profile_step.py llama-3-8b --no-gemv --variants "" --attention 3,6,12/16,32,64/4/0,1,2
            python bench/profile_step.py llama-3-8b --batch 32 --no-gemv --variants "" \
              --attention 1,2/32,64,128/4,8/0,1,2 ;;
-    preload) # A/B of what waits to be timed (about 6 min on an H100), step times and kernels (bench/profile_step.py):
-           # batch 32: the decode attention launched with PDL after qkv's split-K kernel, with its first cache block
-           # loaded before the wait (PIPELINE_ATTENTION_PRELOAD), and the greedy pick as one kernel
-           # (PIPELINE_FUSED_ARGMAX), against none of them; batch 1 (fused step, PDL), bf16 and FP8: the preload and
-           # the pick, against neither (first and last)
+    preload) # A/B (about 5 min on an H100; H100 run 44 made both defaults), step times and kernels
+           # (bench/profile_step.py): batch 32: the decode attention launched with PDL after qkv's split-K kernel,
+           # with and without its first cache block loaded before the wait (PIPELINE_ATTENTION_PRELOAD), and the
+           # greedy pick as one kernel (PIPELINE_FUSED_ARGMAX), against none of them; batch 1 (fused step, PDL), bf16
+           # and FP8: the preload and the pick, against neither (first and last)
            B=graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm F=graph+triton-gemv+fused-mlp+fused-step+pdl
+           N=@PIPELINE_ATTENTION_PRELOAD=0@PIPELINE_FUSED_ARGMAX=0
            python bench/profile_step.py llama-3-8b --batch 32 --max-len 384 --no-gemv \
-             --variants $B,$B+pdl,$B+pdl@PIPELINE_ATTENTION_PRELOAD=1,$B@PIPELINE_FUSED_ARGMAX=1
+             --variants $B$N,$B+pdl$N,$B+pdl@PIPELINE_FUSED_ARGMAX=0,$B@PIPELINE_ATTENTION_PRELOAD=0
            for q in none fp8; do
              python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv \
-               --variants $F,$F@PIPELINE_ATTENTION_PRELOAD=1,$F@PIPELINE_FUSED_ARGMAX=1,$F
+               --variants $F$N,$F@PIPELINE_FUSED_ARGMAX=0,$F@PIPELINE_ATTENTION_PRELOAD=0,$F$N
+           done ;;
+    block) # batch 1 (fused step, PDL), bf16 and FP8: the attention's 32-slot blocks with splits (the default,
+           # attention_block) against 64-slot ones, the default first and last (about 3 min on an H100)
+           F=graph+triton-gemv+fused-mlp+fused-step+pdl
+           for q in none fp8; do
+             python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv \
+               --variants $F,$F@PIPELINE_ATTENTION_BLOCK_S=64,$F
            done ;;
     prefill) # batch 1, bf16 and FP8: the fused step with the prefill compiled too (label part compile: the norms,
            # rotary embedding and FP8 input quantization of the 128 prompt tokens fused; TTFT is part of tok/s)

@@ -392,8 +392,8 @@ def test_greedy_argmax_is_torchs_first_maximum(batch, vocab):
 
 
 def test_decoder_with_the_fused_argmax_gives_the_same_tokens(home, monkeypatch):
-    """PIPELINE_FUSED_ARGMAX=1: the prefill and the decode steps pick their tokens with greedy_argmax; the same
-    tokens as without."""
+    """By default the prefill and the decode steps pick their tokens with greedy_argmax (PIPELINE_FUSED_ARGMAX=0:
+    torch.argmax); the same tokens either way."""
     model = accelerate(_model("llama-tiny", "float32"), DecodeOptions())
     options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6]]
@@ -621,3 +621,18 @@ def test_autotuning_candidates_per_shape():
         assert not any(c.get("SPLIT_K", 1) > 1 for c in kept(n, k, False))
     assert any(c["USE_DOT"] == 0 for c in kept(14336, 4096, False))
     assert not any(c.get("SPLIT_K", 1) > 1 for c in kept(4096, 4000, True))  # ragged K: no split
+
+
+def test_attention_block_is_smaller_with_splits(monkeypatch):
+    """Unsplit, 64-slot blocks; with splits, 32 (a split's share of the slots is a whole number of blocks: at batch
+    1 of the 8B shape, 6 splits and the new token at slot 192, 64-slot blocks would leave three splits idle);
+    PIPELINE_ATTENTION_BLOCK_S sets it for A/B timing."""
+    monkeypatch.delenv("PIPELINE_ATTENTION_BLOCK_S", raising=False)
+    assert fused_decode.attention_block(1) == 64
+    assert fused_decode.attention_block(6) == 32
+    slot, splits = 192, fused_decode.attention_splits(1, 8, 384)
+    for block, idle in ((64, 3), (32, 0)):  # the kernel's share: ceil(ceil(slot / block) / splits) blocks each
+        share = (-(-slot // block) + splits - 1) // splits
+        assert sum(split * share * block >= slot for split in range(splits)) == idle
+    monkeypatch.setenv("PIPELINE_ATTENTION_BLOCK_S", "16")
+    assert fused_decode.attention_block(1) == fused_decode.attention_block(6) == 16

@@ -308,6 +308,8 @@ def test_tuned_gemm_decode_gives_the_cublas_steps_logits(home, monkeypatch):
     tuned = DecodeOptions.from_label("graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm")
     model = accelerate(_model(artifact, GPU), tuned)
     batch = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6], [11, 2, 3, 5, 7]]
+    monkeypatch.setenv("PIPELINE_ATTENTION_PRELOAD", "0")  # the reference: neither (the defaults are on)
+    monkeypatch.setenv("PIPELINE_FUSED_ARGMAX", "0")
     plain = CudaDecoder(model, 3, 64, cublas)
     plain.warm_up()
     want = plain.generate(batch, 16)
@@ -317,6 +319,8 @@ def test_tuned_gemm_decode_gives_the_cublas_steps_logits(home, monkeypatch):
 
     chosen = batched_gemm.tune(model, 3, timer=timer)
     assert chosen and not any(c.startswith("cuBLAS") for c in chosen.values()), chosen
+    monkeypatch.delenv("PIPELINE_ATTENTION_PRELOAD")
+    monkeypatch.delenv("PIPELINE_FUSED_ARGMAX")
     decoder = CudaDecoder(model, 3, 64, tuned)
     decoder.warm_up()  # tune() again: the forced choices are kept for the process
     assert all(linear.skinny[16] >= 0 for layer in model.layers for key, linear in layer.items()

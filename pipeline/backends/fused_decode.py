@@ -1000,7 +1000,8 @@ def _(x, residual, norm_weight, norm_bias, weight, bias, act_scale, weight_scale
             torch.empty(h, dtype=x.dtype, device=x.device))
 
 
-ATTENTION_BLOCK_S = 64  # cache slots per block of the attention's loop (and the unit a split's share is made of)
+ATTENTION_BLOCK_S = 64  # cache slots per block of the unsplit attention's loop, and attention_splits' unit
+ATTENTION_SPLIT_BLOCK_S = 32  # the same with splits (flash-decoding), attention_block
 ATTENTION_WARPS = 4
 ATTENTION_PROGRAMS = 264  # two programs per SM of an H100/H200 (132 SMs): what flash-decoding splits aim for
 
@@ -1017,6 +1018,18 @@ def attention_splits(batch: int, kv_heads: int, max_len: int) -> int:
     blocks = triton.cdiv(max_len, ATTENTION_BLOCK_S)
     splits = min(blocks, max(1, triton.cdiv(ATTENTION_PROGRAMS, pairs)))
     return triton.cdiv(blocks, triton.cdiv(blocks, splits))  # no split left without blocks (6 blocks: 4 -> 3)
+
+
+def attention_block(splits: int) -> int:
+    """The slots of a block of the attention's loop: ATTENTION_SPLIT_BLOCK_S with splits, else ATTENTION_BLOCK_S;
+    PIPELINE_ATTENTION_BLOCK_S=N sets every launch's (A/B timing). A split's share is a whole number of blocks, so
+    the smaller block spreads the slots more evenly: at batch 1 of the 8B shape (6 splits) with the new token at
+    slot 192, 64-slot blocks leave three splits without any, and the layer took 7.04 us against 6.12 with 32-slot
+    blocks (H100, run 40). Unsplit, 64 slots took 14.80 us at batch 32 against 17.99 with 32 (same run)."""
+    forced = os.environ.get("PIPELINE_ATTENTION_BLOCK_S")
+    if forced:
+        return int(forced)
+    return ATTENTION_BLOCK_S if splits == 1 else ATTENTION_SPLIT_BLOCK_S
 
 
 def attention_stages(splits: int) -> int | None:
@@ -1039,13 +1052,14 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 
 def launch_decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size,
-                            pdl=False, splits=None, block_s=ATTENTION_BLOCK_S, num_warps=ATTENTION_WARPS,
+                            pdl=False, splits=None, block_s=None, num_warps=ATTENTION_WARPS,
                             num_stages=-1, preload=None) -> torch.Tensor:
-    """decode_attention's launch, its tile (block_s slots a loop step), warps and pipeline stages given
-    (bench/profile_step.py --attention times each so; num_stages -1: attention_stages, None: Triton's default).
-    preload: each program loads its first block of the cache before the qkv row (before waiting for the qkv GEMM,
-    with PDL); None: as PIPELINE_ATTENTION_PRELOAD says (default 0: not yet timed against the plain kernel with
-    PDL, which bench/profile_step.py can do with a variant LABEL@PIPELINE_ATTENTION_PRELOAD=1)."""
+    """decode_attention's launch, its tile (block_s slots a loop step; None: attention_block), warps and pipeline
+    stages given (bench/profile_step.py --attention times each so; num_stages -1: attention_stages, None: Triton's
+    default). preload: each program loads its first block of the cache before the qkv row (before waiting for the
+    qkv GEMM, with PDL); None: unless PIPELINE_ATTENTION_PRELOAD=0 (A/B timing). With it the 8B step took 5.346
+    against 5.355 ms in bfloat16 and 3.343 against 3.366 in FP8 at batch 1 (fused step, PDL), 6.198 against 6.223
+    ms at batch 32 (layer by layer, PDL) (H100, run 44)."""
     batch = qkv.shape[0]
     max_len = k_cache.shape[2]
     out = torch.empty((batch, heads * head_size), dtype=qkv.dtype, device=qkv.device)
@@ -1064,8 +1078,10 @@ def launch_decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_f
     extra = dict(PDL=True, launch_pdl=True) if pdl and not emulated else {}
     if num_stages == -1:
         num_stages = attention_stages(splits)
+    if block_s is None:
+        block_s = attention_block(splits)
     if preload is None:
-        preload = os.environ.get("PIPELINE_ATTENTION_PRELOAD", "0") == "1"
+        preload = os.environ.get("PIPELINE_ATTENTION_PRELOAD", "1") != "0"
     if num_stages is not None and not emulated:
         extra["num_stages"] = num_stages
     kernel[(batch, kv_heads, splits)](
