@@ -113,7 +113,7 @@ def test_tuning_the_batched_gemm_keeps_the_fastest_config_per_gemm(home, monkeyp
 @pytest.mark.parametrize("shape", ["llama-tiny", "gpt2-tiny"])
 def test_fused_attention_in_the_layer_by_layer_step(home, shape):
     """fused-attn: the layer-by-layer step (batches > 1) with the fused step's attention kernel."""
-    options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False, fused_attention=True)
+    options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False, fused_attention=True, pdl=False)
     _compare_steps(shape, "float32", 1e-5, 3, options, "layer by layer, fused attention (not asked)")
 
 
@@ -414,7 +414,8 @@ def test_decoder_with_the_fused_argmax_gives_the_same_tokens(home, monkeypatch):
         runs.append(decoder.generate(prompts, 8))
         assert bool(launches) == (flag == "1")  # each step's pick: warm-up's, the prefill's, 7 decode steps'
     assert runs[0] == runs[1] and len(runs[0][0]) == 8
-    assert len(launches) == 1 + 1 + 7 and launches[0] == (2, 1)
+    warm_up = 3 if DEVICE.type == "cuda" else 1  # a GPU's warm-up runs 3 steps before capturing none (no graph)
+    assert len(launches) == warm_up + 1 + 7 and launches[0] == (2, 1)
 
 
 def test_attention_splits_fill_the_gpu_with_at_least_a_block_each():
