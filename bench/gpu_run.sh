@@ -56,8 +56,9 @@ for phase in "${@:-tests gpt2 8b}"; do
              python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv \
                --variants $F,$F@PIPELINE_ATTENTION_BLOCK_S=64,$F
            done ;;
-    prefill) # batch 1, bf16 and FP8: the fused step with the prefill compiled too (label part compile: the norms,
-           # rotary embedding and FP8 input quantization of the 128 prompt tokens fused; TTFT is part of tok/s)
+    prefill) # batch 1, bf16 and FP8: the fused step with the prefill compiled (label part compile: the norms,
+           # rotary embedding and FP8 input quantization of the 128 prompt tokens fused; TTFT is part of tok/s; the
+           # fused step itself is not compiled, which kept run 47's set-up going past 218 s). About 5 min
            F=graph+triton-gemv+fused-mlp+fused-step+pdl
            for r in llama-3-8b-random-bf16 llama-3-8b-random-fp8; do
              python -m pipeline bench $r --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \

@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode", choices=("auto", "plain", "fast"), default="auto",
                    help="fast: the CUDA decode path (static cache, CUDA graph, Triton GEMV; greedy, pp=1); "
                         "auto: fast on a CUDA GPU when the run is greedy with pp=1, plain otherwise")
-    p.add_argument("--compile", action="store_true", help="with the fast path: torch.compile the decode step too "
-                                                           "(faster steps, about a minute to start for 8B)")
+    p.add_argument("--compile", action="store_true", help="with the fast path: torch.compile the prefill, and the "
+                   "decode step where the fused step does not run it (about a minute to start for 8B)")
     p.add_argument("--no-verify", action="store_true", help="run even if the artifact does not match its manifest")
     p.add_argument("--json", type=Path, help="also write prompts, token ids and text as JSON (rank 0)")
     p.add_argument("--logits-out", type=Path,

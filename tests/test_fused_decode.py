@@ -637,3 +637,14 @@ def test_attention_block_is_smaller_with_splits(monkeypatch):
         assert sum(split * share * block >= slot for split in range(splits)) == idle
     monkeypatch.setenv("PIPELINE_ATTENTION_BLOCK_S", "16")
     assert fused_decode.attention_block(1) == fused_decode.attention_block(6) == 16
+
+
+def test_compile_leaves_the_fused_step_as_it_is(home):
+    """With compile, the layer-by-layer step is compiled, the fused step is not (its kernels are its own; compiling
+    it kept the 8B set-up going past 218 s on an H100, run 47): compile then applies to the prefill alone."""
+    options = DecodeOptions(cuda_graph=False, compile=True, fused_step=True)
+    fused = CudaDecoder(accelerate(_model("llama-tiny", "float32"), options), 1, 16, options)
+    assert fused.fused is not None and fused._step_fn == fused._step
+    options = DecodeOptions(cuda_graph=False, compile=True, fused_step=False)
+    plain = CudaDecoder(accelerate(_model("llama-tiny", "float32"), options), 1, 16, options)
+    assert plain.fused is None and plain._step_fn != plain._step
