@@ -51,6 +51,11 @@ def cases():
                                   else 16 if dot == 1 else 4, BLOCK_K=256, W_F32=dtype == "fp32", USE_DOT=dot, PDL=pdl)
                 yield (f"fused_gemv {weight} USE_DOT={dot} pdl={pdl}", fd._fused_gemv,
                        gemv_signature(dtype, weight, dtype, rows=False), constexprs, dict(launch_pdl=pdl))
+    for dtype, weight, fp8 in (("bf16", "bf16", False), ("bf16", "fp8e4nv", True)):  # the grouped accumulator
+        constexprs = dict(common, NORM=fd.NORM_RMS, FP8=fp8, ACT=fd.ACT_SILU_GATE, BLOCK_N=4, BLOCK_K=2048,
+                          W_F32=False, USE_DOT=0, PDL=True, ACC_R=8)
+        yield (f"fused_gemv {weight} USE_DOT=0 ACC_R=8", fd._fused_gemv, gemv_signature(dtype, weight, dtype, False),
+               constexprs, dict(launch_pdl=True))
     layer = dict(common, NORM=fd.NORM_LAYER, FP8=False, ACT=fd.ACT_GELU, HAS_BIAS=True, BLOCK_N=4, BLOCK_K=256,
                  W_F32=False, USE_DOT=0, EVEN_K=False, PDL=False)
     yield "fused_gemv fp16 LayerNorm+GELU+bias", fd._fused_gemv, gemv_signature("fp16", "fp16", "fp16", False), layer, {}
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
     failures = 0
     for name, kernel, signature, constexprs, options in (*cases(), *argmax_cases()):
         if "STATS_K" in kernel.arg_names:  # the JIT's defaults and heuristics, which the AST source does not apply
-            constexprs = {"SPLIT_K": 1, "STATS_K": fd.STATS_K_MAX, **constexprs}
+            constexprs = {"SPLIT_K": 1, "STATS_K": fd.STATS_K_MAX, "ACC_R": 1, **constexprs}
         ordered = {arg: signature.get(arg, "constexpr") for arg in kernel.arg_names}
         # as the JIT specializes arguments at the 8B shape: pointers 16-byte aligned, N and K multiples of 16
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)

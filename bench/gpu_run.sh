@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention preload block prefill b32 forms quick 8b \
-#     fp8 fp8ab tune gpt2 nccl tp2  # any subset
+#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention preload block grouped prefill \
+#     b32 forms quick 8b fp8 fp8ab tune gpt2 nccl tp2  # any subset
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -55,6 +55,13 @@ for phase in "${@:-tests gpt2 8b}"; do
            for q in none fp8; do
              python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv \
                --variants $F,$F@PIPELINE_ATTENTION_BLOCK_S=64,$F
+           done ;;
+    grouped) # the CUDA-core GEMV with a grouped accumulator (configs with ACC_R, not yet run on a GPU): every
+           # config of each GEMM at batch 1 (--sweep, the 8 fastest each), FP8 and bf16, and the step with what
+           # tuning picks (about 4 min on an H100)
+           for q in fp8 none; do
+             python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv --sweep qkv,dense,fc_gate,proj \
+               --variants graph+triton-gemv+fused-mlp+fused-step+pdl
            done ;;
     prefill) # batch 1, bf16 and FP8: the fused step with the prefill compiled (label part compile: the norms,
            # rotary embedding and FP8 input quantization of the 128 prompt tokens fused; TTFT is part of tok/s; the

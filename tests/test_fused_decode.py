@@ -237,6 +237,37 @@ def test_statistics_pass_over_several_blocks_gives_the_same_gemv(monkeypatch, no
     assert ((blocks - one_block).norm() / one_block.norm()).item() < (2e-2 if fp8 else 1e-3)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_grouped_accumulator_gives_the_same_gemv(monkeypatch, fp8):
+    """The CUDA-core form with its products summed in groups of ACC_R neighbours before they are accumulated
+    (a smaller accumulator) against ACC_R = 1: RMSNorm and silu-gate around it, K not a multiple of the block.
+    Only the order of the float32 sums differs."""
+    torch.manual_seed(9)
+    K, N = 200, 32
+    x, r, g = (torch.randn(K, device=DEVICE).half() for _ in range(3))
+    w = torch.randn(2 * N, K, device=DEVICE) / K**0.5
+    sw = fp8_scale(w.abs().max()).to(DEVICE)
+    weight = quantize_fp8(w, sw) if fp8 else w.half()
+    scales = (fp8_scale(torch.tensor(4.0)).to(DEVICE), sw) if fp8 else (None, None)
+
+    def run(acc_r):
+        if DEVICE.type == "cpu":
+            monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "ACC_R", acc_r)
+            return fused_decode.fused_gemv(x, r, g, None, weight, None, *scales, 1e-5, fused_decode.NORM_RMS,
+                                           fused_decode.ACT_SILU_GATE, torch.float32)[0]
+        y = torch.empty(N, device=DEVICE)
+        h = torch.empty(K, device=DEVICE, dtype=x.dtype)
+        fused_decode._fused_gemv_gpu[(triton.cdiv(N, 4),)](
+            x, r, h, g, y, weight, y, y, *(scales if fp8 else (y, y)), y, y, N, K, 1e-5, ADD_RESIDUAL=True, NORM=1,
+            HAS_BIAS=False, FP8=fp8, ACT=1, W_F32=False, BLOCK_N=4, BLOCK_K=64, USE_DOT=0, ACC_R=acc_r)
+        return y
+
+    plain = run(1)
+    for acc_r in (4, 8):
+        grouped = run(acc_r)
+        assert ((grouped - plain).norm() / plain.norm()).item() < 1e-5, acc_r
+
+
 @pytest.mark.parametrize("norm, act", [(1, 1), (0, 0)])
 def test_split_k_fp8_gemv_sums_the_same_products(monkeypatch, norm, act):
     """Split-K (each program a share of K, the last to finish adds the shares up and runs the epilogue) against
@@ -600,13 +631,14 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 156 and all(line.startswith("ok    sm_90 ") for line in lines)
-    assert sum("griddepcontrol" in line for line in lines) == 15
+    assert len(lines) == 166 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert sum("griddepcontrol" in line for line in lines) == 17
 
 
 def test_autotuning_candidates_per_shape():
     """What autotuning times: split-K for FP8 only and with K's chunks shared equally; FP8's big GEMVs (a wgmma
-    tile per SM and more) in the wgmma form only; bfloat16 without either restriction."""
+    tile per SM and more) in the wgmma form or the CUDA-core form with a grouped accumulator only; bfloat16
+    without either restriction; no block of K wider than K needs (GPT-2's 768)."""
     configs = fused_decode._CONFIGS
     assert fused_decode.MAX_SPLIT_K == max(c.kwargs.get("SPLIT_K", 1) for c in configs)  # sizes the split-K sums
 
@@ -614,7 +646,10 @@ def test_autotuning_candidates_per_shape():
         return [c.kwargs for c in fused_decode._prune(configs, {"N": n, "K": k}, FP8=fp8)]
 
     fc_gate = kept(14336, 4096, True)
-    assert fc_gate and all(c["USE_DOT"] == 2 and c["BLOCK_N"] >= 64 for c in fc_gate)
+    assert fc_gate and all(c["USE_DOT"] == 2 and c["BLOCK_N"] >= 64 or c.get("ACC_R", 1) > 1 for c in fc_gate)
+    assert any(c.get("ACC_R", 1) > 1 for c in fc_gate) and any(c["USE_DOT"] == 2 for c in fc_gate)
+    assert max(c["BLOCK_K"] for c in kept(3072, 768, False)) == 1024
+    assert max(c["BLOCK_K"] for c in kept(4096, 4096, True)) == 2048
     dense = kept(4096, 4096, True)
     assert any(c.get("SPLIT_K", 1) > 1 for c in dense) and any(c["USE_DOT"] == 0 for c in dense)
     assert all((4096 // c["BLOCK_K"]) % c.get("SPLIT_K", 1) == 0 for c in dense)

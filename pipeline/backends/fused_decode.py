@@ -99,6 +99,12 @@ if triton is not None:
             (32, 256, 4, 3, 2), (32, 512, 4, 3, 2), (64, 128, 4, 4, 2), (64, 256, 4, 3, 2), (128, 128, 4, 3, 2),
         )
         if dot in _forms_from_env()
+    ] + [  # the CUDA-core form with a grouped accumulator (ACC_R): fewer registers, so more programs per SM and more
+        # weight bytes in flight. At 4 warps an FP8 tile of 4 x 1024 gives each thread half the bytes a bfloat16 one
+        # does; FP8's 4096-row GEMVs streamed at 2.1-2.2 TB/s (H100, run 46), bfloat16's at 2.5-2.7
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": 0, "ACC_R": r}, num_warps=4, num_stages=2)
+        for bn, bk, r in ((4, 1024, 4), (4, 2048, 4), (4, 2048, 8), (8, 1024, 4))
+        if 0 in _forms_from_env()
     ] + [  # split-K (FP8 only, see _prune): the wgmma tiles of the 4096-row GEMVs on every SM
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": 2, "SPLIT_K": split}, num_warps=w, num_stages=s)
         for bn, bk, w, s, split in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4))
@@ -131,11 +137,17 @@ if triton is not None:
         def fp8_form(c):
             # FP8 GEMVs with rows for a wgmma tile per SM and more take the wgmma form only: the FMA form converts
             # each byte twice (about 2.4 TB/s against 3.7 at the 8B shape's fc_gate, H200 run 11), and autotuning,
-            # timing each config alone, once picked it there anyway (run 14: a 3.13 ms step against 2.72)
+            # timing each config alone, once picked it there anyway (run 14: a 3.13 ms step against 2.72). The FMA
+            # form with a grouped accumulator is timed too: on an H100 the plain one came within 1% of wgmma at
+            # fc_gate (run 32), and the grouped one keeps more bytes in flight
             wgmma = c.kwargs["USE_DOT"] == 2 and c.kwargs["BLOCK_N"] >= 64
-            return not kwargs.get("FP8", False) or n // 64 < 128 or wgmma or 2 not in _forms_from_env()
+            grouped = c.kwargs.get("ACC_R", 1) > 1
+            return not kwargs.get("FP8", False) or n // 64 < 128 or wgmma or grouped or 2 not in _forms_from_env()
 
-        kept = [c for c in configs if split_k_fits(c) and enough_blocks(c) and fp8_form(c)
+        def fits_k(c):  # blocks of K no wider than K rounded up to a power of 2, or 1024 (GPT-2's 768: not 2048)
+            return c.kwargs["BLOCK_K"] <= max(1024, triton.next_power_of_2(k))
+
+        kept = [c for c in configs if split_k_fits(c) and enough_blocks(c) and fp8_form(c) and fits_k(c)
                 and (k < 2048 or not small_k_only(c))]
         return kept or sorted([c for c in configs if c.kwargs.get("SPLIT_K", 1) == 1],
                               key=lambda c: c.kwargs["BLOCK_N"])[:2]
@@ -184,22 +196,31 @@ if triton is not None:
         return w, w2
 
     @triton.jit
-    def _tile_product(w, x, xq, FP8: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _tile_product(w, x, xq, FP8: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr, ACC_R: tl.constexpr):
         """A weight tile times the input chunk, in the shape of the accumulator the form keeps (x: float32 input;
-        xq: the same in the weight's dtype or E4M3)."""
+        xq: the same in the weight's dtype or E4M3). The FMA form's products [BLOCK_N, BLOCK_K] are summed in
+        groups of ACC_R neighbours first (a thread's own elements), which shrinks its accumulator as many times."""
         if DOT == 1:
             return tl.dot(tl.broadcast_to(xq[None, :], (16, BLOCK_K)), tl.trans(w))
         elif DOT == 2:
             return tl.dot(w, tl.trans(tl.broadcast_to(xq[None, :], (16, BLOCK_K))))
         elif FP8:
-            return w.to(tl.float32) * xq.to(tl.float32)[None, :]
+            return _group_sums(w.to(tl.float32) * xq.to(tl.float32)[None, :], BLOCK_K, ACC_R)
         else:
-            return w.to(tl.float32) * x[None, :]
+            return _group_sums(w.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
+
+    @triton.jit
+    def _group_sums(p, BLOCK_K: tl.constexpr, ACC_R: tl.constexpr):
+        """Products [BLOCK_N, BLOCK_K] summed over groups of ACC_R neighbours: [BLOCK_N, BLOCK_K // ACC_R]."""
+        if ACC_R > 1:
+            return tl.sum(tl.reshape(p, (p.shape[0], BLOCK_K // ACC_R, ACC_R)), axis=2)
+        else:
+            return p
 
     @triton.jit
     def _gemv_chunk(acc, acc2, ss, w, w2, offs_k, k_mask, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, a_scale, mean,
                     rstd, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr,
-                    DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+                    DOT: tl.constexpr, BLOCK_K: tl.constexpr, ACC_R: tl.constexpr):
         """One BLOCK_K chunk of the GEMV: the input chunk (residual added, normalized, quantized for FP8) times the
         weight tile w (and the gate tile w2), added to the accumulators; returns (acc, acc2, ss)."""
         dt = x_ptr.dtype.element_ty
@@ -221,9 +242,9 @@ if triton is not None:
             xq = tl.clamp(x / a_scale, -448.0, 448.0).to(tl.float8e4nv)
         else:
             xq = x.to(w.dtype)
-        acc += _tile_product(w, x, xq, FP8, DOT, BLOCK_K)
+        acc += _tile_product(w, x, xq, FP8, DOT, BLOCK_K, ACC_R)
         if ACT == 1:
-            acc2 += _tile_product(w2, x, xq, FP8, DOT, BLOCK_K)
+            acc2 += _tile_product(w2, x, xq, FP8, DOT, BLOCK_K, ACC_R)
         return acc, acc2, ss
 
     @triton.jit
@@ -232,7 +253,7 @@ if triton is not None:
                     ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
-                    SPLIT_K: tl.constexpr = 1, STATS_K: tl.constexpr = 256):
+                    SPLIT_K: tl.constexpr = 1, STATS_K: tl.constexpr = 256, ACC_R: tl.constexpr = 1):
         """The fused GEMV of one row block (see fused_gemv). On a GPU K is a runtime argument; in Triton's CPU
         emulator, which cannot loop to a runtime bound, _fused_gemv_emulated calls this with K a constant.
 
@@ -303,17 +324,17 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
             acc2 = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
         else:
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, BLOCK_K // ACC_R), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K // ACC_R), dtype=tl.float32)
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         acc, acc2, ss = _gemv_chunk(acc, acc2, ss, w0, w20, offs_k0, k_mask0, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr,
-                                    nb_ptr, a_scale, mean, rstd, ADD_RESIDUAL, NORM, FP8, ACT, DOT, BLOCK_K)
+                                    nb_ptr, a_scale, mean, rstd, ADD_RESIDUAL, NORM, FP8, ACT, DOT, BLOCK_K, ACC_R)
         for k0 in range(BLOCK_K, K if SPLIT_K == 1 else (K // BLOCK_K) // SPLIT_K * BLOCK_K, BLOCK_K):
             offs_k = k_first + k0 + arange_k
             k_mask = offs_k < K
             w, w2 = _load_tiles(w_rows, w2_rows, offs_k, k_mask, EVEN_K, ACT)
             acc, acc2, ss = _gemv_chunk(acc, acc2, ss, w, w2, offs_k, k_mask, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr,
-                                        nb_ptr, a_scale, mean, rstd, ADD_RESIDUAL, NORM, FP8, ACT, DOT, BLOCK_K)
+                                        nb_ptr, a_scale, mean, rstd, ADD_RESIDUAL, NORM, FP8, ACT, DOT, BLOCK_K, ACC_R)
         if PDL:
             # the next kernel may launch once every program got here: only the epilogues and the last wave's tail
             # remain, so its programs (waiting in gdc_wait) take no SM slot that this kernel's later waves need.
@@ -382,10 +403,10 @@ if triton is not None:
                              ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                              FP8: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              W_F32: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                             STATS_K: tl.constexpr, SPLIT_K: tl.constexpr = 1):
+                             STATS_K: tl.constexpr, SPLIT_K: tl.constexpr = 1, ACC_R: tl.constexpr = 1):
         _fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr,
                     part_ptr, counter_ptr, N, K, eps, ADD_RESIDUAL, NORM, HAS_BIAS, FP8, ACT, BLOCK_N, BLOCK_K, W_F32,
-                    USE_DOT, EVEN_K, False, SPLIT_K, STATS_K)
+                    USE_DOT, EVEN_K, False, SPLIT_K, STATS_K, ACC_R)
 
     # the GPU entry: _fused_gemv with EVEN_K and STATS_K worked out per launch (the emulated entry the same way)
     _fused_gemv_gpu = triton.heuristics(_GEMV_HEURISTICS)(_fused_gemv)
