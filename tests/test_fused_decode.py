@@ -672,6 +672,10 @@ def test_attention_block_is_smaller_with_splits(monkeypatch):
         assert sum(split * share * block >= slot for split in range(splits)) == idle
     monkeypatch.setenv("PIPELINE_ATTENTION_BLOCK_S", "16")
     assert fused_decode.attention_block(1) == fused_decode.attention_block(6) == 16
+    for bad in ("48", "8", "x"):
+        monkeypatch.setenv("PIPELINE_ATTENTION_BLOCK_S", bad)
+        with pytest.raises(ValueError, match="power of 2 of at least 16"):
+            fused_decode.attention_block(1)
 
 
 def test_compile_leaves_the_fused_step_as_it_is(home):

@@ -1049,6 +1049,9 @@ def attention_block(splits: int) -> int:
     blocks (H100, run 40). Unsplit, 64 slots took 14.80 us at batch 32 against 17.99 with 32 (same run)."""
     forced = os.environ.get("PIPELINE_ATTENTION_BLOCK_S")
     if forced:
+        if not forced.isdigit() or int(forced) < 16 or int(forced) & (int(forced) - 1):
+            raise ValueError(f"PIPELINE_ATTENTION_BLOCK_S={forced!r}: give a power of 2 of at least 16 (cache "
+                             "slots a block of the attention's loop), or unset it")
         return int(forced)
     return ATTENTION_BLOCK_S if splits == 1 else ATTENTION_SPLIT_BLOCK_S
 
