@@ -237,18 +237,24 @@ def test_statistics_pass_over_several_blocks_gives_the_same_gemv(monkeypatch, no
     assert ((blocks - one_block).norm() / one_block.norm()).item() < (2e-2 if fp8 else 1e-3)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_grouped_accumulator_gives_the_same_gemv(monkeypatch, fp8):
-    """The CUDA-core form with its products summed in groups of ACC_R neighbours before they are accumulated
-    (a smaller accumulator) against ACC_R = 1: RMSNorm and silu-gate around it, K not a multiple of the block.
-    Only the order of the float32 sums differs."""
-    torch.manual_seed(9)
-    K, N = 200, 32
+def _gated_gemv_inputs(seed: int, K: int, N: int, fp8: bool) -> tuple:
+    """A gated GEMV's fp16 input row, residual and norm weight, its [2N, K] weight (FP8 or fp16) and scales."""
+    torch.manual_seed(seed)
     x, r, g = (torch.randn(K, device=DEVICE).half() for _ in range(3))
     w = torch.randn(2 * N, K, device=DEVICE) / K**0.5
     sw = fp8_scale(w.abs().max()).to(DEVICE)
     weight = quantize_fp8(w, sw) if fp8 else w.half()
     scales = (fp8_scale(torch.tensor(4.0)).to(DEVICE), sw) if fp8 else (None, None)
+    return x, r, g, weight, scales
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_grouped_accumulator_gives_the_same_gemv(monkeypatch, fp8):
+    """The CUDA-core form with its products summed in groups of ACC_R neighbours before they are accumulated
+    (a smaller accumulator) against ACC_R = 1: RMSNorm and silu-gate around it, K not a multiple of the block.
+    Only the order of the float32 sums differs."""
+    K, N = 200, 32
+    x, r, g, weight, scales = _gated_gemv_inputs(9, K, N, fp8)
 
     def run(acc_r):
         if DEVICE.type == "cpu":
@@ -501,13 +507,8 @@ def test_unsupported_models_fall_back_with_the_reason(home):
 def test_the_tensor_core_configs_compute_the_same_gemv(monkeypatch, fp8):
     """The USE_DOT configs (1: the input row broadcast to a 16-row dot; 2: the weights as the tall operand) against
     the CUDA-core configs, same inputs, RMSNorm and silu-gate around them."""
-    torch.manual_seed(2)
     K, N = 256, 128
-    x, r, g = (torch.randn(K, device=DEVICE).half() for _ in range(3))
-    w = torch.randn(2 * N, K, device=DEVICE) / K**0.5
-    sw = fp8_scale(w.abs().max()).to(DEVICE)
-    weight = quantize_fp8(w, sw) if fp8 else w.half()
-    scales = (fp8_scale(torch.tensor(4.0)).to(DEVICE), sw) if fp8 else (None, None)
+    x, r, g, weight, scales = _gated_gemv_inputs(2, K, N, fp8)
 
     def run(use_dot):
         block_n = {0: 4, 1: 16, 2: 64}[use_dot]
