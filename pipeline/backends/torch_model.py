@@ -135,38 +135,46 @@ class RankModel:
         weight, bias = weight_bias
         if self.is_gpt:
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        xf = x.float()  # once (each .float() of a half-precision x is a kernel)
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-    def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding's (cos, sin) [B, 1, T, D] in `dtype` (the activations') at positions [B, T]: the
+        same for every layer, so forward makes them once (a prefill launched seven kernels a layer for them)."""
         freqs = positions[:, :, None].float() * self.inv_freq[None, None, :]  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(q.dtype)[:, None], emb.sin().to(q.dtype)[:, None]  # [B, 1, T, D]
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    @staticmethod
+    def _rope(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        cos, sin = rope
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     def _attention(self, layer: dict, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: int,
-                   slot_start: int | torch.Tensor, mask: torch.Tensor, decode_attention=None) -> torch.Tensor:
+                   slot_start: int | torch.Tensor, mask: torch.Tensor, decode_attention=None,
+                   rope: tuple | None = None) -> torch.Tensor:
         batch = x.shape[0]
         qkv = layer["qkv"](x)
         if decode_attention is not None:  # one kernel: rotary embedding, cache write, attention (see forward)
             out = decode_attention(qkv.view(batch, -1), cache.k[index], cache.v[index], cache.valid,
                                    positions.view(batch), slot_start).view(batch, 1, -1)
         else:
-            out = self._cached_attention(qkv, positions, cache, index, slot_start, mask, layer.get("kv_scale"))
+            out = self._cached_attention(qkv, rope, cache, index, slot_start, mask, layer.get("kv_scale"))
         out = self.comm.all_reduce_tp(layer["dense"](out))
         return out + layer["dense_bias"] if layer["dense_bias"] is not None else out
 
-    def _cached_attention(self, qkv: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: int,
+    def _cached_attention(self, qkv: torch.Tensor, rope: tuple | None, cache: KVCache, index: int,
                           slot_start: int | torch.Tensor, mask: torch.Tensor, kv_scale) -> torch.Tensor:
-        """Rotary embedding, the cache write at slot_start, and attention over the cache: [B, T, heads * hd]."""
+        """Rotary embedding (rope: _rope_tables' (cos, sin); None for GPT), the cache write at slot_start, and
+        attention over the cache: [B, T, heads * hd]."""
         batch, seq, _ = qkv.shape
         hd = self.head_size
         q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
         q = q.view(batch, seq, self.heads, hd).transpose(1, 2)
         k = k.view(batch, seq, self.kv_heads, hd).transpose(1, 2)
         v = v.view(batch, seq, self.kv_heads, hd).transpose(1, 2)
-        if not self.is_gpt:
-            q, k = self._rope(q, k, positions)
+        if rope is not None:
+            q, k = self._rope(q, k, rope)
         if self.observe_kv is not None:
             self.observe_kv(index, k, v)
         k_cache, v_cache = cache.k[index], cache.v[index]
@@ -257,9 +265,10 @@ class RankModel:
         else:
             h = self.comm.recv_prev((batch, seq, self.hidden), self.dtype)
         mask = self.attention_mask(cache, slot_start, seq, keys_len)
+        rope = self._rope_tables(positions, h.dtype) if not self.is_gpt and decode_attention is None else None
         for index, layer in enumerate(self.layers):
             h = h + self._attention(layer, self._norm(h, layer["ln1"]), positions, cache, index, slot_start, mask,
-                                    decode_attention)
+                                    decode_attention, rope)
             h = h + self._mlp(layer, self._norm(h, layer["ln2"]))
         if not self.mapping.is_last_stage:
             self.comm.send_next(h)
