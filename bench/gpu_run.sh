@@ -58,10 +58,12 @@ for phase in "${@:-tests gpt2 8b}"; do
            done ;;
     grouped) # the CUDA-core GEMV with a grouped accumulator (configs with ACC_R, not yet run on a GPU): every
            # config of each GEMM at batch 1 (--sweep, the 8 fastest each), FP8 and bf16, and the step with what
-           # tuning picks (about 4 min on an H100)
+           # tuning picks; with --prefill, the 128-token prefill (TTFT's GPU part) and its kernels, plain and
+           # compiled, and each GEMM at 128 rows (about 8 min on an H100)
+           F=graph+triton-gemv+fused-mlp+fused-step+pdl
            for q in fp8 none; do
              python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv --sweep qkv,dense,fc_gate,proj \
-               --variants graph+triton-gemv+fused-mlp+fused-step+pdl
+               --prefill --variants $F,graph+compile+triton-gemv+fused-mlp+fused-step+pdl
            done ;;
     prefill) # batch 1, bf16 and FP8: the fused step with the prefill compiled (label part compile: the norms,
            # rotary embedding and FP8 input quantization of the 128 prompt tokens fused; TTFT is part of tok/s; the
@@ -76,14 +78,13 @@ for phase in "${@:-tests gpt2 8b}"; do
              --variants graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm ;;
     gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl ;;
-    8b)    # batch 1: the fused step with and without PDL; batch 32: the compiled layer-by-layer step with the fused
-           # attention kernel, each GEMM shape on cuBLAS or the split-K kernel, whichever timed faster at warm-up
-           # (tuned-gemm; against cuBLAS alone: H100 runs 35-36; with PDL too it was no faster: run 36). About 5 min
-           # on an H100: run fp8 in the same call for the FP8 / bf16 ratio
-           B=graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm
+    8b)    # batch 1: the fused step (its prefill compiled: run 48), with PDL (the default) and without; batch 32: the
+           # compiled layer-by-layer step with the fused attention kernel, each GEMM shape on cuBLAS or the split-K
+           # kernel, whichever timed faster at warm-up (tuned-gemm; against cuBLAS alone: H100 runs 35-36; with PDL
+           # too it was no faster: run 36). About 6 min on an H100: run fp8 in the same call for the FP8 / bf16 ratio
+           B=graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm F=graph+compile+triton-gemv+fused-mlp+fused-step
            python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
-             --variants graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl \
-             --batched-variants $B ;;
+             --variants $F+pdl,$F --batched-variants $B ;;
     tests-gemm) # the GPU tests of the batched GEMMs, tuned-gemm and the logits against the CPU (about 3 min)
            python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
              tests/test_batched_gemm.py -k "batched_gemm or tuned_gemm or rows or gpu_logits or fp8_on_the_gpu or pdl" \
@@ -106,9 +107,10 @@ for phase in "${@:-tests gpt2 8b}"; do
              --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step
            python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+triton-gemv+fused-mlp+fused-step ;;
-    fp8)   # batch 1 (the 1.6x target is against the 8b phase's bf16 figure, same card, same call)
+    fp8)   # batch 1 (the 1.6x target is against the 8b phase's bf16 figure, same card, same call), as 8b runs it
+           F=graph+compile+triton-gemv+fused-mlp+fused-step
            python -m pipeline bench llama-3-8b-random-fp8 --device-random --batch-sizes 1 --repeats 2 --out "$R" \
-             --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl ;;
+             --no-baseline --variants $F+pdl,$F ;;
     fp8ab) # FP8 against bf16 at batch 1, the fused step without and with PDL (a label without "pdl" turns it
            # off: runs 27-31 measured that way), and the FP8 step's kernels with PDL
            F=graph+triton-gemv+fused-mlp+fused-step

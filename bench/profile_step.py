@@ -8,6 +8,8 @@
    With --sweep, every fused-GEMV config of the named GEMMs, timed the same way.
 2. For each decode path: the step time (CUDA events over graph replays), the GPU kernel time per step from the
    profiler, their difference (idle gaps between kernels), and the kernels that take the most time.
+3. With --prefill, the same for the prefill of one 128-token prompt (TTFT's GPU part), and each GEMM of a layer at
+   128 rows through cuBLAS (torch._scaled_mm for FP8, the input's quantization included), as the prefill runs it.
 
 Device-random weights (pipeline.bench.device_random_model); prints Markdown tables.
 """
@@ -207,8 +209,71 @@ def attention_configs(text: str) -> list[tuple]:
     return [(s, b, w, st or None) for s in fields[0] for b in fields[1] for w in fields[2] for st in fields[3]]
 
 
+def kernel_table(prof, per: int, total_s: float, top: int = 14) -> tuple[float, float, list[str]]:
+    """The profiler's CUDA kernels per call (of `per` calls): busy seconds, launches, and the top rows by time."""
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type.name == "CUDA" and event.device_time > 0:
+            name = event.name[:70]
+            kernels[name][0] += event.device_time / 1e6 / per
+            kernels[name][1] += 1 / per
+    busy = sum(v[0] for v in kernels.values())
+    launches = sum(v[1] for v in kernels.values())
+    rows = ["| kernel | launches | ms | share |", "|---|---|---|---|"]
+    for name, (t, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        rows.append(f"| `{name}` | {count:.0f} | {t * 1e3:.3f} | {100 * t / total_s:.1f}% |")
+    return busy, launches, rows
+
+
+def prefill_gemm_table(model, bandwidth: float, rows: int = 128) -> list[str]:
+    """Each GEMM of a layer (all layers' weights, in a CUDA graph) at `rows` input rows as the prefill runs it:
+    weight bytes over time against the copy bandwidth, and TFLOPS."""
+    lines = [f"| GEMM at {rows} rows | shape | ms (all layers) | weight GB/s | % of copy | TFLOPS |",
+             "|---|---|---|---|---|---|"]
+    keys = [k for k in ("qkv", "dense", "fc_gate", "fc", "gate", "proj") if k in model.layers[0]]
+    for key in keys:
+        linears = [layer[key] for layer in model.layers]
+        n, k = linears[0].weight.shape
+        total = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+        inp = torch.randn(rows, k, device=model.device).to(model.dtype)
+
+        def run():
+            for lin in linears:
+                lin(inp)
+
+        seconds = graph_time(run, replays=10)
+        lines.append(f"| {key} | {n}x{k}{' fp8' if isinstance(linears[0], FP8Linear) else ''} | {seconds * 1e3:.3f} | "
+                     f"{total / seconds / 1e9:.0f} | {100 * total / seconds / bandwidth:.1f}% | "
+                     f"{2 * rows * n * k * len(linears) / seconds / 1e12:.0f} |")
+    return lines
+
+
+def profile_prefill(decoder, prompt_len: int = 128, repeats: int = 10) -> list[str]:
+    """The prefill of one prompt (batch 1) as the bench times it, GPU events around each call, and its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = make_prompts(decoder.batch, prompt_len, decoder.model.vocab_size, seed=1)
+    decoder.prefill(prompts)  # a prefill graph is captured at a width's first prefill
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        decoder.prefill(prompts)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    prefill_s = statistics.median(times)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.prefill(prompts)
+        torch.cuda.synchronize()
+    busy, launches, rows = kernel_table(prof, 1, prefill_s, top=16)
+    return [f"prefill of {prompt_len} tokens {prefill_s * 1e3:.3f} ms (GPU events, median of {repeats}); kernels busy "
+            f"{busy * 1e3:.3f} ms over {launches:.0f} launches", ""] + rows
+
+
 def profile_variant(model, options: DecodeOptions, steps: int, read_bytes: int, bandwidth: float,
-                    batch: int = 1, max_len: int = 256) -> list[str]:
+                    batch: int = 1, max_len: int = 256, prefill: bool = False) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
 
     decoder = CudaDecoder(model, batch, max_len, options)
@@ -226,21 +291,13 @@ def profile_variant(model, options: DecodeOptions, steps: int, read_bytes: int, 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         decoder.run_steps(steps)
         torch.cuda.synchronize()
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type.name == "CUDA" and event.device_time > 0:
-            name = event.name[:70]
-            kernels[name][0] += event.device_time / 1e6 / steps
-            kernels[name][1] += 1 / steps
-    busy = sum(v[0] for v in kernels.values())
-    launches = sum(v[1] for v in kernels.values())
+    busy, launches, rows = kernel_table(prof, steps, step_s)
     lines = [f"### {options.label}, batch {batch} ({decoder.path})", "",
              f"step {step_s * 1e3:.3f} ms = {batch / step_s:.1f} tok/s; weights read at "
              f"{100 * read_bytes / step_s / bandwidth:.1f}% of the copy bandwidth; kernels busy {busy * 1e3:.3f} ms/step over {launches:.0f} launches; idle "
-             f"{(step_s - busy) * 1e3:.3f} ms ({(step_s - busy) / max(launches, 1) * 1e6:.2f} us per launch)", "",
-             "| kernel | launches/step | ms/step | share |", "|---|---|---|---|"]
-    for name, (t, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:14]:
-        lines.append(f"| `{name}` | {count:.0f} | {t * 1e3:.3f} | {100 * t / step_s:.1f}% |")
+             f"{(step_s - busy) * 1e3:.3f} ms ({(step_s - busy) / max(launches, 1) * 1e6:.2f} us per launch)", ""] + rows
+    if prefill:
+        lines += [""] + profile_prefill(decoder)
     return lines
 
 
@@ -261,6 +318,8 @@ def main(argv=None) -> int:
                    help="time decode_attention's configs at --batch (see attention_configs; repeatable)")
     p.add_argument("--max-len", type=int, default=256, help="the profiled decoder's cache slots (the bench: 384)")
     p.add_argument("--attention-slot", type=int, default=192, help="the new token's slot for --attention (of 384)")
+    p.add_argument("--prefill", action="store_true", help="also time and profile each variant's prefill of a "
+                   "128-token prompt, and each GEMM at 128 rows")
     args = p.parse_args(argv)
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
@@ -282,6 +341,8 @@ def main(argv=None) -> int:
     for spec in args.attention:
         print("\n".join(attention_table(model, bandwidth, args.batch, 384, args.attention_slot,
                                         attention_configs(spec))), flush=True)
+    if args.prefill:
+        print("\n".join(prefill_gemm_table(model, bandwidth)) + "\n", flush=True)
     if args.sweep:
         print("\n".join(sweep_table(model, bandwidth, args.sweep.split(","))) + "\n", flush=True)
     for variant in filter(None, args.variants.split(",")):
@@ -291,7 +352,8 @@ def main(argv=None) -> int:
         options = DecodeOptions.from_label(label)
         set_triton_gemv(model, options.triton_gemv)
         try:
-            lines = profile_variant(model, options, args.steps, read_bytes, bandwidth, args.batch, args.max_len)
+            lines = profile_variant(model, options, args.steps, read_bytes, bandwidth, args.batch, args.max_len,
+                                        args.prefill)
             lines[0] += f" {' '.join(settings)}"
             print("\n".join(lines) + "\n", flush=True)
         except Exception as exc:
