@@ -76,8 +76,10 @@ for phase in "${@:-tests gpt2 8b}"; do
     profile32) # where a batch-32 step's time goes (the compiled layer-by-layer step that batches > 1 run)
            python bench/profile_step.py llama-3-8b --batch 32 --max-len 384 --no-gemv \
              --variants graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm ;;
-    gpt2)  python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
-             --variants graph+compile+triton-gemv+fused-mlp,graph+triton-gemv+fused-mlp+fused-step,graph+triton-gemv+fused-mlp+fused-step+pdl ;;
+    gpt2)  # batch 1: the default path (the fused step, its prefill compiled, PDL) and the fused step alone
+           F=graph+triton-gemv+fused-mlp+fused-step+pdl
+           python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
+             --variants graph+compile+triton-gemv+fused-mlp+fused-step+pdl,$F ;;
     8b)    # batch 1: the fused step (its prefill compiled: run 48), with PDL (the default) and without; batch 32: the
            # compiled layer-by-layer step with the fused attention kernel, each GEMM shape on cuBLAS or the split-K
            # kernel, whichever timed faster at warm-up (tuned-gemm; against cuBLAS alone: H100 runs 35-36; with PDL
