@@ -1,6 +1,7 @@
 """The batched decode GEMM (pipeline.backends.batched_gemm: split-K, swap-AB) in Triton's CPU emulator, its tuning
 with a stand-in timer, and the decode step that uses it; tests/test_gpu.py runs it compiled at the 8B shapes."""
 
+import json
 import os
 
 import pytest
@@ -149,3 +150,37 @@ def test_tuning_keeps_the_fastest_per_shape_and_the_step_its_tokens(home, monkey
         assert torch.equal(got.argmax(-1), want.argmax(-1))
     CudaDecoder(model, 3, 24, plain).warm_up()
     assert all(not linear.skinny for lyr in model.layers for key, linear in lyr.items() if key in chosen)
+
+
+def test_the_batched_gemm_choices_persist_in_the_tuning_cache(home, monkeypatch, tmp_path):
+    """tune() writes each GEMM shape's choice (cuBLAS or a config) to the tuning cache; a later process takes it
+    without timing, though its own timings would choose otherwise."""
+    from pipeline.backends import tuning_cache
+
+    cache_file = tmp_path / "tuning.json"
+    monkeypatch.setenv(tuning_cache.ENV, str(cache_file))
+    model = accelerate(_model("llama-tiny-tied", "float16"), DecodeOptions(cuda_graph=False, compile=False,
+                                                                          fused_step=False, tuned_gemm=True))
+    timed = []
+
+    def timer_for(kernel_wins: bool):
+        def timer(run):
+            timed.append(run)
+            index = run.__defaults__[0]
+            return 1.0 / (2 + index) if kernel_wins else (0.5 if index < 0 else 1.0)
+        return timer
+
+    for fresh in ("_tune_cache", "_tuned"):
+        monkeypatch.setattr(batched_gemm, fresh, {})
+    monkeypatch.setattr(tuning_cache, "_loaded", {})
+    first = batched_gemm.tune(model, 3, timer=timer_for(kernel_wins=True), persist=True)
+    stored = json.loads(cache_file.read_text())
+    assert len(stored) == 4 and all(k.startswith("skinny-gemm ") for k in stored)
+    assert "cuBLAS" not in stored.values()
+    skinny = {name: model.layers[0][name].skinny[16] for name in first}
+    monkeypatch.setattr(batched_gemm, "_tune_cache", {})  # a new process
+    monkeypatch.setattr(tuning_cache, "_loaded", {})
+    calls = len(timed)
+    second = batched_gemm.tune(model, 3, timer=timer_for(kernel_wins=False), persist=True)
+    assert len(timed) == calls and all(text.endswith("(tuning cache)") for text in second.values())
+    assert {name: model.layers[0][name].skinny[16] for name in second} == skinny

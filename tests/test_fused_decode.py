@@ -5,6 +5,7 @@ these tests need the `triton` package and a CPU-only install without it skips th
 FP8 wrongly for some values, so FP8 is checked here with inputs FP8 represents exactly; tests/test_gpu.py checks
 the real conversion, and bfloat16 (whose dots the emulator gets wrong)."""
 
+import json
 import os
 
 import pytest
@@ -83,6 +84,71 @@ def test_tuning_keeps_the_fastest_config_per_gemm_for_the_process(home, monkeypa
     for _ in range(2):  # the emulator: the same config, the same logits; a GPU: other tiles, other sum orders
         got, want = tuned._step(), plain._step()
         assert torch.equal(got, want) if DEVICE.type == "cpu" else torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_tuning_cache_keeps_choices_across_processes(home, monkeypatch, tmp_path):
+    """Choices timed once are written to the tuning cache; a later process (fresh in-process state) takes them
+    without timing, even where its own timings would choose otherwise; PIPELINE_TUNING_CACHE=0 times afresh; a
+    changed candidate list is timed again; an unreadable file is an error that names it and the fix."""
+    from pipeline.backends import tuning_cache
+    from pipeline.errors import PipelineError
+
+    assert tuning_cache.path_for(torch.device("cpu")).parent == home / "timing-cache"
+    assert tuning_cache.path_for(torch.device("cpu")).name.endswith("-tuning-v1.json")
+    cache_file = tmp_path / "tuning.json"
+    monkeypatch.setenv(tuning_cache.ENV, str(cache_file))
+    options = DecodeOptions(cuda_graph=False, compile=False)
+    model = accelerate(_model("llama-tiny", "float32"), options)
+    speed = {id(c): i for i, c in enumerate(fused_decode._CONFIGS)}
+    timed = []
+
+    def new_process():  # what a new process starts from: nothing tuned, nothing read
+        monkeypatch.setattr(fused_decode, "_tune_cache", {})
+        monkeypatch.setattr(tuning_cache, "_loaded", {})
+
+    def tune(later_faster: bool):
+        def timer(run):
+            timed.append(run)
+            rank = speed[id(run.__defaults__[0])]
+            return 1.0 / (1 + rank) if later_faster else 1.0 + rank
+        decoder = CudaDecoder(model, 1, 24, options)
+        return decoder.fused.tune(timer=timer, persist=True), decoder.fused.configs
+
+    def candidates(name):
+        gemms, _, act, _ = decoder_calls[name]
+        rows, k = gemms[0].weight.shape
+        return fused_decode._prune(fused_decode._CONFIGS, {"N": rows // 2 if act else rows, "K": k}, FP8=False)
+
+    new_process()
+    decoder_calls = CudaDecoder(model, 1, 24, options).fused._gemv_calls()
+    first, configs = tune(later_faster=True)
+    stored = json.loads(cache_file.read_text())
+    assert len(stored) == 5 and all(key.startswith("fused-gemv ") for key in stored)
+    assert sorted(stored.values()) == sorted(str(candidates(name)[-1]) for name in first)
+    new_process()
+    calls = len(timed)
+    second, configs = tune(later_faster=False)  # its own timings would take each GEMM's first candidate
+    assert len(timed) == calls, "a cached choice is not timed again"
+    assert all(configs[name] is candidates(name)[-1] for name in configs) and len(configs) == 5
+    assert all(text.endswith("(tuning cache)") for text in second.values())
+    new_process()
+    monkeypatch.setenv(tuning_cache.ENV, "0")
+    _, configs = tune(later_faster=False)
+    assert all(configs[name] is candidates(name)[0] for name in configs) and len(timed) > calls
+    assert json.loads(cache_file.read_text()) == stored, "with the cache off nothing is written"
+    monkeypatch.setenv(tuning_cache.ENV, str(cache_file))
+    new_process()
+    dropped = candidates("qkv")[-1]  # a release without qkv's cached choice: its candidates changed
+    monkeypatch.setattr(fused_decode, "_CONFIGS", [c for c in fused_decode._CONFIGS if c is not dropped])
+    calls = len(timed)
+    _, configs = tune(later_faster=False)
+    assert len(timed) > calls and configs["qkv"] is candidates("qkv")[0]
+    assert len(json.loads(cache_file.read_text())) > 5  # the new choices beside the old
+    new_process()
+    cache_file.write_text('{"fused-gemv qkv": ')
+    with pytest.raises(PipelineError, match=f"tuning cache {cache_file}: unreadable.*Delete the file"):
+        tune(later_faster=True)
+    assert cache_file.read_text() == '{"fused-gemv qkv": ', "an unreadable cache is left as it was"
 
 
 def test_tuning_the_batched_gemm_keeps_the_fastest_config_per_gemm(home, monkeypatch):

@@ -25,6 +25,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from pipeline.backends import tuning_cache
 from pipeline.backends.fused_decode import ACT_NONE, ACT_SILU_GATE, _split_buffers, graph_seconds
 
 try:
@@ -231,14 +232,17 @@ def _gemm_groups(model) -> dict[tuple, list]:
     return groups
 
 
-def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
+def tune(model, rows: int, replays: int = 10, timer=None, persist: bool | None = None) -> dict[str, str]:
     """For decode steps of `rows` sequences: per GEMM shape of the model, time cuBLAS and every candidate config
     over all layers' weights of that shape, launched back to back in a CUDA graph, and keep the fastest in each
     linear's `skinny` map (padded rows -> config index, -1 for cuBLAS). A config this GPU cannot run (shared
-    memory) is skipped. A choice is kept for the process.
-    Returns {GEMM: "choice (GB/s)"}. timer(run) -> seconds replaces the graph timing (tests)."""
+    memory) is skipped. A choice is kept for the process, and choices timed on the GPU across processes too
+    (pipeline.backends.tuning_cache; persist: use that file, default only when timing for real).
+    Returns {GEMM: "choice (GB/s)" or "choice (tuning cache)"}. timer(run) -> seconds replaces the graph timing
+    (tests)."""
     if triton is None or not 2 <= rows <= MAX_ROWS:
         return {}
+    persist = timer is None if persist is None else persist
     if timer is None:
         if model.device.type != "cuda":
             return {}
@@ -250,10 +254,17 @@ def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
         # the gated MLP's fused GEMM with its activation in the epilogue (CudaLinear.silu_gate)
         act = ACT_SILU_GATE if name == "fc_gate" else ACT_NONE
         key = (name, n, k, len(linears), dtype, m_p, str(model.device))
+        indices = [-1] + candidates(n // 2 if act == ACT_SILU_GATE else n, k, act, m_p)
+        entry = tuning_cache.key("skinny-gemm", f"{name} (N={n}, K={k}, {dtype}, {m_p} padded rows) "
+                                 f"layers={len(linears)}", [_label(i) for i in indices])
+        stored = tuning_cache.lookup(model.device, entry) if persist and key not in _tune_cache else None
+        if stored is not None and stored in map(_label, indices):
+            _tune_cache[key] = next(i for i in indices if _label(i) == stored)
+            _tuned[f"{name} (N={n}, K={k}, {rows} rows)"] = chosen[name] = f"{stored} (tuning cache)"
         if key not in _tune_cache:
             x = torch.randn(rows, k, device=model.device, generator=generator).to(dtype)
             timed = []
-            for index in [-1] + candidates(n // 2 if act == ACT_SILU_GATE else n, k, act, m_p):
+            for index in indices:
 
                 def run(index=index):
                     for linear in linears:
@@ -273,9 +284,11 @@ def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
                                   f"{str(exc)[:200]}", stacklevel=2)
             seconds, best = min(timed)
             _tune_cache[key] = best
+            if persist:
+                tuning_cache.store(model.device, entry, _label(best))
             read = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
             cublas = next(s for s, i in timed if i < 0)
-            label = "cuBLAS" if best < 0 else str(_CONFIGS[best])
+            label = _label(best)
             kernel = min(((s, i) for s, i in timed if i >= 0), default=None)  # how close the kernel came
             runner_up = (f"; the kernel at best {read / kernel[0] / 1e9:.0f} GB/s"
                          if best < 0 and kernel is not None else "")
@@ -284,6 +297,11 @@ def tune(model, rows: int, replays: int = 10, timer=None) -> dict[str, str]:
         for linear in linears:
             linear.skinny[m_p] = _tune_cache[key]
     return chosen
+
+
+def _label(index: int) -> str:
+    """A choice as the bench records it and the tuning cache stores it: 'cuBLAS' or the config."""
+    return "cuBLAS" if index < 0 else str(_CONFIGS[index])
 
 
 def forget(model) -> None:

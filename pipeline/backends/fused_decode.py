@@ -35,6 +35,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from pipeline.backends import tuning_cache
 from pipeline.backends.torch_model import Linear, RankModel
 from pipeline.quantize.runtime import FP8Linear
 
@@ -1278,7 +1279,7 @@ class FusedStep:
                 "proj": ([ly["proj"] for ly in layers], None, ACT_NONE, None),
                 "head": ([self.head], [self.model.ln_f], ACT_NONE, torch.float32)}
 
-    def tune(self, replays: int = 10, timer=None, rows: int = 1) -> dict[str, str]:
+    def tune(self, replays: int = 10, timer=None, rows: int = 1, persist: bool | None = None) -> dict[str, str]:
         """Choose each batch-1 GEMV's config as the step runs it: every config autotuning would time (_CONFIGS,
         pruned by _prune), timed over all layers' weights of that GEMM launched back to back in a CUDA graph, the
         fastest kept. Triton's autotuner times each kernel alone on one weight, a few microseconds for the
@@ -1289,9 +1290,15 @@ class FusedStep:
         rows > 1: the batched GEMM's configs (fused-rows, _ROWS_CONFIGS pruned by rows_candidates) for that many
         rows, kept in row_configs.
 
-        Returns {GEMM: "config (GB/s)"}. GPU only: elsewhere, and with PIPELINE_FUSED_GEMV_TUNE=0, nothing is tuned
-        and autotuning chooses. timer(run) -> seconds replaces the graph timing (tests)."""
+        Choices timed on the GPU are also kept across processes (pipeline.backends.tuning_cache, a file per GPU
+        model): a later process takes them instead of timing, so it runs the same kernels and gives the same
+        tokens. persist: use that file (default: only when timing for real, not with a stand-in timer).
+
+        Returns {GEMM: "config (GB/s)" or "config (tuning cache)"}. GPU only: elsewhere, and with
+        PIPELINE_FUSED_GEMV_TUNE=0, nothing is tuned and autotuning chooses. timer(run) -> seconds replaces the graph
+        timing (tests)."""
         model = self.model
+        persist = timer is None if persist is None else persist
         if timer is None:
             if model.device.type != "cuda" or os.environ.get(TUNE_ENV, "1") == "0":
                 return {}
@@ -1311,11 +1318,21 @@ class FusedStep:
             if key in _tune_cache:
                 configs[name] = _tune_cache[key]
                 continue
+            candidates = (_prune(_CONFIGS, {"N": n, "K": k}, FP8=fp8) if rows == 1
+                          else rows_candidates(n, k, w_f32=weight.dtype == torch.float32))
+            shape = (f"{name} (N={n}, K={k}, {weight.dtype}{f', {rows} rows' if rows > 1 else ''})")
+            entry = tuning_cache.key("fused-gemv", f"{shape} layers={len(gemms)} activations={model.dtype} "
+                                     f"norm={self.norm} act={act} pdl={self.pdl} padded={padded}",
+                                     [str(c) for c in candidates])
+            stored = tuning_cache.lookup(model.device, entry) if persist else None
+            config = next((c for c in candidates if str(c) == stored), None)
+            if config is not None:
+                configs[name] = _tune_cache[key] = config
+                _tuned[shape] = chosen[name] = f"{config} (tuning cache)"
+                continue
             x = torch.randn(rows, k, device=model.device, generator=generator).to(model.dtype)
             residual = torch.randn(rows, k, device=model.device, generator=generator).to(model.dtype)
             timed = []
-            candidates = (_prune(_CONFIGS, {"N": n, "K": k}, FP8=fp8) if rows == 1
-                          else rows_candidates(n, k, w_f32=weight.dtype == torch.float32))
             for config in candidates:
 
                 def run(config=config):
@@ -1332,9 +1349,10 @@ class FusedStep:
                 continue  # autotuning chooses for this GEMM
             seconds, best = min(timed, key=lambda t: t[0])
             configs[name] = _tune_cache[key] = best
+            if persist:
+                tuning_cache.store(model.device, entry, str(best))
             read = sum(g.weight.numel() * g.weight.element_size() for g in gemms)
-            chosen[name] = f"{best} ({read / seconds / 1e9:.0f} GB/s over {len(gemms)} weights)"
-            _tuned[f"{name} (N={n}, K={k}, {weight.dtype}{f', {rows} rows' if rows > 1 else ''})"] = chosen[name]
+            _tuned[shape] = chosen[name] = f"{best} ({read / seconds / 1e9:.0f} GB/s over {len(gemms)} weights)"
         return chosen
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:
