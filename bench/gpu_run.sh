@@ -19,7 +19,8 @@ R="$OUT/results"
 for phase in "${@:-tests gpt2 8b}"; do
   echo "=== phase $phase $(date -u +%T)" | tee -a "$OUT/log.txt"
   case $phase in
-    tests) # the whole output in tests.txt (run 21's tail lost the failures' details), its end in the log
+    tests) # the whole output in tests.txt, its end in the log; more than 9 min on an H100 (run 50 hit its 530 s limit
+           # in the last few tests): give it a call of its own, or run tests-gemm and the fused-decode tests apart
            python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
              tests/test_batched_gemm.py tests/test_fused_decode.py > "$OUT/tests.txt" 2>&1
            grep -E "^(FAILED|ERROR)" "$OUT/tests.txt"; tail -3 "$OUT/tests.txt" ;;
@@ -56,7 +57,7 @@ for phase in "${@:-tests gpt2 8b}"; do
              python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv \
                --variants $F,$F@PIPELINE_ATTENTION_BLOCK_S=64,$F
            done ;;
-    grouped) # the CUDA-core GEMV with a grouped accumulator (configs with ACC_R, not yet run on a GPU): every
+    grouped) # the CUDA-core GEMV with a grouped accumulator (configs with ACC_R; H100 run 48 adopted them): every
            # config of each GEMM at batch 1 (--sweep, the 8 fastest each), FP8 and bf16, and the step with what
            # tuning picks; with --prefill, the 128-token prefill (TTFT's GPU part) and its kernels, plain and
            # compiled, and each GEMM at 128 rows (about 8 min on an H100)
