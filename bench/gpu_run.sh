@@ -88,9 +88,10 @@ for phase in "${@:-tests gpt2 8b}"; do
            B=graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm F=graph+compile+triton-gemv+fused-mlp+fused-step
            python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --variants $F+pdl,$F --batched-variants $B ;;
-    tests-gemm) # the GPU tests of the batched GEMMs, tuned-gemm and the logits against the CPU (about 3 min)
+    tests-gemm) # the GPU tests of the batched GEMMs, tuned-gemm, tuning (and its cache) and the logits against the CPU
+                # (about 3 min)
            python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
-             tests/test_batched_gemm.py -k "batched_gemm or tuned_gemm or rows or gpu_logits or fp8_on_the_gpu or pdl" \
+             tests/test_batched_gemm.py -k "batched_gemm or tuned_gemm or rows or gpu_logits or fp8_on_the_gpu or pdl or tuning" \
              > "$OUT/tests.txt" 2>&1
            grep -E "^(FAILED|ERROR)" "$OUT/tests.txt"; tail -3 "$OUT/tests.txt" ;;
     b32)   # batch 32 without the baseline: tuned-gemm (cuBLAS or the split-K kernel per GEMM shape,

@@ -1,6 +1,8 @@
 """On a CUDA GPU (run with `pytest -m gpu`): the Triton GEMV and FP8 GEMMs against float64 and CPU references,
 every decode path (CUDA graph, torch.compile, Triton GEMV) against the plain loop, and GPU logits against the CPU."""
 
+import json
+
 import pytest
 import torch
 
@@ -150,6 +152,41 @@ def test_tuning_times_every_gemm_and_keeps_the_tokens(home, monkeypatch):
     assert set(tuned.fused.configs) == {"qkv", "dense", "mlp", "proj", "head"}
     assert all(config in fd._CONFIGS for config in tuned.fused.configs.values())
     assert tuned.generate(prompts, 16) == want
+
+
+def test_the_tuning_cache_gives_a_later_process_the_same_kernels(home, monkeypatch, tmp_path):
+    """The choices timed on the GPU are written to the tuning cache; a later process (fresh in-process state) takes
+    them without timing a config, and decodes the same tokens."""
+    from pipeline.backends import fused_decode as fd
+    from pipeline.backends import tuning_cache
+    from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
+
+    cache_file = tmp_path / "tuning.json"
+    monkeypatch.setenv(tuning_cache.ENV, str(cache_file))
+    _, artifact = _artifact("llama-tiny", dtype="float32")
+    options = DecodeOptions.from_label("graph+triton-gemv+fused-mlp+fused-step")
+    model = accelerate(_model(artifact, GPU), options)
+    prompts = [[5, 9, 2, 7, 1, 3, 8]]
+
+    def new_process():
+        monkeypatch.setattr(fd, "_tune_cache", {})
+        monkeypatch.setattr(tuning_cache, "_loaded", {})
+
+    new_process()
+    first = CudaDecoder(model, 1, 64, options)
+    first.warm_up()
+    want = first.generate(prompts, 16)
+    assert len([key for key in json.loads(cache_file.read_text()) if key.startswith("fused-gemv ")]) == 5
+    new_process()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a config the tuning cache holds was timed again")
+
+    monkeypatch.setattr(fd, "graph_seconds", no_timing)
+    second = CudaDecoder(model, 1, 64, options)
+    second.warm_up()
+    assert {k: str(c) for k, c in second.fused.configs.items()} == {k: str(c) for k, c in first.fused.configs.items()}
+    assert second.generate(prompts, 16) == want
 
 
 @pytest.mark.parametrize("norm, act, n, k", [(1, 1, 14336, 4096), (2, 2, 3072, 768), (0, 0, 4096, 14336)])
