@@ -11,8 +11,8 @@ the choices: the first process on a GPU model times and writes them, later ones 
     {"<tuner> <GEMM and shape>|<candidates' digest>": "<the chosen config, as str(config)>", ...}
 
 A key holds a digest of the candidate list, so a new or changed config (a new kernel release) is timed again
-rather than hidden behind an old choice. PIPELINE_TUNING_CACHE=0 times afresh and writes nothing; any other value
-is the file to use (a copy pinned beside a deployment, say).
+rather than hidden behind an old choice. PIPELINE_TUNING_CACHE=0 times afresh and writes nothing; a value other
+than 0 or 1 is the file to use (a copy pinned beside a deployment, say).
 """
 
 from __future__ import annotations
