@@ -257,10 +257,11 @@ def tune(model, rows: int, replays: int = 10, timer=None, persist: bool | None =
         indices = [-1] + candidates(n // 2 if act == ACT_SILU_GATE else n, k, act, m_p)
         entry = tuning_cache.key("skinny-gemm", f"{name} (N={n}, K={k}, {dtype}, {m_p} padded rows) "
                                  f"layers={len(linears)}", [_label(i) for i in indices])
-        stored = tuning_cache.lookup(model.device, entry) if persist and key not in _tune_cache else None
-        if stored is not None and stored in map(_label, indices):
-            _tune_cache[key] = next(i for i in indices if _label(i) == stored)
-            _tuned[f"{name} (N={n}, K={k}, {rows} rows)"] = chosen[name] = f"{stored} (tuning cache)"
+        stored = tuning_cache.cached(model.device, entry, indices, _label) if persist and key not in _tune_cache \
+            else None
+        if stored is not None:
+            _tune_cache[key] = stored
+            _tuned[f"{name} (N={n}, K={k}, {rows} rows)"] = chosen[name] = f"{_label(stored)} (tuning cache)"
         if key not in _tune_cache:
             x = torch.randn(rows, k, device=model.device, generator=generator).to(dtype)
             timed = []

@@ -1325,8 +1325,7 @@ class FusedStep:
             entry = tuning_cache.key("fused-gemv", f"{shape} layers={len(gemms)} activations={model.dtype} "
                                      f"norm={self.norm} act={act} pdl={self.pdl} padded={padded}",
                                      [str(c) for c in candidates])
-            stored = tuning_cache.lookup(model.device, entry) if persist else None
-            config = next((c for c in candidates if str(c) == stored), None)
+            config = tuning_cache.cached(model.device, entry, candidates) if persist else None
             if config is not None:
                 configs[name] = _tune_cache[key] = config
                 _tuned[shape] = chosen[name] = f"{config} (tuning cache)"

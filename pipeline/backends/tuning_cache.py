@@ -85,6 +85,12 @@ def lookup(device: torch.device, entry: str) -> str | None:
     return _read(path_for(device)).get(entry)
 
 
+def cached(device: torch.device, entry: str, candidates: list, label=str):
+    """The candidate whose label(candidate) the cache holds under `entry`, or None (not stored, or the cache is off)."""
+    stored = lookup(device, entry)
+    return next((c for c in candidates if label(c) == stored), None) if stored is not None else None
+
+
 def store(device: torch.device, entry: str, choice: str) -> None:
     """Record a choice: merged into the file as it is now (another rank or process may have added to it) and
     written whole to a temporary file that then replaces it, so a reader never sees half a file."""
