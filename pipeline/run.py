@@ -42,11 +42,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--decode", choices=("auto", "plain", "fast"), default="auto",
-                   help="fast: the CUDA decode path (static cache, CUDA graph, Triton GEMV; greedy, pp=1); "
-                        "auto: fast on a CUDA GPU when the run is greedy with pp=1, plain otherwise")
+    p.add_argument("--decode", choices=("engine", "fast"), default="engine",
+                   help="engine: in-flight batching over the paged KV cache (the default); fast: one static batch "
+                        "through the CUDA fused decode step (greedy, pp=1, GPU)")
     p.add_argument("--compile", action="store_true", help="with the fast path: torch.compile the prefill, and the "
                    "decode step where the fused step does not run it (about a minute to start for 8B)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="send --prompt text as it is, even to a chat model (default: the tokenizer's chat template)")
     p.add_argument("--no-verify", action="store_true", help="run even if the artifact does not match its manifest")
     p.add_argument("--json", type=Path, help="also write prompts, token ids and text as JSON (rank 0)")
     p.add_argument("--logits-out", type=Path,
@@ -100,26 +102,9 @@ def verify_problem(artifact: Path, rank: int, verify: bool) -> str | None:
     return None
 
 
-class StreamPrinter:
-    """Prints one sequence's text as its tokens arrive (decoding the whole so far, printing what is new)."""
-
-    def __init__(self, tokenizer, prompt_ids: list[int]):
-        self.tokenizer, self.prompt_ids, self.new_ids, self.printed = tokenizer, prompt_ids, [], ""
-        text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        print(text, end="", flush=True)
-        self.prefix = text
-
-    def add(self, token: int) -> None:
-        self.new_ids.append(token)
-        text = self.tokenizer.decode(self.prompt_ids + self.new_ids, skip_special_tokens=True)[len(self.prefix):]
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-            return
-        print(text[len(self.printed):], end="", flush=True)
-        self.printed = text
-
-
 def report_outputs(args: argparse.Namespace, artifact: Path, backend: str, world: int, prompts: list[list[int]],
-                   outputs: list[list[int]], tokenizer, seconds: float, streamed: bool = False) -> None:
+                   outputs: list[list[int]], tokenizer, seconds: float, streamed: bool = False,
+                   texts: list[str] | None = None) -> None:
     """Rank 0's output, the same for every backend: the texts (unless already streamed), a timing line on stderr,
     and with --json the prompts, token ids and texts."""
     if streamed:
@@ -127,6 +112,7 @@ def report_outputs(args: argparse.Namespace, artifact: Path, backend: str, world
     else:
         for i, (prompt, new) in enumerate(zip(prompts, outputs)):
             text = tokenizer.decode(prompt + new, skip_special_tokens=True) if tokenizer else str(prompt + new)
+            text = texts[i] if texts is not None else text  # chat: the reply alone
             print(text if len(prompts) == 1 else f"--- [{i}] ---\n{text}", flush=True)
     count = sum(len(o) for o in outputs)
     print(f"[pipeline.run] {count} new tokens in {seconds:.2f} s ({count / max(seconds, 1e-9):.1f} tok/s)",
@@ -157,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
-    from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+    from pipeline.backends.torch_backend import read_checkpoint_config
 
     artifact, runtime = resolve_artifact(args)
     if (artifact / "rank0.engine").is_file():  # a TensorRT-LLM engine folder
@@ -172,17 +158,67 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     problems = all_ok(mpi_comm, verify_problem(artifact, rank, not args.no_verify))
     if problems:
         raise RunError("the artifact cannot run:\n" + "\n".join(f"  rank {r}: {p}" for r, p in problems))
-    tokenizer = load_tokenizer(artifact)
+    if args.logits_out is not None or args.decode == "fast":
+        return _run_static(args, artifact, runtime, config, rank, world, mpi_comm)
+    from pipeline.engine.llm import LLM
+
+    sampling = sampling_from(runtime, args)
+    llm = LLM(artifact, device=args.device, verify=False)  # verified above; ranks other than 0 serve, then exit
+    try:
+        return _run_engine(args, llm, runtime, sampling)
+    finally:
+        llm.shutdown()
+
+
+def read_prompts(args: argparse.Namespace, runtime: dict, tokenizer, chat: bool) -> tuple[list[str] | None, list]:
+    """(texts or None, token ids) of the prompts: --prompt-ids(-file), else --prompt or the recipe's prompts
+    (through the chat template when the tokenizer has one, unless --no-chat-template)."""
     if args.prompt_ids_file:
-        prompts = json.loads(args.prompt_ids_file.read_text())
-    elif args.prompt_ids:
-        prompts = [[int(t) for t in s.split(",")] for s in args.prompt_ids]
+        return None, json.loads(args.prompt_ids_file.read_text())
+    if args.prompt_ids:
+        return None, [[int(t) for t in s.split(",")] for s in args.prompt_ids]
+    texts = args.prompt or list(runtime.get("prompts", RuntimeSpec().prompts))
+    if tokenizer is None:
+        raise RunError("the artifact has no tokenizer files; give --prompt-ids 1,2,3 or set model.tokenizer in "
+                       "the recipe and rebuild")
+    if chat:
+        return texts, [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                          tokenize=True, return_dict=True)["input_ids"])
+                       for t in texts]
+    return texts, [tokenizer(t).input_ids for t in texts]
+
+
+def _run_engine(args: argparse.Namespace, llm, runtime: dict, sampling: Sampling) -> int:
+    """Rank 0 of an engine run: submit every prompt at once, stream a single prompt's text, report."""
+    from pipeline.params import SamplingParams
+
+    tokenizer = llm.tokenizer
+    chat = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat_template
+    texts, prompts = read_prompts(args, runtime, tokenizer, chat)
+    params = SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                            top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
+    start = time.perf_counter()
+    if len(prompts) == 1 and tokenizer is not None:
+        print(texts[0] + "\n" if chat else tokenizer.decode(prompts[0], skip_special_tokens=True), end="", flush=True)
+        for output in llm.generate_stream(prompts[0], params):
+            print(output.delta_text, end="", flush=True)
+        outputs, streamed = [output], True
     else:
-        texts = args.prompt or list(runtime.get("prompts", RuntimeSpec().prompts))
-        if tokenizer is None:
-            raise RunError(f"{artifact} has no tokenizer files; give --prompt-ids 1,2,3 or set model.tokenizer in "
-                           f"the recipe and rebuild")
-        prompts = [tokenizer(t).input_ids for t in texts]
+        outputs, streamed = llm.generate(prompts, params), False
+    seconds = time.perf_counter() - start
+    report_outputs(args, llm.artifact, "torch", llm.world, prompts, [o.output_ids for o in outputs], tokenizer,
+                   seconds, streamed=streamed, texts=[o.text for o in outputs] if chat else None)
+    return 0
+
+
+def _run_static(args: argparse.Namespace, artifact: Path, runtime: dict, config: dict, rank: int, world: int,
+                mpi_comm) -> int:
+    """One static batch without the engine: --logits-out (scoring every position) and --decode fast (the CUDA
+    fused batch-1 step, until the engine's step runs it)."""
+    from pipeline.backends.torch_backend import load_rank_model
+
+    tokenizer = load_tokenizer(artifact)
+    _, prompts = read_prompts(args, runtime, tokenizer, chat=False)
     sampling = sampling_from(runtime, args)
     manifest = read_manifest(artifact) or {}
     conversion = manifest.get("conversion", {})
@@ -190,7 +226,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
         else conversion.get("eos_token_id")
     pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else None)
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-
+    tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
     mapping = Mapping(tp, pp, rank)
     device = pick_device(mpi_comm, args.device)
     comm = Comm.create(mapping, device, mpi_comm)
@@ -201,30 +237,21 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     if rank == 0:
         print(f"[pipeline.run] backend torch on {device.type} ({'nccl' if device.type == 'cuda' else 'gloo'}), "
               f"{world} rank(s) tp={tp} pp={pp}, {artifact} (loaded in {load_s:.1f} s)", file=sys.stderr)
-
     if args.logits_out is not None:
         all_logits = [score(model, p) for p in prompts]
         if rank == comm.sampler_rank:
             torch.save([t.cpu() for t in all_logits], args.logits_out)
         if args.score_only:
             return finish(comm, 0)
-
-    stream = rank == 0 and tokenizer is not None and len(prompts) == 1
-    printer = StreamPrinter(tokenizer, prompts[0]) if stream else None
-
-    def on_first_tokens(first: int) -> None:
-        if printer is not None and first != eos_id:
-            printer.add(first)
-
-    fast = args.decode == "fast" or (args.decode == "auto" and device.type == "cuda" and pp == 1
-                                     and sampling.temperature == 0)
-    if fast and (pp != 1 or sampling.temperature != 0):
-        raise RunError("--decode fast runs greedy decoding (temperature 0) with pp=1; use --decode plain")
+    fast = args.decode == "fast"
+    if fast and (pp != 1 or sampling.temperature != 0 or device.type != "cuda"):
+        raise RunError("--decode fast runs greedy decoding (temperature 0) with pp=1 on a CUDA GPU; leave it out "
+                       "to run the engine")
     start = time.perf_counter()
     if fast:
         from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
 
-        options = DecodeOptions(cuda_graph=device.type == "cuda", compile=args.compile)
+        options = DecodeOptions(cuda_graph=True, compile=args.compile)
         decoder = CudaDecoder(accelerate(model, options), len(prompts),
                               max(len(p) for p in prompts) + sampling.max_new_tokens, options,
                               prefill_graphs=0)  # one prefill: capturing it would only add two runs
@@ -232,14 +259,12 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
         if rank == 0:
             print(f"[pipeline.run] decode: {options.label}, {decoder.path}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        outputs = decoder.generate(prompts, sampling.max_new_tokens, eos_id, pad_id,
-                                   on_tokens=lambda values: on_first_tokens(values[0]))
+        outputs = decoder.generate(prompts, sampling.max_new_tokens, eos_id, pad_id)
     else:
-        outputs = generate(model, prompts, sampling, eos_id, pad_id,
-                           on_tokens=lambda tokens, finished: on_first_tokens(int(tokens[0])))
+        outputs = generate(model, prompts, sampling, eos_id, pad_id)
     seconds = time.perf_counter() - start
     if rank == 0:
-        report_outputs(args, artifact, "torch", world, prompts, outputs, tokenizer, seconds, streamed=printer is not None)
+        report_outputs(args, artifact, "torch", world, prompts, outputs, tokenizer, seconds)
     decoder = None  # its CUDA graphs hold captured NCCL work: release them before the teardown
     return finish(comm, 0)
 

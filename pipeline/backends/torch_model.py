@@ -152,10 +152,12 @@ class RankModel:
 
     def _attention(self, layer: dict, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: int,
                    slot_start: int | torch.Tensor, mask: torch.Tensor, decode_attention=None,
-                   rope: tuple | None = None) -> torch.Tensor:
+                   rope: tuple | None = None, attention=None) -> torch.Tensor:
         batch = x.shape[0]
         qkv = layer["qkv"](x)
-        if decode_attention is not None:  # one kernel: rotary embedding, cache write, attention (see forward)
+        if attention is not None:  # the engine's paged KV cache (pipeline.engine.runner)
+            out = attention(index, qkv, rope, layer.get("kv_scale"))
+        elif decode_attention is not None:  # one kernel: rotary embedding, cache write, attention (see forward)
             out = decode_attention(qkv.view(batch, -1), cache.k[index], cache.v[index], cache.valid,
                                    positions.view(batch), slot_start).view(batch, 1, -1)
         else:
@@ -246,8 +248,9 @@ class RankModel:
         mask |= key_slots[None, None, :] == query_slots[None, :, None]  # padding queries see themselves (no NaN)
         return mask[:, None]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot_start: int | torch.Tensor,
-                keys_len: int | None = None, all_logits: bool = False, decode_attention=None) -> torch.Tensor | None:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
+                slot_start: int | torch.Tensor = 0, keys_len: int | None = None, all_logits: bool = False,
+                decode_attention=None, attention=None, logit_rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run this rank's stage on tokens [B, T] at cache slots [slot_start, slot_start + T).
 
         Returns float32 logits [B, T or 1, vocab] on last-stage ranks, None elsewhere. The caller marks the
@@ -255,25 +258,31 @@ class RankModel:
         and keys_len = the cache length: then every shape is static and nothing reads back to the host. Such a
         step may also pass decode_attention(qkv [B, n], k_cache, v_cache, valid, positions [B], slot) -> [B, m],
         a fused kernel for everything between the qkv and dense GEMMs (pipeline.backends.fused_decode).
+
+        The engine passes `attention(layer_index, qkv [B, T, n], rope, kv_scale) -> [B, T, heads * hd]` instead
+        of a cache (it owns the paged KV cache), packed sequences as B = 1, and `logit_rows` [R]: the positions of
+        T whose logits it wants ([1, R, vocab]).
         """
         batch, seq = tokens.shape
-        keys_len = keys_len or slot_start + seq
+        keys_len = keys_len or (slot_start + seq if attention is None else None)
         if self.mapping.is_first_stage:
             h = F.embedding(tokens, self.embed)
             if self.pos_embed is not None:
                 h = h + F.embedding(positions, self.pos_embed)
         else:
             h = self.comm.recv_prev((batch, seq, self.hidden), self.dtype)
-        mask = self.attention_mask(cache, slot_start, seq, keys_len)
+        mask = self.attention_mask(cache, slot_start, seq, keys_len) if attention is None else None
         rope = self._rope_tables(positions, h.dtype) if not self.is_gpt and decode_attention is None else None
         for index, layer in enumerate(self.layers):
             h = h + self._attention(layer, self._norm(h, layer["ln1"]), positions, cache, index, slot_start, mask,
-                                    decode_attention, rope)
+                                    decode_attention, rope, attention)
             h = h + self._mlp(layer, self._norm(h, layer["ln2"]))
         if not self.mapping.is_last_stage:
             self.comm.send_next(h)
             return None
-        if not all_logits:
+        if logit_rows is not None:
+            h = h[:, logit_rows]
+        elif not all_logits:
             h = h[:, -1:]
         h = self._norm(h, self.ln_f)
         logits = self.comm.all_gather_tp(self.head(h).float())

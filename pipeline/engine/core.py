@@ -1,0 +1,155 @@
+"""The engine loop: scheduler -> every rank's model runner -> output processing.
+
+Rank 0 owns the scheduler and the requests. Each step it makes a StepPlan, sends it to the other ranks over MPI,
+runs it on its own rank, and turns the sampled tokens into outputs (detokenized text, stop conditions, finished
+requests). The other ranks run `worker_loop`: receive a plan, run it, until rank 0 sends shutdown. A plan is a
+few hundred bytes, so one point-to-point message per rank and step costs microseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pipeline.engine.runner import ModelRunner
+from pipeline.engine.scheduler import Request, Scheduler, StepPlan
+from pipeline.params import SamplingParams
+
+PLAN_TAG = 7
+IDLE_POLL_S = 0.001  # how often an idle worker rank looks for the next plan (busy-waiting would burn a core)
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: everything so far, and what is new since the previous output."""
+
+    request_id: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    delta_ids: list[int] = field(default_factory=list)
+    delta_text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    ttft_s: float | None = None  # arrival to first token
+    e2e_s: float | None = None  # arrival to finish
+    preemptions: int = 0
+
+
+class Detokenizer:
+    """A request's text, made incrementally (tokenizers' DecodeStream: constant work per token), with stop
+    strings found as they appear."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.text = ""
+        self.stream = None
+        if tokenizer is not None and hasattr(tokenizer, "_tokenizer"):
+            from tokenizers.decoders import DecodeStream
+
+            self.stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Append a token; returns (new text, whether a stop string ended the output)."""
+        if self.tokenizer is None:
+            return "", False
+        if self.stream is not None:
+            chunk = self.stream.step(self.tokenizer._tokenizer, token) or ""
+        else:  # a slow tokenizer: decode everything again (quadratic, but only for tokenizers without Rust)
+            self._ids.append(token)
+            whole = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+            chunk = "" if whole.endswith("\ufffd") else whole[len(self.text):]
+        before = len(self.text)
+        self.text += chunk
+        for stop in self.stop:
+            at = self.text.find(stop, max(0, before - len(stop) + 1))
+            if at != -1:
+                self.text = self.text[:at]
+                return self.text[before:] if at > before else "", True
+        return chunk, False
+
+
+class Engine:
+    """Rank 0's side of the engine; `step()` runs one step on every rank and returns the outputs it produced."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, mpi_comm, tokenizer, eos_id: int | None):
+        self.runner, self.scheduler, self.mpi_comm = runner, scheduler, mpi_comm
+        self.tokenizer, self.eos_id = tokenizer, eos_id
+        self.world = mpi_comm.Get_size() if mpi_comm is not None else 1
+        self._detok: dict[int, Detokenizer] = {}
+        self.steps = 0
+        self.tokens_computed = 0
+        self.closed = False
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Request:
+        request = self.scheduler.add(prompt_ids, params, seed)
+        self._detok[request.id] = Detokenizer(self.tokenizer, params.stop)
+        return request
+
+    def abort(self, request_id: int) -> RequestOutput | None:
+        request = self.scheduler.requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.abort(request_id)
+        return self._output(request, [], "")
+
+    def _send(self, plan: StepPlan) -> None:
+        for rank in range(1, self.world):
+            self.mpi_comm.send(plan, dest=rank, tag=PLAN_TAG)
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.work and not plan.released:
+            return []
+        self._send(plan)
+        sampled = self.runner.execute(plan)
+        self.steps += 1
+        self.tokens_computed += plan.num_tokens
+        outputs = []
+        for request in self.scheduler.update(plan, sampled):
+            outputs.append(self._after_token(request))
+        return outputs
+
+    def _after_token(self, request: Request) -> RequestOutput:
+        token = request.output_ids[-1]
+        params = request.params
+        delta_text, stopped = self._detok[request.id].add(token)
+        reason = None
+        if stopped:
+            reason = "stop"
+        elif token in params.stop_token_ids or (token == self.eos_id and not params.ignore_eos):
+            reason = "stop" if len(request.output_ids) > params.min_tokens else None
+        if reason is None and len(request.output_ids) >= params.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+        return self._output(request, [token], delta_text)
+
+    def _output(self, request: Request, delta_ids: list[int], delta_text: str) -> RequestOutput:
+        finished = request.finish_reason is not None
+        detok = self._detok.pop(request.id) if finished else self._detok[request.id]
+        return RequestOutput(
+            request.id, request.prompt_ids, list(request.output_ids), detok.text, delta_ids, delta_text, finished,
+            request.finish_reason,
+            ttft_s=None if request.first_token_s is None else request.first_token_s - request.arrival_s,
+            e2e_s=None if request.finished_s is None else request.finished_s - request.arrival_s,
+            preemptions=request.preemptions)
+
+    def shutdown(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._send(StepPlan(work=(), shutdown=True))
+
+
+def worker_loop(runner: ModelRunner, mpi_comm) -> None:
+    """A rank other than 0: run each plan rank 0 sends until it sends shutdown."""
+    while True:
+        since = time.monotonic()
+        while not mpi_comm.Iprobe(source=0, tag=PLAN_TAG):
+            if time.monotonic() - since > 0.002:  # spin briefly between busy steps, then sleep while idle
+                time.sleep(IDLE_POLL_S)
+        plan = mpi_comm.recv(source=0, tag=PLAN_TAG)
+        if plan.shutdown:
+            return
+        runner.execute(plan)

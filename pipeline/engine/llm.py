@@ -1,0 +1,358 @@
+"""`LLM`: a built artifact as a long-lived engine that takes requests as they come.
+
+    from pipeline import LLM, SamplingParams
+    llm = LLM("smollm2-135m-bf16-pp2")                     # a recipe's latest build, a recipe file, or a folder
+    llm.generate(["The capital of France is"], SamplingParams(max_tokens=16))
+    llm.chat([{"role": "user", "content": "What is the capital of France?"}])
+    for out in llm.generate_stream("Once upon a time"): print(out.delta_text, end="")
+    async for out in llm.generate_async("Hi"): ...
+
+Rank 0 runs the engine loop in a background thread (scheduler -> every rank's step -> outputs); requests from any
+thread or asyncio loop are queued to it. Under `mpirun -n N`, every rank constructs the LLM; the ranks other than 0
+serve rank 0's steps inside the constructor and leave the process (exit 0) when rank 0 shuts the engine down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import queue
+import random
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.dist import Comm, all_ok, finish, mpi_world, pick_device
+from pipeline.engine.blocks import BlockPool
+from pipeline.engine.core import Engine, RequestOutput, worker_loop
+from pipeline.engine.runner import ModelRunner, kv_bytes_per_token
+from pipeline.engine.scheduler import Scheduler
+from pipeline.errors import PipelineError, RunError
+from pipeline.mapping import Mapping
+from pipeline.params import Limits, SamplingParams, check_request
+
+CPU_KV_CACHE_BYTES = 2 << 30  # on a CPU the pool has no free-memory figure to follow: at most this much
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine sizes itself; None takes the recipe's build limits (TensorRT-LLM's names)."""
+
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+    tokens_per_block: int | None = None
+    kv_cache_free_gpu_memory_fraction: float = 0.9  # TensorRT-LLM's KvCacheConfig default
+    kv_cache_max_tokens: int | None = None
+    enable_prefix_reuse: bool = True
+
+
+def resolve_model(model: str | Path, build: bool = False) -> tuple[Path, dict]:
+    """(artifact folder, resolved recipe dict) for a recipe name, a recipe file or an artifact folder."""
+    from pipeline.build import Builder, read_build_record, recipe_for
+    from pipeline.recipe import load_recipe
+
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RunError(f"{path}: not a built artifact (no config.json); give a recipe name or the folder "
+                           f"`python -m pipeline build` printed")
+        return path, recipe_for(path)
+    if build:
+        result = Builder(load_recipe(model), log=lambda m: print(f"[build] {m}", file=sys.stderr)).run()
+        return result.artifact, result.recipe.to_dict()
+    name = path.stem if path.suffix in (".yaml", ".yml") else str(model)
+    try:
+        record = read_build_record(name)
+    except PipelineError as exc:
+        raise RunError(f"{exc}; or pass build=True to build it now") from None
+    return Path(record["artifact"]), record["resolved"]
+
+
+class RequestHandle:
+    """A submitted request: iterate it for outputs as they are made (the last one has finished=True)."""
+
+    def __init__(self, llm: LLM):
+        self._llm = llm
+        self._outputs: queue.Queue = queue.Queue()
+        self.id: int | None = None
+        self._ready = threading.Event()
+
+    def _put(self, item) -> None:
+        if isinstance(item, RequestOutput) and self.id is None:
+            self.id = item.request_id
+        self._outputs.put(item)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while True:
+            item = self._outputs.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+    def result(self) -> RequestOutput:
+        *_, last = self
+        return last
+
+    def abort(self) -> None:
+        self._llm._commands.put(("abort", self))
+
+
+class LLM:
+    def __init__(self, model: str | Path, *, build: bool = False, device: str = "auto", verify: bool = True,
+                 engine: EngineConfig | None = None, **engine_options):
+        from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+        from pipeline.run import load_tokenizer, verify_problem
+
+        options = engine or EngineConfig(**engine_options)
+        self.rank, self.world, mpi_comm = mpi_world()
+        self.artifact, self.recipe = resolve_model(model, build)
+        self.config = config = read_checkpoint_config(self.artifact)
+        tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
+        if self.world != tp * pp:
+            raise RunError(f"{self.artifact.name} was built for {tp * pp} rank(s) (tp={tp}, pp={pp}) but "
+                           f"{self.world} {'was' if self.world == 1 else 'were'} started; run it under "
+                           f"mpirun -n {tp * pp}")
+        problems = all_ok(mpi_comm, verify_problem(self.artifact, self.rank, verify))
+        if problems:
+            raise RunError("the artifact cannot run:\n" + "\n".join(f"  rank {r}: {p}" for r, p in problems))
+        build_spec = self.recipe.get("build", {})
+        self.limits = Limits.from_config(config, build_spec)
+        self.tokenizer = load_tokenizer(self.artifact) if self.rank == 0 else None
+        from pipeline.manifest import read_manifest
+
+        conversion = (read_manifest(self.artifact) or {}).get("conversion", {})
+        tok = self.tokenizer
+        self.eos_id = tok.eos_token_id if tok is not None and tok.eos_token_id is not None \
+            else conversion.get("eos_token_id")
+
+        self.timings: dict[str, float] = {}
+        start = time.perf_counter()
+        self.device = pick_device(mpi_comm, device)
+        self.comm = Comm.create(Mapping(tp, pp, self.rank), self.device, mpi_comm)
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, self.world)))
+        model_part = load_rank_model(self.artifact, config, self.comm, self.device)
+        self.timings["load_s"] = time.perf_counter() - start
+
+        block_size = options.tokens_per_block or build_spec.get("plugins", {}).get("tokens_per_block", 32)
+        max_batch = options.max_batch_size or build_spec.get("max_batch_size", 8)
+        num_blocks = self._pool_blocks(model_part, block_size, max_batch, options)
+        if mpi_comm is not None and self.world > 1:
+            from mpi4py import MPI
+
+            num_blocks = mpi_comm.allreduce(num_blocks, op=MPI.MIN)  # every rank holds the same block ids
+        self.runner = ModelRunner(model_part, num_blocks, block_size, config.get("sliding_window"))
+        self._log(f"backend torch on {self.device.type}, {self.world} rank(s) tp={tp} pp={pp}, {self.artifact} "
+                  f"(loaded in {self.timings['load_s']:.1f} s); KV cache: {num_blocks} blocks of {block_size} "
+                  f"tokens")
+        if self.rank != 0:
+            worker_loop(self.runner, mpi_comm)
+            raise SystemExit(finish(self.comm, 0))
+        pool = BlockPool(num_blocks, block_size, prefix_reuse=options.enable_prefix_reuse)
+        max_tokens = options.max_num_tokens or build_spec.get("max_num_tokens", 8192)
+        self.scheduler = Scheduler(pool, max_batch, max_tokens, self.eos_id)
+        self.engine = Engine(self.runner, self.scheduler, mpi_comm, self.tokenizer, self.eos_id)
+        self._commands: queue.Queue = queue.Queue()
+        self._handles: dict[int, RequestHandle] = {}
+        self.error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+        atexit.register(self.shutdown)
+
+    # ------------------------------------------------------------------------------------------- set-up
+
+    def _pool_blocks(self, model, block_size: int, max_batch: int, options: EngineConfig) -> int:
+        per_block = kv_bytes_per_token(model) * block_size
+        if options.kv_cache_max_tokens is not None:
+            return max(1, options.kv_cache_max_tokens // block_size)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, int(free * options.kv_cache_free_gpu_memory_fraction) // per_block)
+        wanted = max_batch * (self.limits.context_len or 2048)
+        return max(1, min(-(-wanted // block_size), CPU_KV_CACHE_BYTES // per_block))
+
+    def _log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[engine] {message}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        """The engine thread: take commands, run steps while there is work, hand outputs to their requests."""
+        try:
+            while True:
+                block = not self.scheduler.has_work
+                try:
+                    command = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+                if command is not None:
+                    if command[0] == "stop":
+                        break
+                    self._handle_command(command)
+                    continue  # take every queued command before the next step
+                for output in self.engine.step():
+                    handle = self._handles.get(output.request_id)
+                    if handle is not None:
+                        handle._put(output)
+                        if output.finished:
+                            del self._handles[output.request_id]
+        except BaseException as exc:  # the engine is dead: every waiting request learns why
+            self.error = exc
+            for handle in self._handles.values():
+                handle._put(RunError(f"the engine stopped: {exc!r}"))
+            self._drain_commands(exc)
+        finally:
+            self.engine.shutdown()
+
+    def _handle_command(self, command) -> None:
+        kind, handle = command[0], command[1]
+        if kind == "add":
+            _, handle, prompt_ids, params, seed = command
+            try:
+                request = self.engine.add_request(prompt_ids, params, seed)
+            except PipelineError as exc:
+                handle._put(exc)
+                return
+            handle.id = request.id
+            self._handles[request.id] = handle
+            handle._ready.set()
+        elif kind == "abort" and handle.id in self._handles:
+            output = self.engine.abort(handle.id)
+            del self._handles[handle.id]
+            if output is not None:
+                handle._put(output)
+
+    def _drain_commands(self, exc: BaseException) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                command[1]._put(RunError(f"the engine stopped: {exc!r}"))
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RunError(f"{self.artifact} has no tokenizer; give token ids instead of text")
+            return self.tokenizer(prompt).input_ids
+        return list(prompt)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """The tokenizer's chat template with the assistant's turn opened."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise RunError(f"{self.artifact}'s tokenizer has no chat template; send a plain prompt instead")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
+               handle: RequestHandle | None = None) -> RequestHandle:
+        """Queue one request (any thread); checked against the build's limits first (ParamError)."""
+        if self._closed or self.error is not None:
+            raise RunError(f"the engine is not running{f': {self.error!r}' if self.error else ''}")
+        params = params or SamplingParams()
+        prompt_ids = self.encode(prompt)
+        check_request(params, prompt_ids, self.limits)
+        seed = params.seed if params.seed is not None else random.randrange(2**63)
+        handle = handle or RequestHandle(self)
+        self._commands.put(("add", handle, prompt_ids, params, seed))
+        return handle
+
+    def generate(self, prompts: str | list[int] | list, params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Generate for a list of prompts (text or token ids); all run together, in flight. Finished outputs in
+        the order of the prompts."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        handles = [self.submit(p, s) for p, s in zip(prompts, each)]
+        return [h.result() for h in handles]
+
+    def generate_stream(self, prompt: str | list[int], params: SamplingParams | None = None
+                        ) -> Iterator[RequestOutput]:
+        """Outputs of one request as its tokens are made."""
+        handle = self.submit(prompt, params)
+        try:
+            yield from handle
+        finally:
+            if handle.id is not None:
+                handle.abort()  # a consumer that stops early frees the request's blocks
+
+    async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None
+                             ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as its tokens are made, for asyncio; cancelling it aborts the request."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        handle = RequestHandle(self)
+        handle._put = _threadsafe_put(handle, loop, outputs)
+        self.submit(prompt, params, handle)
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                handle.abort()
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None):
+        """Reply to a conversation (a list of {"role", "content"}) or to each of a list of conversations."""
+        if messages and isinstance(messages[0], dict):
+            return self.generate([self.apply_chat_template(messages)], params)[0]
+        return self.generate([self.apply_chat_template(m) for m in messages], params)
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def stats(self) -> dict:
+        """Counts for metrics: requests running and waiting, KV blocks, steps (read without locking)."""
+        pool = self.scheduler.pool
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": pool.num_blocks, "kv_blocks_used": pool.used_count,
+                "kv_blocks_free": pool.free_count, "preemptions": self.scheduler.preemptions,
+                "prefix_reused_tokens": pool.reused_tokens, "steps": self.engine.steps}
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        """Stop the engine thread and release the other ranks (they exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._commands.put(("stop", None))
+        self._thread.join(timeout=60)
+        finish(self.comm, 0)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _threadsafe_put(handle: RequestHandle, loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue):
+    def put(item) -> None:
+        if isinstance(item, RequestOutput) and handle.id is None:
+            handle.id = item.request_id
+        try:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    return put

@@ -1,0 +1,220 @@
+"""The engine: in-flight batching over the paged KV cache gives every request the tokens it gets alone.
+
+Requests arrive in a random order at random steps, with prompts of different lengths; prompts are prefilled in
+chunks mixed with other requests' decoding (a small token budget), over blocks of 4 tokens. References are
+Hugging Face transformers' greedy tokens for each prompt alone (float32 tiny random checkpoints), and, under
+mpirun, the same requests at tp=2 and pp=2.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.build import Builder
+from pipeline.engine.scheduler import EngineError
+from pipeline.params import ParamError, SamplingParams
+from pipeline.recipe import recipe_from_dict
+from tests.conftest import PYTHON, REPO, child_env, mpirun_binary
+
+NEW_TOKENS = 10
+
+
+def build(shape: str, tp: int = 1, pp: int = 1, dtype: str = "float32"):
+    recipe = recipe_from_dict({"model": {"random": shape}, "precision": {"dtype": dtype},
+                               "parallel": {"tp": tp, "pp": pp}}, name=f"engine-{shape}-tp{tp}-pp{pp}")
+    result = Builder(recipe, log=lambda _: None, show_progress=False).run()
+    return result.stages[0].path, result.artifact
+
+
+def random_prompts(count: int, seed: int, vocab: int = 1000) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(1, 40))] for _ in range(count)]
+
+
+def hf_greedy(source, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            g = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                   do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(home):
+    return build("llama-tiny")
+
+
+def make_llm(artifact, **options):
+    from pipeline import LLM
+
+    return LLM(artifact, verify=False, **options)
+
+
+def submit_at_random_times(llm, prompts, params, seed: int):
+    """Submit the prompts in a shuffled order from another thread, a few milliseconds apart, while the engine
+    runs; returns {prompt index: finished output}."""
+    rng = random.Random(seed)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    handles = {}
+
+    def feed():
+        for i in order:
+            handles[i] = llm.submit(prompts[i], params)
+            time.sleep(rng.uniform(0, 0.02))
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    feeder.join(timeout=60)
+    return {i: h.result() for i, h in handles.items()}
+
+
+def test_in_flight_batching_gives_each_request_its_tokens_alone(llama):
+    source, artifact = llama
+    prompts = random_prompts(12, seed=1)
+    expected = hf_greedy(source, prompts, NEW_TOKENS)
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    with make_llm(artifact, max_num_tokens=24, tokens_per_block=4, max_batch_size=5) as llm:
+        outputs = submit_at_random_times(llm, prompts, params, seed=2)
+        assert [outputs[i].output_ids for i in range(len(prompts))] == expected
+        assert all(o.finish_reason == "length" for o in outputs.values())
+        stats = llm.stats()
+        assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+        assert stats["steps"] > NEW_TOKENS  # not one static batch: requests came and went
+
+
+def test_preemption_recomputes_the_same_tokens_and_frees_its_blocks(llama):
+    source, artifact = llama
+    prompts = random_prompts(6, seed=3)
+    expected = hf_greedy(source, prompts, NEW_TOKENS)
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    # 14 blocks of 4 tokens: enough for any one request (at most 50 tokens), far too few for six at once.
+    with make_llm(artifact, kv_cache_max_tokens=56, tokens_per_block=4, enable_prefix_reuse=False) as llm:
+        outputs = llm.generate(prompts, params)
+        assert [o.output_ids for o in outputs] == expected
+        assert llm.stats()["preemptions"] > 0
+        assert sum(o.preemptions for o in outputs) == llm.stats()["preemptions"]
+        assert llm.stats()["kv_blocks_used"] == 0
+
+
+def test_a_shared_prefix_reuses_blocks_and_changes_no_token(llama):
+    source, artifact = llama
+    system = list(range(100, 140))
+    prompts = [system + [7, 8, 9], system + [11], system + [300, 301, 302, 303, 304]]
+    expected = hf_greedy(source, prompts, NEW_TOKENS)
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    with make_llm(artifact, tokens_per_block=4) as llm:
+        first = llm.generate(prompts[:1], params)
+        rest = llm.generate(prompts[1:], params)
+        assert [o.output_ids for o in first + rest] == expected
+        assert llm.stats()["prefix_reused_tokens"] >= 2 * 40
+
+
+def test_cancelling_a_stream_frees_its_blocks_and_leaves_others_alone(llama):
+    source, artifact = llama
+    prompts = random_prompts(3, seed=5)
+    expected = hf_greedy(source, prompts[1:], 30)
+    with make_llm(artifact, tokens_per_block=4) as llm:
+        others = [llm.submit(p, SamplingParams(max_tokens=30, ignore_eos=True)) for p in prompts[1:]]
+        stream = llm.generate_stream(prompts[0], SamplingParams(max_tokens=200, ignore_eos=True))
+        got = [next(stream) for _ in range(3)]
+        stream.close()  # the consumer walks away: the request is aborted
+        assert [len(o.output_ids) for o in got] == [1, 2, 3]
+        assert [h.result().output_ids for h in others] == expected
+        deadline = time.monotonic() + 10
+        while llm.stats()["kv_blocks_used"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert llm.stats()["kv_blocks_used"] == 0 and llm.stats()["running"] == 0
+
+
+def test_a_pool_too_small_for_one_request_is_an_error_at_admission(llama):
+    _, artifact = llama
+    with make_llm(artifact, kv_cache_max_tokens=16, tokens_per_block=4) as llm:
+        with pytest.raises(EngineError, match="needs 8 KV blocks of 4 tokens, but the whole pool has 4"):
+            llm.generate([list(range(1, 21))], SamplingParams(max_tokens=12))
+        assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))[0].output_ids  # still alive
+
+
+def test_bad_parameters_are_refused_before_they_reach_the_engine(llama):
+    _, artifact = llama
+    with make_llm(artifact) as llm:
+        cases = [(SamplingParams(temperature=-1), [1, 2], "temperature must be >= 0"),
+                 (SamplingParams(top_p=0.0), [1, 2], "top_p must be in (0, 1]"),
+                 (SamplingParams(max_tokens=0), [1, 2], "max_tokens must be a whole number of at least 1"),
+                 (SamplingParams(), [], "the prompt is empty"),
+                 (SamplingParams(), [5, 99999], "outside the vocabulary"),
+                 (SamplingParams(max_tokens=10**6), [1], "past the context of")]
+        for params, prompt, message in cases:
+            with pytest.raises(ParamError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+                llm.submit(prompt, params)
+
+
+def test_sampling_is_per_request_and_reproducible_by_seed(llama):
+    _, artifact = llama
+    prompt = [5, 6, 7, 8]
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=7, ignore_eos=True)
+    with make_llm(artifact) as llm:
+        alone = llm.generate([prompt], sampled)[0].output_ids
+        mixed = llm.generate([prompt, prompt, [9, 9]], [sampled, SamplingParams(max_tokens=12, ignore_eos=True),
+                                                        SamplingParams(max_tokens=3, temperature=0.8, seed=1)])
+        assert mixed[0].output_ids == alone
+        assert mixed[1].output_ids != alone  # greedy, in the same steps
+        other_seed = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=8,
+                                                           ignore_eos=True))[0].output_ids
+        assert other_seed != alone
+
+
+def test_stop_tokens_and_min_tokens(llama):
+    source, artifact = llama
+    prompt = [3, 14, 15, 92]
+    full = hf_greedy(source, [prompt], 12)[0]
+    stop = full[4]
+    first = full.index(stop)
+    with make_llm(artifact) as llm:
+        out = llm.generate([prompt], SamplingParams(max_tokens=12, stop_token_ids=(stop,)))[0]
+        assert out.output_ids == full[:first + 1] and out.finish_reason == "stop"
+        later = llm.generate([prompt], SamplingParams(max_tokens=12, stop_token_ids=(stop,), min_tokens=first + 2))[0]
+        assert stop not in later.output_ids[:first + 2]
+
+
+DRIVER = """
+import json, random, sys, threading, time
+from pipeline import LLM, SamplingParams
+artifact, prompts_json, out = sys.argv[1:4]
+llm = LLM(artifact, verify=False, max_num_tokens=24, tokens_per_block=4)   # ranks other than 0 serve, then exit
+prompts = json.loads(prompts_json)
+rng = random.Random(0)
+order = list(range(len(prompts))); rng.shuffle(order)
+handles = {}
+for i in order:
+    handles[i] = llm.submit(prompts[i], SamplingParams(max_tokens=%d, ignore_eos=True))
+    time.sleep(rng.uniform(0, 0.02))
+result = {"tokens": [handles[i].result().output_ids for i in range(len(prompts))], "stats": llm.stats()}
+llm.shutdown()
+open(out, "w").write(json.dumps(result))
+""" % NEW_TOKENS
+
+
+@pytest.mark.parametrize("shape, tp, pp", [("llama-tiny", 2, 1), ("llama-tiny", 1, 2), ("gpt2-tiny", 2, 2)])
+def test_in_flight_batching_under_mpirun_gives_the_tokens_of_one_rank(home, tmp_path, shape, tp, pp):
+    source, artifact = build(shape, tp, pp)
+    prompts = random_prompts(6, seed=11)
+    proc = subprocess.run([mpirun_binary(), "-n", str(tp * pp), "--oversubscribe", PYTHON, "-c", DRIVER,
+                           str(artifact), json.dumps(prompts), str(tmp_path / "out.json")],
+                          cwd=REPO, env=child_env(home), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["tokens"] == hf_greedy(source, prompts, NEW_TOKENS)
+    assert result["stats"]["kv_blocks_used"] == 0
