@@ -34,6 +34,7 @@ class RequestOutput:
     ttft_s: float | None = None  # arrival to first token
     e2e_s: float | None = None  # arrival to finish
     preemptions: int = 0
+    made_s: float = 0.0  # time.perf_counter() when the step that made this output ended
 
 
 class Detokenizer:
@@ -134,7 +135,7 @@ class Engine:
             request.finish_reason,
             ttft_s=None if request.first_token_s is None else request.first_token_s - request.arrival_s,
             e2e_s=None if request.finished_s is None else request.finished_s - request.arrival_s,
-            preemptions=request.preemptions)
+            preemptions=request.preemptions, made_s=time.perf_counter())
 
     def shutdown(self) -> None:
         if not self.closed:

@@ -139,7 +139,26 @@ class LLM:
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, self.world)))
         model_part = load_rank_model(self.artifact, config, self.comm, self.device)
         self.timings["load_s"] = time.perf_counter() - start
+        self._start(model_part, mpi_comm, build_spec, options)
 
+    @classmethod
+    def from_rank_model(cls, model_part, mpi_comm, tokenizer=None, build_spec: dict | None = None,
+                        **engine_options) -> LLM:
+        """An engine over a RankModel made in memory (benchmarks on random weights made on the GPU)."""
+        self = cls.__new__(cls)
+        self.rank, self.world = model_part.mapping.rank, model_part.mapping.world_size
+        self.artifact, self.recipe, self.config = None, {"build": build_spec or {}}, model_part.config
+        self.limits = Limits.from_config(model_part.config, build_spec)
+        self.tokenizer, self.eos_id = tokenizer, None if tokenizer is None else tokenizer.eos_token_id
+        self.device, self.comm, self.timings = model_part.device, model_part.comm, {}
+        self._start(model_part, mpi_comm, build_spec or {}, EngineConfig(**engine_options))
+        return self
+
+    def _start(self, model_part, mpi_comm, build_spec: dict, options: EngineConfig) -> None:
+        """Size the KV pool, then: rank 0 starts the engine thread; other ranks serve until shutdown and exit."""
+        config = self.config
+        self.model_dtype = model_part.dtype
+        tp, pp = model_part.mapping.tp, model_part.mapping.pp
         block_size = options.tokens_per_block or build_spec.get("plugins", {}).get("tokens_per_block", 32)
         max_batch = options.max_batch_size or build_spec.get("max_batch_size", 8)
         num_blocks = self._pool_blocks(model_part, block_size, max_batch, options)
@@ -148,9 +167,9 @@ class LLM:
 
             num_blocks = mpi_comm.allreduce(num_blocks, op=MPI.MIN)  # every rank holds the same block ids
         self.runner = ModelRunner(model_part, num_blocks, block_size, config.get("sliding_window"))
-        self._log(f"backend torch on {self.device.type}, {self.world} rank(s) tp={tp} pp={pp}, {self.artifact} "
-                  f"(loaded in {self.timings['load_s']:.1f} s); KV cache: {num_blocks} blocks of {block_size} "
-                  f"tokens")
+        self._log(f"backend torch on {self.device.type}, {self.world} rank(s) tp={tp} pp={pp}, "
+                  f"{self.artifact or 'a model in memory'} (loaded in {self.timings.get('load_s', 0):.1f} s); "
+                  f"KV cache: {num_blocks} blocks of {block_size} tokens")
         if self.rank != 0:
             worker_loop(self.runner, mpi_comm)
             raise SystemExit(finish(self.comm, 0))

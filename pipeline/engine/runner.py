@@ -42,6 +42,52 @@ class PagedKVCache:
         return (table[positions // self.block_size] * self.block_size + positions % self.block_size).to(device)
 
 
+class _Batch:
+    """A step's sequences as tensors: packed tokens and positions, the cache slots of the new tokens, and what
+    attention reads (one-token sequences together, padded; prompt chunks one by one)."""
+
+    def __init__(self, work: tuple[SeqWork, ...], block_size: int, window: int | None, device: torch.device):
+        lens = [len(w.tokens) for w in work]
+        width = max(len(w.blocks) for w in work)
+        table = torch.tensor([list(w.blocks) + [0] * (width - len(w.blocks)) for w in work], dtype=torch.long)
+        starts = torch.tensor([w.start for w in work], dtype=torch.long)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(lens))
+        offsets = torch.tensor([0] + lens[:-1], dtype=torch.long).cumsum(0)
+        positions = starts[seq_of_token] + torch.arange(sum(lens)) - offsets[seq_of_token]
+
+        def slots_of(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return table[rows, pos // block_size] * block_size + pos % block_size
+
+        self.tokens = torch.tensor([t for w in work for t in w.tokens], dtype=torch.long, device=device)[None]
+        self.positions = positions.to(device)[None]
+        self.new_slots = slots_of(seq_of_token, positions).to(device)
+        self.sample_rows = torch.tensor([int(offsets[i]) + lens[i] - 1 for i, w in enumerate(work) if w.sample],
+                                        dtype=torch.long, device=device)
+        decode = [i for i, n in enumerate(lens) if n == 1]
+        self.decode_rows = self.decode_slots = self.decode_mask = None
+        if decode:
+            rows = torch.tensor(decode, dtype=torch.long)
+            context = starts[rows] + 1
+            key_pos = torch.arange(int(context.max()))
+            self.decode_rows = offsets[rows].to(device)
+            self.decode_slots = slots_of(rows[:, None], key_pos[None, :].clamp(max=width * block_size - 1)).to(device)
+            mask = key_pos[None, :] < context[:, None]
+            if window is not None:
+                mask &= key_pos[None, :] > (context[:, None] - 1) - window
+            self.decode_mask = mask[:, None, None].to(device)  # [D, 1, 1, L]
+        self.chunks = []
+        for i, n in enumerate(lens):
+            if n == 1:
+                continue
+            key_pos = torch.arange(work[i].start + n)
+            query_pos = torch.arange(work[i].start, work[i].start + n)[:, None]
+            mask = key_pos[None, :] <= query_pos
+            if window is not None:
+                mask &= key_pos[None, :] > query_pos - window
+            self.chunks.append((int(offsets[i]), n, slots_of(torch.full_like(key_pos, i), key_pos).to(device),
+                                mask.to(device)))
+
+
 class ModelRunner:
     def __init__(self, model: RankModel, num_blocks: int, block_size: int, sliding_window: int | None = None):
         self.model = model
@@ -58,29 +104,24 @@ class ModelRunner:
         if not plan.work:
             return {}
         model, device = self.model, self.model.device
-        tokens = torch.tensor([t for w in plan.work for t in w.tokens], dtype=torch.long, device=device)[None]
-        positions = torch.cat([torch.arange(w.start, w.start + len(w.tokens)) for w in plan.work]).to(device)[None]
-        seqs = []  # (offset in the packed tokens, work, slots of all its positions so far)
-        offset = 0
-        for w in plan.work:
-            seqs.append((offset, w, self.cache.slots(w.blocks, 0, w.start + len(w.tokens), device)))
-            offset += len(w.tokens)
-        sampled = [(w, off + len(w.tokens) - 1) for off, w, _ in seqs if w.sample]
-        rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=device)
+        batch = _Batch(plan.work, self.cache.block_size, self.sliding_window, device)
+        sampled = [w for w in plan.work if w.sample]
 
         def attention(index: int, qkv: torch.Tensor, rope, kv_scale) -> torch.Tensor:
-            return self._attention(index, qkv, rope, kv_scale, seqs)
+            return self._attention(index, qkv, rope, kv_scale, batch)
 
-        logits = model.forward(tokens, positions, None, attention=attention, logit_rows=rows if len(sampled) else None)
+        logits = model.forward(batch.tokens, batch.positions, None, attention=attention,
+                               logit_rows=batch.sample_rows if sampled else None)
         next_tokens = torch.zeros(len(sampled), dtype=torch.long, device=device)
         comm = model.comm
-        if len(sampled) and comm.mapping.rank == comm.sampler_rank:
-            next_tokens = self._sample(logits[0], [w for w, _ in sampled])
-        if len(sampled):
+        if sampled and comm.mapping.rank == comm.sampler_rank:
+            next_tokens = self._sample(logits[0], sampled)
+        if sampled:
             next_tokens = comm.broadcast_tokens(next_tokens)
-        return {w.request_id: int(t) for (w, _), t in zip(sampled, next_tokens.tolist())}
+        return {w.request_id: int(t) for w, t in zip(sampled, next_tokens.tolist())}
 
-    def _attention(self, index: int, qkv: torch.Tensor, rope, kv_scale, seqs) -> torch.Tensor:
+    def _attention(self, index: int, qkv: torch.Tensor, rope, kv_scale, batch: _Batch) -> torch.Tensor:
+        """Rotary embedding, the cache write of the step's tokens, and attention of each over its sequence."""
         model = self.model
         hd, heads, kv_heads = model.head_size, model.heads, model.kv_heads
         total = qkv.shape[1]
@@ -96,26 +137,27 @@ class ModelRunner:
         k_store, v_store = self.cache.k[index], self.cache.v[index]
         if model.kv_format is not None:
             k, v = quantize_kv(k, kv_scale, model.kv_format), quantize_kv(v, kv_scale, model.kv_format)
-        new_slots = torch.cat([slots[w.start:] for _, w, slots in seqs])
-        k_store.index_copy_(0, new_slots, k.to(k_store.dtype))
-        v_store.index_copy_(0, new_slots, v.to(v_store.dtype))
-        out = torch.empty(total, heads, hd, dtype=q.dtype, device=q.device)
-        for offset, w, slots in seqs:
-            n = len(w.tokens)
-            keys, values = k_store[slots], v_store[slots]  # [L, kv_heads, hd]
+        k_store.index_copy_(0, batch.new_slots, k.to(k_store.dtype))
+        v_store.index_copy_(0, batch.new_slots, v.to(v_store.dtype))
+
+        def read(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = k_store[slots], v_store[slots]  # [..., L, kv_heads, hd]
             if model.kv_format is not None:
                 keys, values = dequantize_kv(keys, kv_scale, q.dtype), dequantize_kv(values, kv_scale, q.dtype)
-            keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [kv_heads, L, hd]
-            if kv_heads != heads:
-                keys = keys.repeat_interleave(heads // kv_heads, dim=0)
-                values = values.repeat_interleave(heads // kv_heads, dim=0)
-            query_pos = torch.arange(w.start, w.start + n, device=q.device)[:, None]
-            key_pos = torch.arange(len(slots), device=q.device)[None, :]
-            mask = key_pos <= query_pos
-            if self.sliding_window is not None:
-                mask &= key_pos > query_pos - self.sliding_window
-            seq_q = q[0, :, offset:offset + n]
-            out[offset:offset + n] = F.scaled_dot_product_attention(seq_q, keys, values, attn_mask=mask).transpose(0, 1)
+            return keys.transpose(-3, -2), values.transpose(-3, -2)  # [..., kv_heads, L, hd]
+
+        out = torch.empty(total, heads, hd, dtype=q.dtype, device=q.device)
+        if batch.decode_rows is not None:  # every one-token sequence at once, padded to the longest
+            keys, values = read(batch.decode_slots)
+            q_rows = q[0, :, batch.decode_rows].transpose(0, 1)[:, :, None]  # [D, heads, 1, hd]
+            o = F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=batch.decode_mask,
+                                               enable_gqa=kv_heads != heads)
+            out[batch.decode_rows] = o[:, :, 0]
+        for offset, n, slots, mask in batch.chunks:  # prompt chunks, one sequence at a time
+            keys, values = read(slots)
+            o = F.scaled_dot_product_attention(q[0, :, offset:offset + n], keys, values, attn_mask=mask,
+                                               enable_gqa=kv_heads != heads)
+            out[offset:offset + n] = o.transpose(0, 1)
         return out.reshape(1, total, heads * hd)
 
     # ------------------------------------------------------------------------------------------- sampling

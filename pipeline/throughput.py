@@ -1,0 +1,249 @@
+"""`python -m pipeline.throughput`: the engine's throughput and latency on a request set, as trtllm-bench and
+vLLM's throughput benchmark measure them.
+
+A request set has fixed lengths (--input-len/--output-len) or lengths drawn with a seed from ranges
+(--input-range 32,1024 --output-range 16,512). Requests are sent at an infinite rate (all at once) or at Poisson
+rates (--rate 4,16: requests per second). Every request ignores EOS so it produces exactly its output length.
+Reported per rate: output tok/s, requests/s, TTFT, TPOT and inter-token latency p50/p90/p99. In the same run:
+`--static` our own engine with static batching (groups of max_batch_size admitted together, the next group only
+when the whole group finished), and `--baseline transformers` transformers' continuous batching (`generate_batch`)
+on the same requests. Writes JSON and Markdown (and a plot with matplotlib, if installed).
+
+    python -m pipeline.throughput --recipe gpt2-random --requests 64 --static
+    mpirun -n 1 python -m pipeline.throughput --random-shape llama-3-8b --dtype bfloat16 --requests 1000 \
+        --max-batch-size 256 --baseline transformers
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.params import SamplingParams
+
+
+def request_set(count: int, input_len: int, output_len: int, vocab: int, seed: int,
+                input_range: tuple[int, int] | None = None, output_range: tuple[int, int] | None = None,
+                ) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) per request, drawn with `seed`."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        n_in = rng.randint(*input_range) if input_range else input_len
+        n_out = rng.randint(*output_range) if output_range else output_len
+        out.append(([rng.randrange(1, vocab) for _ in range(n_in)], n_out))
+    return out
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(values)}
+
+
+async def _run_requests(llm, requests, rate: float, seed: int, group: int | None = None) -> dict:
+    """Send the requests at `rate` per second (inf: all at once; `group`: static batches); time every token."""
+    rng = random.Random(seed)
+    records = []
+
+    async def one(prompt, n_out):
+        sent = time.perf_counter()
+        times = []
+        params = SamplingParams(max_tokens=n_out, ignore_eos=True)
+        async for out in llm.generate_async(prompt, params):
+            times.extend([out.made_s] * len(out.delta_ids))
+        records.append({"sent": sent, "times": times, "output": len(times), "input": len(prompt)})
+
+    start = time.perf_counter()
+    if group:
+        for i in range(0, len(requests), group):
+            await asyncio.gather(*(one(p, n) for p, n in requests[i:i + group]))
+    else:
+        tasks = []
+        for prompt, n_out in requests:
+            tasks.append(asyncio.create_task(one(prompt, n_out)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+    seconds = time.perf_counter() - start
+    return summarize(records, seconds)
+
+
+def summarize(records: list[dict], seconds: float) -> dict:
+    ttft = [r["times"][0] - r["sent"] for r in records if r["times"]]
+    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in records if len(r["times"]) > 1]
+    itl = [b - a for r in records for a, b in zip(r["times"], r["times"][1:])]
+    output = sum(r["output"] for r in records)
+    return {"requests": len(records), "seconds": seconds, "output_tokens": output,
+            "input_tokens": sum(r["input"] for r in records), "output_tok_s": output / seconds,
+            "requests_s": len(records) / seconds, "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
+            "itl_s": percentiles(itl)}
+
+
+def transformers_generate_batch(model_source, requests, dtype: torch.dtype, device: torch.device) -> dict:
+    """transformers' continuous batching (`generate_batch`, paged attention) on the same requests; wall time
+    of the whole set after a warm-up."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with torch.device(device):
+        model = model_source(dtype) if callable(model_source) else \
+            AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype)
+    model.eval()
+    longest = max(n for _, n in requests)
+    config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with torch.no_grad():
+        model.generate_batch([p for p, _ in requests[:4]], generation_config=config)  # warm-up
+        start = time.perf_counter()
+        outputs = model.generate_batch([p for p, _ in requests], generation_config=config)
+        seconds = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    del model
+    return {"requests": len(requests), "seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds,
+            "note": f"every request generates {longest} tokens (generate_batch takes one max_new_tokens)"}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Engine throughput: {result['model']} on {result['device']}", "",
+             f"{result['requests']} requests, input {result['lengths']['input']}, output "
+             f"{result['lengths']['output']}; max_batch_size {result['max_batch_size']}, max_num_tokens "
+             f"{result['max_num_tokens']}", "",
+             "| run | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in result["runs"].items():
+        ms = {k: r.get(k, {}) for k in ("ttft_s", "tpot_s", "itl_s")}
+
+        def pair(d):
+            return f"{d['p50'] * 1e3:.1f} / {d['p99'] * 1e3:.1f}" if d else "-"
+
+        lines.append(f"| {name} | {r['output_tok_s']:.1f} | {r.get('requests_s', 0):.2f} | {pair(ms['ttft_s'])} | "
+                     f"{pair(ms['tpot_s'])} | {pair(ms['itl_s'])} |")
+    for name, ratio in result.get("ratios", {}).items():
+        lines.append(f"\n{name}: {ratio:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.throughput", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--engine", type=Path, help="a built artifact folder")
+    src.add_argument("--recipe", help="the latest build of a recipe")
+    src.add_argument("--random-shape", help="random weights of a named shape, made on the device (no artifact)")
+    p.add_argument("--dtype", default="bfloat16", help="with --random-shape")
+    p.add_argument("--requests", type=int, default=100)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--input-range", help="draw input lengths from LO,HI")
+    p.add_argument("--output-range", help="draw output lengths from LO,HI")
+    p.add_argument("--rate", default="inf", help="requests per second, comma-separated; inf = all at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-num-tokens", type=int)
+    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
+    p.add_argument("--static", action="store_true", help="also our static batching of the same requests")
+    p.add_argument("--baseline", choices=("none", "transformers"), default="none")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out", type=Path, default=Path("bench/results/throughput"), help="folder for JSON and Markdown")
+    return p.parse_args(argv)
+
+
+def _range(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    lo, hi = (int(v) for v in text.split(","))
+    return lo, hi
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pipeline.dist import Comm, mpi_world, pick_device
+    from pipeline.engine.llm import LLM
+    from pipeline.mapping import Mapping
+
+    rank, world, mpi_comm = mpi_world()
+    options = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_num_tokens": args.max_num_tokens,
+                                 "kv_cache_free_gpu_memory_fraction": args.kv_cache_free_gpu_memory_fraction}.items()
+               if v is not None}
+    start = time.perf_counter()
+    if args.random_shape:
+        from pipeline.bench import device_random_model
+
+        device = pick_device(mpi_comm, args.device)
+        comm = Comm.create(Mapping(world, 1, rank), device, mpi_comm)
+        model, config, _ = device_random_model(args.random_shape, world, comm, device, args.dtype)
+        build = {"max_batch_size": args.max_batch_size or 256, "max_num_tokens": args.max_num_tokens or 8192}
+        llm = LLM.from_rank_model(model, mpi_comm, build_spec=build, **options)
+        name = f"{args.random_shape} (random, {args.dtype})"
+    else:
+        llm = LLM(args.engine or args.recipe, device=args.device, **options)
+        name = str(llm.artifact)
+    load_s = time.perf_counter() - start
+    vocab = llm.config["vocab_size"]
+    requests = request_set(args.requests, args.input_len, args.output_len, vocab, args.seed,
+                           _range(args.input_range), _range(args.output_range))
+    runs = {}
+    try:
+        asyncio.run(_run_requests(llm, requests[:min(8, len(requests))], math.inf, args.seed))  # warm-up
+        for text in args.rate.split(","):
+            rate = float(text)
+            runs[f"engine, rate {text}"] = asyncio.run(_run_requests(llm, requests, rate, args.seed))
+            print(f"[throughput] rate {text}: {runs[f'engine, rate {text}']['output_tok_s']:.1f} output tok/s",
+                  file=sys.stderr, flush=True)
+        if args.static:
+            group = llm.scheduler.max_batch_size
+            runs["engine, static batches"] = asyncio.run(_run_requests(llm, requests, math.inf, args.seed, group))
+        stats = llm.stats()
+    finally:
+        llm.shutdown()
+    if args.baseline == "transformers":
+        runs["transformers generate_batch"] = transformers_generate_batch(_hf_source(args, llm), requests,
+                                                                          llm.model_dtype, llm.device)
+    best = runs[next(iter(runs))]
+    ratios = {}
+    if "engine, static batches" in runs:
+        ratios["in-flight / static batching"] = best["output_tok_s"] / runs["engine, static batches"]["output_tok_s"]
+    if "transformers generate_batch" in runs:
+        ratios["engine / transformers generate_batch"] = \
+            best["output_tok_s"] / runs["transformers generate_batch"]["output_tok_s"]
+    device = torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu"
+    result = {"model": name, "device": device, "world_size": world, "requests": len(requests),
+              "lengths": {"input": args.input_range or args.input_len, "output": args.output_range or args.output_len},
+              "max_batch_size": llm.scheduler.max_batch_size, "max_num_tokens": llm.scheduler.max_num_tokens,
+              "load_s": load_s, "kv": stats, "runs": runs, "ratios": ratios}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def _hf_source(args: argparse.Namespace, llm):
+    if args.random_shape:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from pipeline.shapes import SHAPES
+
+        config = AutoConfig.for_model(**SHAPES[args.random_shape])
+        return lambda dtype: AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from pipeline.build import recipe_for
+
+    source = recipe_for(llm.artifact).get("model", {})
+    return source.get("local") or llm.artifact
+
+
+if __name__ == "__main__":
+    sys.exit(main())
