@@ -356,6 +356,9 @@ class LLM:
         self._closed = True
         self._commands.put(("stop", None))
         self._thread.join(timeout=60)
+        self.runner.cache = None  # the KV pool is most of the device's memory: give it back now
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         finish(self.comm, 0)
 
     def __enter__(self) -> LLM:
