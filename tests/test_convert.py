@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import pipeline.convert.engine as engine
+import pipeline.convert.streaming as streaming
 from pipeline.convert import convert_checkpoint
 from pipeline.errors import WeightMapError
-from pipeline.hub import make_random_checkpoint
+from pipeline.random_weights import make_random_checkpoint
 
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -116,7 +116,7 @@ def reference_convert(src, tp, pp, dtype):
     ("llama-tiny-tied", 2, 1, "float16"),  # tied embeddings, vocab 1001 padded to 1002
 ])
 def test_streaming_conversion_is_byte_identical_to_reference(sources, tmp_path, monkeypatch, shape, tp, pp, dtype):
-    monkeypatch.setattr(engine, "CHUNK_BYTES", 1000)  # force many row chunks per tensor
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 1000)  # force many row chunks per tensor
     convert_checkpoint(sources[shape], tmp_path, dtype=dtype, tp=tp, pp=pp, workers=3)
     for rank, weights in enumerate(reference_convert(sources[shape], tp, pp, dtype)):
         save_file(weights, tmp_path / f"ref{rank}.safetensors")
