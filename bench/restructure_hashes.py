@@ -2,7 +2,8 @@
 
     PIPELINE_HOME=/tmp/x PYTHONPATH=$PWD python bench/restructure_hashes.py OUT.json
 
-The tokenizer is the one `python -m pipeline.offline gpt2-tokenizer` put under PIPELINE_HOME. Hub recipes are pointed at random weights of a small shape through overrides that keep their converter path
+The offline models are the ones `python -m pipeline.offline smollm2-135m-instruct` and `... gpt2-tokenizer`
+put under PIPELINE_HOME. Hub recipes are pointed at random weights of a small shape through overrides that keep their converter path
 (precision, quantization, parallelism); the fetch and convert stages are removed first so both really run.
 """
 
@@ -24,6 +25,7 @@ LLAMA_SMALL = ["model.random=llama-tiny", "build.max_seq_len=256", "build.max_in
 HUB_LLAMA_SMALL = ["model.hub=null", "model.revision=null", "model.random=llama-tiny-tied", "model.seed=0",
                    "build.max_seq_len=256", "build.max_input_len=128", "build.max_num_tokens=256"]
 NO_GATE = ["eval.gate=null"]
+SMOLLM2 = [f"model.local={os.environ['PIPELINE_HOME']}/sources/smollm2-135m-instruct"]
 
 BUILDS: list[tuple[str, list[str]]] = [
     ("gpt2-random", GPT2_RANDOM[-1:]),
@@ -31,11 +33,11 @@ BUILDS: list[tuple[str, list[str]]] = [
     ("gpt2-tp2", GPT2_RANDOM),
     ("gpt2-int8wo", GPT2_RANDOM),
     ("gpt2-fp8", GPT2_RANDOM + NO_GATE),
-    ("smollm2-135m-bf16-pp2", []),
-    ("smollm2-135m-fp16-tp3", []),
-    ("smollm2-135m-int8wo", []),
-    ("smollm2-135m-int4wo", []),
-    ("smollm2-135m-fp8-pp2", []),
+    ("smollm2-135m-bf16-pp2", SMOLLM2),
+    ("smollm2-135m-fp16-tp3", SMOLLM2),
+    ("smollm2-135m-int8wo", SMOLLM2),
+    ("smollm2-135m-int4wo", SMOLLM2),
+    ("smollm2-135m-fp8-pp2", SMOLLM2),
     ("llama-3-8b-random-bf16", LLAMA_SMALL),
     ("llama-3-8b-random-fp8", LLAMA_SMALL),
     ("llama-3.1-8b-bf16-tp2", HUB_LLAMA_SMALL),
