@@ -89,9 +89,9 @@ def child_fp8(source: str, output: str, tp: int, workers: int) -> None:
     """Convert with FP8 weights (per-tensor scales of the unsplit tensors, q/k/v shared), no activation scales."""
     import torch
 
+    from pipeline.architectures import describe
     from pipeline.convert import read_hf_config
-    from pipeline.convert.architectures import describe
-    from pipeline.convert.engine import execute_plan, plan_conversion
+    from pipeline.convert.streaming import execute_plan, plan_conversion
     from pipeline.quantize.checkpoint import source_amax
     from pipeline.quantize.formats import fp8_scale, quantize_fp8
     from pipeline.safetensors_io import SafetensorsIndex
@@ -159,7 +159,7 @@ def child_baseline(source: str, output: str, tp: int) -> None:
 
 
 def measure_shape(shape: str, work: Path, baseline: bool, log) -> dict:
-    from pipeline.hub import make_random_checkpoint
+    from pipeline.random_weights import make_random_checkpoint
     from pipeline.safetensors_io import SafetensorsIndex
 
     src = work / f"src-{shape}"

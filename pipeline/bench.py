@@ -95,22 +95,22 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
 
 def device_random_model(shape: str, tp: int, comm, device: torch.device, dtype: str, seed: int = 0):
     """A RankModel of a named shape with seeded random weights made on the GPU (same model for any tp)."""
-    from pipeline import hub
+    from pipeline import random_weights
+    from pipeline.architectures import describe, quantization_block, trtllm_config
     from pipeline.backends.torch_model import RankModel
-    from pipeline.convert.architectures import describe, quantization_block, trtllm_config
-    from pipeline.convert.engine import plan_conversion
     from pipeline.convert.memory import VirtualIndex, materialize_rank
+    from pipeline.convert.streaming import plan_conversion
     from pipeline.shapes import SHAPES
 
     hf = dict(SHAPES[shape])
     arch = describe(hf)
-    shapes = hub.hf_tensor_shapes(hf)
-    fan_in_dim = 0 if hf["model_type"] == "gpt2" else 1
+    shapes = random_weights.hf_tensor_shapes(hf)
+    fan_in_dim = random_weights.fan_in_dim(hf)
 
     def make(name: str) -> torch.Tensor:
-        g = torch.Generator(device=device).manual_seed(hub._seed_for(seed, name, 0))
+        g = torch.Generator(device=device).manual_seed(random_weights.seed_for(seed, name, 0))
         noise = torch.randn(shapes[name], generator=g, device=device, dtype=torch.float32)
-        return hub.init_random(name, shapes[name], noise, fan_in_dim)
+        return random_weights.init_random(name, shapes[name], noise, fan_in_dim)
 
     index = VirtualIndex(shapes, torch.float32, make)
     plan = plan_conversion(index, arch, tp, 1, dtype)

@@ -33,10 +33,11 @@ from pipeline.manifest import (
     stage_key,
     write_manifest,
 )
+from pipeline.random_weights import make_random_checkpoint
 from pipeline.recipe import REPO_ROOT, Recipe, check_against_model
 from pipeline.shapes import SHAPES
 
-RANDOM_WEIGHTS_VERSION = 1  # bump when pipeline.hub's random-weight recipe changes
+RANDOM_WEIGHTS_VERSION = 1  # bump when pipeline.random_weights changes the bytes it writes
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Builder:
             if is_complete(final):
                 return StageResult("fetch", key, True, final, detail=f"random {m.random} seed {m.seed}"), final
             with StageOutput(final) as tmp:
-                hub.make_random_checkpoint(m.random, m.seed, tmp)
+                make_random_checkpoint(m.random, m.seed, tmp)
                 tokenizer = hub.tokenizer_dir(m)
                 if tokenizer is not None:
                     for name in _tokenizer_files(tokenizer):

@@ -156,7 +156,7 @@ def cmd_gc(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.eval import eval_command
+    from pipeline.eval_precisions import eval_command
     from pipeline.recipe import load_recipe
 
     precisions = args.precisions.split(",") if args.precisions else None
@@ -178,13 +178,14 @@ def cmd_schema(args) -> int:
 
 
 def cmd_shapes(args) -> int:
-    from pipeline.convert.architectures import describe
+    from pipeline.architectures import by_hf_config
     from pipeline.shapes import SHAPES
 
     for name, hf in SHAPES.items():
-        a = describe(hf)
-        print(f"{name:<16} {a.model_type:<6} layers={a.num_layers:<3} hidden={a.hidden_size:<5} heads={a.num_heads:<3} "
-              f"kv_heads={a.num_kv_heads:<3} vocab={a.vocab_size}")
+        a = by_hf_config(hf).describe(hf)
+        window = f" window={a.sliding_window}" if a.sliding_window else ""
+        print(f"{name:<16} {a.model_type:<8} layers={a.num_layers:<3} hidden={a.hidden_size:<5} heads={a.num_heads:<3} "
+              f"kv_heads={a.num_kv_heads:<3} vocab={a.vocab_size}{window}")
     return 0
 
 

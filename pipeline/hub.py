@@ -1,4 +1,5 @@
-"""Fetch a model: a Hugging Face repo at a pinned revision, a local folder, or random weights of a named shape.
+"""Fetch a model: a Hugging Face repo at a pinned revision, a local folder, or random weights of a named shape
+(written by pipeline.random_weights).
 
 Whatever the source, the result is a folder in Hugging Face layout (config.json, *.safetensors, tokenizer files),
 which is all the converter reads.
@@ -6,18 +7,14 @@ which is all the converter reads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-
 from pipeline.errors import FetchError
 from pipeline.recipe import REPO_ROOT, ModelSpec
-from pipeline.safetensors_io import SafetensorsWriter
 from pipeline.shapes import SHAPE_TOKENIZERS, SHAPES
 
 # What a snapshot needs: the config, the weights and the tokenizer; never *.bin, *.pt, *.gguf, onnx, ...
@@ -119,95 +116,8 @@ def tokenizer_source(spec: ModelSpec, model_folder: Path) -> Path:
 
 def fetch_weights(spec: ModelSpec) -> Path:
     """The Hugging Face folder of a Hub or local source (not copied). Random weights are a build stage of their
-    own (pipeline.build), written by make_random_checkpoint."""
+    own (pipeline.build), written by pipeline.random_weights.make_random_checkpoint."""
     if spec.hub:
         return _hub_download(spec, HUB_PATTERNS, "weights")
     model_config(spec)  # a clear error for a missing folder
     return resolve_local(spec.local)
-
-
-# --------------------------------------------------------------------------------------------- random weights
-
-
-def _seed_for(seed: int, name: str, chunk: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}:{chunk}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def init_random(name: str, shape: tuple[int, ...], noise: torch.Tensor, fan_in_dim: int) -> torch.Tensor:
-    """Scale standard-normal noise for tensor `name`: norms near 1, small biases, unit-variance embeddings, linear
-    weights at 1/sqrt(fan_in). Activations stay O(1) and logits peaked, so greedy tokens are stable."""
-    if any(k in name for k in ("norm", "ln_")) and name.endswith("weight"):
-        return 1.0 + 0.1 * noise
-    if name.endswith("bias"):
-        return 0.1 * noise
-    if any(k in name for k in ("embed", "wte", "wpe", "lm_head")) or len(shape) < 2:
-        return noise
-    return noise / (shape[fan_in_dim] ** 0.5)
-
-
-def _random_block(name: str, shape: tuple[int, ...], rows: tuple[int, int], seed: int, chunk: int,
-                  fan_in_dim: int) -> torch.Tensor:
-    """Rows of one random tensor, from a generator seeded by (seed, name, chunk)."""
-    g = torch.Generator().manual_seed(_seed_for(seed, name, chunk))
-    noise = torch.randn((rows[1] - rows[0], *shape[1:]), generator=g, dtype=torch.float32)
-    return init_random(name, shape, noise, fan_in_dim)
-
-
-def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a Hugging Face checkpoint of this config (from a model on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(**hf)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    tensors = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    if hf.get("tie_word_embeddings"):
-        tensors.pop("lm_head.weight", None)
-    return tensors
-
-
-def make_random_checkpoint(shape_name: str, seed: int, out_dir: Path, shard_bytes: int = 2 * 1024**3,
-                           dtype: str | None = None) -> None:
-    """Write a Hugging Face checkpoint of the named shape with deterministic random weights, tensor by tensor."""
-    from transformers import AutoConfig
-
-    hf = dict(SHAPES[shape_name])
-    if dtype is not None:
-        hf["torch_dtype"] = dtype
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = AutoConfig.for_model(**hf)
-    tensors = hf_tensor_shapes(hf)
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[hf["torch_dtype"]]
-    fan_in_dim = 0 if hf["model_type"] == "gpt2" else 1  # GPT-2's Conv1D is [in, out]
-
-    shards: list[dict[str, tuple]] = [{}]
-    size = 0
-    for name, shape in tensors.items():
-        nbytes = torch_dtype.itemsize * max(1, int(torch.Size(shape).numel()))
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = (torch_dtype, shape)
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for file_name, shard in zip(names, shards):
-        writer = SafetensorsWriter(out_dir / file_name, shard)
-        for name, (_, shape) in shard.items():
-            weight_map[name] = file_name
-            rows = shape[0] if shape else 1
-            row_elems = max(1, int(torch.Size(shape[1:]).numel()))
-            chunk_rows = max(1, (16 * 1024 * 1024) // row_elems)
-            for chunk, start in enumerate(range(0, rows, chunk_rows)):
-                stop = min(rows, start + chunk_rows)
-                block = _random_block(name, shape, (start, stop), seed, chunk, fan_in_dim)
-                writer.write_rows(name, block.to(torch_dtype), start)
-        writer.close()
-    if len(shards) > 1:
-        total = sum(torch_dtype.itemsize * int(torch.Size(s).numel()) for s in tensors.values())
-        (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    config.save_pretrained(out_dir)

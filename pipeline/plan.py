@@ -27,7 +27,7 @@ class PlanRow:
 def _fetch_command(recipe: Recipe) -> str:
     m = recipe.model
     if m.random:
-        return f"random weights of shape '{m.random}', seed {m.seed} (pipeline.hub.make_random_checkpoint)"
+        return f"random weights of shape '{m.random}', seed {m.seed} (pipeline.random_weights.make_random_checkpoint)"
     if m.hub:
         return f"huggingface-cli download {m.hub} --revision {m.revision}  (config, *.safetensors, tokenizer)"
     return f"use the local folder {m.local}"

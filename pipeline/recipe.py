@@ -481,7 +481,7 @@ def plugin_problems(recipe: Recipe) -> list[str]:
 
 def check_against_model(recipe: Recipe, hf_config: dict) -> list[str]:
     """Rules between the recipe and the model's Hugging Face config.json; empty when all hold."""
-    from pipeline.convert.architectures import describe
+    from pipeline.architectures import describe
 
     problems: list[str] = []
     try:

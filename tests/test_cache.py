@@ -10,8 +10,8 @@ import time
 import pytest
 
 from pipeline.build import Builder, stage_dir
-from pipeline.hub import make_random_checkpoint
 from pipeline.manifest import lock_drift, read_manifest
+from pipeline.random_weights import make_random_checkpoint
 from pipeline.recipe import recipe_from_dict
 from tests.conftest import PYTHON, REPO, child_env, run_cli
 

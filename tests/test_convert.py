@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import pipeline.convert.engine as engine
+import pipeline.convert.streaming as streaming
 from pipeline.convert import convert_checkpoint
 from pipeline.errors import WeightMapError
-from pipeline.hub import make_random_checkpoint
+from pipeline.random_weights import make_random_checkpoint
 
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -28,7 +28,7 @@ def _sha(path):
 def sources(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf")
     out = {}
-    for shape in ("gpt2-tiny", "llama-tiny", "llama-tiny-tied"):
+    for shape in ("gpt2-tiny", "llama-tiny", "llama-tiny-tied", "qwen2-tiny", "qwen2-tiny-tied", "mistral-tiny"):
         make_random_checkpoint(shape, 0, folder / shape)
         out[shape] = folder / shape
     return out
@@ -46,7 +46,7 @@ def reference_convert(src, tp, pp, dtype):
     else:
         nh, nkv = hf["num_attention_heads"], hf["num_key_value_heads"]
         layers, hidden = hf["num_hidden_layers"], hf["hidden_size"]
-    hd = hidden // nh if gpt else hf["head_dim"]
+    hd = hf.get("head_dim") or hidden // nh
     vocab = hf["vocab_size"]
     ranks = []
     for rank in range(tp * pp):
@@ -85,6 +85,9 @@ def reference_convert(src, tp, pp, dtype):
                 s = f"model.layers.{layer}."
                 w[o + "attention.qkv.weight"] = qkv(sd[s + "self_attn.q_proj.weight"], sd[s + "self_attn.k_proj.weight"],
                                                     sd[s + "self_attn.v_proj.weight"])
+                if s + "self_attn.q_proj.bias" in sd:  # Qwen2: q/k/v biases split and replicated like the weights
+                    w[o + "attention.qkv.bias"] = qkv(sd[s + "self_attn.q_proj.bias"],
+                                                      sd[s + "self_attn.k_proj.bias"], sd[s + "self_attn.v_proj.bias"])
                 w[o + "attention.dense.weight"] = torch.chunk(sd[s + "self_attn.o_proj.weight"], tp, 1)[t]
                 w[o + "mlp.fc.weight"] = torch.chunk(sd[s + "mlp.gate_proj.weight"], tp, 0)[t]
                 w[o + "mlp.gate.weight"] = torch.chunk(sd[s + "mlp.up_proj.weight"], tp, 0)[t]
@@ -114,9 +117,13 @@ def reference_convert(src, tp, pp, dtype):
     ("llama-tiny", 4, 1, "bfloat16"),  # 2 KV heads on 4 ranks: replicated
     ("llama-tiny", 2, 2, "float32"),
     ("llama-tiny-tied", 2, 1, "float16"),  # tied embeddings, vocab 1001 padded to 1002
+    ("qwen2-tiny", 2, 2, "float32"),  # q/k/v biases, no o bias
+    ("qwen2-tiny", 4, 1, "bfloat16"),  # 2 KV heads on 4 ranks: weights and biases replicated
+    ("qwen2-tiny-tied", 2, 1, "float16"),
+    ("mistral-tiny", 2, 2, "bfloat16"),
 ])
 def test_streaming_conversion_is_byte_identical_to_reference(sources, tmp_path, monkeypatch, shape, tp, pp, dtype):
-    monkeypatch.setattr(engine, "CHUNK_BYTES", 1000)  # force many row chunks per tensor
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 1000)  # force many row chunks per tensor
     convert_checkpoint(sources[shape], tmp_path, dtype=dtype, tp=tp, pp=pp, workers=3)
     for rank, weights in enumerate(reference_convert(sources[shape], tp, pp, dtype)):
         save_file(weights, tmp_path / f"ref{rank}.safetensors")

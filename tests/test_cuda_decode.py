@@ -9,8 +9,8 @@ from pipeline.build import Builder
 from pipeline.convert import convert_checkpoint
 from pipeline.dist import Comm
 from pipeline.generate import Sampling, generate
-from pipeline.hub import make_random_checkpoint
 from pipeline.mapping import Mapping
+from pipeline.random_weights import make_random_checkpoint
 from pipeline.recipe import recipe_from_dict
 
 CPU = torch.device("cpu")
@@ -44,11 +44,11 @@ def test_static_decode_matches_plain_generation(home):
 def test_device_random_weights_are_the_same_model_for_any_tp(tmp_path):
     from safetensors.torch import load_file
 
-    from pipeline import hub
+    from pipeline import random_weights
+    from pipeline.architectures import describe
     from pipeline.bench import device_random_model
-    from pipeline.convert.architectures import describe
-    from pipeline.convert.engine import plan_conversion
     from pipeline.convert.memory import VirtualIndex, materialize_rank
+    from pipeline.convert.streaming import plan_conversion
     from pipeline.shapes import SHAPES
 
     # one model whatever tp: the tp=2 shards of device-random weights are the halves of the tp=1 ones
@@ -57,7 +57,7 @@ def test_device_random_weights_are_the_same_model_for_any_tp(tmp_path):
     assert torch.equal(one.layers[0]["proj"].weight[:, 80:], half.layers[0]["proj"].weight)
 
     # and the in-memory conversion equals the file conversion of the same tensors
-    shapes = hub.hf_tensor_shapes(SHAPES["llama-tiny"])
+    shapes = random_weights.hf_tensor_shapes(SHAPES["llama-tiny"])
     source = tmp_path / "src"
     make_random_checkpoint("llama-tiny", 0, source)
     tensors = load_file(source / "model.safetensors")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.build import Builder
-from pipeline.hub import make_random_checkpoint
+from pipeline.random_weights import make_random_checkpoint
 from pipeline.recipe import recipe_from_dict
 from tests.conftest import mpirun, run_cli
 

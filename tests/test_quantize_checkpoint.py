@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import pipeline.quantize.calibrate as calibrate_module
 from pipeline.build import Builder
 from pipeline.errors import GateError, RecipeError
-from pipeline.hub import make_random_checkpoint
+from pipeline.random_weights import make_random_checkpoint
 from pipeline.recipe import load_recipe, recipe_from_dict
 from tests.conftest import REPO, run_cli, run_json
 

@@ -88,7 +88,7 @@ def _max_positions(recipe: Recipe, checkpoint_dir: Path | str | None) -> int | N
         return json.loads(config.read_text()).get("max_position_embeddings")
     m = recipe.model
     if m.random or (m.local and (hub.resolve_local(m.local) / "config.json").is_file()):
-        from pipeline.convert.architectures import describe
+        from pipeline.architectures import describe
 
         return describe(hub.model_config(m)).max_positions
     return None
@@ -465,7 +465,7 @@ def run_engine(args, artifact: Path, runtime: dict, rank: int, world: int, mpi_c
     with the recipe's sampling settings; rank 0 prints exactly what the PyTorch backend prints."""
     from pipeline.dist import all_ok, local_rank
     from pipeline.recipe import RuntimeSpec
-    from pipeline.run import load_tokenizer, sampling_from
+    from pipeline.run_outputs import load_tokenizer, sampling_from
 
     artifact = Path(artifact)
     if args.device == "cpu":
@@ -522,10 +522,12 @@ def run_engine(args, artifact: Path, runtime: dict, rank: int, world: int, mpi_c
     from tensorrt_llm.runtime import ModelRunnerCpp
 
     torch.cuda.set_device(device)
+    window = config["pretrained_config"].get("sliding_window")  # Mistral's, which the engine does not hold
     start = time.perf_counter()
     runner = ModelRunnerCpp.from_dir(engine_dir=str(artifact), rank=rank, max_batch_size=len(prompts),
                                      max_input_len=longest, max_output_len=sampling.max_new_tokens,
-                                     max_beam_width=1, kv_cache_free_gpu_memory_fraction=0.9)
+                                     max_beam_width=1, kv_cache_free_gpu_memory_fraction=0.9,
+                                     max_attention_window_size=[window] if window else None)
     load_s = time.perf_counter() - start
     if rank == 0:
         tp, pp = config["pretrained_config"]["mapping"]["tp_size"], config["pretrained_config"]["mapping"]["pp_size"]
@@ -547,7 +549,7 @@ def run_engine(args, artifact: Path, runtime: dict, rank: int, world: int, mpi_c
             if eos_id is not None and eos_id in new:  # as the PyTorch backend: up to and including EOS
                 new = new[:new.index(eos_id) + 1]
             outputs.append(new)
-        from pipeline.run import report_outputs
+        from pipeline.run_outputs import report_outputs
 
         report_outputs(args, artifact, "tensorrt-llm", world, prompts, outputs, tokenizer, seconds)
     if mpi_comm is not None and world > 1:

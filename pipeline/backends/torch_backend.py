@@ -13,14 +13,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.backends.torch_model import TORCH_DTYPES, RankModel
+from pipeline.architectures import by_trtllm_name
+from pipeline.backends.torch_model import RankModel
 from pipeline.dist import Comm
+from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import CheckpointError
 from pipeline.safetensors_io import read_header
 
 REQUIRED_FIELDS = ("architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                    "mapping", "quantization")
-KNOWN_ARCHITECTURES = ("GPT2LMHeadModel", "GPTForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 # QuantAlgo member names of TensorRT-LLM 1.2 (tensorrt_llm/quantization/mode.py).
 QUANT_ALGOS = (
     "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_TENSOR_PLUGIN",
@@ -36,8 +37,10 @@ def checkpoint_config_problems(config: dict) -> list[str]:
     problems = [f"missing required field '{k}'" for k in REQUIRED_FIELDS if k not in config]
     if problems:
         return problems
-    if config["architecture"] not in KNOWN_ARCHITECTURES:
-        problems.append(f"architecture '{config['architecture']}' is not one this pipeline runs ({KNOWN_ARCHITECTURES})")
+    try:
+        by_trtllm_name(config["architecture"])
+    except CheckpointError as exc:
+        problems.append(str(exc))
     if config["dtype"] not in TORCH_DTYPES:
         problems.append(f"dtype '{config['dtype']}' is not one of {list(TORCH_DTYPES)}")
     m = config["mapping"]

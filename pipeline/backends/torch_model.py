@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.architectures import for_checkpoint
 from pipeline.dist import Comm
+from pipeline.dtypes import TORCH_DTYPES
+from pipeline.errors import RunError
 from pipeline.quantize.formats import dequantize_kv, quantize_kv
-
-GPT_ARCHITECTURES = ("GPT2LMHeadModel", "GPTForCausalLM")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def rope_inv_freq(config: dict) -> torch.Tensor:
@@ -84,7 +84,7 @@ class RankModel:
         self.mapping = comm.mapping
         self.device = device
         self.dtype = TORCH_DTYPES[config["dtype"]]
-        self.is_gpt = config["architecture"] in GPT_ARCHITECTURES
+        self.arch = for_checkpoint(config)  # the registry entry: norm, mlp, position kinds; the sliding window
         tp = self.mapping.tp
         self.hidden = config["hidden_size"]
         self.head_size = config["head_size"]
@@ -121,19 +121,25 @@ class RankModel:
                 "proj": make_linear(p + "mlp.proj", get(p + "mlp.proj.weight"), None),
                 "proj_bias": get(p + "mlp.proj.bias"),
             }
-            if not self.is_gpt:
+            if self.arch.mlp == "gated_silu":
                 layer["gate"] = make_linear(p + "mlp.gate", get(p + "mlp.gate.weight"), get(p + "mlp.gate.bias"))
             if self.kv_format is not None:
                 layer["kv_scale"] = get(p + "attention.kv_cache_scaling_factor").float()
             self.layers.append(layer)
-        if not self.is_gpt:
+        if self.arch.position == "rope":
             self.inv_freq = rope_inv_freq(config).to(device)
+
+    @property
+    def is_gpt(self) -> bool:
+        """Read-only, for cuda_decode.py and fused_decode.py until they read `self.arch`: LayerNorm + GELU +
+        learned positions (GPT-2) rather than RMSNorm + gated SiLU + rope."""
+        return self.arch.norm == "layernorm"
 
     # ------------------------------------------------------------------------------------- pieces
 
     def _norm(self, x: torch.Tensor, weight_bias) -> torch.Tensor:
         weight, bias = weight_bias
-        if self.is_gpt:
+        if self.arch.norm == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
         xf = x.float()  # once (each .float() of a half-precision x is a kernel)
         return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
@@ -216,7 +222,7 @@ class RankModel:
         return torch.matmul(probs, values).reshape(batch, heads, seq, hd)
 
     def _mlp(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
-        if self.is_gpt:
+        if self.arch.mlp == "gelu":
             h = F.gelu(layer["fc"](x), approximate="tanh")
         elif hasattr(layer.get("fc_gate"), "silu_gate"):  # the CUDA path's fused GEMM, activation included
             h = layer["fc_gate"].silu_gate(x)
@@ -240,10 +246,14 @@ class RankModel:
         )
 
     def attention_mask(self, cache: KVCache, slot_start: int | torch.Tensor, seq: int, keys_len: int) -> torch.Tensor:
-        """[B, 1, seq, keys_len] bool: a query sees valid slots at or before its own; each sees itself."""
+        """[B, 1, seq, keys_len] bool: a query sees valid slots at or before its own (and, with a sliding window,
+        after its own minus the window); each sees itself. A sequence's slots are consecutive, so slot distance is
+        position distance."""
         query_slots = slot_start + torch.arange(seq, device=self.device)
         key_slots = torch.arange(keys_len, device=self.device)
         causal = key_slots[None, :] <= query_slots[:, None]
+        if self.arch.sliding_window is not None:
+            causal &= key_slots[None, :] > query_slots[:, None] - self.arch.sliding_window
         mask = causal[None] & cache.valid[:, None, :keys_len]
         mask |= key_slots[None, None, :] == query_slots[None, :, None]  # padding queries see themselves (no NaN)
         return mask[:, None]
@@ -263,6 +273,9 @@ class RankModel:
         of a cache (it owns the paged KV cache), packed sequences as B = 1, and `logit_rows` [R]: the positions of
         T whose logits it wants ([1, R, vocab]).
         """
+        if decode_attention is not None and self.arch.sliding_window is not None:
+            raise RunError(f"the fused decode attention kernel has no sliding window (this model's is "
+                           f"{self.arch.sliding_window}); decode it with the plain attention path")
         batch, seq = tokens.shape
         keys_len = keys_len or (slot_start + seq if attention is None else None)
         if self.mapping.is_first_stage:
@@ -272,7 +285,8 @@ class RankModel:
         else:
             h = self.comm.recv_prev((batch, seq, self.hidden), self.dtype)
         mask = self.attention_mask(cache, slot_start, seq, keys_len) if attention is None else None
-        rope = self._rope_tables(positions, h.dtype) if not self.is_gpt and decode_attention is None else None
+        rope = self._rope_tables(positions, h.dtype) if self.arch.position == "rope" and decode_attention is None \
+            else None
         for index, layer in enumerate(self.layers):
             h = h + self._attention(layer, self._norm(h, layer["ln1"]), positions, cache, index, slot_start, mask,
                                     decode_attention, rope, attention)

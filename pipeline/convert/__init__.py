@@ -12,14 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.convert.architectures import (
-    ArchInfo,
-    describe,
-    quantization_block,
-    resolve_dtype,
-    trtllm_config,
-)
-from pipeline.convert.engine import ConversionPlan, execute_plan, plan_conversion
+from pipeline.architectures import ArchInfo, describe, quantization_block, resolve_dtype, trtllm_config
+from pipeline.convert.streaming import ConversionPlan, execute_plan, plan_conversion
 from pipeline.errors import CheckpointError
 from pipeline.mapping import Mapping
 from pipeline.safetensors_io import SafetensorsIndex

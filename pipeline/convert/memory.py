@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.convert.engine import ConversionPlan
+from pipeline.convert.streaming import ConversionPlan
 from pipeline.safetensors_io import TensorInfo
 
 

@@ -108,7 +108,8 @@ class LLM:
     def __init__(self, model: str | Path, *, build: bool = False, device: str = "auto", verify: bool = True,
                  engine: EngineConfig | None = None, **engine_options):
         from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
-        from pipeline.run import load_tokenizer, verify_problem
+        from pipeline.run import verify_problem
+        from pipeline.run_outputs import load_tokenizer
 
         options = engine or EngineConfig(**engine_options)
         self.rank, self.world, mpi_comm = mpi_world()
@@ -166,7 +167,7 @@ class LLM:
             from mpi4py import MPI
 
             num_blocks = mpi_comm.allreduce(num_blocks, op=MPI.MIN)  # every rank holds the same block ids
-        self.runner = ModelRunner(model_part, num_blocks, block_size, config.get("sliding_window"))
+        self.runner = ModelRunner(model_part, num_blocks, block_size)
         self._log(f"backend torch on {self.device.type}, {self.world} rank(s) tp={tp} pp={pp}, "
                   f"{self.artifact or 'a model in memory'} (loaded in {self.timings.get('load_s', 0):.1f} s); "
                   f"KV cache: {num_blocks} blocks of {block_size} tokens")

@@ -89,10 +89,10 @@ class _Batch:
 
 
 class ModelRunner:
-    def __init__(self, model: RankModel, num_blocks: int, block_size: int, sliding_window: int | None = None):
+    def __init__(self, model: RankModel, num_blocks: int, block_size: int):
         self.model = model
         self.cache = PagedKVCache(model, num_blocks, block_size)
-        self.sliding_window = sliding_window
+        self.sliding_window = model.arch.sliding_window  # Mistral: keys older than the window are masked
         self.generators: dict[int, torch.Generator] = {}
 
     # ------------------------------------------------------------------------------------------- the step

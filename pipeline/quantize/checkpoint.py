@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.convert.architectures import quantization_block
-from pipeline.convert.engine import CHUNK_BYTES, ConversionPlan
+from pipeline.architectures import quantization_block
+from pipeline.convert.streaming import CHUNK_BYTES, ConversionPlan
 from pipeline.datasets import dataset_digest
 from pipeline.quantize.formats import fp8_scale, kv_scale, quantize_fp8
 from pipeline.recipe import Recipe

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.backends.torch_model import Linear
+from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import CheckpointError
 from pipeline.quantize.formats import (
     fp8_linear,
@@ -61,7 +62,7 @@ def linear_factory(config: dict, weights: dict[str, torch.Tensor], device: torch
     """A function (prefix, weight, bias) -> callable GEMM for the checkpoint's quant_algo."""
     quant = config["quantization"]
     algo = quant.get("quant_algo")
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config["dtype"]]
+    dtype = TORCH_DTYPES[config["dtype"]]
     if algo is None:
         return lambda prefix, weight, bias: Linear(weight, bias)
     if algo == "FP8":

@@ -1,7 +1,8 @@
 """The vocabulary of weight maps: how one TensorRT-LLM tensor is made from Hugging Face tensors.
 
-A weight map (maps/*.py) is data: target name -> Rule. The engine (engine.py) is the only code that applies
-rules, so every architecture shares the same splitting, padding, casting and accounting.
+A weight map (one per architecture module) is data: target name -> Rule. The streaming converter
+(pipeline/convert/streaming.py) is the only code that applies rules, so every architecture shares the same
+splitting, padding, casting and accounting.
 
 Splits (T = tp size, r = tp rank; shapes in TensorRT-LLM's [out, in] layout):
 - replicate: every rank of the stage gets the whole tensor (norms, embeddings, RowLinear biases);
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.convert.architectures import ArchInfo
+from pipeline.architectures.base import ArchInfo
 
 Shape = Callable[[ArchInfo], tuple[int, ...]]
 

@@ -1,4 +1,4 @@
-"""The one conversion engine: Hugging Face safetensors -> TensorRT-LLM checkpoint, streamed.
+"""The streaming converter: Hugging Face safetensors -> TensorRT-LLM checkpoint, streamed.
 
 Planning (`plan_conversion`) turns a weight map into, for every rank, the exact list of target tensors (name,
 dtype, shape) and a list of copy pieces: "rows [a, b) and columns [c, d) of source S go to rows [e, ...) of
@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.convert.architectures import ArchInfo
-from pipeline.convert.maps import WEIGHT_MAPS
-from pipeline.convert.rules import Rule
+from pipeline.architectures import ArchInfo, for_model
+from pipeline.architectures.weight_map import Rule
+from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import WeightMapError
 from pipeline.safetensors_io import SafetensorsIndex, SafetensorsWriter, TensorInfo
 
 CHUNK_BYTES = 32 * 1024 * 1024
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def _even_split(total: int, parts: int, what: str, rank: int) -> tuple[int, int]
 
 def plan_conversion(index: SafetensorsIndex, arch: ArchInfo, tp: int, pp: int, dtype: str) -> ConversionPlan:
     """Decide every target tensor of every rank and where each of its rows comes from."""
-    wmap = WEIGHT_MAPS[arch.family]
+    wmap = for_model(arch).weight_map
     prefix = next((p for p in wmap.prefixes if _fmt(wmap.probe, None, p) in index.infos), wmap.prefixes[0]) \
         if wmap.probe else wmap.prefixes[0]
     torch_dtype = TORCH_DTYPES[dtype]
@@ -214,7 +213,7 @@ def plan_conversion(index: SafetensorsIndex, arch: ArchInfo, tp: int, pp: int, d
     unexpected = [n for n in index.names if n not in used and not any(p.fullmatch(n) for p in ignore_patterns)]
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (f" (and {len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
-        problems.append(f"{len(unexpected)} source tensor(s) that the {arch.family} weight map neither uses nor ignores: "
+        problems.append(f"{len(unexpected)} source tensor(s) that the {for_model(arch).name} weight map neither uses nor ignores: "
                         f"{shown}. Is config.json (model_type {arch.model_type}, {arch.num_layers} layers) the one "
                         f"that goes with these weights?")
     if problems:
