@@ -190,7 +190,7 @@ def test_stop_tokens_and_min_tokens(llama):
 
 
 DRIVER = """
-import json, random, sys, threading, time
+import json, random, sys, time
 from pipeline import LLM, SamplingParams
 artifact, prompts_json, out = sys.argv[1:4]
 llm = LLM(artifact, verify=False, max_num_tokens=24, tokens_per_block=4)   # ranks other than 0 serve, then exit
@@ -199,12 +199,12 @@ rng = random.Random(0)
 order = list(range(len(prompts))); rng.shuffle(order)
 handles = {}
 for i in order:
-    handles[i] = llm.submit(prompts[i], SamplingParams(max_tokens=%d, ignore_eos=True))
+    handles[i] = llm.submit(prompts[i], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     time.sleep(rng.uniform(0, 0.02))
 result = {"tokens": [handles[i].result().output_ids for i in range(len(prompts))], "stats": llm.stats()}
 llm.shutdown()
 open(out, "w").write(json.dumps(result))
-""" % NEW_TOKENS
+""".replace("NEW_TOKENS", str(NEW_TOKENS))
 
 
 @pytest.mark.parametrize("shape, tp, pp", [("llama-tiny", 2, 1), ("llama-tiny", 1, 2), ("gpt2-tiny", 2, 2)])

@@ -157,7 +157,6 @@ class LLM:
 
     def _start(self, model_part, mpi_comm, build_spec: dict, options: EngineConfig) -> None:
         """Size the KV pool, then: rank 0 starts the engine thread; other ranks serve until shutdown and exit."""
-        config = self.config
         self.model_dtype = model_part.dtype
         tp, pp = model_part.mapping.tp, model_part.mapping.pp
         block_size = options.tokens_per_block or build_spec.get("plugins", {}).get("tokens_per_block", 32)
