@@ -21,10 +21,11 @@ from pipeline.build import read_build_record, recipe_for
 from pipeline.dist import Comm, abort, all_ok, finish, mpi_world, pick_device
 from pipeline.errors import PipelineError, RunError
 from pipeline.generate import Sampling, generate, score
-from pipeline.manifest import read_manifest, sha256_file
+from pipeline.manifest import read_manifest
 from pipeline.mapping import Mapping
 from pipeline.recipe import RuntimeSpec
 from pipeline.run_outputs import load_tokenizer, report_outputs, sampling_from
+from pipeline.verify import verify_problem
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,28 +65,6 @@ def resolve_artifact(args: argparse.Namespace) -> tuple[Path, dict]:
         return args.engine, recipe_for(args.engine).get("runtime", {})
     record = read_build_record(args.recipe)
     return Path(record["artifact"]), record["resolved"]["runtime"]
-
-
-def verify_problem(artifact: Path, rank: int, verify: bool) -> str | None:
-    """This rank's objection to running: a missing/corrupt rank file or one that differs from the manifest."""
-    from pipeline.backends.torch_backend import rank_file_problem
-
-    problem = rank_file_problem(artifact, rank)
-    if problem or not verify:
-        return problem
-    manifest = read_manifest(artifact)
-    if manifest is None or "outputs" not in manifest:
-        return (f"{artifact} has no manifest.json, so it cannot be verified; rebuild it with `make build`, "
-                f"or pass --no-verify to run it anyway")
-    names = [f"rank{rank}.safetensors"] + (["config.json"] if rank == 0 else [])
-    for name in names:
-        expected = manifest["outputs"].get(name)
-        if expected is None or sha256_file(artifact / name) != expected:
-            return (f"{artifact / name} does not match the sha256 in its manifest (modified or corrupted after the "
-                    f"build); rebuild it (make build) or pass --no-verify to run it anyway")
-    return None
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

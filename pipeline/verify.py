@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.build import recipe_for
 from pipeline.dist import mpirun_command, mpirun_env
 from pipeline.errors import PipelineError
-from pipeline.manifest import read_manifest, verify_folder
+from pipeline.manifest import read_manifest, sha256_file, verify_folder
 
 
 def check_golden(artifact: Path, manifest: dict) -> list[str]:
@@ -63,3 +63,23 @@ def verify_command(artifact: Path, run: bool = False) -> int:
     print(f"{artifact}: verifies ({count} files match their sha256"
           + (f"; {golden} golden output(s) reproduced" if run else "") + ")")
     return 0
+
+
+def verify_problem(artifact: Path, rank: int, verify: bool) -> str | None:
+    """This rank's objection to running: a missing/corrupt rank file or one that differs from the manifest."""
+    from pipeline.backends.torch_backend import rank_file_problem
+
+    problem = rank_file_problem(artifact, rank)
+    if problem or not verify:
+        return problem
+    manifest = read_manifest(artifact)
+    if manifest is None or "outputs" not in manifest:
+        return (f"{artifact} has no manifest.json, so it cannot be verified; rebuild it with `make build`, "
+                f"or pass --no-verify to run it anyway")
+    names = [f"rank{rank}.safetensors"] + (["config.json"] if rank == 0 else [])
+    for name in names:
+        expected = manifest["outputs"].get(name)
+        if expected is None or sha256_file(artifact / name) != expected:
+            return (f"{artifact / name} does not match the sha256 in its manifest (modified or corrupted after the "
+                    f"build); rebuild it (make build) or pass --no-verify to run it anyway")
+    return None

@@ -30,6 +30,8 @@ class BlockTable:
     """One request's blocks, in order; `hashes` of its full blocks (for reuse and registration)."""
 
     blocks: list[int] = field(default_factory=list)
+    named: int = 0  # leading full blocks already registered for reuse
+    last_hash: int = 0  # the chain hash of the last of them
 
 
 class BlockPool:
@@ -89,6 +91,7 @@ class BlockPool:
             if block.ref_count == 0:
                 self._free[index] = None
         table.blocks.clear()
+        table.named, table.last_hash = 0, 0
 
     # ------------------------------------------------------------------------------------------- prefix reuse
 
@@ -117,16 +120,19 @@ class BlockPool:
         for index in blocks:
             self._take(index)
             table.blocks.append(index)
-        self.reused_tokens += len(blocks) * self.block_size
+        if blocks:
+            table.named, table.last_hash = len(blocks), self.blocks[blocks[-1]].hash
 
     def register_full_blocks(self, table: BlockTable, tokens: list[int], computed: int) -> None:
         """Name the request's blocks that are full of computed tokens, so later prompts can reuse them."""
         if not self.prefix_reuse:
             return
-        full = computed // self.block_size
-        for i, h in enumerate(self.chain_hashes(tokens[:full * self.block_size], self.block_size)):
+        size = self.block_size
+        for i in range(table.named, computed // size):  # only blocks filled since the last call
+            table.last_hash = hash((table.last_hash, tuple(tokens[i * size:(i + 1) * size])))
             index = table.blocks[i]
             block = self.blocks[index]
-            if block.hash is None and h not in self._by_hash:
-                block.hash = h
-                self._by_hash[h] = index
+            if block.hash is None and table.last_hash not in self._by_hash:
+                block.hash = table.last_hash
+                self._by_hash[table.last_hash] = index
+        table.named = max(table.named, computed // size)

@@ -55,6 +55,15 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, stop: int) -> tuple[int, ...]:
+        """tokens[start:stop] without joining the two lists (a decode step takes one token of a long request)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return tuple(self.output_ids[start - n:stop - n])
+        if stop <= n:
+            return tuple(self.prompt_ids[start:stop])
+        return tuple(self.prompt_ids[start:]) + tuple(self.output_ids[:stop - n])
+
     @property
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -191,12 +200,13 @@ class Scheduler:
                 request.computed = 0
                 break
             self.waiting.popleft()
+            self.pool.reused_tokens += len(cached) * self.pool.block_size
             request.status = Status.RUNNING
             self.running.append(request)
             work.append((request, count))
             budget -= count
         plan = StepPlan(
-            work=tuple(SeqWork(r.id, tuple(r.tokens[r.computed:r.computed + n]), r.computed, tuple(r.table.blocks),
+            work=tuple(SeqWork(r.id, r.token_slice(r.computed, r.computed + n), r.computed, tuple(r.table.blocks),
                                r.computed + n == r.total_len, r.params, r.seed, self._banned(r))
                        for r, n in work),
             released=tuple(self._released))
@@ -217,7 +227,8 @@ class Scheduler:
             if request is None or request.status != Status.RUNNING:
                 continue  # aborted while the step ran
             request.computed = w.start + len(w.tokens)
-            self.pool.register_full_blocks(request.table, request.tokens, request.computed)
+            if request.computed // self.pool.block_size > request.table.named:
+                self.pool.register_full_blocks(request.table, request.tokens, request.computed)
             if w.sample:
                 request.output_ids.append(sampled[w.request_id])
                 if request.first_token_s is None:

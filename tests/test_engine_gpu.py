@@ -1,0 +1,55 @@
+"""The engine's step on a GPU: flash attention over the paged cache (torch's varlen_attn with a block table) gives
+the logits of the reference path (gathered keys and values through scaled_dot_product_attention), for prompt
+chunks, chunk continuations, decoding, GQA and a sliding window. Run on a lent GPU: pytest -m gpu."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.engine.runner import ModelRunner
+from pipeline.engine.scheduler import SeqWork, StepPlan
+from pipeline.params import SamplingParams
+from tests.test_engine import build
+
+pytestmark = pytest.mark.gpu
+
+
+def rank_model(artifact):
+    from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+    from pipeline.dist import Comm
+    from pipeline.mapping import Mapping
+
+    config = read_checkpoint_config(artifact)
+    device = torch.device("cuda", 0)
+    return load_rank_model(artifact, config, Comm(Mapping(1, 1), device), device)
+
+
+def plans(block_size: int) -> list[StepPlan]:
+    """Three steps of three sequences: whole prompts, then a prompt's second chunk beside decoding, then decoding."""
+    params = SamplingParams()
+    prompt = [list(range(3, 3 + n)) for n in (19, 40, 7)]
+    blocks = [(2, 0, 1), (5, 4, 3), (6, 8, 7)]  # 3 blocks of >= 16 tokens each hold 41 tokens, in any order
+
+    def work(i, tokens, start, sample=True):
+        return SeqWork(i, tuple(tokens), start, blocks[i], sample, params, 0)
+
+    return [
+        StepPlan((work(0, prompt[0], 0), work(1, prompt[1][:25], 0, False), work(2, prompt[2], 0))),
+        StepPlan((work(0, [5], 19), work(1, prompt[1][25:], 25), work(2, [9], 7))),
+        StepPlan((work(0, [6], 20), work(1, [8], 40), work(2, [11], 8))),
+    ]
+
+
+@pytest.mark.parametrize("shape", ["llama-tiny", "mistral-tiny", "gpt2-tiny"])
+def test_flash_paged_attention_gives_the_reference_logits(home, shape):
+    _, artifact = build(shape, dtype="bfloat16")
+    model = rank_model(artifact)
+    block_size = 256 if ModelRunner(model, 4, 32).flash is False else 32
+    flash, reference = ModelRunner(model, 9, block_size), ModelRunner(model, 9, block_size)
+    assert flash.flash, flash.flash_reason
+    reference.flash = False
+    for plan in plans(block_size):
+        ours, expected = flash.forward(plan), reference.forward(plan)
+        assert ours.shape == expected.shape
+        assert (ours - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 1e-3
