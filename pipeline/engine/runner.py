@@ -113,7 +113,7 @@ def flash_paged_attention_reason(model: RankModel, block_size: int) -> str | Non
     try:
         varlen_attn(q, kv, kv, one, None, 1, 1, window_size=(-1, 0), enable_gqa=model.heads != model.kv_heads,
                     seqused_k=one[1:], block_table=one[None, :1])
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:  # older torch: no block_table; a block size it refuses
         return f"varlen_attn refused blocks of {block_size} tokens ({str(exc).splitlines()[0]})"
     return None
 
