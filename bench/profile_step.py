@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.backends.cuda_decode import (  # noqa: E402
     CudaDecoder,
     DecodeOptions,
+    _layernorm_gelu,
     accelerate,
     quantize_model_fp8,
     set_triton_gemv,
@@ -71,8 +72,8 @@ def gemv_table(model, bandwidth: float, batch: int = 1) -> list[str]:
         total = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
         inp = torch.randn(batch, k, device=model.device).to(model.dtype)
         prologue = key in ("qkv", "fc_gate", "fc", "lm_head")
-        act = ACT_SILU_GATE if key == "fc_gate" else (ACT_GELU if key == "fc" and model.is_gpt else ACT_NONE)
-        norm = (NORM_LAYER if model.is_gpt else NORM_RMS) if prologue else NORM_NONE
+        act = ACT_SILU_GATE if key == "fc_gate" else (ACT_GELU if key == "fc" and _layernorm_gelu(model) else ACT_NONE)
+        norm = (NORM_LAYER if _layernorm_gelu(model) else NORM_RMS) if prologue else NORM_NONE
 
         def cublas():
             for lin in linears:
@@ -179,7 +180,7 @@ def attention_table(model, bandwidth: float, batch: int, max_len: int, slot: int
     qkv = torch.randn(batch, (model.heads + 2 * kv) * hd, device=device).to(dtype)
     positions = torch.full((batch,), slot, device=device)
     slot_t = torch.tensor(slot, device=device)
-    inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
+    inv_freq = None if _layernorm_gelu(model) else model.inv_freq.float().contiguous()
     read = 2 * batch * kv * slot * hd * caches[0][0].element_size() * len(caches)
     timed = []
     for splits, block_s, warps, stages in configs:

@@ -118,7 +118,8 @@ if triton is not None:
         PRELOAD: the split's first block is loaded first, before the qkv row (and, with PDL, before waiting for the
         kernel that writes it): none of the cache slots before the new token's is written by the kernels this
         one can overlap (the qkv GEMM), nor are the slot index and valid flags, which the step sets before its
-        first layer."""
+        first layer. (Longer than most functions here: mostly this docstring; the body is one pass whose loads are
+        ordered for overlap, its rotary and split-combining parts already helpers.)"""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = 0
