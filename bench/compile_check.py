@@ -1,4 +1,4 @@
-"""Compile the fused decode kernels for a GPU without one: Triton's compiler and the ptxas of its wheel turn each
+"""Compile the decode kernels (pipeline/kernels/) for a GPU without one: Triton's compiler and the ptxas of its wheel turn each
 kernel into a cubin for the target (default sm_90, Hopper), so a kernel that would not compile is found on the CPU
 before a GPU call is spent on it. Triton's CPU emulator runs the same kernels but never compiles them, and some
 paths run only compiled (programmatic dependent launch with its early weight load, the tensor-core forms at FP8,
@@ -23,18 +23,18 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pipeline.backends import batched_gemm  # noqa: E402
-from pipeline.backends import fused_decode as fd  # noqa: E402
+from pipeline.kernels import attention, batched_gemm, gemv, sampling  # noqa: E402
+from pipeline.kernels.common import ACT_GELU, ACT_NONE, ACT_SILU_GATE, NORM_LAYER, NORM_NONE, NORM_RMS  # noqa: E402
 
 SHARED_LIMIT = 227 * 1024  # the shared memory one block may use on an H100/H200
 GEMV_POINTERS = ("x_ptr", "r_ptr", "h_out_ptr", "nw_ptr", "nb_ptr", "w_ptr", "b_ptr", "y_ptr", "a_scale_ptr",
                  "w_scale_ptr")
 
 
-def gemv_signature(dtype: str, weight: str, out: str, rows: bool) -> dict:
+def gemv_signature(dtype: str, weight: str, out: str) -> dict:
     types = {name: f"*{dtype}" for name in GEMV_POINTERS}
     types.update(w_ptr=f"*{weight}", y_ptr=f"*{out}", a_scale_ptr="*fp32", w_scale_ptr="*fp32")
-    scalars = {"B": "i32", "N": "i32", "K": "i32", "eps": "fp32"} if rows else {"N": "i32", "K": "i32", "eps": "fp32"}
+    scalars = {"N": "i32", "K": "i32", "eps": "fp32"}
     split = {"part_ptr": "*fp32", "counter_ptr": "*i32"}  # split-K's sums and counters
     return {**types, **split, **scalars}
 
@@ -47,63 +47,40 @@ def cases():
             for pdl in (False, True):
                 if dtype == "fp32" and dot:
                     continue  # float32 weights run the FMA form whatever USE_DOT says
-                constexprs = dict(common, NORM=fd.NORM_RMS, FP8=fp8, ACT=fd.ACT_SILU_GATE, BLOCK_N=64 if dot == 2
+                constexprs = dict(common, NORM=NORM_RMS, FP8=fp8, ACT=ACT_SILU_GATE, BLOCK_N=64 if dot == 2
                                   else 16 if dot == 1 else 4, BLOCK_K=256, W_F32=dtype == "fp32", USE_DOT=dot, PDL=pdl)
-                yield (f"fused_gemv {weight} USE_DOT={dot} pdl={pdl}", fd._fused_gemv,
-                       gemv_signature(dtype, weight, dtype, rows=False), constexprs, dict(launch_pdl=pdl))
+                yield (f"fused_gemv {weight} USE_DOT={dot} pdl={pdl}", gemv._fused_gemv,
+                       gemv_signature(dtype, weight, dtype), constexprs, dict(launch_pdl=pdl))
     for dtype, weight, fp8 in (("bf16", "bf16", False), ("bf16", "fp8e4nv", True)):  # the grouped accumulator
-        constexprs = dict(common, NORM=fd.NORM_RMS, FP8=fp8, ACT=fd.ACT_SILU_GATE, BLOCK_N=4, BLOCK_K=2048,
+        constexprs = dict(common, NORM=NORM_RMS, FP8=fp8, ACT=ACT_SILU_GATE, BLOCK_N=4, BLOCK_K=2048,
                           W_F32=False, USE_DOT=0, PDL=True, ACC_R=8)
-        yield (f"fused_gemv {weight} USE_DOT=0 ACC_R=8", fd._fused_gemv, gemv_signature(dtype, weight, dtype, False),
+        yield (f"fused_gemv {weight} USE_DOT=0 ACC_R=8", gemv._fused_gemv, gemv_signature(dtype, weight, dtype),
                constexprs, dict(launch_pdl=True))
-    layer = dict(common, NORM=fd.NORM_LAYER, FP8=False, ACT=fd.ACT_GELU, HAS_BIAS=True, BLOCK_N=4, BLOCK_K=256,
+    layer = dict(common, NORM=NORM_LAYER, FP8=False, ACT=ACT_GELU, HAS_BIAS=True, BLOCK_N=4, BLOCK_K=256,
                  W_F32=False, USE_DOT=0, EVEN_K=False, PDL=False)
-    yield "fused_gemv fp16 LayerNorm+GELU+bias", fd._fused_gemv, gemv_signature("fp16", "fp16", "fp16", False), layer, {}
-    for dtype, weight, out, norm, act, pdl in (("bf16", "bf16", "bf16", fd.NORM_RMS, fd.ACT_SILU_GATE, True),
-                                               ("bf16", "fp8e4nv", "bf16", fd.NORM_RMS, fd.ACT_SILU_GATE, False),
-                                               ("fp16", "fp16", "fp16", fd.NORM_LAYER, fd.ACT_GELU, False),
-                                               ("fp32", "fp32", "fp32", fd.NORM_RMS, fd.ACT_NONE, False),
-                                               ("bf16", "bf16", "fp32", fd.NORM_RMS, fd.ACT_NONE, True)):
-        constexprs = dict(ADD_RESIDUAL=True, NORM=norm, HAS_BIAS=act == fd.ACT_GELU, FP8=weight == "fp8e4nv", ACT=act,
-                          BLOCK_N=64, BLOCK_K=128, B_P=32, W_F32=dtype == "fp32", EVEN_K=True, PDL=pdl,
-                          SPLIT_K=2 if pdl else 1, F32_DOT=False)
-        yield (f"fused_gemm_rows {weight}->{out} norm={norm} act={act} pdl={pdl} split-K={constexprs['SPLIT_K']}",
-               fd._fused_gemm_rows,
-               gemv_signature(dtype, weight, out, rows=True), constexprs, dict(launch_pdl=pdl))
+    yield "fused_gemv fp16 LayerNorm+GELU+bias", gemv._fused_gemv, gemv_signature("fp16", "fp16", "fp16"), layer, {}
     # every autotuning config, at the 8B shape's dtypes (a config that does not compile would stop autotuning)
-    for config in fd._CONFIGS:
+    for config in gemv.CONFIGS:
         for dtype, weight in (("bf16", "bf16"), ("bf16", "fp8e4nv")):
             if config.kwargs.get("SPLIT_K", 1) > 1 and weight != "fp8e4nv":
                 continue  # autotuning times split-K for FP8 only (the one-pass RMSNorm cannot split K)
-            constexprs = dict(common, NORM=fd.NORM_RMS, FP8=weight == "fp8e4nv", ACT=fd.ACT_SILU_GATE, W_F32=False,
+            constexprs = dict(common, NORM=NORM_RMS, FP8=weight == "fp8e4nv", ACT=ACT_SILU_GATE, W_F32=False,
                               PDL=False, **config.kwargs)
-            yield (f"fused_gemv {weight} config {config}", fd._fused_gemv, gemv_signature(dtype, weight, dtype, False),
+            yield (f"fused_gemv {weight} config {config}", gemv._fused_gemv, gemv_signature(dtype, weight, dtype),
                    constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages))
     # split-K at FP8 (what the autotuning configs with SPLIT_K cover), and with LayerNorm (its statistics pass)
-    for norm, act, split in ((fd.NORM_RMS, fd.ACT_SILU_GATE, 4), (fd.NORM_NONE, fd.ACT_NONE, 2)):
+    for norm, act, split in ((NORM_RMS, ACT_SILU_GATE, 4), (NORM_NONE, ACT_NONE, 2)):
         constexprs = dict(common, NORM=norm, FP8=True, ACT=act, W_F32=False, PDL=True, BLOCK_N=64, BLOCK_K=128,
                           USE_DOT=2, SPLIT_K=split)
-        yield (f"fused_gemv fp8e4nv split-K={split} norm={norm} pdl", fd._fused_gemv,
-               gemv_signature("bf16", "fp8e4nv", "bf16", False), constexprs, dict(launch_pdl=True))
-    f32_tiles = fd.rows_candidates(64, 64, w_f32=True)  # float32 weights' own small tile
-    for config in fd._ROWS_CONFIGS:
-        kinds = (("fp32", 16),) if config in f32_tiles else (("bf16", 32), ("fp8e4nv", 64))
-        for weight, rows in kinds:
-            constexprs = dict(common, NORM=fd.NORM_RMS, FP8=weight == "fp8e4nv", ACT=fd.ACT_SILU_GATE,
-                              W_F32=weight == "fp32", PDL=False, B_P=rows, F32_DOT=False, **config.kwargs)
-            dtype = "fp32" if weight == "fp32" else "bf16"
-            yield (f"fused_gemm_rows {weight} B_P={rows} config {config}", fd._fused_gemm_rows,
-                   gemv_signature(dtype, weight, dtype, True), constexprs,
-                   dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    # the batched GEMM's split-K swap-AB kernel (pipeline.backends.batched_gemm), every config, at 32 rows; without
-    # an activation as qkv runs it before a PDL-launched attention (TRIGGER)
-    for config in batched_gemm._CONFIGS:
-        for dtype, bias, act in (("bf16", False, fd.ACT_NONE), ("bf16", True, fd.ACT_SILU_GATE)):
+        yield (f"fused_gemv fp8e4nv split-K={split} norm={norm} pdl", gemv._fused_gemv,
+               gemv_signature("bf16", "fp8e4nv", "bf16"), constexprs, dict(launch_pdl=True))
+    # the batched GEMM's split-K swap-AB kernel (pipeline.kernels.batched_gemm), every config, at 32 rows
+    for config in batched_gemm.CONFIGS:
+        for dtype, bias, act in (("bf16", False, ACT_NONE), ("bf16", True, ACT_SILU_GATE)):
             signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
                          "part_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
-            constexprs = dict(HAS_BIAS=bias, M_P=32, EVEN_K=True, ACT=act, F32_DOT=False,
-                              TRIGGER=act == fd.ACT_NONE, **config.kwargs)
-            yield (f"skinny_gemm {dtype} bias={bias} act={act} trigger={act == fd.ACT_NONE} config {config}",
+            constexprs = dict(HAS_BIAS=bias, M_P=32, EVEN_K=True, ACT=act, F32_DOT=False, **config.kwargs)
+            yield (f"skinny_gemm {dtype} bias={bias} act={act} config {config}",
                    batched_gemm._skinny_gemm,
                    signature, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages))
     # splits > 1: flash-decoding (6 is what batch 1 of the 8B shape gets at 384 slots)
@@ -116,21 +93,21 @@ def cases():
         signature.update(valid_ptr="*u8", pos_ptr="*i64", slot_ptr="*i64", inv_freq_ptr="*fp32", part_ptr="*fp32",
                          counter_ptr="*i32", max_len="i32", scale="fp32")
         constexprs = dict(HEADS=32, KV_HEADS=8, D=128, GROUP_P=16, D_P=128, ROPE=rope, IEEE=dtype == "fp32",
-                          BLOCK_S=fd.attention_block(splits), SPLITS=splits, PDL=pdl, PRELOAD=preload)
-        stages = fd.attention_stages(splits)
+                          BLOCK_S=attention.attention_block(splits), SPLITS=splits, PDL=pdl, PRELOAD=preload)
+        stages = attention.attention_stages(splits)
         yield (f"decode_attention {dtype} rope={rope} pdl={pdl} splits={splits} preload={preload}",
-               fd._decode_attention_kernel, signature, constexprs,
+               attention._decode_attention_kernel, signature, constexprs,
                dict(launch_pdl=pdl, **({"num_stages": stages} if stages else {})))
 
 
 def argmax_cases():
-    """The greedy pick over Llama-3's vocabulary (fused_decode.greedy_argmax), float32 and bfloat16 logits."""
-    blocks = -(-128256 // fd.ARGMAX_BLOCK)
+    """The greedy pick over Llama-3's vocabulary (sampling.greedy_argmax), float32 and bfloat16 logits."""
+    blocks = -(-128256 // sampling.ARGMAX_BLOCK)
     for dtype in ("fp32", "bf16"):
         signature = {"x_ptr": f"*{dtype}", "part_ptr": "*fp32", "counter_ptr": "*i32", "out_ptr": "*i64", "V": "i32",
                      "row_stride": "i32"}
-        constexprs = dict(BLOCK=fd.ARGMAX_BLOCK, BLOCKS_P=1 << (blocks - 1).bit_length())
-        yield f"greedy_argmax {dtype}", fd._greedy_argmax_kernel, signature, constexprs, {}
+        constexprs = dict(BLOCK=sampling.ARGMAX_BLOCK, BLOCKS_P=1 << (blocks - 1).bit_length())
+        yield f"greedy_argmax {dtype}", sampling._greedy_argmax_kernel, signature, constexprs, {}
 
 
 def main(argv=None) -> int:
@@ -141,7 +118,7 @@ def main(argv=None) -> int:
     failures = 0
     for name, kernel, signature, constexprs, options in (*cases(), *argmax_cases()):
         if "STATS_K" in kernel.arg_names:  # the JIT's defaults and heuristics, which the AST source does not apply
-            constexprs = {"SPLIT_K": 1, "STATS_K": fd.STATS_K_MAX, "ACC_R": 1, **constexprs}
+            constexprs = {"SPLIT_K": 1, "STATS_K": gemv.STATS_K_MAX, "ACC_R": 1, **constexprs}
         ordered = {arg: signature.get(arg, "constexpr") for arg in kernel.arg_names}
         # as the JIT specializes arguments at the 8B shape: pointers 16-byte aligned, N and K multiples of 16
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
@@ -157,16 +134,13 @@ def main(argv=None) -> int:
                     and "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" not in ptx:
                 raise AssertionError("the swap-AB FP8 form does not reach wgmma with FP8 operands")
             if name.startswith("skinny_gemm"):  # tuning leaves out what does not fit by this count
-                config = next(c for c in batched_gemm._CONFIGS if c.kwargs.items() <= constexprs.items()
+                config = next(c for c in batched_gemm.CONFIGS if c.kwargs.items() <= constexprs.items()
                               and (c.num_warps, c.num_stages) == (options["num_warps"], options["num_stages"]))
                 want = batched_gemm.shared_bytes(config, constexprs["ACT"], constexprs["M_P"])
                 if compiled.metadata.shared != want:
                     raise AssertionError(f"shared memory {compiled.metadata.shared}, batched_gemm.shared_bytes {want}")
-            if name.startswith(("skinny_gemm", "fused_gemm_rows")) and not constexprs.get("W_F32") \
-                    and "wgmma.mma_async" not in ptx:
+            if name.startswith("skinny_gemm") and "wgmma.mma_async" not in ptx:
                 raise AssertionError("the batched GEMM's weight tile does not reach wgmma")
-            if "TRIGGER" in constexprs and ("griddepcontrol.launch_dependents" in ptx) != constexprs["TRIGGER"]:
-                raise AssertionError(f"TRIGGER={constexprs['TRIGGER']} but not so in the PTX")
             gdc = "griddepcontrol.wait" in ptx
             if gdc != constexprs.get("PDL", False):
                 raise AssertionError(f"PDL={constexprs.get('PDL')} but griddepcontrol in the PTX: {gdc}")

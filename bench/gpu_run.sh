@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU check and benchmark matrix, one call on a lent H100/H200 machine (tools: device `run`):
-#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention preload block grouped prefill \
-#     b32 forms quick 8b fp8 fp8ab tune gpt2 nccl tp2  # any subset
+#   bash bench/gpu_run.sh tests tests-batched tests-gemm profile profile32 attention grouped prefill quick 8b fp8 \
+#     fp8ab gpt2 nccl tp2  # any subset
+# The A/B phases of settled experiments (preload, block, forms, tune, b32) went with the switches they set; their
+# figures are in bench/results/. bench/profile_step.py --attention and --sweep still time alternatives by argument.
 # Everything lands in $OUT (default bench/results/gpu): gpu.txt, log.txt and results.tgz (the JSON/Markdown of each
 # `python -m pipeline bench`). Weights are random, made on the GPU (no network there, no room to carry 16 GB).
 set -uo pipefail
@@ -37,26 +39,6 @@ for phase in "${@:-tests gpt2 8b}"; do
            python bench/profile_step.py llama-3-8b --no-gemv --variants "" --attention 3,6,12/16,32,64/4/0,1,2
            python bench/profile_step.py llama-3-8b --batch 32 --no-gemv --variants "" \
              --attention 1,2/32,64,128/4,8/0,1,2 ;;
-    preload) # A/B (about 5 min on an H100; H100 run 44 made both defaults), step times and kernels
-           # (bench/profile_step.py): batch 32: the decode attention launched with PDL after qkv's split-K kernel,
-           # with and without its first cache block loaded before the wait (PIPELINE_ATTENTION_PRELOAD), and the
-           # greedy pick as one kernel (PIPELINE_FUSED_ARGMAX), against none of them; batch 1 (fused step, PDL), bf16
-           # and FP8: the preload and the pick, against neither (first and last)
-           B=graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm F=graph+triton-gemv+fused-mlp+fused-step+pdl
-           N=@PIPELINE_ATTENTION_PRELOAD=0@PIPELINE_FUSED_ARGMAX=0
-           python bench/profile_step.py llama-3-8b --batch 32 --max-len 384 --no-gemv \
-             --variants $B$N,$B+pdl$N,$B+pdl@PIPELINE_FUSED_ARGMAX=0,$B@PIPELINE_ATTENTION_PRELOAD=0
-           for q in none fp8; do
-             python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv \
-               --variants $F$N,$F@PIPELINE_FUSED_ARGMAX=0,$F@PIPELINE_ATTENTION_PRELOAD=0,$F$N
-           done ;;
-    block) # batch 1 (fused step, PDL), bf16 and FP8: the attention's 32-slot blocks with splits (the default,
-           # attention_block) against 64-slot ones, the default first and last (about 3 min on an H100)
-           F=graph+triton-gemv+fused-mlp+fused-step+pdl
-           for q in none fp8; do
-             python bench/profile_step.py llama-3-8b --quant $q --max-len 384 --no-gemv \
-               --variants $F,$F@PIPELINE_ATTENTION_BLOCK_S=64,$F
-           done ;;
     grouped) # the CUDA-core GEMV with a grouped accumulator (configs with ACC_R; H100 run 48 adopted them): every
            # config of each GEMM at batch 1 (--sweep, the 8 fastest each), FP8 and bf16, and the step with what
            # tuning picks; with --prefill, the 128-token prefill (TTFT's GPU part) and its kernels, plain and
@@ -76,36 +58,24 @@ for phase in "${@:-tests gpt2 8b}"; do
            done ;;
     profile32) # where a batch-32 step's time goes (the compiled layer-by-layer step that batches > 1 run)
            python bench/profile_step.py llama-3-8b --batch 32 --max-len 384 --no-gemv \
-             --variants graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm ;;
+             --variants graph+compile+cublas+fused-mlp ;;
     gpt2)  # batch 1: the default path (the fused step, its prefill compiled, PDL) and the fused step alone
            F=graph+triton-gemv+fused-mlp+fused-step+pdl
            python -m pipeline bench gpt2-random --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
              --variants graph+compile+triton-gemv+fused-mlp+fused-step+pdl,$F ;;
     8b)    # batch 1: the fused step (its prefill compiled: run 48), with PDL (the default) and without; batch 32: the
-           # compiled layer-by-layer step with the fused attention kernel, each GEMM shape on cuBLAS or the split-K
-           # kernel, whichever timed faster at warm-up (tuned-gemm; against cuBLAS alone: H100 runs 35-36; with PDL
-           # too it was no faster: run 36). About 6 min on an H100: run fp8 in the same call for the FP8 / bf16 ratio
-           B=graph+compile+cublas+fused-mlp+fused-attn+tuned-gemm F=graph+compile+triton-gemv+fused-mlp+fused-step
+           # compiled layer-by-layer step, which always takes the fused attention kernel and, per GEMM shape, cuBLAS or
+           # the split-K kernel, whichever timed faster at warm-up (the runs' tuned-gemm label part; against cuBLAS
+           # alone: H100 runs 35-36). About 6 min on an H100: run fp8 in the same call for the FP8 / bf16 ratio
+           B=graph+compile+cublas+fused-mlp F=graph+compile+triton-gemv+fused-mlp+fused-step
            python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1,32 --repeats 2 --out "$R" \
              --variants $F+pdl,$F --batched-variants $B ;;
-    tests-gemm) # the GPU tests of the batched GEMMs, tuned-gemm, tuning (and its cache) and the logits against the CPU
+    tests-gemm) # the GPU tests of the batched GEMMs, their tuning (and its cache) and the logits against the CPU
                 # (about 3 min)
            python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
              tests/test_batched_gemm.py -k "batched_gemm or tuned_gemm or rows or gpu_logits or fp8_on_the_gpu or pdl or tuning" \
              > "$OUT/tests.txt" 2>&1
            grep -E "^(FAILED|ERROR)" "$OUT/tests.txt"; tail -3 "$OUT/tests.txt" ;;
-    b32)   # batch 32 without the baseline: tuned-gemm (cuBLAS or the split-K kernel per GEMM shape,
-           # pipeline/backends/batched_gemm.py) against the fused step's batched GEMM (fused-rows); their GPU tests first
-           python -m pytest -m "gpu or not gpu" -q -p no:cacheprovider --tb=short tests/test_gpu.py \
-             -k "batched_gemm or tuned_gemm or rows or every_decode_path" 2>&1 | tail -15
-           B=graph+compile+cublas+fused-mlp+fused-attn F=graph+triton-gemv+fused-mlp+fused-step+fused-rows
-           python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 32 --repeats 2 --out "$R" \
-             --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step+pdl \
-             --batched-variants $B+tuned-gemm,$F,$F+pdl ;;
-    forms) # A/B of the fused GEMV's forms (0 FMA, 1 dot, 2 swap-AB dot): bf16 batch 1 autotuned over 0,1 only;
-           # the 8b phase (after it, same card) autotunes over all three
-           PIPELINE_FUSED_GEMV_FORMS=0,1 python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 \
-             --repeats 2 --out "$R/forms01" --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step ;;
     quick) # batch 1 with the fused step only (no baseline): the 8B shape in bf16, and GPT-2
            python -m pipeline bench llama-3-8b-random-bf16 --device-random --batch-sizes 1 --repeats 2 --out "$R" \
              --no-baseline --variants graph+triton-gemv+fused-mlp+fused-step
@@ -123,15 +93,6 @@ for phase in "${@:-tests gpt2 8b}"; do
                --variants $F,$F+pdl
            done
            python bench/profile_step.py llama-3-8b --quant fp8 --no-gemv --variants $F+pdl ;;
-    tune)  # the fused step's GEMV configs tuned in a graph of all layers (default) against Triton's autotuner
-           # (PIPELINE_FUSED_GEMV_TUNE=0), each with and without PDL; bf16, FP8 and GPT-2 in one call
-           F=graph+triton-gemv+fused-mlp+fused-step
-           for r in llama-3-8b-random-bf16 llama-3-8b-random-fp8 gpt2-random; do
-             python -m pipeline bench $r --device-random --batch-sizes 1 --repeats 2 --out "$R" --no-baseline \
-               --variants $F,$F+pdl
-             PIPELINE_FUSED_GEMV_TUNE=0 python -m pipeline bench $r --device-random --batch-sizes 1 --repeats 2 \
-               --out "$R/autotuned" --no-baseline --variants $F,$F+pdl
-           done ;;
     nccl)  mpirun -n 2 python bench/nccl_check.py ;;  # collectives stage by stage (NCCL, CUDA graph), 60 s watchdog
     tp2)   # tp=1 and tp=2 of one model (device-random weights are the same for any tp), the same decode path;
            # greedy tokens compared in float32 (bfloat16 tokens of a random 8B model flip on rounding: see README)

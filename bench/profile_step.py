@@ -17,7 +17,6 @@ Device-random weights (pipeline.bench.device_random_model); prints Markdown tabl
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from collections import defaultdict
@@ -27,11 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.backends import cuda_kernels  # noqa: E402
-from pipeline.backends import fused_decode as fd
 from pipeline.backends.cuda_decode import (  # noqa: E402
     CudaDecoder,
     DecodeOptions,
+    _layernorm_gelu,
     accelerate,
     quantize_model_fp8,
     set_triton_gemv,
@@ -44,6 +42,8 @@ from pipeline.bench import (  # noqa: E402
     weight_bytes,  # noqa: E402
 )
 from pipeline.dist import Comm  # noqa: E402
+from pipeline.kernels import attention, gemv, tuning  # noqa: E402
+from pipeline.kernels.common import ACT_GELU, ACT_NONE, ACT_SILU_GATE, NORM_LAYER, NORM_NONE, NORM_RMS  # noqa: E402
 from pipeline.mapping import Mapping  # noqa: E402
 from pipeline.quantize.formats import fp8_linear  # noqa: E402
 from pipeline.quantize.runtime import FP8Linear  # noqa: E402
@@ -51,12 +51,12 @@ from pipeline.quantize.runtime import FP8Linear  # noqa: E402
 
 def graph_time(fn, replays: int = 20) -> float:
     """Median seconds of one call of fn, captured in a CUDA graph (as FusedStep.tune times its candidates)."""
-    return fd.graph_seconds(fn, replays)
+    return tuning.graph_seconds(fn, replays)
 
 
 def gemv_table(model, bandwidth: float, batch: int = 1) -> list[str]:
-    """Per GEMM shape: cuBLAS, the plain Triton GEMV (batch 1 only) and the fused GEMV (batch 1) or the fused
-    rows GEMM (batch > 1), over `batch` input rows."""
+    """Per GEMM shape: cuBLAS, the plain Triton GEMV and the fused GEMV (those two at batch 1 only), over `batch`
+    input rows."""
     hidden = model.hidden
     x = torch.randn(batch, hidden, device=model.device).to(model.dtype)
     r = torch.randn(batch, hidden, device=model.device).to(model.dtype)
@@ -72,8 +72,8 @@ def gemv_table(model, bandwidth: float, batch: int = 1) -> list[str]:
         total = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
         inp = torch.randn(batch, k, device=model.device).to(model.dtype)
         prologue = key in ("qkv", "fc_gate", "fc", "lm_head")
-        act = fd.ACT_SILU_GATE if key == "fc_gate" else (fd.ACT_GELU if key == "fc" and model.is_gpt else fd.ACT_NONE)
-        norm = (fd.NORM_LAYER if model.is_gpt else fd.NORM_RMS) if prologue else fd.NORM_NONE
+        act = ACT_SILU_GATE if key == "fc_gate" else (ACT_GELU if key == "fc" and _layernorm_gelu(model) else ACT_NONE)
+        norm = (NORM_LAYER if _layernorm_gelu(model) else NORM_RMS) if prologue else NORM_NONE
 
         def cublas():
             for lin in linears:
@@ -86,16 +86,18 @@ def gemv_table(model, bandwidth: float, batch: int = 1) -> list[str]:
             if batch > 1:
                 raise ValueError("the plain Triton GEMV takes one row")
             for lin in linears:
-                cuda_kernels.linear_1row(inp, lin.weight, None, getattr(lin, "act_scale", None),
-                                         getattr(lin, "weight_scale", None), model.dtype)
+                gemv.linear_1row(inp, lin.weight, None, getattr(lin, "act_scale", None),
+                                 getattr(lin, "weight_scale", None), model.dtype)
 
         def fused():
+            if batch > 1:
+                raise ValueError("the fused GEMV takes one row")
             src = x if prologue else inp
             for lin in linears:
-                (fd.fused_gemv if batch == 1 else fd.fused_gemm_rows)(src, r if prologue else None, g if prologue else None,
-                              g if norm == fd.NORM_LAYER else None, lin.weight, None,
-                              getattr(lin, "act_scale", None), getattr(lin, "weight_scale", None), 1e-5, norm, act,
-                              torch.float32 if key == "lm_head" else model.dtype)
+                gemv.fused_gemv(src, r if prologue else None, g if prologue else None,
+                                g if norm == NORM_LAYER else None, lin.weight, None,
+                                getattr(lin, "act_scale", None), getattr(lin, "weight_scale", None), 1e-5, norm, act,
+                                torch.float32 if key == "lm_head" else model.dtype)
 
         autotuned_mm = torch.compile(torch.mm, mode="max-autotune-no-cudagraphs", dynamic=False)
 
@@ -118,7 +120,7 @@ def gemv_table(model, bandwidth: float, batch: int = 1) -> list[str]:
 
 
 def sweep_table(model, bandwidth: float, keys: list[str]) -> list[str]:
-    """Every fused-GEMV config of fused_decode._CONFIGS (each form, tile and split-K) for each GEMM shape of `keys`,
+    """Every fused-GEMV config of gemv.CONFIGS (each form, tile and split-K) for each GEMM shape of `keys`,
     timed as gemv_table times the fused GEMV (over all layers' weights, in a CUDA graph), fastest first."""
     hidden = model.hidden
     x = torch.randn(hidden, device=model.device).to(model.dtype)
@@ -130,12 +132,12 @@ def sweep_table(model, bandwidth: float, keys: list[str]) -> list[str]:
         n, k = linears[0].weight.shape
         fp8 = isinstance(linears[0], FP8Linear)
         total = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
-        act = fd.ACT_SILU_GATE if key == "fc_gate" else fd.ACT_NONE
-        rows = n // 2 if act == fd.ACT_SILU_GATE else n
+        act = ACT_SILU_GATE if key == "fc_gate" else ACT_NONE
+        rows = n // 2 if act == ACT_SILU_GATE else n
         prologue = key in ("qkv", "fc_gate", "lm_head")
         inp = x if prologue else torch.randn(k, device=model.device).to(model.dtype)
         timed = []
-        for config in fd._CONFIGS:
+        for config in gemv.CONFIGS:
             c = config.kwargs
             split = c.get("SPLIT_K", 1)
             if split > 1 and (not fp8 or k % c["BLOCK_K"] or (k // c["BLOCK_K"]) % split):
@@ -145,10 +147,10 @@ def sweep_table(model, bandwidth: float, keys: list[str]) -> list[str]:
 
             def run(config=config):
                 for lin in linears:
-                    fd.launch_fused_gemv(inp, r if prologue else None, g if prologue else None, None, lin.weight,
-                                         None, getattr(lin, "act_scale", None), getattr(lin, "weight_scale", None),
-                                         1e-5, fd.NORM_RMS if prologue else fd.NORM_NONE, act,
-                                         torch.float32 if key == "lm_head" else model.dtype, config=config)
+                    gemv.launch_fused_gemv(inp, r if prologue else None, g if prologue else None, None, lin.weight,
+                                           None, getattr(lin, "act_scale", None), getattr(lin, "weight_scale", None),
+                                           1e-5, NORM_RMS if prologue else NORM_NONE, act,
+                                           torch.float32 if key == "lm_head" else model.dtype, config=config)
 
             try:
                 speed = total / graph_time(run) / 1e9
@@ -178,14 +180,14 @@ def attention_table(model, bandwidth: float, batch: int, max_len: int, slot: int
     qkv = torch.randn(batch, (model.heads + 2 * kv) * hd, device=device).to(dtype)
     positions = torch.full((batch,), slot, device=device)
     slot_t = torch.tensor(slot, device=device)
-    inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
+    inv_freq = None if _layernorm_gelu(model) else model.inv_freq.float().contiguous()
     read = 2 * batch * kv * slot * hd * caches[0][0].element_size() * len(caches)
     timed = []
     for splits, block_s, warps, stages in configs:
         def run(splits=splits, block_s=block_s, warps=warps, stages=stages):
             for k, v in caches:
-                fd.launch_decode_attention(qkv, k, v, valid, positions, slot_t, inv_freq, model.heads, kv, hd,
-                                           False, splits, block_s, warps, stages)
+                attention.launch_decode_attention(qkv, k, v, valid, positions, slot_t, inv_freq, model.heads, kv, hd,
+                                                  False, splits, block_s, warps, stages)
 
         try:
             seconds = graph_time(run)
@@ -193,7 +195,7 @@ def attention_table(model, bandwidth: float, batch: int, max_len: int, slot: int
             print(f"attention {splits, block_s, warps, stages}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
             continue
         timed.append((seconds, f"splits {splits}, block {block_s}, warps {warps}, stages {stages}"))
-    chosen = fd.attention_splits(batch, kv, max_len)
+    chosen = attention.attention_splits(batch, kv, max_len)
     lines = [f"#### decode attention, batch {batch}, {max_len} slots, new token at {slot}: {read / 1e6:.1f} MB of "
              f"cache over {len(caches)} layers; attention_splits gives {chosen}", "",
              "| config | us per layer | GB/s | % of copy |", "|---|---|---|---|"]
@@ -307,8 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quant", default="none", choices=("none", "fp8"))
     p.add_argument("--variants", default="graph+triton-gemv+fused-mlp+fused-step",
-                   help="decode paths to profile (labels; a compile variant adds about a minute of set-up), each "
-                   "optionally with environment settings for it alone: LABEL@NAME=VALUE@...")
+                   help="decode paths to profile (labels; a compile variant adds about a minute of set-up)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=1, help="sequences per step (the fused step runs at batch 1 only)")
     p.add_argument("--no-gemv", action="store_true", help="skip the GEMV table (at --batch rows)")
@@ -335,8 +336,8 @@ def main(argv=None) -> int:
           f"{bandwidth / read_bytes:.0f} tok/s ({read_bytes / bandwidth * 1e3:.3f} ms)\n")
     if not args.no_gemv:
         print("\n".join(gemv_table(model, bandwidth, args.batch)) + "\n", flush=True)
-        for key, config in fd.chosen_configs().items():
-            print(f"- fused GEMV config for (N, K, NORM, FP8, ACT, ...) = {key}: {config}")
+        for key, config in {**gemv.autotuned_configs(), **tuning.chosen_configs()}.items():
+            print(f"- config for {key}: {config}")
         print(flush=True)
     for spec in args.attention:
         print("\n".join(attention_table(model, bandwidth, args.batch, 384, args.attention_slot,
@@ -346,24 +347,14 @@ def main(argv=None) -> int:
     if args.sweep:
         print("\n".join(sweep_table(model, bandwidth, args.sweep.split(","))) + "\n", flush=True)
     for variant in filter(None, args.variants.split(",")):
-        label, *settings = variant.split("@")  # LABEL@NAME=VALUE@...: environment settings for this variant only
-        saved = {name: os.environ.get(name) for name, _ in (setting.split("=", 1) for setting in settings)}
-        os.environ.update(setting.split("=", 1) for setting in settings)
-        options = DecodeOptions.from_label(label)
+        options = DecodeOptions.from_label(variant)
         set_triton_gemv(model, options.triton_gemv)
         try:
             lines = profile_variant(model, options, args.steps, read_bytes, bandwidth, args.batch, args.max_len,
-                                        args.prefill)
-            lines[0] += f" {' '.join(settings)}"
+                                    args.prefill)
             print("\n".join(lines) + "\n", flush=True)
         except Exception as exc:
             print(f"### {variant}: failed: {type(exc).__name__}: {exc}"[:600] + "\n", flush=True)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
         torch.cuda.empty_cache()
     return 0
 

@@ -39,8 +39,7 @@ from pipeline.errors import PipelineError
 
 DEFAULT_BATCH_SIZES = "1,8,32"
 # The decode paths measured at batch 1 by default, slowest first (DecodeOptions.from_label reads them); the last is
-# DecodeOptions' default, which pipeline.run uses: its compiled prefill halved the FP8 8B's (10.16 -> 5.05 ms) and
-# cut bf16's 11.03 -> 7.78 ms (H100, run 48)
+# DecodeOptions' default, which pipeline.run uses
 ALL_VARIANTS = ("eager+cublas+fused-mlp", "graph+cublas+fused-mlp", "graph+triton-gemv+fused-mlp",
                 "graph+compile+cublas+fused-mlp", "graph+compile+triton-gemv+fused-mlp",
                 "graph+triton-gemv+fused-mlp+fused-step", "graph+compile+triton-gemv+fused-mlp+fused-step+pdl")
@@ -282,14 +281,10 @@ def worker(args: argparse.Namespace) -> int:
         try:
             m = measure(decoder, prompts, lengths or args.output_len, args.repeats)
             m.update(variant=options.label, step=decoder.path, setup_s=setup_s)
-            if decoder.fused:  # which GEMV form and tile autotuning chose per shape (PIPELINE_FUSED_GEMV_FORMS)
-                from pipeline.backends.fused_decode import chosen_configs
+            # which config tuning (or autotuning) chose per GEMM shape: the fused step's GEMVs, the batched GEMMs
+            from pipeline.kernels import gemv, tuning
 
-                m["gemv_configs"] = chosen_configs()
-            if options.tuned_gemm and batch > 1:  # cuBLAS or the split-K kernel, per GEMM shape
-                from pipeline.backends import batched_gemm
-
-                m["gemm_configs"] = batched_gemm.chosen_configs()
+            m["kernel_configs"] = {**gemv.autotuned_configs(), **tuning.chosen_configs()}
             progress(f"{tag}: {m['output_tokens_per_s']:.1f} tok/s")
         finally:
             decoder = None
@@ -313,7 +308,7 @@ def worker(args: argparse.Namespace) -> int:
         raise PipelineError(f"no decode variant ran: {result['variants']}")
     result["best_variant"] = best.label
     # larger batches: the variants asked (--batched-variants), else the fastest compiled variant (the fused step
-    # runs batch 1 unless fused-rows is asked)
+    # runs batch 1 only)
     compiled = [o for o in map(DecodeOptions.from_label, labels) if o.compile]
     batched = max(compiled, key=lambda o: result["variants"][o.label]["output_tokens_per_s"]) if compiled else best
     batched_labels = [batched.label] if args.batched_variants == "auto" else args.batched_variants.split(",")
@@ -399,7 +394,7 @@ def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: l
                 kwargs["cache_implementation"] = "static"
             with torch.no_grad():
                 # the warm-up runs the whole length: transformers compiles a static cache's forward on first use, and
-                # in run 9 a 4-token warm-up left the dynamic cache's first timed run at 9.3 s against 2.8 s after
+                # a short warm-up left the dynamic cache's first timed run three times slower
                 model.generate(ids, max_new_tokens=longest, min_new_tokens=longest, **kwargs)
                 times = []
                 for _ in range(repeats):

@@ -1,4 +1,4 @@
-"""The batched decode GEMM (pipeline.backends.batched_gemm: split-K, swap-AB) in Triton's CPU emulator, its tuning
+"""The batched decode GEMM (pipeline.kernels.batched_gemm: split-K, swap-AB) in Triton's CPU emulator, its tuning
 with a stand-in timer, and the decode step that uses it; tests/test_gpu.py runs it compiled at the 8B shapes."""
 
 import json
@@ -11,11 +11,18 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available():
     assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET before triton loads"
 
-from pipeline.backends import batched_gemm  # noqa: E402
-from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate  # noqa: E402
+from pipeline.backends.cuda_decode import (  # noqa: E402
+    CudaDecoder,
+    DecodeOptions,
+    accelerate,
+    forget_batched_gemms,
+    tune_batched_gemms,
+)
 from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config  # noqa: E402
 from pipeline.build import Builder  # noqa: E402
 from pipeline.dist import Comm  # noqa: E402
+from pipeline.kernels import batched_gemm, tuning  # noqa: E402
+from pipeline.kernels.common import ACT_NONE, ACT_SILU_GATE  # noqa: E402
 from pipeline.mapping import Mapping  # noqa: E402
 from pipeline.recipe import recipe_from_dict  # noqa: E402
 
@@ -55,7 +62,7 @@ def test_batched_gemm_silu_gate_epilogue(split):
     b = torch.randn(2 * n, device=DEVICE).to(half)
     fc, gate = (x.double() @ w.double().T + b.double()).chunk(2, dim=-1)
     want = (torch.nn.functional.silu(fc.to(half).float()).to(half).float() * gate.to(half).float()).double()
-    got = batched_gemm.skinny_mm(x, w, b, 0, batched_gemm.ACT_SILU_GATE, split)
+    got = batched_gemm.skinny_mm(x, w, b, 0, ACT_SILU_GATE, split)
     assert got.shape == (rows, n) and got.dtype == half
     assert ((got.double() - want).abs() <= 3 * 2.0**-11 * want.abs() + 1e-3).all()
 
@@ -79,7 +86,7 @@ def test_candidates_split_k_evenly_and_fill_the_gpu():
     """Llama-3-8B's dense (4096 x 4096): split-K configs whose shares are whole chunks, grids of 96 to 1056
     programs; a tiny weight keeps the configs with the most programs; with silu-gate's two weight tiles, only
     configs whose shared memory fits (bench/compile_check.py checks the count against the compiler's)."""
-    configs = batched_gemm._CONFIGS
+    configs = batched_gemm.CONFIGS
     dense = batched_gemm.candidates(4096, 4096)
     assert dense and any(configs[i].kwargs["SPLIT_K"] > 1 for i in dense)
     for i in dense:
@@ -89,10 +96,10 @@ def test_candidates_split_k_evenly_and_fill_the_gpu():
     assert not any(configs[i].kwargs["SPLIT_K"] == 1 for i in dense)  # 32-64 programs: too few without a split
     # K = 100 shares out over no split, and every tile gives one program
     assert batched_gemm.candidates(64, 100) == [i for i, c in enumerate(configs) if c.kwargs["SPLIT_K"] == 1]
-    gated = batched_gemm.candidates(14336, 4096, batched_gemm.ACT_SILU_GATE)
-    assert gated and all(batched_gemm.shared_bytes(configs[i], batched_gemm.ACT_SILU_GATE) <= 232448 for i in gated)
+    gated = batched_gemm.candidates(14336, 4096, ACT_SILU_GATE)
+    assert gated and all(batched_gemm.shared_bytes(configs[i], ACT_SILU_GATE) <= 232448 for i in gated)
     big = [i for i in batched_gemm.candidates(14336, 4096) if i not in gated]  # fit with one tile, not with two
-    assert big and all(batched_gemm.shared_bytes(configs[i], batched_gemm.ACT_SILU_GATE) > 232448 for i in big)
+    assert big and all(batched_gemm.shared_bytes(configs[i], ACT_SILU_GATE) > 232448 for i in big)
 
 
 def _model(shape: str, dtype: str):
@@ -103,19 +110,18 @@ def _model(shape: str, dtype: str):
 
 
 def test_tuning_keeps_the_fastest_per_shape_and_the_step_its_tokens(home, monkeypatch):
-    """tune() with a stand-in timer: each GEMM shape keeps its fastest candidate, cuBLAS included (-1), for the
-    process; the decode step with the kernel (the gated MLP's activation in its epilogue) gives the cuBLAS step's
-    logits within float16 rounding and its tokens; a decoder without tuned-gemm goes back to cuBLAS."""
-    monkeypatch.setattr(batched_gemm, "_tune_cache", {})
-    options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False, tuned_gemm=True)
-    plain = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
+    """tune_batched_gemms with a stand-in timer: each GEMM shape keeps its fastest candidate, cuBLAS included
+    (-1), for the process; the decode step with the kernel (the gated MLP's activation in its epilogue) gives the
+    cuBLAS step's logits within float16 rounding and its tokens; forget_batched_gemms goes back to cuBLAS."""
+    monkeypatch.setattr(tuning, "_chosen", {})
+    options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
     model = accelerate(_model("llama-tiny-tied", "float16"), options)
     timed = []
 
     ran: dict[str, list[int]] = {}
 
     def timer(run):  # the kernel wins every shape but dense, where cuBLAS does; later configs time faster
-        index = run.__defaults__[0]
+        index = run.config
         timed.append(index)
         run()  # a config this GPU cannot fit in shared memory raises, and tuning skips it
         ran.setdefault(run.gemm, []).append(index)
@@ -123,24 +129,24 @@ def test_tuning_keeps_the_fastest_per_shape_and_the_step_its_tokens(home, monkey
             return 0.5 if index < 0 else 1.0
         return 1.0 if index < 0 else 1.0 / (2 + index)
 
-    chosen = batched_gemm.tune(model, 3, timer=timer)
+    chosen = tune_batched_gemms(model, 3, timer=timer)
     assert set(chosen) == {"qkv", "dense", "fc_gate", "proj"}
     assert chosen["dense"].startswith("cuBLAS")
-    assert "; the kernel at best " in chosen["dense"]  # where cuBLAS won, how close the kernel came
-    assert "the kernel at best" not in chosen["qkv"]
+    assert "; runner-up " in chosen["dense"]  # where cuBLAS won, how close the kernel came
+    assert "; cuBLAS " in chosen["qkv"]  # where the kernel won, cuBLAS's figure
     layer = model.layers[0]
     assert layer["dense"].skinny == {16: -1}
     for name in ("qkv", "fc_gate", "proj"):
         n, k = layer[name].weight.shape
-        act = batched_gemm.ACT_SILU_GATE if name == "fc_gate" else batched_gemm.ACT_NONE  # half the rows out
+        act = ACT_SILU_GATE if name == "fc_gate" else ACT_NONE  # half the rows out
         wanted = batched_gemm.candidates(n // 2 if act else n, k, act, 16)
         assert sorted(ran[name]) == [-1] + wanted, name
         assert layer[name].skinny == {16: max(ran[name])}, name
     calls = len(timed)
-    assert batched_gemm.tune(model, 3, timer=timer) == {} and len(timed) == calls  # kept: nothing timed again
+    assert tune_batched_gemms(model, 3, timer=timer) == {} and len(timed) == calls  # kept: nothing timed again
 
     prompts = [[3, 14, 15, 92, 65, 7, 1], [2, 71, 82], [5, 9, 26, 53, 58]]
-    reference = CudaDecoder(accelerate(_model("llama-tiny-tied", "float16"), plain), 3, 24, plain)
+    reference = CudaDecoder(accelerate(_model("llama-tiny-tied", "float16"), options), 3, 24, options)
     decoder = CudaDecoder(model, 3, 24, options)
     for d in (reference, decoder):
         d.prefill(prompts)
@@ -148,39 +154,36 @@ def test_tuning_keeps_the_fastest_per_shape_and_the_step_its_tokens(home, monkey
         want, got = reference._step(), decoder._step()
         assert ((got - want).norm() / want.norm()).item() < 5e-3
         assert torch.equal(got.argmax(-1), want.argmax(-1))
-    CudaDecoder(model, 3, 24, plain).warm_up()
+    forget_batched_gemms(model)
     assert all(not linear.skinny for lyr in model.layers for key, linear in lyr.items() if key in chosen)
 
 
 def test_the_batched_gemm_choices_persist_in_the_tuning_cache(home, monkeypatch, tmp_path):
-    """tune() writes each GEMM shape's choice (cuBLAS or a config) to the tuning cache; a later process takes it
+    """tune_batched_gemms writes each GEMM shape's choice (cuBLAS or a config) to the tuning cache; a later process takes it
     without timing, though its own timings would choose otherwise."""
-    from pipeline.backends import tuning_cache
-
     cache_file = tmp_path / "tuning.json"
-    monkeypatch.setenv(tuning_cache.ENV, str(cache_file))
+    monkeypatch.setenv(tuning.ENV, str(cache_file))
     model = accelerate(_model("llama-tiny-tied", "float16"), DecodeOptions(cuda_graph=False, compile=False,
-                                                                          fused_step=False, tuned_gemm=True))
+                                                                          fused_step=False))
     timed = []
 
     def timer_for(kernel_wins: bool):
         def timer(run):
             timed.append(run)
-            index = run.__defaults__[0]
+            index = run.config
             return 1.0 / (2 + index) if kernel_wins else (0.5 if index < 0 else 1.0)
         return timer
 
-    for fresh in ("_tune_cache", "_tuned"):
-        monkeypatch.setattr(batched_gemm, fresh, {})
-    monkeypatch.setattr(tuning_cache, "_loaded", {})
-    first = batched_gemm.tune(model, 3, timer=timer_for(kernel_wins=True), persist=True)
+    for fresh in ("_chosen", "_notes", "_loaded"):
+        monkeypatch.setattr(tuning, fresh, {})
+    first = tune_batched_gemms(model, 3, timer=timer_for(kernel_wins=True), persist=True)
     stored = json.loads(cache_file.read_text())
     assert len(stored) == 4 and all(k.startswith("skinny-gemm ") for k in stored)
     assert "cuBLAS" not in stored.values()
     skinny = {name: model.layers[0][name].skinny[16] for name in first}
-    monkeypatch.setattr(batched_gemm, "_tune_cache", {})  # a new process
-    monkeypatch.setattr(tuning_cache, "_loaded", {})
+    monkeypatch.setattr(tuning, "_chosen", {})  # a new process
+    monkeypatch.setattr(tuning, "_loaded", {})
     calls = len(timed)
-    second = batched_gemm.tune(model, 3, timer=timer_for(kernel_wins=False), persist=True)
+    second = tune_batched_gemms(model, 3, timer=timer_for(kernel_wins=False), persist=True)
     assert len(timed) == calls and all(text.endswith("(tuning cache)") for text in second.values())
     assert {name: model.layers[0][name].skinny[16] for name in second} == skinny

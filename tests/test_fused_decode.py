@@ -1,4 +1,4 @@
-"""The fused batch-1 decode step (pipeline.backends.fused_decode) against the model's own layer-by-layer step.
+"""The fused batch-1 decode step (pipeline.backends.fused_step) and its kernels (pipeline.kernels) against the model's own layer-by-layer step.
 
 On a GPU the kernels run compiled; on the CPU in Triton's emulator (TRITON_INTERPRET=1, set by conftest.py), so
 these tests need the `triton` package and a CPU-only install without it skips them. The emulator rounds float32 ->
@@ -15,11 +15,12 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available():
     assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET before triton loads"
 
-from pipeline.backends import fused_decode  # noqa: E402
 from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate  # noqa: E402
 from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config  # noqa: E402
 from pipeline.build import Builder  # noqa: E402
 from pipeline.dist import Comm  # noqa: E402
+from pipeline.kernels import attention, gemv, sampling, tuning  # noqa: E402
+from pipeline.kernels.common import ACT_GELU, ACT_NONE, ACT_SILU_GATE, NORM_LAYER, NORM_NONE, NORM_RMS  # noqa: E402
 from pipeline.mapping import Mapping  # noqa: E402
 from pipeline.quantize.formats import fp8_linear, fp8_scale, quantize_fp8  # noqa: E402
 from pipeline.recipe import recipe_from_dict  # noqa: E402
@@ -36,13 +37,12 @@ def _model(shape: str, dtype: str):
     return load_rank_model(artifact, config, Comm(Mapping(1, 1, 0), DEVICE), DEVICE)
 
 
-@pytest.mark.parametrize("shape, dtype, tol, batch", [
-    ("llama-tiny", "float32", 1e-5, 1), ("gpt2-tiny", "float32", 1e-5, 1), ("llama-tiny-tied", "float16", 5e-3, 1),
-    ("llama-tiny", "float32", 1e-5, 3), ("gpt2-tiny", "float32", 1e-5, 3)])
-def test_fused_step_matches_the_layer_by_layer_step(home, shape, dtype, tol, batch):
-    """Batch 1 runs the GEMV kernel; batch 3 (fused-rows) the batched GEMM kernel, prompts of unequal lengths."""
-    fused = DecodeOptions(cuda_graph=False, compile=False, fused_step=True, fused_rows=batch > 1)
-    _compare_steps(shape, dtype, tol, batch, fused, "fused step, PDL" if HOPPER else "fused step")
+@pytest.mark.parametrize("shape, dtype, tol", [
+    ("llama-tiny", "float32", 1e-5), ("gpt2-tiny", "float32", 1e-5), ("llama-tiny-tied", "float16", 5e-3)])
+def test_fused_step_matches_the_layer_by_layer_step(home, shape, dtype, tol):
+    """Batch 1: the fused step's GEMV and attention kernels against torch's ops, layer by layer."""
+    fused = DecodeOptions(cuda_graph=False, compile=False, fused_step=True)
+    _compare_steps(shape, dtype, tol, 1, fused, "fused step, PDL" if HOPPER else "fused step")
 
 
 def test_tuning_keeps_the_fastest_config_per_gemm_for_the_process(home, monkeypatch):
@@ -50,14 +50,14 @@ def test_tuning_keeps_the_fastest_config_per_gemm_for_the_process(home, monkeypa
     keeps its fastest candidate, a second decoder of the model reuses the choices without timing, and the step
     with them gives the untuned step's logits (the emulator runs its one config; the GPU test runs the tuned
     ones)."""
-    monkeypatch.setattr(fused_decode, "_tune_cache", {})
+    monkeypatch.setattr(tuning, "_chosen", {})
     options = DecodeOptions(cuda_graph=False, compile=False)
     model = accelerate(_model("llama-tiny", "float32"), options)
-    speed = {id(c): i for i, c in enumerate(fused_decode._CONFIGS)}  # stand-in: later configs time faster
+    speed = {id(c): i for i, c in enumerate(gemv.CONFIGS)}  # stand-in: later configs time faster
     timed = []
 
     def timer(run):
-        config = run.__defaults__[0]
+        config = run.config
         timed.append(config)
         return 1.0 / (1 + speed[id(config)])
 
@@ -67,10 +67,10 @@ def test_tuning_keeps_the_fastest_config_per_gemm_for_the_process(home, monkeypa
     expected_timings = 0
     for name, (gemms, _, act, _) in tuned.fused._gemv_calls().items():
         rows, k = gemms[0].weight.shape
-        n = rows // 2 if act == fused_decode.ACT_SILU_GATE else rows
-        candidates = fused_decode._prune(fused_decode._CONFIGS, {"N": n, "K": k}, FP8=False)
+        n = rows // 2 if act == ACT_SILU_GATE else rows
+        candidates = gemv._prune(gemv.CONFIGS, {"N": n, "K": k}, FP8=False)
         assert tuned.fused.configs[name] is candidates[-1], name
-        assert chosen[name].endswith(f"GB/s over {len(gemms)} weights)"), chosen[name]
+        assert chosen[name].startswith(f"{candidates[-1]} (") and "GB/s" in chosen[name], chosen[name]
         expected_timings += len(candidates)
     assert len(timed) == expected_timings  # every candidate of every GEMM, once
     again = CudaDecoder(model, 1, 24, options)
@@ -90,26 +90,25 @@ def test_the_tuning_cache_keeps_choices_across_processes(home, monkeypatch, tmp_
     """Choices timed once are written to the tuning cache; a later process (fresh in-process state) takes them
     without timing, even where its own timings would choose otherwise; PIPELINE_TUNING_CACHE=0 times afresh; a
     changed candidate list is timed again; an unreadable file is an error that names it and the fix."""
-    from pipeline.backends import tuning_cache
     from pipeline.errors import PipelineError
 
-    assert tuning_cache.path_for(torch.device("cpu")).parent == home / "timing-cache"
-    assert tuning_cache.path_for(torch.device("cpu")).name.endswith("-tuning-v1.json")
+    assert tuning.path_for(torch.device("cpu")).parent == home / "timing-cache"
+    assert tuning.path_for(torch.device("cpu")).name.endswith("-tuning-v1.json")
     cache_file = tmp_path / "tuning.json"
-    monkeypatch.setenv(tuning_cache.ENV, str(cache_file))
+    monkeypatch.setenv(tuning.ENV, str(cache_file))
     options = DecodeOptions(cuda_graph=False, compile=False)
     model = accelerate(_model("llama-tiny", "float32"), options)
-    speed = {id(c): i for i, c in enumerate(fused_decode._CONFIGS)}
+    speed = {id(c): i for i, c in enumerate(gemv.CONFIGS)}
     timed = []
 
     def new_process():  # what a new process starts from: nothing tuned, nothing read
-        monkeypatch.setattr(fused_decode, "_tune_cache", {})
-        monkeypatch.setattr(tuning_cache, "_loaded", {})
+        monkeypatch.setattr(tuning, "_chosen", {})
+        monkeypatch.setattr(tuning, "_loaded", {})
 
     def tune(later_faster: bool):
         def timer(run):
             timed.append(run)
-            rank = speed[id(run.__defaults__[0])]
+            rank = speed[id(run.config)]
             return 1.0 / (1 + rank) if later_faster else 1.0 + rank
         decoder = CudaDecoder(model, 1, 24, options)
         return decoder.fused.tune(timer=timer, persist=True), decoder.fused.configs
@@ -117,7 +116,7 @@ def test_the_tuning_cache_keeps_choices_across_processes(home, monkeypatch, tmp_
     def candidates(name):
         gemms, _, act, _ = decoder_calls[name]
         rows, k = gemms[0].weight.shape
-        return fused_decode._prune(fused_decode._CONFIGS, {"N": rows // 2 if act else rows, "K": k}, FP8=False)
+        return gemv._prune(gemv.CONFIGS, {"N": rows // 2 if act else rows, "K": k}, FP8=False)
 
     new_process()
     decoder_calls = CudaDecoder(model, 1, 24, options).fused._gemv_calls()
@@ -132,14 +131,14 @@ def test_the_tuning_cache_keeps_choices_across_processes(home, monkeypatch, tmp_
     assert all(configs[name] is candidates(name)[-1] for name in configs) and len(configs) == 5
     assert all(text.endswith("(tuning cache)") for text in second.values())
     new_process()
-    monkeypatch.setenv(tuning_cache.ENV, "0")
+    monkeypatch.setenv(tuning.ENV, "0")
     _, configs = tune(later_faster=False)
     assert all(configs[name] is candidates(name)[0] for name in configs) and len(timed) > calls
     assert json.loads(cache_file.read_text()) == stored, "with the cache off nothing is written"
-    monkeypatch.setenv(tuning_cache.ENV, str(cache_file))
+    monkeypatch.setenv(tuning.ENV, str(cache_file))
     new_process()
     dropped = candidates("qkv")[-1]  # a release without qkv's cached choice: its candidates changed
-    monkeypatch.setattr(fused_decode, "_CONFIGS", [c for c in fused_decode._CONFIGS if c is not dropped])
+    monkeypatch.setattr(gemv, "CONFIGS", [c for c in gemv.CONFIGS if c is not dropped])
     calls = len(timed)
     _, configs = tune(later_faster=False)
     assert len(timed) > calls and configs["qkv"] is candidates("qkv")[0]
@@ -151,44 +150,26 @@ def test_the_tuning_cache_keeps_choices_across_processes(home, monkeypatch, tmp_
     assert cache_file.read_text() == '{"fused-gemv qkv": ', "an unreadable cache is left as it was"
 
 
-def test_tuning_the_batched_gemm_keeps_the_fastest_config_per_gemm(home, monkeypatch):
-    """FusedStep.tune(rows=3) (fused-rows) with a stand-in timer: each GEMM keeps the fastest of its batched-GEMM
-    candidates (split-K where K shares out), the batch-1 choices stay empty, and the step runs with them."""
-    monkeypatch.setattr(fused_decode, "_tune_cache", {})
-    options = DecodeOptions(cuda_graph=False, compile=False, fused_rows=True)
-    model = accelerate(_model("llama-tiny", "float32"), options)
-    speed = {id(c): i for i, c in enumerate(fused_decode._ROWS_CONFIGS)}  # later configs time faster
-
-    def timer(run):
-        run()  # a config that cannot run here raises, and tuning skips it
-        return 1.0 / (1 + speed[id(run.__defaults__[0])])
-
-    decoder = CudaDecoder(model, 3, 24, options)
-    chosen = decoder.fused.tune(timer=timer, rows=3)
-    assert set(chosen) == set(decoder.fused.row_configs) == {"qkv", "dense", "mlp", "proj", "head"}
-    assert decoder.fused.configs == {}
-    for name, (gemms, _, act, _) in decoder.fused._gemv_calls().items():
-        rows, k = gemms[0].weight.shape
-        n = rows // 2 if act == fused_decode.ACT_SILU_GATE else rows
-        # float32 weights: the one small tile
-        assert decoder.fused.row_configs[name] is fused_decode.rows_candidates(n, k, w_f32=True)[-1], name
-    decoder.prefill([[3, 14, 15, 92, 65], [2, 71, 82], [5, 9]])
-    assert decoder._step().shape == (3, model.vocab_size)
-
-
 @pytest.mark.parametrize("shape", ["llama-tiny", "gpt2-tiny"])
 def test_fused_attention_in_the_layer_by_layer_step(home, shape):
-    """fused-attn: the layer-by-layer step (batches > 1) with the fused step's attention kernel."""
-    options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False, fused_attention=True, pdl=False)
-    _compare_steps(shape, "float32", 1e-5, 3, options, "layer by layer, fused attention (not asked)")
+    """Batches > 1: the layer-by-layer step with the decode attention kernel, prompts of unequal lengths."""
+    options = DecodeOptions(cuda_graph=False, compile=False)
+    _compare_steps(shape, "float32", 1e-5, 3, options, "layer by layer, fused attention (batch 3)")
+
+
+def _torch_decoder(model, batch: int, max_len: int) -> CudaDecoder:
+    """The layer-by-layer decoder with torch's attention and argmax in place of the kernels: the reference."""
+    decoder = CudaDecoder(model, batch, max_len, DecodeOptions(cuda_graph=False, compile=False, fused_step=False))
+    decoder.attention, decoder.fused_argmax = None, False
+    return decoder
 
 
 def _compare_steps(shape, dtype, tol, batch, fused, path):
     """Four decode steps of `fused` against the plain layer-by-layer step: logits, tokens, caches."""
     plain = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
-    reference = CudaDecoder(accelerate(_model(shape, dtype), plain), batch, 24, plain)
+    reference = _torch_decoder(accelerate(_model(shape, dtype), plain), batch, 24)
     decoder = CudaDecoder(accelerate(_model(shape, dtype), fused), batch, 24, fused)
-    assert reference.fused is None and reference.attention is None and decoder.path == path
+    assert decoder.path == path
     prompt = [[3, 14, 15, 92, 65, 7, 1], [2, 71, 82], [5, 9, 26, 53, 58]][:batch]
     reference.prefill(prompt)
     decoder.prefill(prompt)
@@ -213,54 +194,19 @@ def test_fused_gemv_prologue_and_epilogue_against_float64():
     wd, bd = w.double(), bias.double()
 
     def run(norm, act, weight=w, with_bias=True):
-        return fused_decode.fused_gemv(x, r, g, b if norm == fused_decode.NORM_LAYER else None, weight,
-                                       bias[: weight.shape[0]] if with_bias and act != fused_decode.ACT_SILU_GATE
+        return gemv.fused_gemv(x, r, g, b if norm == NORM_LAYER else None, weight,
+                                       bias[: weight.shape[0]] if with_bias and act != ACT_SILU_GATE
                                        else (bias if with_bias else None), None, None, 1e-5, norm, act, torch.float32)
 
-    y, h_out = run(fused_decode.NORM_RMS, fused_decode.ACT_SILU_GATE)
+    y, h_out = run(NORM_RMS, ACT_SILU_GATE)
     fc, gate = (wd @ rms + bd).chunk(2)
     assert torch.allclose(h_out.double(), h, atol=1e-6)
     assert torch.allclose(y.double(), torch.nn.functional.silu(fc) * gate, atol=1e-4)
-    y, _ = run(fused_decode.NORM_LAYER, fused_decode.ACT_GELU, w[:N])
+    y, _ = run(NORM_LAYER, ACT_GELU, w[:N])
     want = torch.nn.functional.gelu(wd[:N] @ layer + bd[:N], approximate="tanh")
     assert torch.allclose(y.double(), want, atol=1e-4)
-    y, _ = run(fused_decode.NORM_RMS, fused_decode.ACT_NONE, w[:N], with_bias=False)
+    y, _ = run(NORM_RMS, ACT_NONE, w[:N], with_bias=False)
     assert torch.allclose(y.double(), wd[:N] @ rms, atol=1e-4)
-
-
-@pytest.mark.parametrize("K, split", [(200, 1), (256, 2)])
-def test_fused_gemm_rows_against_float64(monkeypatch, K, split):
-    """The batched kernel (fused-rows): per-row residual add, RMSNorm or LayerNorm, bias, silu-gate or GELU; K not a
-    multiple of the block, or split-K (two shares, the one-pass RMSNorm's sums of squares added up with the sums;
-    run twice, so a counter left unreset would show)."""
-    monkeypatch.setitem(fused_decode.ROWS_INTERPRETER_CONFIG, "SPLIT_K", split)
-    torch.manual_seed(4)
-    B, N = 3, 24
-    x, r = torch.randn(B, K, device=DEVICE), torch.randn(B, K, device=DEVICE)
-    g, b = torch.randn(K, device=DEVICE), torch.randn(K, device=DEVICE)
-    w, bias = torch.randn(2 * N, K, device=DEVICE) / K**0.5, torch.randn(2 * N, device=DEVICE)
-    h = (x + r).double()
-    rms = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()
-    layer = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5) * g.double() \
-        + b.double()
-    wd, bd = w.double(), bias.double()
-
-    fc, gate = (rms @ wd.T + bd).chunk(2, dim=-1)
-    for _ in range(2):
-        y, h_out = fused_decode.fused_gemm_rows(x, r, g, None, w, bias, None, None, 1e-5, fused_decode.NORM_RMS,
-                                                fused_decode.ACT_SILU_GATE, torch.float32)
-        assert y.shape == (B, N) and torch.allclose(h_out.double(), h, atol=1e-6)
-        assert torch.allclose(y.double(), torch.nn.functional.silu(fc) * gate, atol=1e-4)
-    y, h_out = fused_decode.fused_gemm_rows(x, r, g, b, w[:N], bias[:N], None, None, 1e-5, fused_decode.NORM_LAYER,
-                                            fused_decode.ACT_GELU, torch.float32)
-    assert torch.allclose(y.double(), torch.nn.functional.gelu(layer @ wd[:N].T + bd[:N], approximate="tanh"),
-                          atol=1e-4)
-    y, h_out = fused_decode.fused_gemm_rows(x, None, None, None, w[:N], None, None, None, 1e-5, fused_decode.NORM_NONE,
-                                            fused_decode.ACT_NONE, torch.float32)
-    assert h_out.numel() == 0 and torch.allclose(y.double(), x.double() @ wd[:N].T, atol=1e-4)
-    with pytest.raises(ValueError, match="at most 64 rows"):
-        fused_decode.fused_gemm_rows(torch.zeros(65, K, device=DEVICE), None, None, None, w, None, None, None, 1e-5,
-                                     fused_decode.NORM_NONE, fused_decode.ACT_NONE, torch.float32)
 
 
 def test_fused_fp8_gemv_is_an_fp8_gemm():
@@ -272,14 +218,14 @@ def test_fused_fp8_gemv_is_an_fp8_gemm():
     x = torch.randn(1, K, device=DEVICE).half() * 3
     sa = fp8_scale(x.float().abs().max()).to(DEVICE)
     x = (quantize_fp8(x.float(), sa).float() * sa).half()  # exactly representable: no emulator rounding involved
-    y, _ = fused_decode.fused_gemv(x, None, None, None, wq, None, sa, sw, 1e-5, fused_decode.NORM_NONE,
-                                   fused_decode.ACT_NONE, torch.float32)
+    y, _ = gemv.fused_gemv(x, None, None, None, wq, None, sa, sw, 1e-5, NORM_NONE,
+                                   ACT_NONE, torch.float32)
     # on the CPU: exact FP8 products with float32 sums (cuBLAS's FP8 GEMM on a GPU need not sum in float32)
     want = fp8_linear(x.cpu(), wq.cpu(), sa.cpu(), sw.cpu(), None, torch.float32)[0]
     assert ((y.cpu() - want).norm() / want.norm()).item() < 1e-5  # the same products; the sums differ in order
 
 
-@pytest.mark.parametrize("norm, fp8", [(fused_decode.NORM_LAYER, False), (fused_decode.NORM_RMS, True)])
+@pytest.mark.parametrize("norm, fp8", [(NORM_LAYER, False), (NORM_RMS, True)])
 def test_statistics_pass_over_several_blocks_gives_the_same_gemv(monkeypatch, norm, fp8):
     """The statistics pass (LayerNorm's mean and variance; RMSNorm's before FP8 quantizes the normalized row) reads
     the row in blocks of STATS_K (K rounded up to a power of 2, at most STATS_K_MAX): one block at the 8B shape.
@@ -293,11 +239,11 @@ def test_statistics_pass_over_several_blocks_gives_the_same_gemv(monkeypatch, no
     scales = (fp8_scale(torch.tensor(4.0)).to(DEVICE), sw) if fp8 else (None, None)
 
     def run():
-        return fused_decode.launch_fused_gemv(x, r, g, nb if norm == fused_decode.NORM_LAYER else None, weight, None,
-                                              *scales, 1e-5, norm, fused_decode.ACT_NONE, torch.float32)
+        return gemv.launch_fused_gemv(x, r, g, nb if norm == NORM_LAYER else None, weight, None,
+                                              *scales, 1e-5, norm, ACT_NONE, torch.float32)
 
     one_block, one_h = run()
-    monkeypatch.setattr(fused_decode, "STATS_K_MAX", 64)
+    monkeypatch.setattr(gemv, "STATS_K_MAX", 64)
     blocks, blocks_h = run()
     assert torch.equal(blocks_h, one_h)
     assert ((blocks - one_block).norm() / one_block.norm()).item() < (2e-2 if fp8 else 1e-3)
@@ -324,12 +270,12 @@ def test_grouped_accumulator_gives_the_same_gemv(monkeypatch, fp8):
 
     def run(acc_r):
         if DEVICE.type == "cpu":
-            monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "ACC_R", acc_r)
-            return fused_decode.fused_gemv(x, r, g, None, weight, None, *scales, 1e-5, fused_decode.NORM_RMS,
-                                           fused_decode.ACT_SILU_GATE, torch.float32)[0]
+            monkeypatch.setitem(gemv.INTERPRETER_CONFIG, "ACC_R", acc_r)
+            return gemv.fused_gemv(x, r, g, None, weight, None, *scales, 1e-5, NORM_RMS,
+                                           ACT_SILU_GATE, torch.float32)[0]
         y = torch.empty(N, device=DEVICE)
         h = torch.empty(K, device=DEVICE, dtype=x.dtype)
-        fused_decode._fused_gemv_gpu[(triton.cdiv(N, 4),)](
+        gemv._fused_gemv_gpu[(triton.cdiv(N, 4),)](
             x, r, h, g, y, weight, y, y, *(scales if fp8 else (y, y)), y, y, N, K, 1e-5, ADD_RESIDUAL=True, NORM=1,
             HAS_BIAS=False, FP8=fp8, ACT=1, W_F32=False, BLOCK_N=4, BLOCK_K=64, USE_DOT=0, ACC_R=acc_r)
         return y
@@ -347,7 +293,7 @@ def test_split_k_fp8_gemv_sums_the_same_products(monkeypatch, norm, act):
     counters must be back at 0 for the second call)."""
     torch.manual_seed(3)
     K, N = 512, 48
-    rows = 2 * N if act == fused_decode.ACT_SILU_GATE else N
+    rows = 2 * N if act == ACT_SILU_GATE else N
     w = torch.randn(rows, K, device=DEVICE) / K**0.5
     sw = fp8_scale(w.abs().max()).to(DEVICE)
     wq = quantize_fp8(w, sw)
@@ -357,12 +303,12 @@ def test_split_k_fp8_gemv_sums_the_same_products(monkeypatch, norm, act):
     def run(split, x, r):
         args = (x, r if norm else None, g if norm else None, None, wq, None, sa, sw, 1e-5, norm, act, torch.float32)
         if DEVICE.type == "cpu":
-            monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "SPLIT_K", split)
-            return fused_decode.fused_gemv(*args)
+            monkeypatch.setitem(gemv.INTERPRETER_CONFIG, "SPLIT_K", split)
+            return gemv.fused_gemv(*args)
         y = torch.empty(N, device=DEVICE)
         h = torch.empty(K if norm else 0, device=DEVICE, dtype=x.dtype)
-        part, counter = fused_decode._gemv_split_buffers(DEVICE, N)
-        fused_decode._fused_gemv_gpu[(triton.cdiv(N, 64), split)](
+        part, counter = gemv.gemv_split_buffers(DEVICE, N)
+        gemv._fused_gemv_gpu[(triton.cdiv(N, 64), split)](
             x, r if norm else y, h if norm else y, g if norm else y, y, wq, y, y, sa, sw, part, counter, N, K, 1e-5,
             ADD_RESIDUAL=bool(norm), NORM=norm, HAS_BIAS=False, FP8=True, ACT=act, W_F32=False, BLOCK_N=64,
             BLOCK_K=128, USE_DOT=2, SPLIT_K=split)
@@ -425,7 +371,7 @@ def test_split_decode_attention_against_float64(splits, block_s, preload):
         before = k_cache.clone(), v_cache.clone()
         want, k, v = _decode_attention_float64(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
                                                kv_heads, head_size)
-        got = fused_decode.launch_decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
+        got = attention.launch_decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
                                                    kv_heads, head_size, False, splits, block_s, preload=preload)
         assert torch.allclose(got.double(), want, atol=1e-4), (call, (got.double() - want).abs().max().item())
         assert torch.allclose(k_cache[:, :, slot].double(), k, atol=1e-5)
@@ -462,7 +408,7 @@ def test_decode_attention_for_many_sequences_against_float64():
     pipelining, attention_stages), over several blocks of slots."""
     torch.manual_seed(7)
     batch, heads, kv_heads, head_size, max_len = 17, 32, 8, 16, 200
-    assert fused_decode.attention_splits(batch, kv_heads, max_len) == 1
+    assert attention.attention_splits(batch, kv_heads, max_len) == 1
     k_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
     v_cache = torch.randn(batch, kv_heads, max_len, head_size, device=DEVICE)
     valid = torch.rand(batch, max_len, device=DEVICE) < 0.8
@@ -495,27 +441,26 @@ def test_greedy_argmax_is_torchs_first_maximum(batch, vocab):
 
 
 def test_decoder_with_the_fused_argmax_gives_the_same_tokens(home, monkeypatch):
-    """By default the prefill and the decode steps pick their tokens with greedy_argmax (PIPELINE_FUSED_ARGMAX=0:
-    torch.argmax); the same tokens either way."""
+    """The prefill and the decode steps pick their tokens with greedy_argmax: torch.argmax's tokens."""
     model = accelerate(_model("llama-tiny", "float32"), DecodeOptions())
     options = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6]]
-    kernel, launches = fused_decode._greedy_argmax_kernel, []
+    kernel, launches = sampling._greedy_argmax_kernel, []
 
     class Counted:  # the kernel, its launches counted
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(fused_decode, "_greedy_argmax_kernel", Counted())
+    monkeypatch.setattr(sampling, "_greedy_argmax_kernel", Counted())
     runs = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("PIPELINE_FUSED_ARGMAX", flag)
+    for fused_argmax in (False, True):
         decoder = CudaDecoder(model, 2, 32, options)
-        assert decoder.fused_argmax == (flag == "1")
+        assert decoder.fused_argmax
+        decoder.fused_argmax = fused_argmax  # the reference: torch.argmax
         decoder.warm_up()
         runs.append(decoder.generate(prompts, 8))
-        assert bool(launches) == (flag == "1")  # each step's pick: warm-up's, the prefill's, 7 decode steps'
+        assert bool(launches) == fused_argmax  # each step's pick: warm-up's, the prefill's, 7 decode steps'
     assert runs[0] == runs[1] and len(runs[0][0]) == 8
     warm_up = 3 if DEVICE.type == "cuda" else 1  # a GPU's warm-up runs 3 steps before capturing none (no graph)
     assert len(launches) == warm_up + 1 + 7 and launches[0] == (2, 1)
@@ -523,13 +468,13 @@ def test_decoder_with_the_fused_argmax_gives_the_same_tokens(home, monkeypatch):
 
 def test_attention_splits_fill_the_gpu_with_at_least_a_block_each():
     """(sequence, KV head) pairs x splits reach ~264 programs (2 per SM of an H100/H200), each split >= 64 slots."""
-    assert fused_decode.attention_splits(1, 8, 384) == 6  # Llama-3-8B at batch 1: 6 blocks, one each
-    assert fused_decode.attention_splits(1, 8, 2048) == 32  # 33 wanted, 32 blocks
-    assert fused_decode.attention_splits(16, 8, 384) == 3  # 128 pairs: 3 splits of 2 blocks
-    assert fused_decode.attention_splits(10, 8, 384) == 3  # 4 wanted: 2 blocks each already needs only 3
-    assert fused_decode.attention_splits(64, 8, 384) == 1  # 512 pairs fill the GPU: no split
-    assert fused_decode.attention_splits(32, 8, 384) == 1  # 256 pairs: combining splits costs more than it gains
-    assert fused_decode.attention_splits(2, 2, 80) == 2
+    assert attention.attention_splits(1, 8, 384) == 6  # Llama-3-8B at batch 1: 6 blocks, one each
+    assert attention.attention_splits(1, 8, 2048) == 32  # 33 wanted, 32 blocks
+    assert attention.attention_splits(16, 8, 384) == 3  # 128 pairs: 3 splits of 2 blocks
+    assert attention.attention_splits(10, 8, 384) == 3  # 4 wanted: 2 blocks each already needs only 3
+    assert attention.attention_splits(64, 8, 384) == 1  # 512 pairs fill the GPU: no split
+    assert attention.attention_splits(32, 8, 384) == 1  # 256 pairs: combining splits costs more than it gains
+    assert attention.attention_splits(2, 2, 80) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning runs on a GPU only")
@@ -541,11 +486,11 @@ def test_autotuning_without_the_swap_ab_forms_computes_the_same_gemv(monkeypatch
     w = torch.randn(N, K, device=DEVICE) / K**0.5
 
     def run():
-        return fused_decode.fused_gemv(x, r, g, None, w, None, None, None, 1e-5, fused_decode.NORM_RMS,
-                                       fused_decode.ACT_NONE, torch.float32)[0]
+        return gemv.fused_gemv(x, r, g, None, w, None, None, None, 1e-5, NORM_RMS,
+                                       ACT_NONE, torch.float32)[0]
 
     tuned = run()
-    monkeypatch.setattr(fused_decode, "_autotune_failed", ["a config did not compile"])
+    monkeypatch.setattr(gemv, "_autotune_failed", ["a config did not compile"])
     assert torch.allclose(run(), tuned, rtol=1e-5, atol=1e-6)
 
 
@@ -554,15 +499,19 @@ def test_unsupported_models_fall_back_with_the_reason(home):
     decoder = CudaDecoder(accelerate(_model("llama-tiny", "float32"), options), 1, 16, options)
     assert decoder.fused is None and "gate and fc are not fused" in decoder.path
     batched = CudaDecoder(_model("gpt2-tiny", "float32"), 2, 16, DecodeOptions(cuda_graph=False, compile=False))
-    assert batched.fused is None and batched.path == "layer by layer (batch 2; fused-rows runs batches > 1)"
-    too_many = fused_decode.MAX_ROWS + 1
-    wide = CudaDecoder(_model("gpt2-tiny", "float32"), too_many, 8, DecodeOptions.from_label("eager+triton-gemv+fused-step+fused-rows"))
-    assert wide.fused is None and wide.path == f"layer by layer (batch {too_many})"
+    assert batched.fused is None and batched.path == "layer by layer, fused attention (batch 2)"
+    quantized_kv = _model("llama-tiny", "float32")
+    quantized_kv.kv_format = "int8"  # a cache the attention kernel does not read
+    plain = CudaDecoder(quantized_kv, 2, 16, DecodeOptions(cuda_graph=False, compile=False))
+    assert plain.attention is None and plain.path == "layer by layer (batch 2; attention in torch: the int8 KV cache " \
+        "(the fused attention reads a cache in the model dtype))"
     with pytest.raises(ValueError, match="not a decode path"):
         DecodeOptions.from_label("graph+turbo")
+    with pytest.raises(ValueError, match="not a decode path"):  # the batched fused step lost to cuBLAS: deleted
+        DecodeOptions.from_label("graph+triton-gemv+fused-mlp+fused-step+fused-rows")
     assert DecodeOptions.from_label("graph+compile+cublas+fused-mlp+fused-step+pdl") == DecodeOptions(triton_gemv=False)
-    pdl = DecodeOptions.from_label("graph+triton-gemv+fused-mlp+fused-step+fused-rows+pdl")
-    assert pdl.pdl and pdl.fused_rows and DecodeOptions.from_label(pdl.label) == pdl
+    pdl = DecodeOptions.from_label("graph+triton-gemv+fused-mlp+fused-step+pdl")
+    assert pdl.pdl and DecodeOptions.from_label(pdl.label) == pdl
     if DEVICE.type == "cpu":  # programmatic dependent launch is a Hopper feature: dropped elsewhere
         options = DecodeOptions(cuda_graph=False, compile=False, pdl=True)
         decoder = CudaDecoder(accelerate(_model("gpt2-tiny", "float32"), options), 1, 16, options)
@@ -579,11 +528,11 @@ def test_the_tensor_core_configs_compute_the_same_gemv(monkeypatch, fp8):
     def run(use_dot):
         block_n = {0: 4, 1: 16, 2: 64}[use_dot]
         if DEVICE.type == "cpu":
-            monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "USE_DOT", use_dot)
-            monkeypatch.setitem(fused_decode.INTERPRETER_CONFIG, "BLOCK_N", block_n)
-            return fused_decode.fused_gemv(x, r, g, None, weight, None, *scales, 1e-5, fused_decode.NORM_RMS,
-                                           fused_decode.ACT_SILU_GATE, torch.float32)[0]
-        kernel = fused_decode._fused_gemv_gpu  # one config, compiled
+            monkeypatch.setitem(gemv.INTERPRETER_CONFIG, "USE_DOT", use_dot)
+            monkeypatch.setitem(gemv.INTERPRETER_CONFIG, "BLOCK_N", block_n)
+            return gemv.fused_gemv(x, r, g, None, weight, None, *scales, 1e-5, NORM_RMS,
+                                           ACT_SILU_GATE, torch.float32)[0]
+        kernel = gemv._fused_gemv_gpu  # one config, compiled
         y = torch.empty(N, device=DEVICE)
         h = torch.empty(K, device=DEVICE, dtype=x.dtype)
         kernel[(triton.cdiv(N, block_n),)](x, r, h, g, y, weight, y, y, *(scales if fp8 else (y, y)), y, y, N, K, 1e-5,
@@ -621,28 +570,29 @@ def test_fused_step_under_mpirun_with_tp2_gives_the_plain_tokens(home, tmp_path)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of bench; GPUs run it in bench/gpu_run.sh")
 def test_bench_compares_batched_decode_paths_on_the_cpu(home, tmp_path):
-    """`python -m pipeline bench` end to end under mpirun (CPU, Triton emulated): at batch 3 it runs each of
-    --batched-variants (the fused-rows step and the layer-by-layer step), reports the fastest and whether their
-    greedy tokens agree."""
+    """`python -m pipeline bench` end to end under mpirun (CPU, Triton emulated): batch 1 on the fused step; at
+    batch 3 it runs each of --batched-variants (both layer by layer there, one with the Triton GEMV asked), reports
+    the fastest and whether their greedy tokens agree."""
     import json
     import subprocess
     import sys
 
     from tests.conftest import REPO, child_env
 
-    fused, plain = "eager+triton-gemv+fused-mlp+fused-step+fused-rows", "eager+cublas+fused-mlp"
+    fused, plain = "eager+triton-gemv+fused-mlp+fused-step", "eager+cublas+fused-mlp"
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "bench", "gpt2-random", "model.random=gpt2-tiny", "precision.dtype=float32",
          "--device-random", "--batch-sizes", "1,3", "--input-len", "8", "--output-len", "4", "--repeats", "1",
-         "--no-baseline", "--out", str(tmp_path), "--variants", plain, "--batched-variants", f"{fused},{plain}"],
+         "--no-baseline", "--out", str(tmp_path), "--variants", fused, "--batched-variants", f"{fused},{plain}"],
         cwd=REPO, env=child_env(home, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "bench-gpt2-random-tp1.json").read_text())
     one, three = result["batches"]
-    assert one["batch"] == 1 and one["variant"] == plain and len(one["tokens"]) == 1
+    assert one["batch"] == 1 and one["variant"] == fused and len(one["tokens"]) == 1
     assert three["batch"] == 3 and set(three["tokens_per_s_by_variant"]) == {fused, plain}
     assert three["variants_agree_on_tokens"] is True and [len(t) for t in three["tokens"]] == [4, 4, 4]
     assert f"batch 3 {fused}" in proc.stderr and "(fused step)" in proc.stderr
+    assert "(layer by layer, fused attention (batch 3))" in proc.stderr
     assert "same greedy tokens: True" in proc.stdout
 
 
@@ -684,7 +634,7 @@ def test_bench_with_drawn_prompt_and_output_lengths(home, tmp_path):
 
 
 def test_the_gpu_kernels_compile_for_hopper(tmp_path):
-    """bench/compile_check.py: every fused kernel form (each dtype, the dot forms, every autotuning config, the
+    """bench/compile_check.py: every kernel form (each dtype, the dot forms, every autotuning config, the
     batched GEMMs, programmatic dependent launch, the split attention) compiles to an sm_90 cubin with the ptxas of
     Triton's wheel, no GPU needed; with PDL the PTX has griddepcontrol, without it none."""
     import subprocess
@@ -698,19 +648,20 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 166 and all(line.startswith("ok    sm_90 ") for line in lines)
-    assert sum("griddepcontrol" in line for line in lines) == 17
+    # 136 kernels, 15 with PDL's wait (166 and 17 before the batched fused step, fused-rows, was deleted)
+    assert len(lines) == 136 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert sum("griddepcontrol" in line for line in lines) == 15
 
 
 def test_autotuning_candidates_per_shape():
     """What autotuning times: split-K for FP8 only and with K's chunks shared equally; FP8's big GEMVs (a wgmma
     tile per SM and more) in the wgmma form or the CUDA-core form with a grouped accumulator only; bfloat16
     without either restriction; no block of K wider than K needs (GPT-2's 768)."""
-    configs = fused_decode._CONFIGS
-    assert fused_decode.MAX_SPLIT_K == max(c.kwargs.get("SPLIT_K", 1) for c in configs)  # sizes the split-K sums
+    configs = gemv.CONFIGS
+    assert gemv.MAX_SPLIT_K == max(c.kwargs.get("SPLIT_K", 1) for c in configs)  # sizes the split-K sums
 
     def kept(n, k, fp8):
-        return [c.kwargs for c in fused_decode._prune(configs, {"N": n, "K": k}, FP8=fp8)]
+        return [c.kwargs for c in gemv._prune(configs, {"N": n, "K": k}, FP8=fp8)]
 
     fc_gate = kept(14336, 4096, True)
     assert fc_gate and all(c["USE_DOT"] == 2 and c["BLOCK_N"] >= 64 or c.get("ACC_R", 1) > 1 for c in fc_gate)
@@ -726,28 +677,20 @@ def test_autotuning_candidates_per_shape():
     assert not any(c.get("SPLIT_K", 1) > 1 for c in kept(4096, 4000, True))  # ragged K: no split
 
 
-def test_attention_block_is_smaller_with_splits(monkeypatch):
+def test_attention_block_is_smaller_with_splits():
     """Unsplit, 64-slot blocks; with splits, 32 (a split's share of the slots is a whole number of blocks: at batch
-    1 of the 8B shape, 6 splits and the new token at slot 192, 64-slot blocks would leave three splits idle);
-    PIPELINE_ATTENTION_BLOCK_S sets it for A/B timing."""
-    monkeypatch.delenv("PIPELINE_ATTENTION_BLOCK_S", raising=False)
-    assert fused_decode.attention_block(1) == 64
-    assert fused_decode.attention_block(6) == 32
-    slot, splits = 192, fused_decode.attention_splits(1, 8, 384)
+    1 of the 8B shape, 6 splits and the new token at slot 192, 64-slot blocks would leave three splits idle)."""
+    assert attention.attention_block(1) == 64
+    assert attention.attention_block(6) == 32
+    slot, splits = 192, attention.attention_splits(1, 8, 384)
     for block, idle in ((64, 3), (32, 0)):  # the kernel's share: ceil(ceil(slot / block) / splits) blocks each
         share = (-(-slot // block) + splits - 1) // splits
         assert sum(split * share * block >= slot for split in range(splits)) == idle
-    monkeypatch.setenv("PIPELINE_ATTENTION_BLOCK_S", "16")
-    assert fused_decode.attention_block(1) == fused_decode.attention_block(6) == 16
-    for bad in ("48", "8", "x"):
-        monkeypatch.setenv("PIPELINE_ATTENTION_BLOCK_S", bad)
-        with pytest.raises(ValueError, match="power of 2 of at least 16"):
-            fused_decode.attention_block(1)
 
 
 def test_compile_leaves_the_fused_step_as_it_is(home):
     """With compile, the layer-by-layer step is compiled, the fused step is not (its kernels are its own; compiling
-    it kept the 8B set-up going past 218 s on an H100, run 47): compile then applies to the prefill alone."""
+    it made the 8B set-up take minutes): compile then applies to the prefill alone."""
     options = DecodeOptions(cuda_graph=False, compile=True, fused_step=True)
     fused = CudaDecoder(accelerate(_model("llama-tiny", "float32"), options), 1, 16, options)
     assert fused.fused is not None and fused._step_fn == fused._step

@@ -7,100 +7,89 @@ stream skinny matrices slowly. This module removes both, for one rank's shard (t
 - a preallocated KV cache and a decode step whose every shape is static, with the slot index, positions and next
   tokens kept on the device, so the whole step (greedy argmax included) is one CUDA graph replay;
 - torch.compile over the step, which fuses norms, rotary embedding, activations and residual adds;
-- batch-1 GEMMs through a Triton GEMV (pipeline::gemv), for float16/bfloat16 and for FP8 weights (one byte per
-  weight read); larger batches through cuBLAS (torch._scaled_mm for FP8 on Ada/Hopper);
 - the gate and fc GEMMs of a gated MLP fused into one, as trtllm-build's use_fused_mlp does (FP8: dequantized,
   concatenated and requantized with the larger of the two weight scales, as TensorRT-LLM's builder does);
-- at batch 1 (and up to 64 with fused-rows), the fused step of pipeline.backends.fused_decode: five kernels per
-  layer (norms, residual adds and activations inside the GEMVs; rotary embedding, cache write and attention in one
-  kernel).
+- one configuration per situation, the one the measurements in bench/results/ found fastest:
+  batch 1: the fused step (pipeline.backends.fused_step: five kernels per layer, with programmatic dependent
+  launch on Hopper); batches > 1: the layer-by-layer step with the decode attention kernel (rotary embedding,
+  cache write and attention in one) and each GEMM shape on cuBLAS or the split-K kernel, whichever timed faster
+  (torch._scaled_mm for FP8 on Ada/Hopper); the greedy pick as one kernel in both.
+  Where the fused step does not apply at batch 1, one-row GEMMs run the Triton GEMV (pipeline::gemv).
 
-`DecodeOptions` selects each piece, so the benchmark can measure them one by one.
+`DecodeOptions` can switch pieces off, so the benchmark can measure what each one gives.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.backends import batched_gemm, cuda_kernels
+from pipeline.backends import fused_step
 from pipeline.backends.torch_model import Linear, RankModel
+from pipeline.kernels import batched_gemm, gemv, tuning
+from pipeline.kernels.common import ACT_NONE, ACT_SILU_GATE, runs_on
 from pipeline.quantize.formats import fp8_linear, fp8_scale, quantize_fp8
 from pipeline.quantize.runtime import FP8Linear
 
 
+def _layernorm_gelu(model: RankModel) -> bool:
+    """The architecture's kernel kinds, the one place the decode path reads them: LayerNorm, GELU and learned
+    positions (GPT-2) when True, else RMSNorm, a gated SiLU MLP and rotary embedding (Llama)."""
+    return model.is_gpt
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
+    """The decode path's pieces, all on by default (pipeline.run's path); the benchmark switches them off one by
+    one to measure each (its --variants labels)."""
+
     cuda_graph: bool = True
     compile: bool = True
-    triton_gemv: bool = True
+    triton_gemv: bool = True  # one-row GEMMs outside the fused step through the Triton GEMV, else cuBLAS
     fuse_gate_up: bool = True
-    fused_step: bool = True  # batch 1: pipeline.backends.fused_decode where the model allows it
-    # batches 2..64 too (fused_decode's batched GEMM): at batch 32 of the 8B shape half cuBLAS's speed (H200)
-    fused_rows: bool = False
-    # the fused step's kernels with programmatic dependent launch (Hopper+; dropped elsewhere): each starts while
-    # the previous one ends and loads its first weight tile meanwhile. H200, run 19: the 8B step 2.7% faster in
-    # bf16, 1.8% in FP8, GPT-2's 19%. In the layer-by-layer step with fused-attn, the attention is launched so
-    # after qkv: at batch 32 a 6.223 ms step against 6.204 without, 6.198 with the preload (H100, run 44), so the
-    # bench's batch-32 label leaves pdl out
-    pdl: bool = True
-    # the layer-by-layer step (batches > 1 without fused-rows) with the fused step's attention kernel (rotary
-    # embedding, cache write and attention in one) in place of the grouped attention's matmuls and softmax
-    fused_attention: bool = False
-    # batches 2..64 on the layer-by-layer step: each GEMM shape runs cuBLAS or the split-K swap-AB kernel
-    # (pipeline.backends.batched_gemm), whichever was faster when timed at warm-up
-    tuned_gemm: bool = False
+    fused_step: bool = True  # batch 1: pipeline.backends.fused_step where the model allows it
+    pdl: bool = True  # the fused step's kernels with programmatic dependent launch (Hopper+; dropped elsewhere)
 
     @property
     def label(self) -> str:
         parts = [("graph" if self.cuda_graph else "eager"), ("compile" if self.compile else None),
                  ("triton-gemv" if self.triton_gemv else "cublas"), ("fused-mlp" if self.fuse_gate_up else None),
-                 ("fused-step" if self.fused_step else None), ("fused-rows" if self.fused_rows else None),
-                 ("pdl" if self.pdl else None), ("fused-attn" if self.fused_attention else None),
-                 ("tuned-gemm" if self.tuned_gemm else None)]
+                 ("fused-step" if self.fused_step else None), ("pdl" if self.pdl else None)]
         return "+".join(p for p in parts if p)
 
     @classmethod
     def from_label(cls, label: str) -> DecodeOptions:
         """The options a label names (the inverse of `label`), e.g. 'graph+cublas+fused-mlp+fused-step'."""
         parts = set(label.split("+"))
-        known = {"graph", "eager", "compile", "triton-gemv", "cublas", "fused-mlp", "fused-step", "fused-rows", "pdl",
-                 "fused-attn", "tuned-gemm"}
+        known = {"graph", "eager", "compile", "triton-gemv", "cublas", "fused-mlp", "fused-step", "pdl"}
         if parts - known or ("graph" in parts) == ("eager" in parts) or ("cublas" in parts) == ("triton-gemv" in parts):
             raise ValueError(f"not a decode path: {label!r} (parts: graph|eager, compile, triton-gemv|cublas, "
-                             "fused-mlp, fused-step, fused-rows, pdl, fused-attn, tuned-gemm)")
+                             "fused-mlp, fused-step, pdl)")
         return cls(cuda_graph="graph" in parts, compile="compile" in parts, triton_gemv="triton-gemv" in parts,
-                   fuse_gate_up="fused-mlp" in parts, fused_step="fused-step" in parts,
-                   fused_rows="fused-rows" in parts, pdl="pdl" in parts, fused_attention="fused-attn" in parts,
-                   tuned_gemm="tuned-gemm" in parts)
+                   fuse_gate_up="fused-mlp" in parts, fused_step="fused-step" in parts, pdl="pdl" in parts)
 
 
 class CudaLinear(Linear):
     """F.linear, or the Triton GEMV when the input is one row, or for a few rows the split-K kernel where
-    batched_gemm.tune chose it (`skinny`: padded rows -> config index, -1 for cuBLAS); out_dtype=float32 keeps the
+    tune_batched_gemms chose it (`skinny`: padded rows -> config index, -1 for cuBLAS); out_dtype=float32 keeps the
     float32 accumulators (lm_head: logits_dtype float32) instead of rounding them to the model dtype."""
 
     def __init__(self, weight, bias=None, triton_gemv: bool = True, out_dtype: torch.dtype | None = None):
         super().__init__(weight, bias)
-        self.triton_gemv = triton_gemv and cuda_kernels.available()
+        self.triton_gemv = triton_gemv and gemv.available()
         self.out_dtype = out_dtype
         self.skinny: dict[int, int] = {}
-        # the split-K kernel lets the next kernel start early (programmatic dependent launch): set on qkv where the
-        # decode attention that follows it is launched so
-        self.trigger_dependents = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.triton_gemv and x.numel() == x.shape[-1]:
-            return cuda_kernels.linear_1row(x, self.weight, self.bias, out_dtype=self.out_dtype)
+            return gemv.linear_1row(x, self.weight, self.bias, out_dtype=self.out_dtype)
         index = self._skinny(x)
         if index >= 0:
-            y = torch.ops.pipeline.skinny_mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, index,
-                                             trigger=self.trigger_dependents)
+            y = torch.ops.pipeline.skinny_mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, index)
             return y.view(*x.shape[:-1], self.weight.shape[0])
         if self.out_dtype is not None and self.bias is None and x.device.type == "cuda":
             y = torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out_dtype=self.out_dtype)
@@ -120,7 +109,7 @@ class CudaLinear(Linear):
         index = self._skinny(x)
         if index >= 0:
             y = torch.ops.pipeline.skinny_mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, index,
-                                             batched_gemm.ACT_SILU_GATE)
+                                             ACT_SILU_GATE)
             return y.view(*x.shape[:-1], self.weight.shape[0] // 2)
         fc, gate = self(x).chunk(2, dim=-1)
         return F.silu(fc) * gate
@@ -131,11 +120,11 @@ class CudaFP8Linear(FP8Linear):
 
     def __init__(self, base: FP8Linear, triton_gemv: bool = True):
         super().__init__(base.weight, base.weight_scale, base.act_scale, base.bias, base.out_dtype)
-        self.triton_gemv = triton_gemv and cuda_kernels.available()
+        self.triton_gemv = triton_gemv and gemv.available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.triton_gemv and x.numel() == x.shape[-1]:
-            return cuda_kernels.linear_1row(x, self.weight, self.bias, self.act_scale, self.weight_scale,
+            return gemv.linear_1row(x, self.weight, self.bias, self.act_scale, self.weight_scale,
                                             self.out_dtype)
         return fp8_linear(x, self.weight, self.act_scale, self.weight_scale, self.bias, self.out_dtype)
 
@@ -184,7 +173,72 @@ def set_triton_gemv(model: RankModel, flag: bool) -> None:
     """Switch an accelerated model's one-row GEMMs between the Triton GEMV (True) and cuBLAS (False)."""
     for linear in [value for layer in model.layers for value in layer.values()] + [model.head]:
         if hasattr(linear, "triton_gemv"):
-            linear.triton_gemv = flag and cuda_kernels.available()  # as CudaLinear decides it (CUDA only)
+            linear.triton_gemv = flag and gemv.available()  # as CudaLinear decides it (CUDA only)
+
+
+def _gemm_groups(model: RankModel) -> dict[tuple, list]:
+    """The model's GEMMs the split-K kernel can serve, grouped by (name, N, K, dtype): CUDA linears of a dtype it
+    runs, with no float32 output (lm_head keeps cuBLAS, which streams it near the copy bandwidth)."""
+    groups: dict[tuple, list] = {}
+    for layer in model.layers:
+        for name in ("qkv", "dense", "fc_gate", "fc", "gate", "proj"):
+            linear = layer.get(name)
+            if getattr(linear, "skinny", None) is None or linear.out_dtype is not None:
+                continue
+            if linear.weight.dtype not in batched_gemm.DTYPES:
+                continue
+            n, k = linear.weight.shape
+            groups.setdefault((name, n, k, linear.weight.dtype), []).append(linear)
+    return groups
+
+
+def tune_batched_gemms(model: RankModel, rows: int, replays: int = 10, timer=None,
+                       persist: bool | None = None) -> dict[str, str]:
+    """For decode steps of `rows` sequences (2 to batched_gemm.MAX_ROWS): per GEMM shape, cuBLAS or the split-K
+    kernel's best config, whichever is fastest over all layers' weights of that shape (pipeline.kernels.tuning.
+    choose; timer and persist as it has them), kept in each linear's `skinny` map (padded rows -> config index,
+    -1 for cuBLAS). Returns {GEMM: what was chosen} for the shapes timed or read from the tuning cache now."""
+    if batched_gemm.triton is None or not 2 <= rows <= batched_gemm.MAX_ROWS:
+        return {}
+    if timer is None and model.device.type != "cuda":
+        return {}
+    m_p = batched_gemm.padded_rows(rows)
+    chosen = {}
+    generator = torch.Generator(device=model.device).manual_seed(0)
+    for (name, n, k, dtype), linears in _gemm_groups(model).items():
+        act = ACT_SILU_GATE if name == "fc_gate" else ACT_NONE  # the activation in the epilogue (silu_gate)
+        indices = [-1] + batched_gemm.candidates(n // 2 if act == ACT_SILU_GATE else n, k, act, m_p)
+        x = torch.randn(rows, k, device=model.device, generator=generator).to(dtype)
+
+        def run_for(index, linears=linears, act=act, x=x, name=name):
+            def run():
+                for linear in linears:
+                    if index >= 0:
+                        batched_gemm.skinny_mm(x, linear.weight, linear.bias, index, act)
+                    elif act == ACT_SILU_GATE:  # as RankModel._mlp runs it with cuBLAS
+                        fc, gate = F.linear(x, linear.weight, linear.bias).chunk(2, dim=-1)
+                        F.silu(fc) * gate
+                    else:
+                        F.linear(x, linear.weight, linear.bias)
+            run.gemm, run.config = name, index  # for a stand-in timer (tests)
+            return run
+
+        read = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+        index, note = tuning.choose(model.device, "skinny-gemm", f"{name} (N={n}, K={k}, {dtype}, {m_p} padded rows) "
+                                    f"layers={len(linears)}", indices, run_for, read, label=batched_gemm.label,
+                                    timer=timer, persist=persist, replays=replays)
+        if note is not None:
+            chosen[name] = note
+        for linear in linears:
+            linear.skinny[m_p] = -1 if index is None else index
+    return chosen
+
+
+def forget_batched_gemms(model: RankModel) -> None:
+    """Back to cuBLAS for every batch: clear the choices tune_batched_gemms left on the model's linears."""
+    for linears in _gemm_groups(model).values():
+        for linear in linears:
+            linear.skinny.clear()
 
 
 def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
@@ -220,10 +274,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size,
-                      pdl=False):
+def _decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads, kv_heads, head_size):
     return torch.ops.pipeline.decode_attention(qkv, k_cache, v_cache, valid, positions, slot, inv_freq, heads,
-                                               kv_heads, head_size, pdl)
+                                               kv_heads, head_size)
 
 
 class CudaDecoder:
@@ -248,41 +301,30 @@ class CudaDecoder:
         # back and the host read their tokens later, without a synchronization per step
         self.history = torch.zeros((batch, max_len + 1), dtype=torch.long, device=device)
         self.logits = None
-        self.fused = None  # the fused step (batch 1, or up to MAX_ROWS with fused_rows), where it applies
-        from pipeline.backends import fused_decode
-
-        if options.fused_step and (batch == 1 or (options.fused_rows and batch <= fused_decode.MAX_ROWS)):
-            self.fallback_reason = fused_decode.unsupported_reason(model)
-            if self.fallback_reason is None:
-                self.fused = fused_decode.FusedStep(model, pdl=options.pdl)
-        elif not options.fused_step:
+        self.fused = None  # the fused step, at batch 1 where the model allows it
+        layernorm_gelu = _layernorm_gelu(model)
+        if not options.fused_step:
             self.fallback_reason = "not asked"
+        elif batch != 1:
+            self.fallback_reason = f"batch {batch}"
         else:
-            self.fallback_reason = f"batch {batch}" + ("" if options.fused_rows else "; fused-rows runs batches > 1")
-        # the layer-by-layer step's attention as one kernel (fused-attn), where the fused step's kernel applies
+            self.fallback_reason = fused_step.unsupported_reason(model, layernorm_gelu)
+            if self.fallback_reason is None:
+                self.fused = fused_step.FusedStep(model, layernorm_gelu, pdl=options.pdl)
+        # the layer-by-layer step's attention as one kernel (rotary embedding, cache write, attention), where it applies
         self.attention = None
-        self.attention_pdl = False
-        if self.fused is None and options.fused_attention:
-            reason = fused_decode.attention_unsupported_reason(model)
+        if self.fused is None:
+            reason = fused_step.attention_unsupported_reason(model, layernorm_gelu)
             if reason is None:
-                inv_freq = None if model.is_gpt else model.inv_freq.float().contiguous()
-                # with pdl (Hopper), the attention is launched so that it starts while qkv's split-K kernel ends
-                self.attention_pdl = options.pdl and model.device.type == "cuda" and \
-                    torch.cuda.get_device_capability(model.device)[0] >= 9
+                inv_freq = None if layernorm_gelu else model.inv_freq.float().contiguous()
                 self.attention = functools.partial(_decode_attention, inv_freq=inv_freq, heads=model.heads,
-                                                   kv_heads=model.kv_heads, head_size=model.head_size,
-                                                   pdl=self.attention_pdl)
+                                                   kv_heads=model.kv_heads, head_size=model.head_size)
             else:
-                self.fallback_reason += f"; fused-attn not applied: {reason}"
-        # the greedy pick as one kernel of many programs (fused_decode.greedy_argmax) instead of torch.argmax, which
-        # reads Llama-3's 128256 logits in about 28 us on an H100 (run 39). With it the 8B step took 5.335 against
-        # 5.355 ms in bfloat16 and 3.339 against 3.366 in FP8 at batch 1, 6.180 against 6.204 ms at batch 32 (H100,
-        # run 44). PIPELINE_FUSED_ARGMAX=0: torch.argmax (A/B timing)
-        self.fused_argmax = os.environ.get("PIPELINE_FUSED_ARGMAX", "1") != "0" and fused_decode.triton is not None \
-            and (model.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-        # The fused step's kernels are its own (custom ops), so compile leaves it as it is and compiles only the
-        # prefill: with the 8B fused step compiled too, the set-up had not finished after 218 s, against 23 s
-        # without compile (H100, run 47)
+                self.fallback_reason += f"; attention in torch: {reason}"
+        # the greedy pick as one kernel of many programs: torch.argmax reads a large vocabulary with few blocks
+        self.fused_argmax = runs_on(model.device)
+        # compile leaves the fused step's own kernels (custom ops) as they are and compiles only the prefill:
+        # compiling the fused step too made the set-up take minutes
         compile_step = options.compile and self.fused is None
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile_step else self._step
         self.graph = None
@@ -298,7 +340,7 @@ class CudaDecoder:
     def path(self) -> str:
         if self.fused is not None:
             return "fused step, PDL" if self.fused.pdl else "fused step"
-        attention = (", fused attention" + (", PDL" if self.attention_pdl else "")) if self.attention else ""
+        attention = ", fused attention" if self.attention else ""
         return f"layer by layer{attention} ({self.fallback_reason})"
 
     def _step(self) -> torch.Tensor:
@@ -327,18 +369,15 @@ class CudaDecoder:
 
         The warm-up steps run on a side stream, as CUDA graph capture (and NCCL inside it) requires."""
         self.slot.fill_(0)
-        if self.fused is None and self.options.tuned_gemm:  # cuBLAS or the split-K kernel, per GEMM shape
-            batched_gemm.tune(self.model, self.batch)
+        if self.fused is None and self.batch > 1:  # cuBLAS or the split-K kernel, per GEMM shape
+            tune_batched_gemms(self.model, self.batch)
         else:
-            batched_gemm.forget(self.model)  # cuBLAS for every batch, as the options ask (another decoder tuned)
-        for layer in self.model.layers:  # another decoder of this model may have set it otherwise
-            if hasattr(layer.get("qkv"), "trigger_dependents"):
-                layer["qkv"].trigger_dependents = self.attention_pdl
+            forget_batched_gemms(self.model)  # another decoder of this model may have tuned them
         if self.model.device.type != "cuda":
             self._step_fn()
             return
         if self.fused is not None:
-            self.fused.tune(rows=self.batch)  # each GEMV's (or batched GEMM's) config, timed as the step runs it
+            self.fused.tune()  # each GEMV's config, timed as the step runs it
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
