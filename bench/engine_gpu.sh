@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The engine on one GPU, in one call (random weights of a real shape made on the device; no artifact travels):
 #   bash bench/engine_gpu.sh [uniform] [mixed] [single]     (default: all three)
+# wide: 2,000 requests 128/128 with max_batch_size 1024;
 # uniform: 1,000 requests 128/128 at an infinite rate, our static batching and transformers' generate_batch on the
 #          same requests; mixed: lengths drawn from 32-1024 / 16-512, in-flight against static; single: one request
 #          at a time (batch 1 through the engine). JSON and Markdown land in $OUT (or bench/results/throughput).
@@ -17,6 +18,8 @@ for phase in $phases; do
   case $phase in
     uniform) timeout 330 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 1000 \
                --input-len 128 --output-len 128 --max-batch-size 256 --static --baseline transformers --out "$OUTDIR" ;;
+    wide)    timeout 200 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 2000 \
+               --input-len 128 --output-len 128 --max-batch-size 1024 --out "$OUTDIR" ;;
     mixed)   timeout 200 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 300 \
                --input-range 32,1024 --output-range 16,512 --max-batch-size 256 --static --out "$OUTDIR" ;;
     single)  timeout 150 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 3 \

@@ -189,6 +189,34 @@ def test_stop_tokens_and_min_tokens(llama):
         assert stop not in later.output_ids[:first + 2]
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_size, window", [(8, 2, 8, None), (4, 4, 16, None), (8, 2, 8, 5)])
+def test_the_paged_attention_kernel_matches_attention_over_each_sequence(heads, kv_heads, head_size, window):
+    """pipeline.kernels.paged_attention (Triton's CPU emulator here) against torch's attention over each sequence's
+    keys, for a step of a prompt chunk that continues a cached prefix, a whole prompt and two decoding tokens,
+    with blocks scattered over the pool."""
+    from pipeline.kernels.paged_attention import paged_attention
+
+    gen = torch.Generator().manual_seed(0)
+    block_size, pool_blocks = 4, 12
+    k_cache = torch.randn(pool_blocks * block_size, kv_heads, head_size, generator=gen)
+    v_cache = torch.randn(pool_blocks * block_size, kv_heads, head_size, generator=gen)
+    tables = torch.tensor([[7, 2, 9], [0, 11, 4], [5, 1, 0], [3, 8, 10]], dtype=torch.int32)
+    steps = [(0, 6, 3), (1, 0, 5), (2, 9, 1), (3, 11, 1)]  # (sequence, first position, tokens)
+    seq = torch.tensor([s for s, start, n in steps for _ in range(n)], dtype=torch.int32)
+    pos = torch.tensor([p for _, start, n in steps for p in range(start, start + n)], dtype=torch.int32)
+    q = torch.randn(len(seq), heads, head_size, generator=gen)
+    out = paged_attention(q, k_cache, v_cache, tables, seq, pos, block_size, window)
+    for t in range(len(seq)):
+        p = int(pos[t])
+        slots = tables[seq[t]].long()[torch.arange(p + 1) // block_size] * block_size + torch.arange(p + 1) % block_size
+        keys = k_cache[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, dim=0)  # [heads, L, hd]
+        values = v_cache[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, dim=0)
+        mask = torch.ones(p + 1, dtype=torch.bool) if window is None else torch.arange(p + 1) > p - window
+        expected = torch.nn.functional.scaled_dot_product_attention(q[t][:, None], keys, values,
+                                                                    attn_mask=mask[None, None])[:, 0]
+        assert (out[t] - expected).abs().max().item() < 1e-5, t
+
+
 DRIVER = """
 import json, random, sys, time
 from pipeline import LLM, SamplingParams

@@ -1,6 +1,6 @@
-"""The engine's step on a GPU: flash attention over the paged cache (torch's varlen_attn with a block table) gives
-the logits of the reference path (gathered keys and values through scaled_dot_product_attention), for prompt
-chunks, chunk continuations, decoding, GQA and a sliding window. Run on a lent GPU: pytest -m gpu."""
+"""The engine's step on a GPU: the paged attention kernel (pipeline.kernels.paged_attention) gives the logits of
+the reference path (gathered keys and values through scaled_dot_product_attention), for prompt chunks, chunk
+continuations, decoding, GQA and a sliding window. Run on a lent GPU: pytest -m gpu."""
 
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ def plans(block_size: int) -> list[StepPlan]:
 
 
 @pytest.mark.parametrize("shape", ["llama-tiny", "mistral-tiny", "gpt2-tiny"])
-def test_flash_paged_attention_gives_the_reference_logits(home, shape):
+def test_the_paged_attention_kernel_gives_the_reference_logits(home, shape):
     _, artifact = build(shape, dtype="bfloat16")
     model = rank_model(artifact)
-    block_size = 256 if ModelRunner(model, 4, 32).flash is False else 32
-    flash, reference = ModelRunner(model, 9, block_size), ModelRunner(model, 9, block_size)
-    assert flash.flash, flash.flash_reason
-    reference.flash = False
+    block_size = 16
+    kernel, reference = ModelRunner(model, 9, block_size), ModelRunner(model, 9, block_size)
+    assert kernel.kernel
+    reference.kernel = False
     for plan in plans(block_size):
-        ours, expected = flash.forward(plan), reference.forward(plan)
+        ours, expected = kernel.forward(plan), reference.forward(plan)
         assert ours.shape == expected.shape
         assert (ours - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 1e-3

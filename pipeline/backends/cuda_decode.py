@@ -38,8 +38,12 @@ from pipeline.quantize.runtime import FP8Linear
 
 def _layernorm_gelu(model: RankModel) -> bool:
     """The architecture's kernel kinds, the one place the decode path reads them: LayerNorm, GELU and learned
-    positions (GPT-2) when True, else RMSNorm, a gated SiLU MLP and rotary embedding (Llama)."""
-    return model.is_gpt
+    positions (GPT-2) when True, else RMSNorm, a gated SiLU MLP and rotary embedding (Llama, Qwen2, Mistral)."""
+    arch = model.arch
+    kinds = (arch.norm, arch.mlp, arch.position)
+    if kinds not in (("layernorm", "gelu", "learned"), ("rmsnorm", "gated_silu", "rope")):
+        raise ValueError(f"the fused decode kernels have no form for {kinds}")
+    return arch.norm == "layernorm"
 
 
 @dataclass(frozen=True)

@@ -129,12 +129,6 @@ class RankModel:
         if self.arch.position == "rope":
             self.inv_freq = rope_inv_freq(config).to(device)
 
-    @property
-    def is_gpt(self) -> bool:
-        """Read-only, for cuda_decode.py and fused_decode.py until they read `self.arch`: LayerNorm + GELU +
-        learned positions (GPT-2) rather than RMSNorm + gated SiLU + rope."""
-        return self.arch.norm == "layernorm"
-
     # ------------------------------------------------------------------------------------- pieces
 
     def _norm(self, x: torch.Tensor, weight_bias) -> torch.Tensor:

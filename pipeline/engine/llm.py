@@ -30,7 +30,7 @@ import torch
 from pipeline.dist import Comm, all_ok, finish, mpi_world, pick_device
 from pipeline.engine.blocks import BlockPool
 from pipeline.engine.core import Engine, RequestOutput, worker_loop
-from pipeline.engine.runner import ModelRunner, flash_paged_attention_reason, kv_bytes_per_token
+from pipeline.engine.runner import ModelRunner, kv_bytes_per_token
 from pipeline.engine.scheduler import Scheduler
 from pipeline.errors import PipelineError, RunError
 from pipeline.mapping import Mapping
@@ -161,18 +161,13 @@ class LLM:
         tp, pp = model_part.mapping.tp, model_part.mapping.pp
         block_size = options.tokens_per_block or build_spec.get("plugins", {}).get("tokens_per_block", 32)
         max_batch = options.max_batch_size or build_spec.get("max_batch_size", 8)
-        if self.device.type == "cuda" and flash_paged_attention_reason(model_part, block_size) is not None \
-                and block_size % 256 and flash_paged_attention_reason(model_part, 256) is None:
-            self._log(f"flash attention over the paged cache takes blocks of 256 tokens here, not {block_size}: "
-                      f"using 256")
-            block_size = 256
         num_blocks = self._pool_blocks(model_part, block_size, max_batch, options)
         if mpi_comm is not None and self.world > 1:
             from mpi4py import MPI
 
             num_blocks = mpi_comm.allreduce(num_blocks, op=MPI.MIN)  # every rank holds the same block ids
         self.runner = ModelRunner(model_part, num_blocks, block_size)
-        attention = "flash (varlen, paged)" if self.runner.flash else f"sdpa ({self.runner.flash_reason})"
+        attention = "paged kernel" if self.runner.kernel else "gathered keys, torch sdpa"
         self._log(f"backend torch on {self.device.type}, {self.world} rank(s) tp={tp} pp={pp}, "
                   f"{self.artifact or 'a model in memory'} (loaded in {self.timings.get('load_s', 0):.1f} s); "
                   f"KV cache: {num_blocks} blocks of {block_size} tokens; attention: {attention}")

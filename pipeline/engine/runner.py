@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from pipeline.backends.torch_model import RankModel
 from pipeline.engine.scheduler import SeqWork, StepPlan
 from pipeline.generate import Sampling, sample_next
+from pipeline.kernels.common import runs_on
+from pipeline.kernels.paged_attention import paged_attention
 from pipeline.quantize.formats import dequantize_kv, quantize_kv
 
 
@@ -47,7 +49,7 @@ class _Batch:
     attention reads (one-token sequences together, padded; prompt chunks one by one)."""
 
     def __init__(self, work: tuple[SeqWork, ...], block_size: int, window: int | None, device: torch.device,
-                 flash: bool = False):
+                 kernel: bool = False):
         lens = [len(w.tokens) for w in work]
         width = max(len(w.blocks) for w in work)
         table = torch.tensor([list(w.blocks) + [0] * (width - len(w.blocks)) for w in work], dtype=torch.long)
@@ -66,12 +68,10 @@ class _Batch:
                                         dtype=torch.long, device=device)
         self.chunks = []
         self.decode_rows = self.decode_slots = self.decode_mask = None
-        if flash:  # one varlen call reads every sequence through the block table
-            context = starts + torch.tensor(lens)
-            self.cu_seq_q = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-            self.seqused_k = context.to(torch.int32).to(device)
+        if kernel:  # pipeline.kernels.paged_attention reads every sequence through the block table
             self.block_table = table.to(torch.int32).to(device)
-            self.max_q, self.max_k = max(lens), int(context.max())
+            self.token_seq = seq_of_token.to(torch.int32).to(device)
+            self.token_pos = positions.to(torch.int32).to(device)
             return
         decode = [i for i, n in enumerate(lens) if n == 1]
         if decode:
@@ -96,36 +96,14 @@ class _Batch:
                                 mask.to(device)))
 
 
-def flash_paged_attention_reason(model: RankModel, block_size: int) -> str | None:
-    """Why flash attention over the paged cache (torch's varlen_attn with a block table) cannot run this model,
-    or None when it can: CUDA, float16/bfloat16 keys and values, blocks of a size its kernel takes."""
-    if model.device.type != "cuda":
-        return "not on a CUDA device"
-    if model.kv_format is not None or model.dtype not in (torch.float16, torch.bfloat16):
-        return f"keys and values in {model.kv_format or model.dtype} (flash takes float16/bfloat16)"
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return "this torch has no torch.nn.attention.varlen"
-    kv = torch.zeros((2, block_size, model.kv_heads, model.head_size), dtype=model.dtype, device=model.device)
-    q = torch.zeros((1, model.heads, model.head_size), dtype=model.dtype, device=model.device)
-    one = torch.tensor([0, 1], dtype=torch.int32, device=model.device)
-    try:
-        varlen_attn(q, kv, kv, one, None, 1, 1, window_size=(-1, 0), enable_gqa=model.heads != model.kv_heads,
-                    seqused_k=one[1:], block_table=one[None, :1])
-    except (RuntimeError, TypeError, ValueError) as exc:  # older torch: no block_table; a block size it refuses
-        return f"varlen_attn refused blocks of {block_size} tokens ({str(exc).splitlines()[0]})"
-    return None
-
-
 class ModelRunner:
     def __init__(self, model: RankModel, num_blocks: int, block_size: int):
         self.model = model
         self.cache = PagedKVCache(model, num_blocks, block_size)
         self.sliding_window = model.arch.sliding_window  # Mistral: keys older than the window are masked
         self.generators: dict[int, torch.Generator] = {}
-        self.flash_reason = flash_paged_attention_reason(model, block_size)
-        self.flash = self.flash_reason is None
+        # On a GPU one Triton kernel reads the paged cache; elsewhere torch's attention over gathered keys.
+        self.kernel = model.device.type == "cuda" and runs_on(model.device) and model.kv_format is None
 
     # ------------------------------------------------------------------------------------------- the step
 
@@ -148,7 +126,7 @@ class ModelRunner:
 
     def forward(self, plan: StepPlan) -> torch.Tensor | None:
         """The step's forward pass: float32 logits [1, sampling sequences, vocab] on last-stage ranks."""
-        batch = _Batch(plan.work, self.cache.block_size, self.sliding_window, self.model.device, self.flash)
+        batch = _Batch(plan.work, self.cache.block_size, self.sliding_window, self.model.device, self.kernel)
 
         def attention(index: int, qkv: torch.Tensor, rope, kv_scale) -> torch.Tensor:
             return self._attention(index, qkv, rope, kv_scale, batch)
@@ -182,14 +160,9 @@ class ModelRunner:
                 keys, values = dequantize_kv(keys, kv_scale, q.dtype), dequantize_kv(values, kv_scale, q.dtype)
             return keys.transpose(-3, -2), values.transpose(-3, -2)  # [..., kv_heads, L, hd]
 
-        if self.flash:
-            from torch.nn.attention.varlen import varlen_attn
-
-            shape = (self.cache.num_blocks, self.cache.block_size, kv_heads, hd)
-            window = (-1, 0) if self.sliding_window is None else (self.sliding_window - 1, 0)
-            out = varlen_attn(q[0].transpose(0, 1).contiguous(), k_store.view(shape), v_store.view(shape),
-                              batch.cu_seq_q, None, batch.max_q, batch.max_k, window_size=window,
-                              enable_gqa=kv_heads != heads, seqused_k=batch.seqused_k, block_table=batch.block_table)
+        if self.kernel:
+            out = paged_attention(q[0].transpose(0, 1), k_store, v_store, batch.block_table, batch.token_seq,
+                                  batch.token_pos, self.cache.block_size, self.sliding_window)
             return out.reshape(1, total, heads * hd)
         out = torch.empty(total, heads, hd, dtype=q.dtype, device=q.device)
         if batch.decode_rows is not None:  # every one-token sequence at once, padded to the longest
