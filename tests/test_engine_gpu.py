@@ -53,3 +53,21 @@ def test_the_paged_attention_kernel_gives_the_reference_logits(home, shape):
         ours, expected = kernel.forward(plan), reference.forward(plan)
         assert ours.shape == expected.shape
         assert (ours - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 1e-3
+
+
+def test_decoding_through_cuda_graphs_gives_the_eager_tokens(home):
+    """Steps replayed from the captured graphs (batches padded up to a captured size onto the scratch block) give
+    the tokens of the same engine without graphs, for requests of different lengths arriving together."""
+    from pipeline import LLM
+    from tests.test_engine import random_prompts
+
+    _, artifact = build("llama-tiny")
+    prompts = random_prompts(11, seed=4)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    results = {}
+    for graphs in (True, False):
+        with LLM(artifact, verify=False, max_batch_size=8, tokens_per_block=4, cuda_graphs=graphs) as llm:
+            assert (llm.runner.graphs is not None) == graphs
+            results[graphs] = [o.output_ids for o in llm.generate(prompts, params)]
+            assert llm.stats()["kv_blocks_used"] == 0
+    assert results[True] == results[False]

@@ -49,6 +49,7 @@ class EngineConfig:
     kv_cache_free_gpu_memory_fraction: float = 0.9  # TensorRT-LLM's KvCacheConfig default
     kv_cache_max_tokens: int | None = None
     enable_prefix_reuse: bool = True
+    cuda_graphs: bool = True  # decoding steps replay CUDA graphs (one GPU)
 
 
 def resolve_model(model: str | Path, build: bool = False) -> tuple[Path, dict]:
@@ -167,6 +168,14 @@ class LLM:
 
             num_blocks = mpi_comm.allreduce(num_blocks, op=MPI.MIN)  # every rank holds the same block ids
         self.runner = ModelRunner(model_part, num_blocks, block_size)
+        if self.runner.kernel and self.world == 1 and options.cuda_graphs:
+            start = time.perf_counter()
+            context = self.limits.context_len or 8192
+            self.runner.capture_graphs(max_batch, -(-context // block_size))
+            self.timings["graph_capture_s"] = time.perf_counter() - start
+            self._log(f"CUDA graphs of decoding steps for batches {self.runner.graphs.sizes} captured in "
+                      f"{self.timings['graph_capture_s']:.1f} s")
+            num_blocks -= 1  # the last block is the graphs' scratch
         attention = "paged kernel" if self.runner.kernel else "gathered keys, torch sdpa"
         self._log(f"backend torch on {self.device.type}, {self.world} rank(s) tp={tp} pp={pp}, "
                   f"{self.artifact or 'a model in memory'} (loaded in {self.timings.get('load_s', 0):.1f} s); "

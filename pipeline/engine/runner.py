@@ -12,6 +12,8 @@ block * block_size + offset), in the model dtype or the checkpoint's FP8 / INT8 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -96,6 +98,80 @@ class _Batch:
                                 mask.to(device)))
 
 
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
+
+
+class _DecodeGraphs:
+    """CUDA graphs of decoding steps (one new token per sequence), one per batch size in GRAPH_BATCHES up to the
+    engine's max_batch_size, captured at start-up. A step of B sequences replays the smallest graph of at least B;
+    the rows past B point at the pool's last block, kept aside as scratch, so they touch no sequence's cache."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks_per_seq: int):
+        device = runner.model.device
+        self.runner = runner
+        self.sizes = [b for b in GRAPH_BATCHES if b < max_batch] + [max_batch]
+        top = self.sizes[-1]
+        self.scratch = runner.cache.num_blocks - 1
+        self.scratch_slot = self.scratch * runner.cache.block_size
+        self.tokens = torch.zeros((1, top), dtype=torch.long, device=device)
+        self.positions = torch.zeros((1, top), dtype=torch.long, device=device)
+        self.block_table = torch.full((top, max_blocks_per_seq), self.scratch, dtype=torch.int32, device=device)
+        self.token_seq = torch.arange(top, dtype=torch.int32, device=device)
+        self.token_pos = torch.zeros(top, dtype=torch.int32, device=device)
+        self.new_slots = torch.full((top,), self.scratch_slot, dtype=torch.long, device=device)
+        self.rows = torch.arange(top, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):  # the largest first: the smaller ones fit in its memory
+            self._forward(size)  # compiles the Triton kernels and warms cuBLAS outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(size)
+            self.graphs[size] = (graph, logits)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        view = _GraphBatch(self.block_table[:size], self.token_seq[:size], self.token_pos[:size],
+                           self.new_slots[:size])
+
+        def attention(index: int, qkv: torch.Tensor, rope, kv_scale) -> torch.Tensor:
+            return self.runner._attention(index, qkv, rope, kv_scale, view)
+
+        return self.runner.model.forward(self.tokens[:, :size], self.positions[:, :size], None, attention=attention,
+                                         logit_rows=self.rows[:size])
+
+    def fits(self, plan: StepPlan) -> bool:
+        return len(plan.work) <= self.sizes[-1] and all(len(w.tokens) == 1 and w.sample for w in plan.work)
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        work, block_size = plan.work, self.runner.cache.block_size
+        count = len(work)
+        size = next(s for s in self.sizes if s >= count)
+        width = max(len(w.blocks) for w in work)
+        table = torch.tensor([list(w.blocks) + [self.scratch] * (width - len(w.blocks)) for w in work],
+                             dtype=torch.int32)
+        pos = torch.tensor([w.start for w in work], dtype=torch.long)
+        self.tokens[0, :count].copy_(torch.tensor([w.tokens[0] for w in work]), non_blocking=True)
+        self.positions[0, :count].copy_(pos, non_blocking=True)
+        self.token_pos[:count].copy_(pos.to(torch.int32), non_blocking=True)
+        self.block_table[:count, :width].copy_(table, non_blocking=True)
+        self.new_slots[:count].copy_(table[torch.arange(count), pos // block_size].long() * block_size
+                                     + pos % block_size, non_blocking=True)
+        self.block_table[count:size].fill_(self.scratch)  # rows a larger earlier step left behind
+        self.new_slots[count:size].fill_(self.scratch_slot)
+        self.token_pos[count:size].zero_()
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:, :count]
+
+
+@dataclass
+class _GraphBatch:
+    block_table: torch.Tensor
+    token_seq: torch.Tensor
+    token_pos: torch.Tensor
+    new_slots: torch.Tensor
+
+
 class ModelRunner:
     def __init__(self, model: RankModel, num_blocks: int, block_size: int):
         self.model = model
@@ -104,6 +180,12 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}
         # On a GPU one Triton kernel reads the paged cache; elsewhere torch's attention over gathered keys.
         self.kernel = model.device.type == "cuda" and runs_on(model.device) and model.kv_format is None
+        self.graphs: _DecodeGraphs | None = None
+
+    def capture_graphs(self, max_batch: int, max_blocks_per_seq: int) -> None:
+        """Capture the decoding steps' CUDA graphs (one GPU, paged kernel). The pool's last block becomes
+        scratch: the scheduler must be given num_blocks - 1 blocks."""
+        self.graphs = _DecodeGraphs(self, max_batch, max_blocks_per_seq)
 
     # ------------------------------------------------------------------------------------------- the step
 
@@ -126,6 +208,8 @@ class ModelRunner:
 
     def forward(self, plan: StepPlan) -> torch.Tensor | None:
         """The step's forward pass: float32 logits [1, sampling sequences, vocab] on last-stage ranks."""
+        if self.graphs is not None and self.graphs.fits(plan):
+            return self.graphs.run(plan)
         batch = _Batch(plan.work, self.cache.block_size, self.sliding_window, self.model.device, self.kernel)
 
         def attention(index: int, qkv: torch.Tensor, rope, kv_scale) -> torch.Tensor:
