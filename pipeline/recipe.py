@@ -437,8 +437,9 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
         problems.append(f"build.max_input_len: {b.max_input_len} exceeds build.max_seq_len {b.max_seq_len}; "
                         f"lower max_input_len or raise max_seq_len")
     problems.extend(plugin_problems(recipe))
-    if recipe.runtime.top_p > 1.0:
-        problems.append(f"runtime.top_p: {recipe.runtime.top_p} must be in (0, 1]")
+    from pipeline.params import runtime_problems
+
+    problems.extend(runtime_problems(recipe.runtime))
     g = recipe.eval.gate
     if g.min_top1_agreement is not None and g.min_top1_agreement > 1.0:
         problems.append(f"eval.gate.min_top1_agreement: {g.min_top1_agreement} must be a fraction in [0, 1]")

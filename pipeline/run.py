@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError, RunError
 from pipeline.generate import Sampling, generate, score
 from pipeline.manifest import read_manifest, sha256_file
 from pipeline.mapping import Mapping
+from pipeline.params import Limits, ParamError, SamplingParams, request_problems, text_problems
 from pipeline.recipe import RuntimeSpec
 
 
@@ -55,13 +56,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_artifact(args: argparse.Namespace) -> tuple[Path, dict]:
-    """The folder to run and the runtime settings (RuntimeSpec as dict) that go with it."""
+    """The folder to run and the resolved recipe (as dict) that goes with it."""
     if args.engine is not None:
         if not args.engine.is_dir():
-            raise RunError(f"--engine {args.engine}: no such folder")
-        return args.engine, recipe_for(args.engine).get("runtime", {})
+            what = "a file" if args.engine.exists() else "no such folder"
+            raise RunError(f"--engine {args.engine}: {what}; give the artifact folder (the `artifact:` line that "
+                           f"`make build` prints), or leave --engine out to run the latest build")
+        return args.engine, recipe_for(args.engine)
     record = read_build_record(args.recipe)
-    return Path(record["artifact"]), record["resolved"]["runtime"]
+    return Path(record["artifact"]), record["resolved"]
 
 
 def sampling_from(runtime: dict, args: argparse.Namespace) -> Sampling:
@@ -70,6 +73,56 @@ def sampling_from(runtime: dict, args: argparse.Namespace) -> Sampling:
     overrides = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                  "top_p": args.top_p, "seed": args.seed}
     return replace(sampling, **{k: v for k, v in overrides.items() if v is not None})
+
+
+RUN_FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+             "top_p": "--top-p", "seed": "--seed"}  # how request_problems names each parameter to a runner user
+
+
+def check_run_request(args: argparse.Namespace, runtime: dict, config: dict, build: dict,
+                      tokenizer) -> tuple[list[list[int]], Sampling]:
+    """The prompts (token ids) and sampling of this run, checked by pipeline.params against the model and the
+    build's limits before any rank loads weights; raises ParamError naming each bad flag and its fix. Every rank
+    computes the same answer, so every rank stops with the same error and no rank waits in a collective."""
+    sampling = sampling_from(runtime, args)
+    params = SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                            top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
+    problems = params.problems(RUN_FLAGS)
+    if args.prompt_ids_file:
+        try:
+            prompts = json.loads(args.prompt_ids_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ParamError([f"--prompt-ids-file {args.prompt_ids_file}: not a readable JSON file ({exc}); give a "
+                              f"JSON list of token-id lists, e.g. [[1, 2, 3]]"]) from None
+        if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
+            raise ParamError([f"--prompt-ids-file {args.prompt_ids_file}: expected a JSON list of token-id lists, "
+                              f"e.g. [[1, 2, 3]]"])
+    elif args.prompt_ids:
+        prompts = []
+        for text in args.prompt_ids:
+            try:
+                prompts.append([int(t) for t in text.split(",")])
+            except ValueError:
+                raise ParamError([f"--prompt-ids {text!r}: give comma-separated whole numbers, e.g. 1,2,3"]) from None
+    else:
+        texts = args.prompt if args.prompt is not None else list(runtime.get("prompts", RuntimeSpec().prompts))
+        text_errors = text_problems(texts, "--prompt")
+        if text_errors:
+            raise ParamError(problems + text_errors)
+        if tokenizer is None:
+            raise RunError(f"{args.engine or 'the artifact'} has no tokenizer files; give --prompt-ids 1,2,3 or set "
+                           f"model.tokenizer in the recipe and rebuild")
+        prompts = [tokenizer(t).input_ids for t in texts]
+    if not prompts:
+        problems.append("--prompt-ids-file holds no prompts; give at least one")
+    limits = Limits.from_config(config, build)
+    for i, prompt in enumerate(prompts):
+        where = "" if len(prompts) == 1 else f"prompt [{i}]: "
+        problems += [where + p for p in request_problems(params, prompt, limits, RUN_FLAGS)
+                     if p not in problems]  # the flags' own problems are the same for every prompt
+    if problems:
+        raise ParamError(problems)
+    return prompts, sampling
 
 
 def load_tokenizer(folder: Path):
@@ -159,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
 
-    artifact, runtime = resolve_artifact(args)
+    artifact, resolved = resolve_artifact(args)
+    runtime = resolved.get("runtime", {})
     if (artifact / "rank0.engine").is_file():  # a TensorRT-LLM engine folder
         from pipeline.backends.tensorrt_llm import run_engine
 
@@ -173,17 +227,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     if problems:
         raise RunError("the artifact cannot run:\n" + "\n".join(f"  rank {r}: {p}" for r, p in problems))
     tokenizer = load_tokenizer(artifact)
-    if args.prompt_ids_file:
-        prompts = json.loads(args.prompt_ids_file.read_text())
-    elif args.prompt_ids:
-        prompts = [[int(t) for t in s.split(",")] for s in args.prompt_ids]
-    else:
-        texts = args.prompt or list(runtime.get("prompts", RuntimeSpec().prompts))
-        if tokenizer is None:
-            raise RunError(f"{artifact} has no tokenizer files; give --prompt-ids 1,2,3 or set model.tokenizer in "
-                           f"the recipe and rebuild")
-        prompts = [tokenizer(t).input_ids for t in texts]
-    sampling = sampling_from(runtime, args)
+    prompts, sampling = check_run_request(args, runtime, config, resolved.get("build", {}), tokenizer)
     manifest = read_manifest(artifact) or {}
     conversion = manifest.get("conversion", {})
     eos_id = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None \
