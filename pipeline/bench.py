@@ -521,7 +521,6 @@ def bench_command(recipe, args: argparse.Namespace) -> int:
         worker_args = ["--device-random", recipe.model.random, "--dtype", dtype, "--quant", q]
     else:
         from pipeline.build import Builder
-
         from pipeline.storage import Hold
 
         # no build record: a benchmark's overrides must not replace the user's build of this recipe

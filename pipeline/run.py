@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.build import read_build_record, recipe_for
-from pipeline.dist import Comm, abort, all_ok, finish, mpi_world, pick_device
+from pipeline.dist import Comm, Watchdog, abort, all_ok, finish, mpi_world, pick_device
 from pipeline.errors import PipelineError, RunError
 from pipeline.generate import Sampling, generate, score
 from pipeline.manifest import read_manifest, sha256_file
@@ -196,8 +196,9 @@ def report_outputs(args: argparse.Namespace, artifact: Path, backend: str, world
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world, mpi_comm = mpi_world()
+    watchdog = Watchdog.start(mpi_comm)  # from here on, a rank that stops ends the job (pipeline.dist)
     try:
-        return _run(args, rank, world, mpi_comm)
+        return _run(args, rank, world, mpi_comm, watchdog)
     except PipelineError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
@@ -209,8 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
+def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Watchdog | None = None) -> int:
     from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+
+    def phase(name: str) -> None:
+        if watchdog is not None:
+            watchdog.phase(name)
+
+    def done(code: int) -> int:
+        if watchdog is not None:
+            watchdog.settle(mpi_comm)
+        return finish(comm, code)
 
     artifact, resolved = resolve_artifact(args)
     runtime = resolved.get("runtime", {})
@@ -223,6 +233,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     if world != tp * pp:
         raise RunError(f"{artifact.name} was built for {tp * pp} rank(s) (tp={tp}, pp={pp}) but {world} "
                        f"{'was' if world == 1 else 'were'} started; run: mpirun -n {tp * pp} python -m pipeline.run")
+    phase("checking the artifact")
     problems = all_ok(mpi_comm, verify_problem(artifact, rank, not args.no_verify))
     if problems:
         raise RunError("the artifact cannot run:\n" + "\n".join(f"  rank {r}: {p}" for r, p in problems))
@@ -235,6 +246,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else None)
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
 
+    phase("loading weights")
     mapping = Mapping(tp, pp, rank)
     device = pick_device(mpi_comm, args.device)
     comm = Comm.create(mapping, device, mpi_comm)
@@ -251,7 +263,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
         if rank == comm.sampler_rank:
             torch.save([t.cpu() for t in all_logits], args.logits_out)
         if args.score_only:
-            return finish(comm, 0)
+            return done(0)
 
     stream = rank == 0 and tokenizer is not None and len(prompts) == 1
     printer = StreamPrinter(tokenizer, prompts[0]) if stream else None
@@ -264,6 +276,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
                                      and sampling.temperature == 0)
     if fast and (pp != 1 or sampling.temperature != 0):
         raise RunError("--decode fast runs greedy decoding (temperature 0) with pp=1; use --decode plain")
+    phase("generating")
     start = time.perf_counter()
     if fast:
         from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
@@ -285,7 +298,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     if rank == 0:
         report_outputs(args, artifact, "torch", world, prompts, outputs, tokenizer, seconds, streamed=printer is not None)
     decoder = None  # its CUDA graphs hold captured NCCL work: release them before the teardown
-    return finish(comm, 0)
+    return done(0)
 
 
 if __name__ == "__main__":
