@@ -80,7 +80,6 @@ class Watchdog:
         now = time.monotonic()
         self._seen = {r: (-1, now) for r in range(world) if r != rank}  # rank -> (its beat count, when it moved)
         self._store_ok = now
-        self._seen_once = False
         for target in (self._beat, self._judge):
             threading.Thread(target=target, name=f"watchdog{target.__name__}", daemon=True).start()
 
@@ -134,9 +133,6 @@ class Watchdog:
     def _beat(self) -> None:
         """Publish this rank's beat and phase, read the others' (store I/O: blocks while rank 0 is stopped)."""
         while not self._stop.is_set():
-            if self._seen_once:
-                self._stop.wait(WATCHDOG_INTERVAL_S)
-            self._seen_once = True
             try:
                 if self._phase != self._published:
                     phase = self._phase
@@ -144,13 +140,14 @@ class Watchdog:
                     self._published = phase
                 self.store.add(f"beat/{self.rank}", 1)
                 counts = {r: self.store.add(f"beat/{r}", 0) for r in self._seen}
+                now = time.monotonic()
+                for r, count in counts.items():
+                    if count != self._seen[r][0]:
+                        self._seen[r] = (count, now)
+                self._store_ok = now
             except Exception:  # the store's own timeout: rank 0, its host, is not answering
-                continue
-            now = time.monotonic()
-            for r, count in counts.items():
-                if count != self._seen[r][0]:
-                    self._seen[r] = (count, now)
-            self._store_ok = now
+                pass
+            self._stop.wait(WATCHDOG_INTERVAL_S)
 
     def _judge(self) -> None:
         """No I/O: whose beat is older than the bound (rank 0's, when its store stopped answering)."""

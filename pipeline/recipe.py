@@ -480,11 +480,22 @@ def plugin_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
+_NUMERIC_CONFIG_KEYS = (  # the config.json numbers the weight maps read, in both naming schemes
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "layer_norm_epsilon", "hidden_size",
+    "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "max_position_embeddings", "rms_norm_eps", "rope_theta")
+
+
 def check_against_model(recipe: Recipe, hf_config: dict) -> list[str]:
     """Rules between the recipe and the model's Hugging Face config.json; empty when all hold."""
     from pipeline.convert.architectures import describe
 
-    problems: list[str] = []
+    problems: list[str] = [f"the model's config.json: {key} is {hf_config[key]!r}, expected a number; correct it in "
+                           f"the model folder's config.json (or fetch the model again)"
+                           for key in _NUMERIC_CONFIG_KEYS if key in hf_config and hf_config[key] is not None
+                           and (isinstance(hf_config[key], bool) or not isinstance(hf_config[key], int | float))]
+    if problems:
+        return problems
     try:
         arch = describe(hf_config)
     except Exception as exc:  # WeightMapError: unsupported architecture
