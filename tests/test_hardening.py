@@ -389,8 +389,8 @@ def test_verify_refuses_manifest_entries_outside_the_artifact(home, tiny, tmp_pa
 
 @pytest.mark.slow
 def test_a_bench_with_overrides_leaves_the_users_build_records(home, tiny):
-    record = (home / "builds" / "hard-tiny.json").read_text()
     _build({**TINY, "build": {"max_input_len": 64}}, "hard-tiny")  # the user's latest build
+    record = (home / "builds" / "hard-tiny.json").read_text()
     latest = (home / "latest.json").read_text()
     recipe = home.parent / "hard-tiny.yaml"
     recipe.write_text(json.dumps({**TINY, "build": {"max_input_len": 64}}))
