@@ -21,6 +21,7 @@ matplotlib is installed) beside the artifact, or where --out says.
 from __future__ import annotations
 
 import argparse
+import atexit
 import faulthandler
 import json
 import math
@@ -515,8 +516,11 @@ def bench_command(recipe, args: argparse.Namespace) -> int:
         worker_args = ["--device-random", recipe.model.random, "--dtype", dtype, "--quant", q]
     else:
         from pipeline.build import Builder
+        from pipeline.storage import Hold
 
-        artifact = Builder(recipe, show_progress=False).run(gate=False).artifact
+        # no build record: a benchmark's overrides must not replace the user's build of this recipe
+        artifact = Builder(recipe, show_progress=False).run(gate=False, record=False).artifact
+        atexit.register(Hold(artifact).release)  # kept from gc while the benchmark runs on it
         worker_args = ["--artifact", str(artifact)]
     out_dir = Path(args.out) if args.out else (artifact.parent if artifact else Path("bench/results"))
     out_dir.mkdir(parents=True, exist_ok=True)

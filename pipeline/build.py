@@ -36,6 +36,7 @@ from pipeline.manifest import (
 from pipeline.random_weights import make_random_checkpoint
 from pipeline.recipe import REPO_ROOT, Recipe, check_against_model
 from pipeline.shapes import SHAPES
+from pipeline.storage import Hold, check_free_space, write_error, write_errors
 
 RANDOM_WEIGHTS_VERSION = 1  # bump when pipeline.random_weights changes the bytes it writes
 
@@ -74,25 +75,42 @@ def is_complete(path: Path) -> bool:
 
 
 class StageOutput:
-    """A temporary folder that becomes `final` on success and disappears on failure."""
+    """A temporary folder that becomes `final` on success and disappears on failure. While it exists, the process
+    holds it (and `final`) against `gc`; with `needed_bytes` it first checks that the disk has that much room."""
 
-    def __init__(self, final: Path):
+    def __init__(self, final: Path, needed_bytes: int | None = None):
         self.final = final
         self.tmp = final.parent / f".tmp-{final.name}-{int(time.time() * 1e6)}"
+        self.needed_bytes = needed_bytes
+        self.what = f"the {final.parent.name} stage"
+        self.hold = Hold(self.tmp, self.final)  # before the folder exists: gc lists folders, then reads locks
 
     def __enter__(self) -> Path:
-        self.tmp.mkdir(parents=True)
+        try:
+            if self.needed_bytes:
+                check_free_space(self.final.parent, self.needed_bytes, self.what)
+            with write_errors(self.final.parent, self.needed_bytes, self.what):
+                self.tmp.mkdir(parents=True)
+        except BaseException:
+            self.hold.release()
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                error = write_error(exc, self.tmp, self.needed_bytes, self.what)
+                if error is not None:
+                    raise error from None
+                return False
+            if self.final.exists():  # another build finished the same key first; keep theirs
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            else:
+                self.tmp.rename(self.final)
             return False
-        if self.final.exists():  # another build finished the same key first; keep theirs
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            self.tmp.rename(self.final)
-        return False
+        finally:
+            self.hold.release()
 
 
 def validate_with_model(recipe: Recipe) -> dict:
@@ -110,6 +128,11 @@ def _source_files(folder: Path) -> list[str]:
     return names
 
 
+def _bytes(folder: Path, names: list[str] | None = None) -> int:
+    paths = [folder / n for n in names] if names is not None else [p for p in Path(folder).rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in paths)
+
+
 def _tokenizer_files(folder: Path | None) -> list[str]:
     return [n for n in TOKENIZER_FILES if folder is not None and (folder / n).is_file()]
 
@@ -122,6 +145,7 @@ class Builder:
         self.log = log
         self.show_progress = show_progress
         self.versions = library_versions()
+        self.hold: Hold | None = None  # while run() runs: the stage folders it has found or made, kept from gc
 
     # ----------------------------------------------------------------------------------- fetch
 
@@ -140,6 +164,7 @@ class Builder:
         inputs = self.fetch_inputs()
         key = stage_key(inputs)
         final = stage_dir("fetch", key)
+        self._hold(final)
         start = time.perf_counter()
         if m.random:
             if is_complete(final):
@@ -188,13 +213,14 @@ class Builder:
         inputs = self.convert_inputs(source)
         key = stage_key(inputs)
         final = stage_dir("convert", key)
+        self._hold(final)
         if is_complete(final):
             return StageResult("convert", key, True, final, detail=self._convert_detail())
         start = time.perf_counter()
         tokenizer = hub.tokenizer_source(r.model, source)
         from pipeline.quantize.checkpoint import make_quantizer
 
-        with StageOutput(final) as tmp:
+        with StageOutput(final, needed_bytes=_bytes(source, _source_files(source))) as tmp:
             quantizer = make_quantizer(r, source, log=self.log)
             result = convert_checkpoint(source, tmp, dtype=r.precision.dtype, tp=r.parallel.tp, pp=r.parallel.pp,
                                         workers=r.build.workers, tokenizer_dir=tokenizer, quantize=quantizer,
@@ -222,10 +248,11 @@ class Builder:
         inputs = trt.engine_inputs(self.recipe, convert.key, self.versions)
         key = stage_key(inputs)
         final = stage_dir("engine", key)
+        self._hold(final)
         if is_complete(final):
             return StageResult("engine", key, True, final, detail="TensorRT-LLM engines")
         start = time.perf_counter()
-        with StageOutput(final) as tmp:
+        with StageOutput(final, needed_bytes=_bytes(convert.path)) as tmp:
             report = trt.build_engines(self.recipe, convert.path, tmp, log=self.log)
             write_manifest(tmp, self._manifest("engine", key, inputs, {"trtllm_build": report}, tmp,
                                                time.perf_counter() - start))
@@ -249,7 +276,21 @@ class Builder:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
-    def run(self, gate: bool = True) -> BuildResult:
+    def run(self, gate: bool = True, record: bool = True) -> BuildResult:
+        """All stages; `record`: write the build records that `pipeline.run` and `gc` read (a benchmark's build
+        does not, so it never replaces the user's)."""
+        self.hold = Hold()
+        try:
+            return self._run(gate, record)
+        finally:
+            self.hold.release()
+            self.hold = None
+
+    def _hold(self, path: Path) -> None:
+        if self.hold is not None:
+            self.hold.add(path)
+
+    def _run(self, gate: bool, record: bool) -> BuildResult:
         r = self.recipe
         validate_with_model(r)
         backend = select_backend(r.build.backend, needs_capability=(8, 9) if r.precision.quantization.quant == "fp8"
@@ -258,6 +299,7 @@ class Builder:
         fetch, source = self.fetch()
         self._report(fetch)
         result.stages.append(fetch)
+        self._hold(source)
         convert = self.convert(source)
         self._report(convert)
         result.stages.append(convert)
@@ -269,7 +311,9 @@ class Builder:
             engine = self.engine(convert)
             self._report(engine)
             result.stages.append(engine)
-        record_build(result)
+        if record:
+            with write_errors(builds_dir(), None, "the build record"):
+                record_build(result)
         self.log(f"backend: {backend.name} ({backend.reason})")
         self.log(f"artifact: {result.artifact}")
         self.log(f"run it: mpirun -n {r.world_size} python -m pipeline.run")

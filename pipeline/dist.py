@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -24,10 +27,17 @@ from pipeline.mapping import Mapping
 
 def mpi_world() -> tuple[int, int, object | None]:
     """(rank, world size, communicator) of this process; (0, 1, None) when MPI is not available."""
+    # MPI's start-up waits for every rank, holding the GIL: a rank that never gets there is caught by a helper
+    # process that ends this one after the watchdog's bound (mpirun then ends the job)
+    helper = _start_up_deadline(watchdog_timeout_s())
     try:
         from mpi4py import MPI
     except ImportError:
         return 0, 1, None
+    finally:
+        if helper is not None:
+            os.killpg(helper.pid, signal.SIGKILL)  # the shell and its sleep
+            helper.wait()
     comm = MPI.COMM_WORLD
     return comm.Get_rank(), comm.Get_size(), comm
 
@@ -38,6 +48,164 @@ def all_ok(mpi_comm, problem: str | None) -> list[tuple[int, str]]:
         return [(0, problem)] if problem else []
     problems = mpi_comm.allgather(problem)
     return [(r, p) for r, p in enumerate(problems) if p]
+
+
+WATCHDOG_TIMEOUT_S = 60.0  # a rank silent this long ends the job (PIPELINE_WATCHDOG_S overrides; 0 turns it off)
+WATCHDOG_INTERVAL_S = 1.0  # heartbeat period: the job ends within WATCHDOG_TIMEOUT_S + 2 intervals of a stop
+WATCHDOG_EXIT_CODE = 3
+
+
+def watchdog_timeout_s() -> float:
+    value = os.environ.get("PIPELINE_WATCHDOG_S")
+    return WATCHDOG_TIMEOUT_S if value in (None, "") else float(value)
+
+
+class Watchdog:
+    """Heartbeats between the ranks of one job, so that a rank that stops (SIGSTOP, a debugger, a frozen host)
+    ends the job with a message naming it and its phase instead of leaving the others waiting in a collective.
+
+    Each rank's thread bumps its counter in a small TCP key-value store hosted by rank 0 (torch.distributed's
+    TCPStore: it needs neither MPI nor the process group, so it works in every phase, and a thread of a stopped
+    process stops too) and reads the others'. A rank whose counter has not moved for `timeout_s`, or rank 0 when
+    its store does not answer for that long, is reported by the lowest live rank, and every live rank exits with
+    WATCHDOG_EXIT_CODE, which makes mpirun end the job. Long work without collectives (loading, compiling) is
+    no stop: the threads beat through it. Call `phase(name)` as the work moves on, and `settle()` before the
+    teardown (after it, ranks exit at their own pace and stop beating).
+    """
+
+    def __init__(self, rank: int, world: int, store, timeout_s: float):
+        self.rank, self.world, self.store, self.timeout_s = rank, world, store, timeout_s
+        self._phase, self._published = "starting", None
+        self._stop = threading.Event()
+        now = time.monotonic()
+        self._seen = {r: (-1, now) for r in range(world) if r != rank}  # rank -> (its beat count, when it moved)
+        self._store_ok = now
+        for target in (self._beat, self._judge):
+            threading.Thread(target=target, name=f"watchdog{target.__name__}", daemon=True).start()
+
+    @classmethod
+    def start(cls, mpi_comm, timeout_s: float | None = None) -> Watchdog | None:
+        """One per rank, right after MPI starts; None for a single rank or with the watchdog turned off."""
+        timeout_s = watchdog_timeout_s() if timeout_s is None else timeout_s
+        if mpi_comm is None or mpi_comm.Get_size() == 1 or timeout_s <= 0:
+            return None
+        from mpi4py import MPI
+
+        rank, world = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        store_timeout = timedelta(seconds=max(2 * WATCHDOG_INTERVAL_S, min(timeout_s, 10.0)))
+        buf = bytearray(256)
+        if rank == 0:
+            store = torch_dist.TCPStore("0.0.0.0", 0, world, is_master=True, wait_for_workers=False,
+                                        timeout=store_timeout)
+            buf[:] = f"{socket.gethostname()} {_host_address()} {store.port}".encode().ljust(256)
+        request = mpi_comm.Ibcast([buf, MPI.BYTE], root=0)  # polled: a rank stopped now must not hang this
+        deadline = time.monotonic() + timeout_s
+        while not request.Test():
+            if time.monotonic() > deadline:
+                who = "rank 0 did not" if rank else "not every rank did"
+                _watchdog_exit(rank, f"{who} reach start-up within {timeout_s:g} s (phase: starting; a stopped "
+                                     f"process or a host that is gone); ending the job")
+            time.sleep(0.01)
+        if rank != 0:
+            host, addr, port = buf.decode().split()
+            addr = "127.0.0.1" if host == socket.gethostname() else addr
+            try:
+                store = torch_dist.TCPStore(addr, int(port), world, is_master=False, timeout=store_timeout)
+            except Exception as exc:  # RuntimeError/DistStoreError: rank 0's store did not answer
+                _watchdog_exit(rank, f"rank 0 does not answer at {addr}:{port} ({type(exc).__name__}); ending the job")
+        return cls(rank, world, store, timeout_s)
+
+    def phase(self, name: str) -> None:
+        """What this rank does now; named in the message when it stops."""
+        self._phase = name
+
+    def settle(self, mpi_comm) -> None:
+        """Meet every rank (watched: a stop here is reported too), then stop beating."""
+        self.phase("finishing")
+        request = mpi_comm.Ibarrier()
+        while not request.Test():
+            time.sleep(0.005)
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        """Publish this rank's beat and phase, read the others' (store I/O: blocks while rank 0 is stopped)."""
+        while not self._stop.is_set():
+            try:
+                if self._phase != self._published:
+                    phase = self._phase
+                    self.store.set(f"phase/{self.rank}", phase)
+                    self._published = phase
+                self.store.add(f"beat/{self.rank}", 1)
+                counts = {r: self.store.add(f"beat/{r}", 0) for r in self._seen}
+                now = time.monotonic()
+                for r, count in counts.items():
+                    if count != self._seen[r][0]:
+                        self._seen[r] = (count, now)
+                self._store_ok = now
+            except Exception:  # the store's own timeout: rank 0, its host, is not answering
+                pass
+            self._stop.wait(WATCHDOG_INTERVAL_S)
+
+    def _judge(self) -> None:
+        """No I/O: whose beat is older than the bound (rank 0's, when its store stopped answering)."""
+        while not self._stop.wait(WATCHDOG_INTERVAL_S):
+            now = time.monotonic()
+            if self.rank != 0 and now - self._store_ok > self.timeout_s:
+                stalled, silent = [0], now - self._store_ok
+            else:
+                stalled = [r for r, (_, t) in self._seen.items() if now - t > self.timeout_s]
+                silent = now - max((self._seen[r][1] for r in stalled), default=now)
+            if stalled and not self._stop.is_set():
+                self._report(stalled, silent)
+
+    def _report(self, stalled: list[int], silent_s: float) -> None:
+        live = [r for r in range(self.world) if r not in stalled]
+        if self.rank != min(live):  # one message per job: the lowest live rank's
+            time.sleep(2 * WATCHDOG_INTERVAL_S)
+            _watchdog_exit(self.rank, None)
+        phases = []
+        for r in stalled:
+            try:
+                if r == 0 and self.rank != 0:
+                    raise TimeoutError  # its store is what does not answer
+                phases.append(self.store.get(f"phase/{r}").decode() if self.store.check([f"phase/{r}"]) else "starting")
+            except Exception:
+                phases.append("unknown: it hosts the heartbeats")
+        names = ", ".join(f"rank {r} (phase: {p})" for r, p in zip(stalled, phases))
+        _watchdog_exit(self.rank, f"{names} made no progress for {silent_s:.0f} s (the watchdog's bound is "
+                                  f"PIPELINE_WATCHDOG_S={self.timeout_s:g}); rank {self.rank} was in phase: "
+                                  f"{self._phase}. A rank stops like this when its process is stopped (SIGSTOP, a "
+                                  f"debugger), its host freezes or its network is gone; ending the job")
+
+
+def _start_up_deadline(timeout_s: float):
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1"))) <= 1 or timeout_s <= 0:
+        return None
+    import shlex
+    import subprocess
+
+    rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0"))
+    message = (f"error: [watchdog, rank {rank}] MPI start-up did not finish within {timeout_s:g} s (phase: "
+               f"starting): another rank never reached it (a stopped process, or a host that is gone); ending the job")
+    script = f"sleep {timeout_s:g} && echo {shlex.quote(message)} >&2 && kill -KILL {os.getpid()}"
+    return subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _watchdog_exit(rank: int, message: str | None) -> None:
+    if message:
+        print(f"error: [watchdog, rank {rank}] {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(WATCHDOG_EXIT_CODE)  # from any thread, past any collective the main thread waits in
+
+
+def _host_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def abort(mpi_comm, code: int = 1) -> None:

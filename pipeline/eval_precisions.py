@@ -28,7 +28,7 @@ def eval_command(recipe: Recipe, precisions: list[str] | None = None, out: Path 
             variants.append((name, replace(base, eval=replace(base.eval, gate=type(base.eval.gate)()))))
     rows, reference_cache = [], {}
     for name, variant in variants:
-        result = Builder(variant, show_progress=False, log=lambda _: None).run(gate=False)
+        result = Builder(variant, show_progress=False, log=lambda _: None).run(gate=False, record=False)
         source = result.stages[0].path
         m = evaluate(variant, result.artifact, source, reference_cache)
         rows.append((name or _precision_label(variant), m))

@@ -2,7 +2,8 @@
 
 Kept: every stage folder named by checkpoints/builds/*.json (and latest.json), and offline sources. Removed: other
 stage folders, oldest first; with --keep-gb N, also referenced ones (oldest first, never the latest build) until
-the stage folders fit in N GB; always the .tmp-* folders that interrupted builds left.
+the stage folders fit in N GB; always the .tmp-* folders that interrupted builds left. Never removed: what a
+running build holds (pipeline.storage's locks); a lock whose process is gone is stale and goes too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline.hub import checkpoints_dir
+from pipeline.storage import held_paths
 
 STAGES = ("fetch", "convert", "engine")
 
@@ -66,11 +68,13 @@ def collect(keep_gb: float | None = None) -> list[tuple[Path, int, str]]:
             size = _size(path)
             candidates.append((path, size, f"over the {keep_gb} GB budget (oldest first)"))
             total -= size
-    return candidates
+    held, _ = held_paths()  # read after listing: a build creates its lock before its folders
+    return [c for c in candidates if c[0].resolve() not in held]
 
 
 def gc_command(keep_gb: float | None = None, dry_run: bool = False) -> int:
     removed = collect(keep_gb)
+    _, stale = held_paths()
     for path, size, reason in removed:
         print(f"{'would remove' if dry_run else 'removed'} {path} ({size / 1e6:.1f} MB): {reason}")
         if not dry_run:
@@ -78,6 +82,10 @@ def gc_command(keep_gb: float | None = None, dry_run: bool = False) -> int:
             sibling = path.parent / f"{path.name}.eval.json"
             if sibling.is_file():
                 sibling.unlink()
+    for lock in stale:
+        print(f"{'would remove' if dry_run else 'removed'} {lock}: a lock left by a build that is no longer running")
+        if not dry_run:
+            lock.unlink(missing_ok=True)
     freed = sum(size for _, size, _ in removed)
     print(f"gc: {len(removed)} folder(s), {freed / 1e9:.2f} GB {'to free' if dry_run else 'freed'} "
           f"({time.strftime('%H:%M:%S')})")

@@ -151,7 +151,11 @@ def verify_folder(folder: Path) -> list[str]:
     problems = []
     for name, digest in sorted(expected.items()):
         path = folder / name
-        if not path.is_file():
+        outside = _outside(folder, name)
+        if outside:
+            problems.append(f"{name}: {outside}; refused (a manifest lists files inside its artifact folder only: "
+                            f"rebuild the artifact with `make build`)")
+        elif not path.is_file():
             problems.append(f"{name}: missing")
         elif sha256_file(path) != digest:
             problems.append(f"{name}: sha256 differs from the manifest (modified after the build)")
@@ -159,6 +163,17 @@ def verify_folder(folder: Path) -> list[str]:
     for extra in sorted(present - set(expected)):
         problems.append(f"{extra}: not listed in the manifest")
     return problems
+
+
+def _outside(folder: Path, name: str) -> str | None:
+    """Why manifest entry `name` is not a file inside `folder` (an absolute path, "..", a symlink leading out)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        return "an absolute path, outside the artifact"
+    if ".." in Path(name).parts:
+        return "a path through '..', outside the artifact"
+    if not (folder / name).resolve().is_relative_to(folder.resolve()):
+        return f"a symlink leading out of the artifact (to {(folder / name).resolve()})"
+    return None
 
 
 def command_line() -> str:

@@ -437,8 +437,9 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
         problems.append(f"build.max_input_len: {b.max_input_len} exceeds build.max_seq_len {b.max_seq_len}; "
                         f"lower max_input_len or raise max_seq_len")
     problems.extend(plugin_problems(recipe))
-    if recipe.runtime.top_p > 1.0:
-        problems.append(f"runtime.top_p: {recipe.runtime.top_p} must be in (0, 1]")
+    from pipeline.params import runtime_problems
+
+    problems.extend(runtime_problems(recipe.runtime))
     g = recipe.eval.gate
     if g.min_top1_agreement is not None and g.min_top1_agreement > 1.0:
         problems.append(f"eval.gate.min_top1_agreement: {g.min_top1_agreement} must be a fraction in [0, 1]")
@@ -479,11 +480,22 @@ def plugin_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
+_NUMERIC_CONFIG_KEYS = (  # the config.json numbers the weight maps read, in both naming schemes
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "layer_norm_epsilon", "hidden_size",
+    "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "max_position_embeddings", "rms_norm_eps", "rope_theta")
+
+
 def check_against_model(recipe: Recipe, hf_config: dict) -> list[str]:
     """Rules between the recipe and the model's Hugging Face config.json; empty when all hold."""
     from pipeline.architectures import describe
 
-    problems: list[str] = []
+    problems: list[str] = [f"the model's config.json: {key} is {hf_config[key]!r}, expected a number; correct it in "
+                           f"the model folder's config.json (or fetch the model again)"
+                           for key in _NUMERIC_CONFIG_KEYS if key in hf_config and hf_config[key] is not None
+                           and (isinstance(hf_config[key], bool) or not isinstance(hf_config[key], int | float))]
+    if problems:
+        return problems
     try:
         arch = describe(hf_config)
     except Exception as exc:  # WeightMapError: unsupported architecture

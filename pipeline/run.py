@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from pipeline.build import read_build_record, recipe_for
-from pipeline.dist import Comm, abort, all_ok, finish, mpi_world, pick_device
+from pipeline.dist import Comm, Watchdog, abort, all_ok, finish, mpi_world, pick_device
 from pipeline.errors import PipelineError, RunError
 from pipeline.generate import Sampling, generate, score
 from pipeline.manifest import read_manifest
 from pipeline.mapping import Mapping
+from pipeline.params import Limits, ParamError, SamplingParams, request_problems, text_problems
 from pipeline.recipe import RuntimeSpec
 from pipeline.run_outputs import load_tokenizer, report_outputs, sampling_from
 from pipeline.verify import verify_problem
@@ -58,20 +59,84 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_artifact(args: argparse.Namespace) -> tuple[Path, dict]:
-    """The folder to run and the runtime settings (RuntimeSpec as dict) that go with it."""
+    """The folder to run and the resolved recipe (as dict) that goes with it."""
     if args.engine is not None:
         if not args.engine.is_dir():
-            raise RunError(f"--engine {args.engine}: no such folder")
-        return args.engine, recipe_for(args.engine).get("runtime", {})
+            what = "a file" if args.engine.exists() else "no such folder"
+            raise RunError(f"--engine {args.engine}: {what}; give the artifact folder (the `artifact:` line that "
+                           f"`make build` prints), or leave --engine out to run the latest build")
+        return args.engine, recipe_for(args.engine)
     record = read_build_record(args.recipe)
-    return Path(record["artifact"]), record["resolved"]["runtime"]
+    return Path(record["artifact"]), record["resolved"]
+
+
+RUN_FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+             "top_p": "--top-p", "seed": "--seed"}  # how request_problems names each parameter to a runner user
+
+
+def check_run_request(args: argparse.Namespace, runtime: dict, config: dict, build: dict, tokenizer,
+                      chat: bool = False) -> tuple[list[str] | None, list[list[int]], Sampling]:
+    """The prompt texts (None for token ids), the prompts' token ids (text through the chat template when `chat`)
+    and sampling of this run, checked by pipeline.params against the model and the
+    build's limits before any rank loads weights; raises ParamError naming each bad flag and its fix. Every rank
+    computes the same answer, so every rank stops with the same error and no rank waits in a collective."""
+    sampling = sampling_from(runtime, args)
+    params = SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                            top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
+    problems = params.problems(RUN_FLAGS)
+    texts = None
+    if args.prompt_ids_file:
+        try:
+            prompts = json.loads(args.prompt_ids_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ParamError([f"--prompt-ids-file {args.prompt_ids_file}: not a readable JSON file ({exc}); give a "
+                              f"JSON list of token-id lists, e.g. [[1, 2, 3]]"]) from None
+        if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
+            raise ParamError([f"--prompt-ids-file {args.prompt_ids_file}: expected a JSON list of token-id lists, "
+                              f"e.g. [[1, 2, 3]]"])
+    elif args.prompt_ids:
+        prompts = []
+        for text in args.prompt_ids:
+            try:
+                prompts.append([int(t) for t in text.split(",")])
+            except ValueError:
+                raise ParamError([f"--prompt-ids {text!r}: give comma-separated whole numbers, e.g. 1,2,3"]) from None
+    else:
+        texts = args.prompt if args.prompt is not None else list(runtime.get("prompts", RuntimeSpec().prompts))
+        text_errors = text_problems(texts, "--prompt")
+        if text_errors:
+            raise ParamError(problems + text_errors)
+        if tokenizer is None:
+            raise RunError(f"{args.engine or 'the artifact'} has no tokenizer files; give --prompt-ids 1,2,3 or set "
+                           f"model.tokenizer in the recipe and rebuild")
+        prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
+    if not prompts:
+        problems.append("--prompt-ids-file holds no prompts; give at least one")
+    limits = Limits.from_config(config, build)
+    for i, prompt in enumerate(prompts):
+        where = "" if len(prompts) == 1 else f"prompt [{i}]: "
+        problems += [where + p for p in request_problems(params, prompt, limits, RUN_FLAGS)
+                     if p not in problems]  # the flags' own problems are the same for every prompt
+    if problems:
+        raise ParamError(problems)
+    return texts, prompts, sampling
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """A prompt's token ids: as a user's turn through the tokenizer's chat template when `chat`, else as it is."""
+    if not chat:
+        return tokenizer(text).input_ids
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]
+    return list(ids)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world, mpi_comm = mpi_world()
+    watchdog = Watchdog.start(mpi_comm)  # from here on, a rank that stops ends the job (pipeline.dist)
     try:
-        return _run(args, rank, world, mpi_comm)
+        return _run(args, rank, world, mpi_comm, watchdog)
     except PipelineError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
@@ -83,10 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
+def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Watchdog | None = None) -> int:
     from pipeline.backends.torch_backend import read_checkpoint_config
 
-    artifact, runtime = resolve_artifact(args)
+    def phase(name: str) -> None:
+        if watchdog is not None:
+            watchdog.phase(name)
+
+    artifact, resolved = resolve_artifact(args)
+    runtime = resolved.get("runtime", {})
     if (artifact / "rank0.engine").is_file():  # a TensorRT-LLM engine folder
         from pipeline.backends.tensorrt_llm import run_engine
 
@@ -96,51 +166,40 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm) -> int:
     if world != tp * pp:
         raise RunError(f"{artifact.name} was built for {tp * pp} rank(s) (tp={tp}, pp={pp}) but {world} "
                        f"{'was' if world == 1 else 'were'} started; run: mpirun -n {tp * pp} python -m pipeline.run")
+    phase("checking the artifact")
     problems = all_ok(mpi_comm, verify_problem(artifact, rank, not args.no_verify))
     if problems:
         raise RunError("the artifact cannot run:\n" + "\n".join(f"  rank {r}: {p}" for r, p in problems))
-    if args.logits_out is not None or args.decode == "fast":
-        return _run_static(args, artifact, runtime, config, rank, world, mpi_comm)
+    tokenizer = load_tokenizer(artifact)
+    static = args.logits_out is not None or args.decode == "fast"
+    chat = not static and not args.no_chat_template and tokenizer is not None \
+        and bool(getattr(tokenizer, "chat_template", None))
+    texts, prompts, sampling = check_run_request(args, runtime, config, resolved.get("build", {}), tokenizer, chat)
+    if static:
+        return _run_static(args, artifact, prompts, sampling, tokenizer, config, rank, world, mpi_comm, watchdog)
     from pipeline.engine.llm import LLM
 
-    sampling = sampling_from(runtime, args)
+    phase("loading weights")
     llm = LLM(artifact, device=args.device, verify=False)  # verified above; ranks other than 0 serve, then exit
+    phase("generating")
     try:
-        return _run_engine(args, llm, runtime, sampling)
+        return _run_engine(args, llm, texts if chat else None, prompts, sampling)
     finally:
         llm.shutdown()
 
 
-def read_prompts(args: argparse.Namespace, runtime: dict, tokenizer, chat: bool) -> tuple[list[str] | None, list]:
-    """(texts or None, token ids) of the prompts: --prompt-ids(-file), else --prompt or the recipe's prompts
-    (through the chat template when the tokenizer has one, unless --no-chat-template)."""
-    if args.prompt_ids_file:
-        return None, json.loads(args.prompt_ids_file.read_text())
-    if args.prompt_ids:
-        return None, [[int(t) for t in s.split(",")] for s in args.prompt_ids]
-    texts = args.prompt or list(runtime.get("prompts", RuntimeSpec().prompts))
-    if tokenizer is None:
-        raise RunError("the artifact has no tokenizer files; give --prompt-ids 1,2,3 or set model.tokenizer in "
-                       "the recipe and rebuild")
-    if chat:
-        return texts, [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                          tokenize=True, return_dict=True)["input_ids"])
-                       for t in texts]
-    return texts, [tokenizer(t).input_ids for t in texts]
-
-
-def _run_engine(args: argparse.Namespace, llm, runtime: dict, sampling: Sampling) -> int:
-    """Rank 0 of an engine run: submit every prompt at once, stream a single prompt's text, report."""
-    from pipeline.params import SamplingParams
-
+def _run_engine(args: argparse.Namespace, llm, chat_texts: list[str] | None, prompts: list[list[int]],
+                sampling: Sampling) -> int:
+    """Rank 0 of an engine run: submit every prompt at once, stream a single prompt's text, report.
+    `chat_texts`: the user's texts when the prompts went through the chat template (the reply is printed alone)."""
     tokenizer = llm.tokenizer
-    chat = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat_template
-    texts, prompts = read_prompts(args, runtime, tokenizer, chat)
+    chat = chat_texts is not None
     params = SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                             top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
     start = time.perf_counter()
     if len(prompts) == 1 and tokenizer is not None:
-        print(texts[0] + "\n" if chat else tokenizer.decode(prompts[0], skip_special_tokens=True), end="", flush=True)
+        print(chat_texts[0] + "\n" if chat else tokenizer.decode(prompts[0], skip_special_tokens=True), end="",
+              flush=True)
         for output in llm.generate_stream(prompts[0], params):
             print(output.delta_text, end="", flush=True)
         outputs, streamed = [output], True
@@ -152,15 +211,12 @@ def _run_engine(args: argparse.Namespace, llm, runtime: dict, sampling: Sampling
     return 0
 
 
-def _run_static(args: argparse.Namespace, artifact: Path, runtime: dict, config: dict, rank: int, world: int,
-                mpi_comm) -> int:
+def _run_static(args: argparse.Namespace, artifact: Path, prompts: list[list[int]], sampling: Sampling, tokenizer,
+                config: dict, rank: int, world: int, mpi_comm, watchdog: Watchdog | None = None) -> int:
     """One static batch without the engine: --logits-out (scoring every position) and --decode fast (the CUDA
     fused batch-1 step, until the engine's step runs it)."""
     from pipeline.backends.torch_backend import load_rank_model
 
-    tokenizer = load_tokenizer(artifact)
-    _, prompts = read_prompts(args, runtime, tokenizer, chat=False)
-    sampling = sampling_from(runtime, args)
     manifest = read_manifest(artifact) or {}
     conversion = manifest.get("conversion", {})
     eos_id = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None \
@@ -171,6 +227,12 @@ def _run_static(args: argparse.Namespace, artifact: Path, runtime: dict, config:
     mapping = Mapping(tp, pp, rank)
     device = pick_device(mpi_comm, args.device)
     comm = Comm.create(mapping, device, mpi_comm)
+
+    def done(code: int) -> int:
+        if watchdog is not None:
+            watchdog.settle(mpi_comm)
+        return finish(comm, code)
+
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, world)))
     start = time.perf_counter()
     model = load_rank_model(artifact, config, comm, device)
@@ -183,7 +245,7 @@ def _run_static(args: argparse.Namespace, artifact: Path, runtime: dict, config:
         if rank == comm.sampler_rank:
             torch.save([t.cpu() for t in all_logits], args.logits_out)
         if args.score_only:
-            return finish(comm, 0)
+            return done(0)
     fast = args.decode == "fast"
     if fast and (pp != 1 or sampling.temperature != 0 or device.type != "cuda"):
         raise RunError("--decode fast runs greedy decoding (temperature 0) with pp=1 on a CUDA GPU; leave it out "
@@ -207,7 +269,7 @@ def _run_static(args: argparse.Namespace, artifact: Path, runtime: dict, config:
     if rank == 0:
         report_outputs(args, artifact, "torch", world, prompts, outputs, tokenizer, seconds)
     decoder = None  # its CUDA graphs hold captured NCCL work: release them before the teardown
-    return finish(comm, 0)
+    return done(0)
 
 
 if __name__ == "__main__":

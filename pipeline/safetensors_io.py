@@ -118,6 +118,20 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"[{begin}, {end}) but the data section has {data_len} bytes (truncated or corrupt file); {fix}"
             )
         infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, expected)
+    # The format's rule (safetensors' own validation): sorted by offset, the tensors tile the data section with no
+    # overlap, no gap and nothing after; two tensors on the same bytes would silently share weights.
+    at = 0
+    for info in sorted(infos.values(), key=lambda i: (i.offset, i.nbytes)):
+        begin = info.offset - data_start
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes before it"
+            raise CheckpointError(f"{path}: tensor '{info.name}' starts at data offset {begin}, where {at} was "
+                                  f"expected: it {what} (the data offsets must cover the data section contiguously); "
+                                  f"{fix}")
+        at = begin + info.nbytes
+    if at != data_len:
+        raise CheckpointError(f"{path}: the tensors cover {at} of the data section's {data_len} bytes (bytes after "
+                              f"the last tensor; the data offsets must cover the data section exactly); {fix}")
     return infos
 
 
