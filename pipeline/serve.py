@@ -13,7 +13,8 @@ home) and handed to `LLM.generate_async`; its outputs go back as JSON or as serv
 Bounds (the server never hangs):
 - a full queue: more than --max-waiting requests admitted beyond the engine's batch -> 503 with Retry-After;
 - a client that disconnects: its request is aborted and its KV blocks freed at the engine's next step;
-- SIGTERM: new requests get 503, in-flight ones finish (at most --drain-timeout-s), then exit 0;
+- SIGTERM to rank 0 (`python -m pipeline serve` forwards its own SIGTERM there; mpirun itself would end the job at
+  once): new requests get 503, in-flight ones finish (at most --drain-timeout-s), then exit 0;
 - a dead engine thread: /health fails and the process exits with EXIT_ENGINE_DEAD within WATCHDOG_PERIOD_S + 1 s;
   a rank that hangs stops the engine's heartbeat: the same exit --step-timeout-s later; a rank that dies ends
   the job through mpirun (it kills every rank when one fails) or, first, through rank 0's failed collective.
@@ -65,6 +66,7 @@ class ServerState:
     step_timeout_s: float
     pending: int = 0  # requests (choices) admitted and not finished
     draining: bool = False
+    stopped: bool = False  # the HTTP side is done; the engine is being shut down on purpose
     dead_reason: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -450,8 +452,8 @@ def watchdog(state: ServerState) -> None:
     """Exit the process (non-zero) once the engine is dead or stalled: a hung server is worse than none."""
     while True:
         time.sleep(WATCHDOG_PERIOD_S)
-        problem = state.health_problem()
-        if problem:
+        problem = None if state.stopped else state.health_problem()
+        if problem and not state.stopped:
             state.dead_reason = problem
             print(f"[serve] {problem}; exiting with code {EXIT_ENGINE_DEAD}", file=sys.stderr, flush=True)
             time.sleep(1.0)  # /health answers 503 meanwhile
@@ -487,6 +489,38 @@ def serve_http(state: ServerState, host: str, port: int, drain_timeout_s: float)
     return 0
 
 
+def launch(artifact: Path, world_size: int, serve_args: list[str], mpirun_args: list[str] = ()) -> int:
+    """Run `python -m pipeline.serve --engine ARTIFACT` on `world_size` ranks (mpirun when more than one) and
+    return its exit code; SIGTERM and SIGINT given to this process go to rank 0, which drains and stops the rest."""
+    import subprocess
+    import tempfile
+
+    from pipeline.dist import mpirun_command, mpirun_env
+
+    pid_file = Path(tempfile.mkdtemp(prefix="pipeline-serve-")) / "rank0.pid"
+    module_args = ["-m", "pipeline.serve", "--engine", str(artifact), "--pid-file", str(pid_file), *serve_args]
+    if world_size > 1:
+        cmd = mpirun_command(world_size, module_args)
+        cmd[1:1] = mpirun_args  # e.g. --hostfile hosts --map-by ppr:8:node (several nodes)
+    else:
+        cmd = [sys.executable, *module_args]
+    # mpirun in its own session: a terminal's Ctrl-C reaches it only through this process, which sends it to rank 0
+    proc = subprocess.Popen(cmd, env=mpirun_env(), start_new_session=True)
+
+    def forward(sig, frame) -> None:
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        except (OSError, ValueError):  # rank 0 not started yet (or gone): end the whole job
+            proc.terminate()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = proc.wait()
+    pid_file.unlink(missing_ok=True)
+    pid_file.parent.rmdir()
+    return code
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__.split("\n\n")[0])
     what = p.add_mutually_exclusive_group(required=True)
@@ -501,6 +535,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds without an engine step (a hung rank) before /health fails and the server exits")
     p.add_argument("--drain-timeout-s", type=float, default=60.0,
                    help="after SIGTERM, how long in-flight requests may take before the server exits anyway")
+    p.add_argument("--pid-file", type=Path, help="write rank 0's process id here (send SIGTERM to it, not to mpirun: "
+                                                 "mpirun ends the job at once on SIGTERM)")
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-num-tokens", type=int)
     p.add_argument("--tokens-per-block", type=int)
@@ -515,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     rank, _, mpi_comm = mpi_world()
+    if rank != 0:  # mpirun forwards SIGTERM to every rank; only rank 0 drains, the others leave when it shuts down
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         from pipeline.engine.llm import LLM
 
@@ -529,9 +567,12 @@ def main(argv: list[str] | None = None) -> int:
 
         abort(mpi_comm, exc.exit_code)
         return exc.exit_code
+    if args.pid_file is not None:
+        args.pid_file.write_text(str(os.getpid()))
     name = args.served_model_name or llm.recipe.get("name") or llm.artifact.name
     state = ServerState(llm, name, args.max_waiting, args.step_timeout_s)
     code = serve_http(state, args.host, args.port, args.drain_timeout_s)
+    state.stopped = True
     if state.dead_reason:
         os._exit(EXIT_ENGINE_DEAD)
     llm.shutdown()  # releases the other ranks
