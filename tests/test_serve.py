@@ -116,3 +116,71 @@ def client(url: str):
     from openai import OpenAI
 
     return OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def pipeline_run(home: Path, artifact: Path, ranks: int, tmp_path: Path, prompt: str, max_tokens: int,
+                 chat: bool) -> dict:
+    """`python -m pipeline.run --json` on one text prompt (greedy): its result entry."""
+    out = tmp_path / f"run-{chat}.json"
+    extra = () if chat else ("--no-chat-template",)
+    args = ["--engine", str(artifact), "--no-verify", "--json", str(out), "--max-new-tokens", str(max_tokens),
+            "--temperature", "0", "--prompt", prompt, *extra]
+    cmd = [mpirun_binary(), "-n", str(ranks), "--oversubscribe", PYTHON, "-m", "pipeline.run", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(home), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["results"][0]
+
+
+def stream_text(stream, chat: bool) -> tuple[str, list]:
+    text, chunks = "", []
+    for chunk in stream:
+        chunks.append(chunk)
+        for c in chunk.choices:
+            text += (c.delta.content or "") if chat else c.text
+    return text, chunks
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_openai_client_under_mpirun_answers_as_pipeline_run(home, tiny_source, tmp_path, tp, pp):
+    artifact = build_tiny(tiny_source, tp, pp)
+    prompt, new = "The capital of France is", 12
+    run_plain = pipeline_run(home, artifact, tp * pp, tmp_path, prompt, new, chat=False)
+    run_chat = pipeline_run(home, artifact, tp * pp, tmp_path, prompt, new, chat=True)
+    with server(home, artifact, tp * pp) as (url, _):
+        api = client(url)
+        model = api.models.list().data[0].id
+        assert model == f"serve-tiny-tp{tp}-pp{pp}"
+        done = api.completions.create(model=model, prompt=prompt, max_tokens=new, temperature=0)
+        assert done.choices[0].text == run_plain["text"] and done.choices[0].text
+        assert done.usage.completion_tokens == len(run_plain["new_ids"])
+        assert done.usage.prompt_tokens == len(run_plain["prompt_ids"])
+        assert done.choices[0].finish_reason == ("length" if len(run_plain["new_ids"]) == new else "stop")
+        text, chunks = stream_text(api.completions.create(model=model, prompt=prompt, max_tokens=new, temperature=0,
+                                                          stream=True, stream_options={"include_usage": True}),
+                                   chat=False)
+        assert text == done.choices[0].text
+        assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens and not chunks[-1].choices
+        by_ids = api.completions.create(model=model, prompt=run_plain["prompt_ids"], max_tokens=new, temperature=0)
+        assert by_ids.choices[0].text == run_plain["text"]
+
+        messages = [{"role": "user", "content": prompt}]
+        reply = api.chat.completions.create(model=model, messages=messages, max_tokens=new, temperature=0)
+        assert reply.choices[0].message.content == run_chat["text"] and reply.choices[0].message.role == "assistant"
+        assert reply.usage.prompt_tokens == len(run_chat["prompt_ids"])
+        text, chunks = stream_text(api.chat.completions.create(model=model, messages=messages, max_tokens=new,
+                                                               temperature=0, stream=True), chat=True)
+        assert text == run_chat["text"] and chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+
+        two = api.completions.create(model=model, prompt=[prompt, "Once upon a time"], max_tokens=new,
+                                     temperature=1.0, seed=3, n=2)
+        assert sorted(c.index for c in two.choices) == [0, 1, 2, 3]
+        assert two.choices[0].text != two.choices[1].text  # n samples with seeds seed, seed + 1
+        again = api.completions.create(model=model, prompt=prompt, max_tokens=new, temperature=1.0, seed=3)
+        assert again.choices[0].text == two.choices[0].text
+        stopped = api.completions.create(model=model, prompt=prompt, max_tokens=new, temperature=0,
+                                         stop=[run_plain["text"][3:6]])
+        assert stopped.choices[0].text == run_plain["text"][:run_plain["text"].index(run_plain["text"][3:6])]
+        assert stopped.choices[0].finish_reason == "stop"
+        health = httpx.get(url + "/health", timeout=10).json()
+        assert health["kv_blocks_used"] == 0 and health["running"] == 0
