@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from pipeline.params import ParamError, SamplingParams, request_problems
 EXIT_ENGINE_DEAD = 3
 WATCHDOG_PERIOD_S = 0.5
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request looks for its client having left
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "min_tokens", "stop_token_ids",
                    "ignore_eos")
@@ -256,7 +258,8 @@ def create_app(state: ServerState):
             raise ApiError(400, f"n must be a whole number of at least 1, got {n!r}", "n")
         return body
 
-    def admit(count: int) -> None:
+    def admit(count: int):
+        """Admit `count` requests or refuse them; returns the function that gives their places back (once)."""
         if state.draining:
             raise ApiError(503, "the server is shutting down and admits no new requests", type_="server_error",
                            code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -271,10 +274,15 @@ def create_app(state: ServerState):
                                     f"--max-waiting {state.max_waiting}); retry later", type_="server_error",
                                code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
             state.pending += count
+        released = []
 
-    def release() -> None:
-        with state.lock:
-            state.pending -= 1
+        def release() -> None:
+            with state.lock:
+                if not released:
+                    released.append(True)
+                    state.pending -= count
+
+        return release
 
     async def run_choice(index: int, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue) -> None:
         """One choice: its outputs (or the error that ended it) go to `sink` as (index, item)."""
@@ -286,7 +294,6 @@ def create_app(state: ServerState):
         except (PipelineError, RuntimeError) as exc:
             await sink.put((index, exc))
         finally:
-            release()
             if last is not None and last.finished and last.finish_reason != "abort":
                 metrics.observe(last)
 
@@ -306,12 +313,12 @@ def create_app(state: ServerState):
                 params = sampling_params(body, default, i)
                 check(params, prompt_ids, llm.limits)
                 jobs.append((p * n + i, prompt_ids, params))
-        admit(len(jobs))
+        release = admit(len(jobs))
         for _, prompt_ids, _ in jobs[::n]:
             metrics.prompt.inc(len(prompt_ids))
         sink: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(run_choice(i, ids, params, sink)) for i, ids, params in jobs]
-        return body, [len(p) for p in prompts], tasks, sink
+        return body, [len(p) for p in prompts], tasks, sink, release
 
     async def cancel(tasks) -> None:
         for t in tasks:
@@ -324,33 +331,49 @@ def create_app(state: ServerState):
 
     async def handle(request: Request, endpoint: str, chat: bool):
         try:
-            body, prompt_lens, tasks, sink = await start(request, endpoint, chat)
+            body, prompt_lens, tasks, sink, release = await start(request, endpoint, chat)
         except ApiError as exc:
             return error_response(exc, endpoint)
         except ParamError as exc:
             return error_response(ApiError(400, str(exc), _param_of(exc.problems[0])), endpoint)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
+        # A request keeps its place in the queue until its answer is delivered, not only generated.
         if body.get("stream"):
-            first = await sink.get()  # an error before the first token still gets its status code
+            try:
+                first = await sink.get()  # an error before the first token still gets its status code
+            except BaseException:
+                release()
+                await cancel(tasks)
+                raise
             if isinstance(first[1], BaseException):
+                release()
                 await cancel(tasks)
                 return error_response(fail_from(first[1]), endpoint)
             metrics.requests.labels(endpoint, "200").inc()
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(
-                stream(rid, created, chat, first, tasks, sink, prompt_lens, include_usage, request),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            events = stream(rid, created, chat, first, tasks, sink, prompt_lens, include_usage, release)
+            weakref.finalize(events, release)  # a stream never started (the client left first) still gives back
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            return await answer(rid, created, chat, tasks, sink, prompt_lens, request, endpoint)
+        finally:
+            release()
+
+    async def answer(rid, created, chat, tasks, sink, prompt_lens, request, endpoint):
         finals: dict[int, object] = {}
+        checked = time.monotonic()
         try:
             while len(finals) < len(tasks):
                 getter = asyncio.ensure_future(sink.get())
                 while not getter.done():
-                    await asyncio.wait({getter}, timeout=0.25)
-                    if not getter.done() and await request.is_disconnected():
-                        getter.cancel()
-                        await cancel(tasks)
-                        return error_response(ApiError(499, "the client disconnected"), endpoint)
+                    await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+                    if time.monotonic() - checked >= DISCONNECT_POLL_S:  # on time, however fast tokens come
+                        checked = time.monotonic()
+                        if await request.is_disconnected():
+                            getter.cancel()
+                            await cancel(tasks)
+                            return error_response(ApiError(499, "the client disconnected"), endpoint)
                 index, item = getter.result()
                 if isinstance(item, BaseException):
                     await cancel(tasks)
@@ -373,7 +396,7 @@ def create_app(state: ServerState):
                              "created": created, "model": state.model_name, "choices": choices,
                              "usage": usage(prompt_lens, outputs)})
 
-    async def stream(rid, created, chat, first, tasks, sink, prompt_lens, include_usage, request):
+    async def stream(rid, created, chat, first, tasks, sink, prompt_lens, include_usage, release):
         kind = "chat.completion.chunk" if chat else "text_completion"
         finals: dict[int, object] = {}
         started: set[int] = set()
@@ -412,6 +435,7 @@ def create_app(state: ServerState):
                 yield f"data: {json.dumps(data)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away: the requests still running are aborted
+            release()
             await cancel(tasks)
 
     @app.post("/v1/completions")

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 
 from pipeline.build import Builder
 from pipeline.recipe import recipe_from_dict
-from tests.conftest import PYTHON, REPO, child_env, mpirun_binary, run_json
+from tests.conftest import PYTHON, REPO, child_env, mpirun_binary
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -184,3 +185,239 @@ def test_openai_client_under_mpirun_answers_as_pipeline_run(home, tiny_source, t
         assert stopped.choices[0].finish_reason == "stop"
         health = httpx.get(url + "/health", timeout=10).json()
         assert health["kv_blocks_used"] == 0 and health["running"] == 0
+
+
+@pytest.fixture(scope="module")
+def small_server(home, tiny_source):
+    """One rank, a batch of 1 and at most 1 waiting request: the queue fills with 3 requests."""
+    artifact = build_tiny(tiny_source, 1, 1, max_seq_len=512, max_input_len=64)
+    with server(home, artifact, 1, "--max-batch-size", "1", "--max-waiting", "1") as (url, proc):
+        yield url, proc
+
+
+def post(url: str, path: str, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=60,
+                      **kwargs)
+
+
+def wait_idle(url: str, timeout_s: float = 20) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = httpx.get(url + "/health", timeout=10).json()
+        if (health["kv_blocks_used"] == 0 and health["running"] == 0) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.05)
+
+
+ERROR_CASES = [
+    ("/v1/completions", b'{"prompt": "Hi", ', None, "the request body is not valid JSON"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "Hi"}, "model", "the model 'gpt-4' does not exist; this server "
+                                                                     "serves 'serve-tiny-tp1-pp1'"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": -0.5}, "temperature", "temperature must be >= 0"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "top_p": 0}, "top_p",
+     "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "Hi", "top_p": 1.5}, "top_p", "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 600}, "max_tokens",
+     "the prompt (1 tokens) plus max_tokens (600) is past the context of 512 tokens; ask for at most 511"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 999},
+     "max_tokens", "is past the context of 512 tokens"),
+    ("/v1/completions", {"prompt": list(range(1, 80)), "max_tokens": 4}, "prompt",
+     "the prompt has 79 tokens, more than the build's max_input_len 64"),
+    ("/v1/completions", {"prompt": [5, 50257, 70000]}, "prompt",
+     "prompt token ids [50257, 70000] are outside the vocabulary [0, 50257)"),
+    ("/v1/completions", {"prompt": []}, "prompt", "prompt must be a string, a list of strings"),
+    ("/v1/completions", {"prompt": "Hi", "n": 0}, "n", "n must be a whole number of at least 1"),
+    ("/v1/chat/completions", {"messages": "Hi"}, "messages", "messages must be a non-empty list"),
+    ("/v1/completions", [1, 2], None, "the request body must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("path, body, param, message", ERROR_CASES, ids=[c[3][:30] for c in ERROR_CASES])
+def test_bad_requests_get_openai_shaped_400s(small_server, path, body, param, message):
+    url, _ = small_server
+    response = post(url, path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_the_openai_client_raises_bad_request_with_the_message(small_server):
+    import openai
+
+    url, _ = small_server
+    with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
+        client(url).completions.create(model="serve-tiny-tp1-pp1", prompt="Hi", temperature=-1)
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_a_full_queue_gets_503_with_retry_after(small_server):
+    url, _ = small_server
+
+    async def burst() -> list[httpx.Response]:  # 12 at once against room for 2 (a batch of 1, 1 waiting)
+        async with httpx.AsyncClient(timeout=60) as http:
+            body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+            return await asyncio.gather(*[http.post(url + "/v1/completions", json=body) for _ in range(12)])
+
+    responses = asyncio.run(burst())
+    refused = [r for r in responses if r.status_code == 503]
+    served = [r for r in responses if r.status_code == 200]
+    assert len(refused) + len(served) == 12 and refused and 1 <= len(served) <= 11
+    for r in refused:
+        assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
+        assert "the queue is full" in r.json()["error"]["message"]
+        assert "at most 2 = max_batch_size 1 + --max-waiting 1); retry later" in r.json()["error"]["message"]
+    assert {r.json()["usage"]["completion_tokens"] for r in served} == {400}
+    assert len({r.json()["choices"][0]["text"] for r in served}) == 1  # greedy: one answer
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    assert f'pipeline_requests_total{{endpoint="/v1/completions",status="503"}} {float(len(refused))}' in metrics
+    assert "pipeline_kv_blocks_used 0.0" in metrics and "pipeline_requests_pending 0.0" in metrics
+
+
+def test_a_streaming_client_that_disconnects_frees_its_blocks(small_server):
+    url, _ = small_server
+    steps, tokens = metric(url, "pipeline_engine_steps"), metric(url, "pipeline_generation_tokens_total")
+    body = {"prompt": "Hi", "max_tokens": 500, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+        assert next(line for line in response.iter_lines() if line.startswith("data:"))
+    health = wait_idle(url)
+    assert health["kv_blocks_used"] == 0 and health["running"] == 0
+    assert health["steps"] - steps < 500  # aborted, not run to its 500 tokens
+    assert metric(url, "pipeline_generation_tokens_total") == tokens  # and never counted as finished
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_blocks(small_server):
+    url, _ = small_server
+    steps, tokens = metric(url, "pipeline_engine_steps"), metric(url, "pipeline_generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s, before 500 tokens (5 ms each)
+        httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 500, "ignore_eos": True,
+                                                  "temperature": 0}, timeout=0.5)
+    health = wait_idle(url)
+    assert health["kv_blocks_used"] == 0 and health["running"] == 0
+    assert health["steps"] - steps < 500  # aborted, not run to its 500 tokens
+    assert metric(url, "pipeline_generation_tokens_total") == tokens  # and never counted as finished
+
+
+def test_metrics_count_requests_latencies_and_tokens(small_server):
+    url, _ = small_server
+    before = httpx.get(url + "/metrics", timeout=10).text
+    assert post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 5, "ignore_eos": True}).status_code == 200
+    after = httpx.get(url + "/metrics", timeout=10).text
+
+    def value(text: str, name: str) -> float:
+        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    assert value(after, "pipeline_generation_tokens_total") - value(before, "pipeline_generation_tokens_total") == 5
+    for name in ("pipeline_time_to_first_token_seconds_count", "pipeline_time_per_output_token_seconds_count",
+                 "pipeline_e2e_request_latency_seconds_count"):
+        assert value(after, name) == value(before, name) + 1
+    assert value(after, "pipeline_kv_blocks_total") == 16  # max_seq_len 512 / 32-token blocks, batch 1
+
+
+def wait_exit(proc, timeout_s: float) -> tuple[int, float]:
+    start = time.monotonic()
+    code = proc.wait(timeout=timeout_s)
+    return code, time.monotonic() - start
+
+
+def test_sigterm_stops_admitting_drains_and_exits_0(home, tiny_source, tmp_path):
+    """Through `python -m pipeline serve RECIPE` at tp=2: it builds, starts mpirun and forwards SIGTERM to rank 0."""
+    recipe = tmp_path / "serve-tiny-cli.yaml"
+    recipe.write_text(f"model: {{local: {tiny_source}}}\nprecision: {{dtype: float32}}\nparallel: {{tp: 2}}\n"
+                      f"build: {{max_seq_len: 512}}\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([PYTHON, "-m", "pipeline", "serve", str(recipe), "--port", str(port)], cwd=REPO,
+                            env=child_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert client(url).models.list().data[0].id == "serve-tiny-cli"
+        body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            refused = post(url, "/v1/completions", {"prompt": "Hi"})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "shutting_down"
+            assert httpx.get(url + "/health", timeout=5).status_code == 503
+            rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]  # the in-flight one finished
+        code, _ = wait_exit(proc, 60)
+        log.seek(0)
+        text = log.read()
+        assert code == 0, text[-3000:]
+        assert "SIGTERM: admitting no new requests, draining 1" in text and "drained and stopped" in text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def rank_pids(proc) -> list[int]:
+    """The serve processes under an mpirun, rank 0 first (its OMPI_COMM_WORLD_RANK)."""
+    import psutil
+
+    ranks = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            env = child.environ()
+        except psutil.Error:
+            continue
+        if "OMPI_COMM_WORLD_RANK" in env and "pipeline.serve" in " ".join(child.cmdline()):
+            ranks[int(env["OMPI_COMM_WORLD_RANK"])] = child.pid
+    return [ranks[r] for r in sorted(ranks)]
+
+
+def test_a_killed_rank_ends_the_server_non_zero_within_the_bound(home, tiny_source):
+    artifact = build_tiny(tiny_source, 1, 2)
+    with server(home, artifact, 2) as (url, proc):
+        pids = rank_pids(proc)
+        assert len(pids) == 2
+        os.kill(pids[1], signal.SIGKILL)
+        code, seconds = wait_exit(proc, 30)
+        assert code != 0 and seconds < 30  # the bound for a dead rank: mpirun ends the job (README: Serving)
+
+
+def test_a_hung_rank_fails_health_and_ends_the_server_within_step_timeout(home, tiny_source):
+    artifact = build_tiny(tiny_source, 2, 1)
+    with server(home, artifact, 2, "--step-timeout-s", "5") as (url, proc):
+        pids = rank_pids(proc)
+        os.kill(pids[1], signal.SIGSTOP)  # alive but stuck: rank 0 waits in the step's collective
+        stuck = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json={"prompt": "Hi"}, timeout=30))
+        try:
+            stuck.start()  # a request that never completes: the engine's step waits on the stopped rank
+            start = time.monotonic()
+            health = None
+            while time.monotonic() - start < 15:
+                try:
+                    health = httpx.get(url + "/health", timeout=2)
+                except httpx.HTTPError:
+                    break
+                if health.status_code == 503:
+                    break
+                time.sleep(0.2)
+            assert health is not None and health.status_code == 503 and "a rank hangs" in health.json()["reason"]
+            code, seconds = wait_exit(proc, 30)
+            assert code != 0 and time.monotonic() - start < 5 + 10  # --step-timeout-s + the watchdog's period
+            assert "exiting with code 3" in log_text(proc)
+        finally:
+            try:
+                os.kill(pids[1], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            stuck.join(timeout=60)
