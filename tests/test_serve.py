@@ -477,3 +477,30 @@ def test_load_200_concurrent_streams_then_2000_sequential_requests(home, tiny_so
         grown_mib = (psutil.Process(proc.pid).memory_info().rss - rss_start) / 2**20
         assert grown_mib < RSS_TOLERANCE_MIB, f"RSS grew by {grown_mib:.0f} MiB over 2,200 requests"
         assert metric(url, "pipeline_requests_pending") == 0
+
+
+@pytest.mark.slow
+def test_smollm2_pp2_answers_as_pipeline_run(home, smollm2_dir, tmp_path):
+    """Real weights (SmolLM2-135M-Instruct, float32, two pipeline stages): its chat template, streamed and not."""
+    recipe = recipe_from_dict({"model": {"local": str(smollm2_dir)}, "precision": {"dtype": "float32"},
+                               "parallel": {"pp": 2}}, name="smollm2-fp32-pp2-serve")
+    artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
+    question, new = "What is the capital of France?", 16
+    run_chat = pipeline_run(home, artifact, 2, tmp_path, question, new, chat=True)
+    run_plain = pipeline_run(home, artifact, 2, tmp_path, "The capital of France is", new, chat=False)
+    assert "Paris" in run_chat["text"]
+    with server(home, artifact, 2) as (url, _):
+        api = client(url)
+        messages = [{"role": "user", "content": question}]
+        reply = api.chat.completions.create(model="smollm2-fp32-pp2-serve", messages=messages, max_tokens=new,
+                                            temperature=0)
+        assert reply.choices[0].message.content == run_chat["text"]
+        text, _ = stream_text(api.chat.completions.create(model="smollm2-fp32-pp2-serve", messages=messages,
+                                                          max_tokens=new, temperature=0, stream=True), chat=True)
+        assert text == run_chat["text"]
+        done = api.completions.create(model="smollm2-fp32-pp2-serve", prompt="The capital of France is",
+                                      max_tokens=new, temperature=0)
+        assert done.choices[0].text == run_plain["text"]
+        text, _ = stream_text(api.completions.create(model="smollm2-fp32-pp2-serve", prompt="The capital of France is",
+                                                     max_tokens=new, temperature=0, stream=True), chat=False)
+        assert text == run_plain["text"]
