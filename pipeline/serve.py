@@ -513,21 +513,29 @@ def serve_http(state: ServerState, host: str, port: int, drain_timeout_s: float)
     return 0
 
 
+def serve_command(artifact: Path, world_size: int, serve_args: list[str], mpirun_args: list[str] = ()) -> list[str]:
+    """The command that serves `artifact` on `world_size` ranks: the python module alone for one rank, else under
+    mpirun with `mpirun_args` (e.g. --hostfile hosts --map-by ppr:8:node to spread the ranks over nodes)."""
+    from pipeline.dist import mpirun_command
+
+    module_args = ["-m", "pipeline.serve", "--engine", str(artifact), *serve_args]
+    if world_size == 1:
+        return [sys.executable, *module_args]
+    cmd = mpirun_command(world_size, module_args)
+    cmd[1:1] = list(mpirun_args)
+    return cmd
+
+
 def launch(artifact: Path, world_size: int, serve_args: list[str], mpirun_args: list[str] = ()) -> int:
     """Run `python -m pipeline.serve --engine ARTIFACT` on `world_size` ranks (mpirun when more than one) and
     return its exit code; SIGTERM and SIGINT given to this process go to rank 0, which drains and stops the rest."""
     import subprocess
     import tempfile
 
-    from pipeline.dist import mpirun_command, mpirun_env
+    from pipeline.dist import mpirun_env
 
     pid_file = Path(tempfile.mkdtemp(prefix="pipeline-serve-")) / "rank0.pid"
-    module_args = ["-m", "pipeline.serve", "--engine", str(artifact), "--pid-file", str(pid_file), *serve_args]
-    if world_size > 1:
-        cmd = mpirun_command(world_size, module_args)
-        cmd[1:1] = mpirun_args  # e.g. --hostfile hosts --map-by ppr:8:node (several nodes)
-    else:
-        cmd = [sys.executable, *module_args]
+    cmd = serve_command(artifact, world_size, ["--pid-file", str(pid_file), *serve_args], mpirun_args)
     # mpirun in its own session: a terminal's Ctrl-C reaches it only through this process, which sends it to rank 0
     proc = subprocess.Popen(cmd, env=mpirun_env(), start_new_session=True)
 
