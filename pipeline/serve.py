@@ -33,6 +33,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.engine.scheduler import EngineError
 from pipeline.errors import PipelineError
 from pipeline.params import ParamError, SamplingParams, request_problems
 
@@ -160,12 +161,14 @@ def sampling_params(body: dict, default_max_tokens: int | None, index: int) -> S
     seed = body.get("seed")
     temperature = body.get("temperature")
     top_p = body.get("top_p")
-    params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
+    stop_token_ids = body.get("stop_token_ids") or ()
+    if not isinstance(stop_token_ids, list | tuple):
+        raise ApiError(400, f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}", "stop_token_ids")
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                             top_k=body.get("top_k") or 0, top_p=1.0 if top_p is None else top_p,
                             seed=seed + index if isinstance(seed, int) and not isinstance(seed, bool) else seed,
-                            stop=tuple(stop), stop_token_ids=tuple(body.get("stop_token_ids") or ()),
+                            stop=tuple(stop), stop_token_ids=tuple(stop_token_ids),
                             ignore_eos=bool(body.get("ignore_eos", False)), min_tokens=body.get("min_tokens") or 0)
-    return params
 
 
 def check(params: SamplingParams, prompt_ids: list, limits) -> None:
@@ -215,7 +218,12 @@ def chat_prompt(llm, body: dict) -> list[int]:
     if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
         raise ApiError(400, f"the model {llm.artifact.name} has no chat template; use /v1/completions with a plain "
                             f"prompt, or build it with a tokenizer that has one (model.tokenizer)", "messages")
-    return llm.apply_chat_template(flat)
+    from jinja2 import TemplateError
+
+    try:
+        return llm.apply_chat_template(flat)
+    except (TemplateError, ValueError) as exc:  # e.g. a template that refuses a role order
+        raise ApiError(400, f"the chat template refused these messages: {exc}", "messages") from None
 
 
 def usage(prompt_lens: list[int], outputs: list) -> dict:
@@ -326,8 +334,10 @@ def create_app(state: ServerState):
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def fail_from(exc: Exception) -> ApiError:
-        return ApiError(400 if isinstance(exc, PipelineError) else 500, str(exc),
-                        type_="invalid_request_error" if isinstance(exc, PipelineError) else "server_error")
+        """An error that ended a request in the engine: one it cannot serve (400), or the engine gone (503)."""
+        if isinstance(exc, EngineError):
+            return ApiError(400, str(exc))
+        return ApiError(503, str(exc), type_="server_error", code="engine_dead")
 
     async def handle(request: Request, endpoint: str, chat: bool):
         try:
