@@ -17,7 +17,8 @@ Bounds (the server never hangs):
   once): new requests get 503, in-flight ones finish (at most --drain-timeout-s), then exit 0;
 - a dead engine thread: /health fails and the process exits with EXIT_ENGINE_DEAD within WATCHDOG_PERIOD_S + 1 s;
   a rank that hangs stops the engine's heartbeat: the same exit --step-timeout-s later; a rank that dies ends
-  the job through mpirun (it kills every rank when one fails) or, first, through rank 0's failed collective.
+  the job through mpirun (it kills every rank when one fails) or, first, through rank 0's failed collective;
+  mpirun itself killed (rank 0 loses its parent): the same exit within WATCHDOG_PERIOD_S + 1 s.
 """
 
 import argparse
@@ -67,6 +68,7 @@ class ServerState:
     model_name: str
     max_waiting: int
     step_timeout_s: float
+    launcher_pid: int | None = None  # under mpirun: the parent (Open MPI's daemon), whose loss ends the job
     pending: int = 0  # requests (choices) admitted and not finished
     draining: bool = False
     stopped: bool = False  # the HTTP side is done; the engine is being shut down on purpose
@@ -81,6 +83,8 @@ class ServerState:
         if self.dead_reason:
             return self.dead_reason
         llm = self.llm
+        if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+            return "mpirun is gone (this rank's parent exited): the other ranks are lost"
         if not llm.alive:
             return f"the engine stopped: {llm.error!r}" if llm.error else "the engine thread is not running"
         stalled = time.monotonic() - llm.heartbeat_s
@@ -489,7 +493,10 @@ def watchdog(state: ServerState) -> None:
         problem = None if state.stopped else state.health_problem()
         if problem and not state.stopped:
             state.dead_reason = problem
-            print(f"[serve] {problem}; exiting with code {EXIT_ENGINE_DEAD}", file=sys.stderr, flush=True)
+            try:
+                print(f"[serve] {problem}; exiting with code {EXIT_ENGINE_DEAD}", file=sys.stderr, flush=True)
+            except OSError:  # stderr was a pipe to mpirun, which is gone
+                pass
             time.sleep(1.0)  # /health answers 503 meanwhile
             os._exit(EXIT_ENGINE_DEAD)  # not MPI_Finalize: mpirun must see rank 0 fail and end the other ranks
 
@@ -612,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pid_file is not None:
         args.pid_file.write_text(str(os.getpid()))
     name = args.served_model_name or llm.recipe.get("name") or llm.artifact.name
-    state = ServerState(llm, name, args.max_waiting, args.step_timeout_s)
+    state = ServerState(llm, name, args.max_waiting, args.step_timeout_s,
+                        launcher_pid=os.getppid() if llm.world > 1 else None)
     code = serve_http(state, args.host, args.port, args.drain_timeout_s)
     state.stopped = True
     if state.dead_reason:

@@ -101,10 +101,25 @@ def server(home: Path, artifact: Path, ranks: int, *extra: str, timeout_s: float
         proc.log = log
         yield url, proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_tree(proc)
         log.close()
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL a launcher and every process under it (Open MPI puts each rank in a process group of its own)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in [proc, *tree]:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
 
 
 def log_text(proc) -> str:
@@ -362,9 +377,7 @@ def test_sigterm_stops_admitting_drains_and_exits_0(home, tiny_source, tmp_path)
         assert code == 0, text[-3000:]
         assert "SIGTERM: admitting no new requests, draining 1" in text and "drained and stopped" in text
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_tree(proc)
         log.close()
 
 
@@ -391,6 +404,17 @@ def test_a_killed_rank_ends_the_server_non_zero_within_the_bound(home, tiny_sour
         os.kill(pids[1], signal.SIGKILL)
         code, seconds = wait_exit(proc, 30)
         assert code != 0 and seconds < 30  # the bound for a dead rank: mpirun ends the job (README: Serving)
+
+
+def test_a_killed_mpirun_leaves_no_rank_serving(home, tiny_source):
+    import psutil
+
+    artifact = build_tiny(tiny_source, 1, 2)
+    with server(home, artifact, 2) as (url, proc):
+        ranks = [psutil.Process(pid) for pid in rank_pids(proc)]
+        proc.kill()  # SIGKILL: mpirun can pass nothing on
+        gone, alive = psutil.wait_procs(ranks, timeout=15)  # the watchdog's bound is 1.5 s after the loss
+        assert not alive, [p.cmdline() for p in alive]
 
 
 def test_a_hung_rank_fails_health_and_ends_the_server_within_step_timeout(home, tiny_source):
