@@ -2,6 +2,7 @@
 #   make build RECIPE=gpt2-fp16 ARGS="parallel.tp=2"     build a recipe (ARGS: a.b=value overrides)
 #   make run                                             run the latest build on as many ranks as it needs
 #   make eval RECIPE=...  /  make bench RECIPE=...       accuracy against HF / speed against transformers
+#   make serve RECIPE=... PORT=8000                      OpenAI-compatible server on the ranks the build needs
 
 PYTHON3 ?= python3
 VENV ?= .venv
@@ -9,6 +10,7 @@ PY := $(VENV)/bin/python
 RECIPE ?= smollm2-135m-bf16-pp2
 ARGS ?=
 RUN_ARGS ?=
+PORT ?= 8000
 # Evaluated when a recipe runs (after `setup` may have created the venv): the venv's Open MPI, else the system's.
 MPIRUN = $(shell test -x $(VENV)/bin/mpirun && echo $(VENV)/bin/mpirun || echo mpirun)
 # Open MPI refuses to start as root without these, and needs --oversubscribe for more ranks than cores.
@@ -17,7 +19,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export NCCL_NVLS_ENABLE := 0
 MPI_FLAGS ?= --oversubscribe
 
-.PHONY: setup demo build run test test-all lint eval bench plan lock clean
+.PHONY: setup demo build run serve test test-all lint eval bench plan lock clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +44,9 @@ plan: setup
 
 run: setup
 	$(MPIRUN) -n $$($(PY) -m pipeline world-size) $(MPI_FLAGS) $(PY) -m pipeline.run $(RUN_ARGS)
+
+serve: setup
+	$(PY) -m pipeline serve $(RECIPE) $(ARGS) --port $(PORT)
 
 eval: setup
 	$(PY) -m pipeline eval $(RECIPE) $(ARGS)

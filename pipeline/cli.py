@@ -12,6 +12,8 @@
     schema                  every recipe field, its default and what it means
     shapes                  the named shapes of model.random
     world-size [RECIPE]     ranks a build needs (for `mpirun -n`)
+    serve RECIPE [a.b=v]    build if needed, then an OpenAI-compatible server on as many ranks as the build needs
+    bench-serve --url URL   serving benchmark against OpenAI-compatible servers (Poisson rates, TTFT/TPOT/ITL)
 """
 
 from __future__ import annotations
@@ -73,6 +75,17 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="folder for the results (default: beside the artifact)")
     bench.add_argument("--watchdog", type=float, default=0.0,
                        help="seconds without progress after which a rank prints where it waits and exits (0: off)")
+    s = sub.add_parser("serve", help="OpenAI-compatible server (python -m pipeline.serve under mpirun)")
+    _recipe_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--serve-args", default="", help="more options for python -m pipeline.serve, e.g. "
+                                                    "\"--max-waiting 64 --step-timeout-s 30\"")
+    s.add_argument("--mpirun-args", default="", help="more options for mpirun, e.g. \"--hostfile hosts --map-by "
+                                                     "ppr:8:node\" to place the ranks on several nodes")
+    from pipeline.bench_serve import add_arguments
+
+    add_arguments(sub.add_parser("bench-serve", help="serving benchmark against running servers"))
     sub.add_parser("schema")
     sub.add_parser("shapes")
     w = sub.add_parser("world-size")
@@ -201,8 +214,26 @@ def cmd_world_size(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from pipeline.build import Builder
+    from pipeline.recipe import load_recipe
+    from pipeline.serve import launch
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    artifact = Builder(recipe, show_progress=sys.stderr.isatty()).run().artifact
+    return launch(artifact, recipe.world_size, ["--host", args.host, "--port", str(args.port),
+                                                 "--served-model-name", recipe.name, *args.serve_args.split()],
+                  args.mpirun_args.split())
+
+
+def cmd_bench_serve(args) -> int:
+    from pipeline.bench_serve import bench_serve_command
+
+    return bench_serve_command(args)
+
+
 COMMANDS = {
     "ls": cmd_ls, "show": cmd_show, "validate": cmd_validate, "build": cmd_build, "plan": cmd_plan,
     "verify": cmd_verify, "gc": cmd_gc, "eval": cmd_eval, "bench": cmd_bench, "schema": cmd_schema,
-    "shapes": cmd_shapes, "world-size": cmd_world_size,
+    "shapes": cmd_shapes, "world-size": cmd_world_size, "serve": cmd_serve, "bench-serve": cmd_bench_serve,
 }

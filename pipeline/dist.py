@@ -252,10 +252,24 @@ def local_rank(mpi_comm) -> int:
     return sum(1 for r in range(rank) if hosts[r] == hosts[rank])
 
 
+def gpu_index(local: int, device_count: int) -> int:
+    """The GPU of the rank with this local rank: one GPU each, in order (several nodes: the same on each host).
+    With one visible GPU per rank (Slurm's --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES so) it is always 0."""
+    if device_count == 1:
+        return 0
+    if local >= device_count:
+        from pipeline.errors import RunError
+
+        raise RunError(f"local rank {local} on {socket.gethostname()} has no GPU of its own ({device_count} visible); "
+                       f"place at most {device_count} ranks per node (mpirun --map-by ppr:{device_count}:node, or "
+                       f"srun --ntasks-per-node={device_count})")
+    return local
+
+
 def pick_device(mpi_comm, prefer: str = "auto") -> torch.device:
     if prefer == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    index = local_rank(mpi_comm) % torch.cuda.device_count()
+    index = gpu_index(local_rank(mpi_comm), torch.cuda.device_count())
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 

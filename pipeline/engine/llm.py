@@ -191,6 +191,7 @@ class LLM:
         self._handles: dict[int, RequestHandle] = {}
         self.error: BaseException | None = None
         self._closed = False
+        self.heartbeat_s = time.monotonic()  # the engine thread's last pass through its loop (a server's watchdog)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
         atexit.register(self.shutdown)
@@ -217,6 +218,7 @@ class LLM:
         """The engine thread: take commands, run steps while there is work, hand outputs to their requests."""
         try:
             while True:
+                self.heartbeat_s = time.monotonic()
                 block = not self.scheduler.has_work
                 try:
                     command = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
