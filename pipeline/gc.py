@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.hub import checkpoints_dir
 
-STAGES = ("fetch", "convert", "engine")
+STAGES = ("fetch", "convert", "engine", "onnx", "tensorrt")
 
 
 def _size(path: Path) -> int:
