@@ -44,20 +44,58 @@ def io_names(layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "position_ids", "attention_mask", *past], ["logits", *present]
 
 
+def planned_graph(layers: int, kv_heads: int, head_size: int, dtype: str, max_positions: int) -> dict:
+    """The graph record (as describe_graph gives it) an export will have, from the model's shape alone: what
+    `plan` needs for the trtexec shapes before anything is exported."""
+    kv_shape = ["batch", kv_heads, "past", head_size]
+    past, present = kv_names(layers)
+    return {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                       {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                       {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past + seq"]},
+                       *({"name": n, "dtype": dtype, "shape": kv_shape} for n in past)],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", "vocab"]},
+                        *({"name": n, "dtype": dtype, "shape": ["batch", kv_heads, "past + seq", head_size]}
+                          for n in present)],
+            "max_positions": max_positions}
+
+
+@torch.library.custom_op("pipeline::qdq_int8", mutates_args=())
+def qdq_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    """dq(q(x)) in symmetric int8: per tensor (a 0-d scale) or per channel along `axis`; exported as a
+    QuantizeLinear/DequantizeLinear pair (onnx_qdq), so this eager arithmetic is the graph's emulation."""
+    xf = x.float()
+    if scale.dim() == 0:
+        out = torch.fake_quantize_per_tensor_affine(xf, scale.float(), zero_point.int(), -128, 127)
+    else:
+        out = torch.fake_quantize_per_channel_affine(xf, scale.float(), zero_point.int(), axis, -128, 127)
+    return out.to(x.dtype)
+
+
+@qdq_int8.register_fake
+def _(x, scale, zero_point, axis):
+    return torch.empty_like(x)
+
+
+def onnx_qdq(x, scale, zero_point, axis: int):
+    from onnxscript import opset18 as op
+
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point, axis=axis), scale, zero_point, axis=axis)
+
+
 class FakeQuantLinear(Linear):
     """W8A8 INT8 as QDQ: y = dq(q(x)) dq(q(W))^T + b, per-tensor input scale, per-channel weight scales."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_amax: float):
         super().__init__(weight, bias)
-        w = weight.float()
-        self.weight_scale = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).contiguous()
-        self.input_scale = max(input_amax, 1e-8) / 127.0
-        self.zero = torch.zeros(w.shape[0], dtype=torch.int32)
-        self.weight_q = torch.fake_quantize_per_channel_affine(w, self.weight_scale, self.zero, 0, -128, 127)
+        rows = weight.shape[0]
+        self.weight_scale = (weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0).to(weight.dtype)
+        self.weight_zero = torch.zeros(rows, dtype=torch.int8)
+        self.input_scale = torch.tensor(max(input_amax, 1e-8) / 127.0, dtype=weight.dtype)
+        self.input_zero = torch.tensor(0, dtype=torch.int8)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xq = torch.fake_quantize_per_tensor_affine(x.float(), self.input_scale, 0, -128, 127).to(x.dtype)
-        return F.linear(xq, self.weight_q.to(x.dtype), self.bias)
+        w = qdq_int8(self.weight, self.weight_scale, self.weight_zero, 0)
+        return F.linear(qdq_int8(x, self.input_scale, self.input_zero, 0), w, self.bias)
 
 
 def qdq_linear_factory(act_amax: dict[str, float], exclude: tuple[str, ...] = ()):
@@ -156,7 +194,8 @@ def export_graph(model: RankModel, out_dir: Path, opset: int = OPSET, log=print)
     with torch.no_grad():
         program = torch.onnx.export(graph, example_inputs(model), dynamo=True, opset_version=opset,
                                     input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
-                                    optimize=True, verbose=False)
+                                    optimize=True, verbose=False,
+                                    custom_translation_table={torch.ops.pipeline.qdq_int8.default: onnx_qdq})
     program.save(str(path), external_data=True)
     onnx.checker.check_model(str(path), full_check=True)
     seconds = time.perf_counter() - start
@@ -207,8 +246,8 @@ def stage_inputs(recipe, convert_key: str, versions: dict) -> dict:
     return inputs
 
 
-def load_model(checkpoint: Path, make_linear=None) -> RankModel:
-    """The PyTorch backend's tp=1 pp=1 model of a converted checkpoint, on the CPU."""
+def load_model(checkpoint: Path, make_linear=None, device: str = "cpu") -> RankModel:
+    """The PyTorch backend's tp=1 pp=1 model of a converted checkpoint (on the CPU unless `device` says)."""
     from safetensors.torch import load_file
 
     from pipeline.backends.torch_backend import read_checkpoint_config
@@ -217,7 +256,7 @@ def load_model(checkpoint: Path, make_linear=None) -> RankModel:
 
     config = read_checkpoint_config(checkpoint)
     weights = load_file(Path(checkpoint) / "rank0.safetensors")
-    return RankModel(config, weights, Comm(Mapping(1, 1, 0), torch.device("cpu")), torch.device("cpu"),
+    return RankModel(config, weights, Comm(Mapping(1, 1, 0), torch.device(device)), torch.device(device),
                      make_linear=make_linear)
 
 

@@ -161,9 +161,10 @@ def build_engine(recipe, onnx_dir: Path, out_dir: Path, final_dir: Path | None =
         for i, name in enumerate(targets):
             config.set_compute_capability(trt.ComputeCapability.__members__[name], i)
     cache_path = timing_cache_path(lib)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, False)
+    if lib.module == "tensorrt":  # TensorRT for RTX times nothing ahead of time (its timing cache is a no-op)
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        config.set_timing_cache(config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b""),
+                                False)
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
@@ -171,15 +172,16 @@ def build_engine(recipe, onnx_dir: Path, out_dir: Path, final_dir: Path | None =
         raise BuildError(f"{lib.module} {lib.version} could not build {onnx_dir / GRAPH_FILE}:\n  "
                          + "\n  ".join(logger.messages[-10:] or ["(no message from the builder)"]))
     (Path(out_dir) / ENGINE_FILE).write_bytes(bytes(plan))
-    tmp = cache_path.with_suffix(f".{time.time_ns()}.tmp")
-    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    tmp.replace(cache_path)
+    if lib.module == "tensorrt":
+        tmp = cache_path.with_suffix(f".{time.time_ns()}.tmp")
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        tmp.replace(cache_path)
     atomic_write_text(Path(out_dir) / "graph.json", json.dumps(graph, indent=2) + "\n")
     log(f"built {ENGINE_FILE} ({len(bytes(plan)) / 1e6:.1f} MB) in {seconds:.1f} s")
     profile_read = {name: [list(profile.get_shape(name)[i]) for i in range(3)] for name in shapes}
     return {"library": lib.module, "version": lib.version, "compute_capabilities": targets,
             "profile": profile_read, "build_seconds": round(seconds, 2), "engine_bytes": len(bytes(plan)),
-            "onnx": str(onnx_dir), "timing_cache": str(cache_path),
+            "onnx": str(onnx_dir), "timing_cache": str(cache_path) if lib.module == "tensorrt" else None,
             "trtexec": shlex.join(trtexec_command(Path(onnx_dir) / GRAPH_FILE, Path(final_dir or out_dir) / ENGINE_FILE,
                                                   shapes, cache_path))}
 
@@ -187,13 +189,13 @@ def build_engine(recipe, onnx_dir: Path, out_dir: Path, final_dir: Path | None =
 # ----------------------------------------------------------------------------------------------- running
 
 
-def run_problem(lib_module: str, targets: list[str]) -> str | None:
-    """Why this machine cannot run an engine built for `targets` (None: it can try)."""
+def run_problem(lib_module: str, targets: list[str] | None) -> str | None:
+    """Why this machine cannot run an engine built for `targets` (None: it can try; targets None: not checked)."""
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (TensorRT engines run on an NVIDIA GPU)"
     major, minor = torch.cuda.get_device_capability(0)
     name = torch.cuda.get_device_name(0)
-    if lib_module == "tensorrt_rtx" and f"SM{major}{minor}" not in targets:
+    if lib_module == "tensorrt_rtx" and targets is not None and f"SM{major}{minor}" not in targets:
         return (f"the {name} has compute capability {major}.{minor}, which TensorRT for RTX does not target "
                 f"(the engine was built for {', '.join(targets)})")
     return None
@@ -204,12 +206,12 @@ class TrtDecoder(GraphDecoder):
 
     device = torch.device("cuda")
 
-    def __init__(self, artifact: Path, manifest: dict):
+    def __init__(self, artifact: Path, manifest: dict, check_target: bool = True):
         record = manifest.get("tensorrt")
         if record is None:
             raise RunError(f"{artifact}: no `tensorrt` record in manifest.json; rebuild it (build.backend: tensorrt)")
         instead = f"Instead run the same graph with ONNX Runtime: python -m pipeline.run --engine {record['onnx']}"
-        problem = run_problem(record["library"], record["compute_capabilities"])
+        problem = run_problem(record["library"], record["compute_capabilities"] if check_target else None)
         if problem:
             raise RunError(f"{artifact}: cannot run this {record['library']} engine here: {problem}.\n  {instead}")
         module = importlib.import_module(record["library"])
