@@ -207,3 +207,22 @@ def test_recipe_rules_of_the_onnx_backends():
     with pytest.raises(RecipeError, match="onnx.qdq: int8 needs build.backend onnx or tensorrt"):
         recipe_from_dict({"model": {"random": "gpt2-tiny"}, "build": {"backend": "torch"}, "onnx": {"qdq": "int8"}})
 
+
+
+@pytest.mark.slow
+def test_smollm2_float16_graph_gives_the_pytorch_backend_tokens_and_builds(home, smollm2_dir):
+    """The real SmolLM2-135M-Instruct weights: ONNX Runtime's greedy text equals the PyTorch backend's on the same
+    float16 checkpoint, and TensorRT for RTX builds the graph with the recipe's profile."""
+    recipe = recipe_from_dict({"model": {"local": str(smollm2_dir)}, "precision": {"dtype": "float16"},
+                               "build": {"backend": "tensorrt", **LIMITS}}, name="smollm2-onnx-fp16-test")
+    result = Builder(recipe, log=lambda _: None, show_progress=False).run(gate=False)
+    onnx_dir = result.stages[2].path
+    record = read_manifest(onnx_dir)["onnx"]
+    assert sum(t["name"].startswith("present.") for t in record["outputs"]) == 60  # 30 layers, keys and values
+    prompt = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    sampling = Sampling(max_new_tokens=12)
+    tokens = OnnxDecoder(onnx_dir, record, "cpu").generate([prompt], sampling, None, 0)
+    assert tokens == generate(load_model(result.stages[1].path), [prompt], sampling, None, 0)
+    engine = read_manifest(result.artifact)["tensorrt"]
+    assert engine["profile"]["past_key_values.29.value"][2] == [LIMITS["max_batch_size"], 3, LIMITS["max_seq_len"] - 1, 64]
+    assert (result.artifact / trt.ENGINE_FILE).stat().st_size > 100e6  # 135M parameters in float16
