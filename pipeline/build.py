@@ -3,6 +3,8 @@
     fetch    the Hugging Face folder: a Hub snapshot at the pinned revision, a local folder, or random weights
     convert  TensorRT-LLM checkpoint (config.json + rank{r}.safetensors + tokenizer), quantized and calibrated
     engine   TensorRT engines (rank{r}.engine), only for the tensorrt-llm backend
+    onnx     one ONNX decoder graph with its KV cache as inputs/outputs (backends onnx and tensorrt)
+    tensorrt that graph built by TensorRT's builder (or TensorRT for RTX's) into model.plan (backend tensorrt)
 
 Every stage writes into a temporary folder beside its final place and renames it when complete, with its
 manifest.json (pipeline.manifest) inside; a folder with a manifest is finished, anything else is debris that
@@ -258,6 +260,43 @@ class Builder:
                                                time.perf_counter() - start))
         return StageResult("engine", key, False, final, time.perf_counter() - start, "TensorRT-LLM engines")
 
+    # ----------------------------------------------------------------------------------- onnx, tensorrt
+
+    def onnx(self, convert: StageResult, source: Path) -> StageResult:
+        from pipeline import onnx_export
+
+        inputs = onnx_export.stage_inputs(self.recipe, convert.key, self.versions)
+        key = stage_key(inputs)
+        final = stage_dir("onnx", key)
+        detail = f"ONNX opset {self.recipe.onnx.opset}, {self.recipe.precision.dtype}, qdq {self.recipe.onnx.qdq}"
+        if is_complete(final):
+            return StageResult("onnx", key, True, final, detail=detail)
+        start = time.perf_counter()
+        with StageOutput(final) as tmp:
+            record = onnx_export.build_onnx(self.recipe, convert.path, source,
+                                            hub.tokenizer_source(self.recipe.model, source), tmp, log=self.log)
+            for name in _tokenizer_files(convert.path):  # the runner reads the tokenizer beside the graph
+                shutil.copyfile(convert.path / name, tmp / name)
+            write_manifest(tmp, self._manifest("onnx", key, inputs, {"onnx": record}, tmp,
+                                               time.perf_counter() - start))
+        return StageResult("onnx", key, False, final, time.perf_counter() - start, detail)
+
+    def tensorrt(self, onnx: StageResult) -> StageResult:
+        from pipeline.backends import tensorrt_engine
+
+        inputs = tensorrt_engine.stage_inputs(self.recipe, onnx.key)
+        key = stage_key(inputs)
+        final = stage_dir("tensorrt", key)
+        detail = f"{inputs['library']['module']} {inputs['library']['version']} engine"
+        if is_complete(final):
+            return StageResult("tensorrt", key, True, final, detail=detail)
+        start = time.perf_counter()
+        with StageOutput(final) as tmp:
+            record = tensorrt_engine.build_engine(self.recipe, onnx.path, tmp, final, log=self.log)
+            write_manifest(tmp, self._manifest("tensorrt", key, inputs, {"tensorrt": record}, tmp,
+                                               time.perf_counter() - start))
+        return StageResult("tensorrt", key, False, final, time.perf_counter() - start, detail)
+
     # ----------------------------------------------------------------------------------- whole
 
     def _manifest(self, stage: str, key: str, inputs: dict, extra: dict, folder: Path, seconds: float) -> dict:
@@ -311,6 +350,12 @@ class Builder:
             engine = self.engine(convert)
             self._report(engine)
             result.stages.append(engine)
+        if backend.name in ("onnx", "tensorrt"):
+            result.stages.append(self.onnx(convert, source))
+            self._report(result.stages[-1])
+        if backend.name == "tensorrt":
+            result.stages.append(self.tensorrt(result.stages[-1]))
+            self._report(result.stages[-1])
         if record:
             with write_errors(builds_dir(), None, "the build record"):
                 record_build(result)

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.hub import checkpoints_dir
 from pipeline.storage import held_paths
 
-STAGES = ("fetch", "convert", "engine")
+STAGES = ("fetch", "convert", "engine", "onnx", "tensorrt")
 
 
 def _size(path: Path) -> int:

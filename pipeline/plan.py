@@ -84,7 +84,8 @@ def plan_rows(recipe: Recipe) -> list[PlanRow]:
     ]
     try:
         backend = select_backend(r.build.backend, needs_capability=(8, 9) if q.quant == "fp8" else (7, 0))
-        status = "planned" if backend.name == "tensorrt-llm" else f"not applicable: backend torch ({backend.reason})"
+        status = "planned" if backend.name == "tensorrt-llm" else \
+            f"not applicable: backend {backend.name} ({backend.reason})"
     except BuildError as exc:
         status = "refused: " + " ".join(line.strip() for line in str(exc).splitlines())
     machine = trt.machine_info()
@@ -99,7 +100,60 @@ def plan_rows(recipe: Recipe) -> list[PlanRow]:
         status = _status(is_complete(stage_dir("engine", engine_key)))
     command = trt.trtllm_build_command(r, checkpoint, "<engine-dir>", cache)
     rows.append(PlanRow("engine", engine_key, status, shlex.join(command)))
+    if r.build.backend in ("onnx", "tensorrt"):
+        rows.extend(graph_rows(r, builder, convert_key, source))
     return rows
+
+
+def graph_rows(recipe: Recipe, builder, convert_key: str | None, source: Path | None) -> list[PlanRow]:
+    """The onnx stage, and for build.backend tensorrt the engine stage with its equivalent trtexec command."""
+    from pipeline import onnx_export
+    from pipeline.build import is_complete, stage_dir
+    from pipeline.manifest import stage_key
+
+    r = recipe
+    onnx_key = stage_key(onnx_export.stage_inputs(r, convert_key, builder.versions)) if convert_key else None
+    onnx_dir = stage_dir("onnx", onnx_key) if onnx_key else None
+    rows = [PlanRow("onnx", onnx_key, _status(is_complete(onnx_dir)) if onnx_dir else "miss (key known after fetch)",
+                    f"torch.onnx.export(dynamo=True, opset {r.onnx.opset}) of the checkpoint -> model.onnx "
+                    f"(dtype {r.precision.dtype}, qdq {r.onnx.qdq}); onnx.checker")]
+    if r.build.backend != "tensorrt":
+        return rows
+    from pipeline.backends import tensorrt_engine as trt
+
+    try:
+        lib = trt.library()
+    except BuildError as exc:
+        return [*rows, PlanRow("tensorrt", None, "refused: " + " ".join(str(exc).split()), "-")]
+    graph = _planned_graph(r, source)
+    shapes = trt.profile_shapes(r, graph) if graph else None
+    key = stage_key(trt.stage_inputs(r, onnx_key)) if onnx_key else None
+    engine_dir = stage_dir("tensorrt", key) if key else "<engine-dir>"
+    onnx_path = f"{onnx_dir or '<onnx-dir>'}/{onnx_export.GRAPH_FILE}"
+    command = shlex.join(trt.trtexec_command(onnx_path, f"{engine_dir}/{trt.ENGINE_FILE}", shapes,
+                                             trt.timing_cache_path(lib))) if shapes else \
+        "trtexec (shapes known once the model's config.json is at hand)"
+    status = _status(is_complete(stage_dir("tensorrt", key))) if key else "miss (key known after fetch)"
+    return [*rows, PlanRow("tensorrt", key, f"{status}; builder {lib.module} {lib.version}", command)]
+
+
+def _planned_graph(recipe: Recipe, source: Path | None) -> dict | None:
+    """The graph's inputs from the model's config (config.json of the fetched folder or of a random shape)."""
+    import json
+
+    from pipeline.convert.architectures import describe
+    from pipeline.onnx_export import planned_graph
+    from pipeline.shapes import SHAPES
+
+    if recipe.model.random:
+        hf = SHAPES[recipe.model.random]
+    elif source is not None:
+        hf = json.loads((source / "config.json").read_text())
+    else:
+        return None
+    arch = describe(hf)
+    return planned_graph(arch.num_layers, arch.num_kv_heads, arch.head_size, recipe.precision.dtype,
+                         arch.max_positions)
 
 
 def print_rows(rows: list[PlanRow]) -> None:
@@ -111,5 +165,8 @@ def print_plan(recipe: Recipe) -> None:
     """Print what `make build` would do for this recipe, stage by stage, and how to run the result."""
     print(f"recipe {recipe.name}: world size {recipe.world_size} (tp={recipe.parallel.tp} pp={recipe.parallel.pp})")
     print_rows(plan_rows(recipe))
-    print(f"run      $ mpirun -n {recipe.world_size} python -m pipeline.run")
+    if recipe.build.backend in ("onnx", "tensorrt"):
+        print(f"run      $ python -m pipeline.run --recipe {recipe.name}")
+    else:
+        print(f"run      $ mpirun -n {recipe.world_size} python -m pipeline.run")
 

@@ -44,7 +44,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANT_ALGOS = ("none", "fp8", "int8_weight_only", "int4_weight_only")
 RESERVED_QUANT_ALGOS = ("int4_awq", "w8a8_smoothquant")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
-BACKENDS = ("auto", "torch", "tensorrt-llm")
+BACKENDS = ("auto", "torch", "tensorrt-llm", "onnx", "tensorrt")
+ONNX_QDQ = ("none", "int8")
 PLUGIN_DTYPES = ("auto", "float16", "bfloat16", "float32", "disable")
 
 
@@ -115,7 +116,10 @@ class PluginSpec:
 
 @dataclass(frozen=True)
 class BuildSpec:
-    backend: str = _f("auto", "auto: tensorrt-llm when importable with a suitable GPU, else torch", BACKENDS)
+    backend: str = _f("auto", "auto: tensorrt-llm when importable with a suitable GPU, else torch; onnx: export an "
+                              "ONNX graph (run by ONNX Runtime); tensorrt: that graph built into a TensorRT engine "
+                              "(TensorRT, or TensorRT for RTX where only it is installed); see the `onnx` section",
+                      BACKENDS)
     max_batch_size: int = _f(8, "largest batch the engine accepts", minimum=1)
     max_input_len: int | None = _f(None, "longest prompt in tokens; null = the sequence limit (max_seq_len)",
                                    minimum=1)
@@ -125,6 +129,15 @@ class BuildSpec:
     workers: int = _f(1, "parallel workers for conversion and trtllm-build", minimum=1)
     log_level: str = _f("info", "trtllm-build log level", ("error", "warning", "info", "verbose"))
     plugins: PluginSpec = _f(PluginSpec, "TensorRT-LLM plugins")
+
+
+@dataclass(frozen=True)
+class OnnxSpec:
+    """The ONNX export of build.backend onnx and tensorrt (tp = pp = 1; precision.dtype float32 or float16)."""
+
+    opset: int = _f(18, "ONNX opset of the exported graph", minimum=18)
+    qdq: str = _f("none", "int8: QuantizeLinear/DequantizeLinear around every linear layer but lm_head (weights "
+                          "per channel, inputs per tensor from precision.quantization.calibration)", ONNX_QDQ)
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,7 @@ class Recipe:
     precision: PrecisionSpec = _f(PrecisionSpec, "dtype and quantization")
     parallel: ParallelSpec = _f(ParallelSpec, "tensor and pipeline parallelism")
     build: BuildSpec = _f(BuildSpec, "backend, limits and plugins")
+    onnx: OnnxSpec = _f(OnnxSpec, "ONNX export (build.backend onnx or tensorrt)")
     runtime: RuntimeSpec = _f(RuntimeSpec, "generation settings of `python -m pipeline.run`")
     eval: EvalSpec = _f(EvalSpec, "accuracy evaluation and gate")
     verify: VerifySpec = _f(VerifySpec, "golden outputs")
@@ -440,6 +454,7 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     from pipeline.params import runtime_problems
 
     problems.extend(runtime_problems(recipe.runtime))
+    problems.extend(onnx_problems(recipe))
     g = recipe.eval.gate
     if g.min_top1_agreement is not None and g.min_top1_agreement > 1.0:
         problems.append(f"eval.gate.min_top1_agreement: {g.min_top1_agreement} must be a fraction in [0, 1]")
@@ -484,6 +499,24 @@ _NUMERIC_CONFIG_KEYS = (  # the config.json numbers the weight maps read, in bot
     "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "layer_norm_epsilon", "hidden_size",
     "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
     "max_position_embeddings", "rms_norm_eps", "rope_theta")
+
+
+def onnx_problems(recipe: Recipe) -> list[str]:
+    """What the ONNX export (build.backend onnx / tensorrt) cannot do, each with its fix."""
+    b, o, q = recipe.build, recipe.onnx, recipe.precision.quantization
+    if b.backend not in ("onnx", "tensorrt"):
+        return [f"onnx.qdq: {o.qdq} needs build.backend onnx or tensorrt"] if o.qdq != "none" else []
+    problems = []
+    if recipe.world_size != 1:
+        problems.append(f"parallel: build.backend {b.backend} exports one graph (tp=1, pp=1), found tp="
+                        f"{recipe.parallel.tp} pp={recipe.parallel.pp}; set both to 1")
+    if recipe.precision.dtype not in ("float32", "float16"):
+        problems.append(f"precision.dtype: build.backend {b.backend} exports float32 or float16 graphs, found "
+                        f"'{recipe.precision.dtype}'; set it to float32 or float16")
+    if q.quant != "none" or q.kv_cache != "auto":
+        problems.append(f"precision.quantization: build.backend {b.backend} quantizes with onnx.qdq (int8 QDQ), "
+                        f"not quant/kv_cache; set quant: none and kv_cache: auto")
+    return problems
 
 
 def check_against_model(recipe: Recipe, hf_config: dict) -> list[str]:

@@ -157,6 +157,11 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
 
     artifact, resolved = resolve_artifact(args)
     runtime = resolved.get("runtime", {})
+    stage = (read_manifest(artifact) or {}).get("stage")
+    if stage in ("onnx", "tensorrt"):  # one exported graph: ONNX Runtime, or its TensorRT engine
+        from pipeline.backends.onnx_runtime import run_graph
+
+        return run_graph(args, artifact, runtime, stage, world)
     if (artifact / "rank0.engine").is_file():  # a TensorRT-LLM engine folder
         from pipeline.backends.tensorrt_llm import run_engine
 

@@ -51,3 +51,17 @@ def report_outputs(args: argparse.Namespace, artifact: Path, backend: str, world
                          "text": tokenizer.decode(o, skip_special_tokens=True) if tokenizer else None}
                         for p, o in zip(prompts, outputs)],
         }, indent=2))
+
+
+class StreamPrinter:
+    """Prints one sequence's text as its tokens arrive: the prompt, then each token's new text (incremental
+    detokenization, constant work a token: pipeline.engine.core.Detokenizer)."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        from pipeline.engine.core import Detokenizer
+
+        print(tokenizer.decode(prompt_ids, skip_special_tokens=True), end="", flush=True)
+        self.detokenizer = Detokenizer(tokenizer, ())
+
+    def add(self, token: int) -> None:
+        print(self.detokenizer.add(token)[0], end="", flush=True)

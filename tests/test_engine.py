@@ -150,7 +150,7 @@ def test_a_pool_too_small_for_one_request_is_an_error_at_admission(llama):
 def test_bad_parameters_are_refused_before_they_reach_the_engine(llama):
     _, artifact = llama
     with make_llm(artifact) as llm:
-        cases = [(SamplingParams(temperature=-1), [1, 2], "temperature must be >= 0"),
+        cases = [(SamplingParams(temperature=-1), [1, 2], "temperature must be a finite number >= 0"),
                  (SamplingParams(top_p=0.0), [1, 2], "top_p must be in (0, 1]"),
                  (SamplingParams(max_tokens=0), [1, 2], "max_tokens must be a whole number of at least 1"),
                  (SamplingParams(), [], "the prompt is empty"),

@@ -14,7 +14,7 @@ TRTLLM_EXTRA = ("pip install -e '.[tensorrt-llm]' --extra-index-url https://pypi
 
 @dataclass(frozen=True)
 class BackendChoice:
-    name: str  # torch | tensorrt-llm
+    name: str  # torch | tensorrt-llm | onnx | tensorrt
     reason: str
 
 
@@ -36,8 +36,8 @@ def select_backend(requested: str, needs_capability: tuple[int, int] = (7, 0)) -
     """Resolve build.backend. `auto` prefers TensorRT-LLM when it is installed and a suitable GPU is present."""
     has_trtllm = tensorrt_llm_importable()
     capability = cuda_capability()
-    if requested == "torch":
-        return BackendChoice("torch", "the recipe asks for build.backend: torch")
+    if requested in ("torch", "onnx", "tensorrt"):
+        return BackendChoice(requested, f"the recipe asks for build.backend: {requested}")
     if requested == "tensorrt-llm":
         if not has_trtllm:
             raise BuildError(f"build.backend is tensorrt-llm, but the tensorrt_llm package is not installed.\n"

@@ -1,0 +1,185 @@
+"""The ONNX artifact under ONNX Runtime: the same generation loop as pipeline.generate, over the exported graph.
+
+Prompts are left-padded into one batch, positions count each sequence's own tokens, the prefill runs with an
+empty cache (past length 0) and each decode step feeds one token and the previous step's present.* tensors.
+The CUDA execution provider is used where onnxruntime-gpu provides it, the CPU provider otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import RunError
+from pipeline.generate import Sampling, left_pad, sample_next
+from pipeline.onnx_export import GRAPH_FILE
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def providers(device: str = "auto") -> list[str]:
+    """Execution providers in preference order for --device (auto: CUDA where installed, then CPU)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RunError(f"--device cuda: this onnxruntime has no CUDAExecutionProvider (it has {available}); "
+                           f"install onnxruntime-gpu, or run with --device cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class GraphDecoder:
+    """pipeline.generate.generate's loop (same padding, positions, sampling and stopping) over any `step` that runs
+    the exported graph on torch tensors; ONNX Runtime and TensorRT engines provide `step` and `empty_cache`."""
+
+    device = torch.device("cpu")
+
+    def empty_cache(self, batch: int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+             past: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Float32 logits [B, T, V] and the new cache, for tokens [B, T] after `past` (mask covers both)."""
+        raise NotImplementedError
+
+    def score(self, tokens: list[int]) -> torch.Tensor:
+        """Float32 logits [T, vocab] of every position of one sequence."""
+        ids = torch.tensor([tokens], device=self.device)
+        logits, _ = self.step(ids, torch.arange(len(tokens), device=self.device)[None], torch.ones_like(ids),
+                              self.empty_cache(1))
+        return logits[0].cpu()
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling, eos_id: int | None, pad_id: int,
+                 on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> list[list[int]]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        tokens, valid = left_pad(prompts, pad_id, self.device)
+        batch = tokens.shape[0]
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        mask = valid.long()
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        logits, cache = self.step(tokens, positions, mask, self.empty_cache(batch))
+        next_positions = positions[:, -1]
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        ones = torch.ones((batch, 1), dtype=torch.long, device=self.device)
+        for step in range(sampling.max_new_tokens):
+            next_tokens = sample_next(logits[:, -1], sampling, generator)
+            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
+            for i, token in enumerate(next_tokens.tolist()):
+                if not finished[i]:
+                    outputs[i].append(token)
+            if eos_id is not None:
+                finished |= next_tokens == eos_id
+            if on_tokens is not None:
+                on_tokens(next_tokens, finished)
+            if bool(finished.all()) or step == sampling.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, ones], dim=1)
+            next_positions = next_positions + 1
+            logits, cache = self.step(next_tokens[:, None], next_positions[:, None], mask, cache)
+        return outputs
+
+
+class OnnxDecoder(GraphDecoder):
+    """One ONNX Runtime session over an `onnx` stage folder."""
+
+    def __init__(self, artifact: Path, graph: dict, device: str = "auto", threads: int = 0):
+        import onnxruntime as ort
+
+        path = Path(artifact) / GRAPH_FILE
+        if not path.is_file():
+            raise RunError(f"{artifact}: no {GRAPH_FILE}; is this an `onnx` stage folder (build.backend: onnx)?")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers(device))
+        self.provider = self.session.get_providers()[0]
+        self.past_names = [t["name"] for t in graph["inputs"] if t["name"].startswith("past_key_values.")]
+        first = next(t for t in graph["inputs"] if t["name"].startswith("past_key_values."))
+        self.kv_heads, self.head_size = first["shape"][1], first["shape"][3]
+        self.kv_dtype = NUMPY_DTYPES[first["dtype"]]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_cache(self, batch: int) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.zeros((batch, self.kv_heads, 0, self.head_size), self.kv_dtype))
+                for _ in self.past_names]
+
+    def step(self, tokens, positions, mask, past):
+        feeds = {"input_ids": tokens.numpy(), "position_ids": positions.numpy(), "attention_mask": mask.numpy(),
+                 **{name: t.numpy() for name, t in zip(self.past_names, past)}}
+        logits, *present = self.session.run(self.output_names, feeds)
+        return torch.from_numpy(logits), [torch.from_numpy(t) for t in present]
+
+
+def run_graph(args, artifact: Path, runtime: dict, stage: str, world: int) -> int:
+    """`python -m pipeline.run` on an `onnx` folder (ONNX Runtime) or a `tensorrt` folder (the engine on a GPU):
+    the PyTorch path's flags and output (pipeline.run.report_outputs)."""
+    import json
+    import time
+
+    from pipeline.manifest import read_manifest, verify_folder
+    from pipeline.recipe import RuntimeSpec
+    from pipeline.run_outputs import StreamPrinter, load_tokenizer, report_outputs, sampling_from
+
+    if world != 1:
+        raise RunError(f"{artifact} is one {stage} graph for one process, but {world} ranks were started; run: "
+                       f"python -m pipeline.run --engine {artifact}")
+    if not args.no_verify:
+        problems = verify_folder(artifact)
+        if problems:
+            raise RunError(f"{artifact} does not match its manifest:\n  " + "\n  ".join(problems)
+                           + "\n  rebuild it (make build) or pass --no-verify to run it anyway")
+    manifest = read_manifest(artifact) or {}
+    start = time.perf_counter()
+    if stage == "tensorrt":
+        from pipeline.backends.tensorrt_engine import TrtDecoder
+
+        decoder = TrtDecoder(artifact, manifest)
+        tokenizer_dir = Path(manifest["tensorrt"]["onnx"])
+        graph = (read_manifest(tokenizer_dir) or {}).get("onnx", {})
+        label = f"{decoder.library} engine on {decoder.gpu}"
+    else:
+        graph = manifest["onnx"]
+        decoder = OnnxDecoder(artifact, graph, args.device)
+        tokenizer_dir = artifact
+        label = f"onnxruntime {decoder.provider}"
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if args.prompt_ids_file:
+        prompts = json.loads(args.prompt_ids_file.read_text())
+    elif args.prompt_ids:
+        prompts = [[int(t) for t in s.split(",")] for s in args.prompt_ids]
+    else:
+        if tokenizer is None:
+            raise RunError(f"{tokenizer_dir} has no tokenizer files; give --prompt-ids 1,2,3 or set model.tokenizer "
+                           f"in the recipe and rebuild")
+        prompts = [tokenizer(t).input_ids for t in args.prompt or list(runtime.get("prompts", RuntimeSpec().prompts))]
+    print(f"[pipeline.run] backend {stage}: {label}, {artifact} (loaded in {time.perf_counter() - start:.1f} s)",
+          file=sys.stderr)
+    sampling = sampling_from(runtime, args)
+    eos_id = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None \
+        else graph.get("eos_token_id")
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else None
+    pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    if args.logits_out is not None:
+        torch.save([decoder.score(p) for p in prompts], args.logits_out)
+        if args.score_only:
+            return 0
+    printer = StreamPrinter(tokenizer, prompts[0]) if tokenizer is not None and len(prompts) == 1 else None
+
+    def on_tokens(tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        if printer is not None and int(tokens[0]) != eos_id:
+            printer.add(int(tokens[0]))
+
+    start = time.perf_counter()
+    outputs = decoder.generate(prompts, sampling, eos_id, pad_id, on_tokens=on_tokens)
+    report_outputs(args, artifact, stage, world, prompts, outputs, tokenizer, time.perf_counter() - start,
+                   streamed=printer is not None)
+    return 0
