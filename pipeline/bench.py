@@ -219,11 +219,11 @@ def worker(args: argparse.Namespace) -> int:
         CudaDecoder,
         DecodeOptions,
         accelerate,
-        quantize_model_fp8,
         set_triton_gemv,
     )
     from pipeline.dist import Comm, all_ok, finish, mpi_world, pick_device
     from pipeline.mapping import Mapping
+    from pipeline.quantize.registry import weight_format
 
     rank, world, mpi_comm = mpi_world()
     progress = Progress(rank, args.watchdog)
@@ -234,8 +234,9 @@ def worker(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.device_random:
         model, config, _ = device_random_model(args.device_random, world, comm, device, args.dtype)
-        if args.quant == "fp8":
-            quantize_model_fp8(model, calibrate_on_device(model, config["vocab_size"]))
+        quantizer = weight_format(args.quant).device_quantizer
+        if quantizer is not None:
+            quantizer(model, calibrate_on_device(model, config["vocab_size"]))
     else:
         from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
 
@@ -509,9 +510,13 @@ def bench_command(recipe, args: argparse.Namespace) -> int:
     if args.device_random:
         if not recipe.model.random:
             raise PipelineError("--device-random needs a recipe with model.random (a named shape)")
+        from pipeline.quantize.registry import weight_formats
+
         q = recipe.precision.quantization.quant
-        if q not in ("none", "fp8"):
-            raise PipelineError(f"--device-random benchmarks none or fp8, not {q}")
+        runnable = [f.name for f in weight_formats() if f.quant_algo is None or f.device_quantizer is not None]
+        runnable.sort(key=lambda name: name != "none")
+        if q not in runnable:
+            raise PipelineError(f"--device-random benchmarks {' or '.join(runnable)}, not {q}")
         dtype = recipe.precision.dtype if recipe.precision.dtype != "auto" else "bfloat16"
         worker_args = ["--device-random", recipe.model.random, "--dtype", dtype, "--quant", q]
     else:

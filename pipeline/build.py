@@ -332,8 +332,10 @@ class Builder:
     def _run(self, gate: bool, record: bool) -> BuildResult:
         r = self.recipe
         validate_with_model(r)
-        backend = select_backend(r.build.backend, needs_capability=(8, 9) if r.precision.quantization.quant == "fp8"
-                                 else (7, 0))
+        from pipeline.quantize.registry import weight_format
+
+        backend = select_backend(r.build.backend,
+                                 needs_capability=weight_format(r.precision.quantization.quant).min_capability)
         result = BuildResult(r, backend)
         fetch, source = self.fetch()
         self._report(fetch)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import BuildError
+from pipeline.quantize.registry import weight_format
 from pipeline.recipe import Recipe
 
 
@@ -83,7 +84,7 @@ def plan_rows(recipe: Recipe) -> list[PlanRow]:
                 f"kv_cache {q.kv_cache}, tp {r.parallel.tp}, pp {r.parallel.pp}, workers {r.build.workers})"),
     ]
     try:
-        backend = select_backend(r.build.backend, needs_capability=(8, 9) if q.quant == "fp8" else (7, 0))
+        backend = select_backend(r.build.backend, needs_capability=weight_format(q.quant).min_capability)
         status = "planned" if backend.name == "tensorrt-llm" else \
             f"not applicable: backend {backend.name} ({backend.reason})"
     except BuildError as exc:
@@ -141,7 +142,7 @@ def _planned_graph(recipe: Recipe, source: Path | None) -> dict | None:
     """The graph's inputs from the model's config (config.json of the fetched folder or of a random shape)."""
     import json
 
-    from pipeline.convert.architectures import describe
+    from pipeline.architectures import describe
     from pipeline.onnx_export import planned_graph
     from pipeline.shapes import SHAPES
 

@@ -21,6 +21,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,10 @@ from pipeline.errors import RecipeError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | None = None) -> Any:
-    """A recipe field with its documentation (and, optionally, its allowed values or lower bound)."""
+def _f(default: Any, doc: str, choices: tuple | Callable[[], tuple] | None = None,
+       minimum: float | None = None) -> Any:
+    """A recipe field with its documentation (and, optionally, its allowed values, or a function giving them when
+    they come from a registry, or a lower bound)."""
     meta = {"doc": doc, "choices": choices, "minimum": minimum}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return field(default_factory=default, metadata=meta)
@@ -41,12 +44,26 @@ def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | No
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-QUANT_ALGOS = ("none", "fp8", "int8_weight_only", "int4_weight_only")
-RESERVED_QUANT_ALGOS = ("int4_awq", "w8a8_smoothquant")
-KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 BACKENDS = ("auto", "torch", "tensorrt-llm", "onnx", "tensorrt")
 ONNX_QDQ = ("none", "int8")
 PLUGIN_DTYPES = ("auto", "float16", "bfloat16", "float32", "disable")
+
+
+def _quant_choices() -> tuple[str, ...]:
+    from pipeline.quantize.registry import weight_format_names
+
+    return weight_format_names()
+
+
+def _kv_cache_choices() -> tuple[str, ...]:
+    from pipeline.quantize.registry import kv_cache_format_names
+
+    return kv_cache_format_names()
+
+
+def _choices(meta) -> tuple | None:
+    choices = meta.get("choices")
+    return choices() if callable(choices) else choices
 
 
 @dataclass(frozen=True)
@@ -76,9 +93,10 @@ class CalibrationSpec:
 class QuantizationSpec:
     """Quantization, as TensorRT-LLM 1.2's QuantConfig names it (quant_algo / kv_cache_quant_algo)."""
 
-    quant: str = _f("none", "weight/activation format: none, fp8 (W8A8 FP8, per-tensor), int8_weight_only "
-                            "(W8A16), int4_weight_only (W4A16)", QUANT_ALGOS + RESERVED_QUANT_ALGOS)
-    kv_cache: str = _f("auto", "KV-cache format: auto (model dtype), fp8 or int8", KV_CACHE_DTYPES)
+    quant: str = _f("none", "weight/activation format: none (the model dtype) or a format of "
+                            "pipeline/quantize/schemes/ (fp8: W8A8 FP8, per-tensor; int8_weight_only: W8A16; ...)",
+                    _quant_choices)
+    kv_cache: str = _f("auto", "KV-cache format: auto (model dtype), fp8 or int8", _kv_cache_choices)
     exclude: tuple[str, ...] = _f(("lm_head",), "modules kept in high precision (name patterns, fnmatch)")
     calibration: CalibrationSpec = _f(CalibrationSpec, "calibration data (used by fp8 and fp8/int8 KV cache)")
 
@@ -390,7 +408,7 @@ def _coerce(value: Any, hint: Any, fld: dataclasses.Field, key: str, problems: l
         expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
         problems.append(f"{key}: expected {expected}{' or null' if optional else ''}, found {_show(value)}")
         return default
-    choices = meta.get("choices")
+    choices = _choices(meta)
     if choices and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
         hint_text = f"; did you mean '{close[0]}'?" if close else ""
@@ -440,9 +458,11 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
             problems.append(f"model.random: unknown shape '{m.random}'" + (f"; did you mean '{close[0]}'?" if close else "")
                             + f" (known: {', '.join(SHAPES)})")
     q = recipe.precision.quantization
-    if q.quant in RESERVED_QUANT_ALGOS:
+    from pipeline.quantize import registry
+
+    if registry.reserved(q.quant):
         problems.append(f"precision.quantization.quant: '{q.quant}' is reserved for a later release; "
-                        f"use one of {', '.join(QUANT_ALGOS)}")
+                        f"use one of {', '.join(registry.weight_format_names(reserved=False))}")
     if q.quant != "none" and recipe.precision.dtype == "float32":
         problems.append(f"precision.dtype: float32 with quant {q.quant} is not a TensorRT-LLM combination (quantized "
                         f"GEMMs take float16/bfloat16 activations); set precision.dtype to float16 or bfloat16")
@@ -465,7 +485,11 @@ def plugin_problems(recipe: Recipe) -> list[str]:
     """Plugin and KV-cache combinations TensorRT-LLM 1.2 refuses whatever the GPU, each with its reason (quoting
     TensorRT-LLM's own message where it has one) and fix. The TensorRT-LLM adapter adds the rules that depend on the
     GPU and on its runtime."""
+    from pipeline.quantize.registry import fp8_qdq_names, kv_cache_format, weight_format_or_none
+
     p, q = recipe.build.plugins, recipe.precision.quantization
+    weights, kv = weight_format_or_none(q.quant), kv_cache_format(q.kv_cache)
+    needs_fp8 = f"needs precision.quantization.quant: {' or '.join(fp8_qdq_names())}"
     problems = []
     if p.gpt_attention_plugin == "disable":
         for key, what in (("context_fmha", "fused context attention runs inside the GPT attention plugin"),
@@ -477,21 +501,15 @@ def plugin_problems(recipe: Recipe) -> list[str]:
     if p.paged_kv_cache and p.tokens_per_block & (p.tokens_per_block - 1):
         problems.append(f"build.plugins.tokens_per_block: {p.tokens_per_block} is not a power of 2, which the paged "
                         f"KV cache kernels need (\"tokensPerBlock must be power of 2\"); use 32 or 64")
-    if p.use_paged_context_fmha and q.kv_cache == "int8":
-        problems.append("build.plugins.use_paged_context_fmha: TensorRT-LLM 1.2 refuses paged context FMHA with an "
-                        "INT8 KV cache (\"Paged Context FMHA doesn't work with int8 kv cache\"); set "
-                        "use_paged_context_fmha: false or precision.quantization.kv_cache: auto/fp8")
-    if p.use_paged_context_fmha and q.kv_cache == "fp8" and q.quant != "fp8":
-        problems.append("build.plugins.use_paged_context_fmha: an FP8 KV cache with paged context FMHA needs the FP8 "
-                        "quantization workflow (\"FP8 Paged Context FMHA only works with fp8 quantization "
-                        "workflow\"); set precision.quantization.quant: fp8, or use_paged_context_fmha: false")
-    if p.use_fp8_context_fmha and q.quant != "fp8":
-        problems.append("build.plugins.use_fp8_context_fmha: needs precision.quantization.quant: fp8")
+    if kv.plugin_problems is not None:
+        problems.extend(kv.plugin_problems(p, weights))
+    if p.use_fp8_context_fmha and not weights.fp8_qdq:
+        problems.append(f"build.plugins.use_fp8_context_fmha: {needs_fp8}")
     if p.use_fp8_context_fmha and not p.context_fmha:
         problems.append("build.plugins.use_fp8_context_fmha: needs context_fmha (\"FP8 FMHA cannot be enabled "
                         "because Context FMHA is not supported\"); set context_fmha: true")
-    if p.gemm_plugin == "fp8" and q.quant != "fp8":
-        problems.append("build.plugins.gemm_plugin: fp8 needs precision.quantization.quant: fp8")
+    if p.gemm_plugin == "fp8" and not weights.fp8_qdq:
+        problems.append(f"build.plugins.gemm_plugin: fp8 {needs_fp8}")
     return problems
 
 
@@ -557,10 +575,11 @@ def check_against_model(recipe: Recipe, hf_config: dict) -> list[str]:
     if arch.head_size % 8 and recipe.build.backend == "tensorrt-llm":
         problems.append(f"model: head size {arch.head_size} is not a multiple of 8, which TensorRT-LLM's attention "
                         f"kernels need; use backend: torch")
-    q = recipe.precision.quantization.quant
-    if q == "int4_weight_only" and arch.hidden_size % (2 * tp):
-        problems.append("precision.quantization.quant: int4_weight_only packs two values per byte; the per-rank "
-                        "input width must be even")
+    from pipeline.quantize.registry import weight_format_or_none
+
+    weights = weight_format_or_none(recipe.precision.quantization.quant)
+    if arch.hidden_size % (weights.rank_input_multiple * tp):
+        problems.append(f"precision.quantization.quant: {weights.name} {weights.rank_input_reason}")
     return problems
 
 
@@ -582,7 +601,7 @@ def schema_lines(cls: type = Recipe, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         type_name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-        choices = f.metadata.get("choices")
+        choices = _choices(f.metadata)
         extra = f" [{' | '.join(map(str, choices))}]" if choices else ""
         lines.append(f"  {key} = {_to_plain(default)!r}  ({type_name}){extra}\n      {f.metadata['doc']}")
     return lines

@@ -17,9 +17,9 @@ import pytest
 
 from pipeline.build import Builder, StageOutput, read_build_record
 from pipeline.errors import BuildError, CheckpointError
-from pipeline.random_weights import make_random_checkpoint
 from pipeline.manifest import read_manifest, verify_folder
 from pipeline.params import Limits, SamplingParams, request_problems, text_problems
+from pipeline.random_weights import make_random_checkpoint
 from pipeline.recipe import recipe_from_dict
 from pipeline.safetensors_io import read_header
 from pipeline.shapes import SHAPES

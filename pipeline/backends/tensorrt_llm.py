@@ -115,8 +115,10 @@ def trtllm_build_command(recipe: Recipe, checkpoint_dir: Path | str, output_dir:
     64 -> 32, use_paged_context_fmha and use_fp8_context_fmha off -> on, ...). The timing cache is read from
     `input_timing_cache` (default: `timing_cache` itself, when that file exists) and written to `timing_cache`.
     """
+    from pipeline.quantize.registry import weight_format
+
     b, p = recipe.build, recipe.build.plugins
-    quant = recipe.precision.quantization.quant
+    weights = weight_format(recipe.precision.quantization.quant)
     cache_in = Path(input_timing_cache) if input_timing_cache is not None else Path(timing_cache)
     limits = build_limits(recipe, checkpoint_dir)
     argv = [executable, "--checkpoint_dir", str(checkpoint_dir), "--output_dir", str(output_dir)]
@@ -132,14 +134,15 @@ def trtllm_build_command(recipe: Recipe, checkpoint_dir: Path | str, output_dir:
         "--remove_input_padding", _flag(p.remove_input_padding),
         "--tokens_per_block", str(p.tokens_per_block),
         # trtllm-build turns fused MLP off itself for quantization other than FP8; say so instead of hiding it
-        "--use_fused_mlp", _flag(p.use_fused_mlp and quant in ("none", "fp8")),
+        "--use_fused_mlp", _flag(p.use_fused_mlp and weights.fused_mlp),
         "--use_paged_context_fmha", _flag(p.use_paged_context_fmha),
         # 1.2's default is enable, which only takes effect with FP8 quantization; be explicit either way
-        "--use_fp8_context_fmha", _flag(p.use_fp8_context_fmha and quant == "fp8"),
+        "--use_fp8_context_fmha", _flag(p.use_fp8_context_fmha and weights.fp8_qdq),
         "--multiple_profiles", _flag(p.multiple_profiles),
         "--reduce_fusion", _flag(p.reduce_fusion),
         "--workers", str(max(1, min(b.workers, recipe.world_size))),
         "--log_level", b.log_level,
+        *weights.build_flags,
     ]
     if cache_in.is_file():
         argv += ["--input_timing_cache", str(cache_in)]
@@ -166,11 +169,17 @@ def plugin_problems(recipe: Recipe, compute_capability: tuple[int, int] | None,
         return problems
     cc = tuple(compute_capability)
     sm = f"{cc[0]}.{cc[1]}"
-    if (q.quant == "fp8" or q.kv_cache == "fp8") and cc < (8, 9):
-        which = "precision.quantization.quant" if q.quant == "fp8" else "precision.quantization.kv_cache"
-        problems.append(f"{which}: fp8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell); this GPU has {sm}. "
-                        f"Use int8_weight_only / kv_cache: int8, or build on an FP8-capable GPU")
-    elif p.use_fp8_context_fmha and q.quant == "fp8" and cc not in FP8_CONTEXT_FMHA_SMS:
+    from pipeline.quantize.registry import kv_cache_format, weight_format_or_none
+
+    weights = weight_format_or_none(q.quant)
+    too_new = [(key, f) for key, f in (("quant", weights), ("kv_cache", kv_cache_format(q.kv_cache)))
+               if cc < f.min_capability]
+    if too_new:
+        key, f = too_new[0]
+        need = ".".join(map(str, f.min_capability))
+        problems.append(f"precision.quantization.{key}: {f.name} needs compute capability >= {need} "
+                        f"({f.capability_note}); this GPU has {sm}. {f.capability_fix}")
+    elif p.use_fp8_context_fmha and weights.fp8_qdq and cc not in FP8_CONTEXT_FMHA_SMS:
         problems.append(f"build.plugins.use_fp8_context_fmha: FP8 context FMHA exists for compute capability "
                         f"{', '.join(f'{a}.{b}' for a, b in FP8_CONTEXT_FMHA_SMS)}; this GPU has {sm}. Set it to false")
     dtype = checkpoint_dtype or recipe.precision.dtype

@@ -18,18 +18,11 @@ from pipeline.backends.torch_model import RankModel
 from pipeline.dist import Comm
 from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import CheckpointError
+from pipeline.quantize.registry import TRTLLM_QUANT_ALGOS, kv_cache_formats
 from pipeline.safetensors_io import read_header
 
 REQUIRED_FIELDS = ("architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                    "mapping", "quantization")
-# QuantAlgo member names of TensorRT-LLM 1.2 (tensorrt_llm/quantization/mode.py).
-QUANT_ALGOS = (
-    "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_TENSOR_PLUGIN",
-    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
-    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "NVFP4",
-    "W4A8_QSERVE_PER_GROUP", "W4A8_QSERVE_PER_CHANNEL", "MIXED_PRECISION", "INT8",
-)
-KV_CACHE_QUANT_ALGOS = ("FP8", "INT8")
 
 
 def checkpoint_config_problems(config: dict) -> list[str]:
@@ -55,11 +48,12 @@ def checkpoint_config_problems(config: dict) -> list[str]:
     if config["num_hidden_layers"] % pp:
         problems.append(f"num_hidden_layers {config['num_hidden_layers']} is not divisible by pp_size {pp}")
     q = config["quantization"]
-    if q.get("quant_algo") is not None and q["quant_algo"] not in QUANT_ALGOS:
+    if q.get("quant_algo") is not None and q["quant_algo"] not in TRTLLM_QUANT_ALGOS:
         problems.append(f"quantization.quant_algo '{q['quant_algo']}' is not a TensorRT-LLM QuantAlgo name")
-    if q.get("kv_cache_quant_algo") is not None and q["kv_cache_quant_algo"] not in KV_CACHE_QUANT_ALGOS:
+    kv_algos = tuple(f.quant_algo for f in kv_cache_formats() if f.quant_algo)  # those this backend stores
+    if q.get("kv_cache_quant_algo") is not None and q["kv_cache_quant_algo"] not in kv_algos:
         problems.append(f"quantization.kv_cache_quant_algo '{q['kv_cache_quant_algo']}' must be one of "
-                        f"{KV_CACHE_QUANT_ALGOS}")
+                        f"{kv_algos}")
     return problems
 
 

@@ -23,7 +23,8 @@ from pipeline.architectures import for_checkpoint
 from pipeline.dist import Comm
 from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import RunError
-from pipeline.quantize.formats import dequantize_kv, quantize_kv
+from pipeline.quantize.formats import dequantize_kv
+from pipeline.quantize.registry import kv_cache_format_for_algo
 
 
 def rope_inv_freq(config: dict) -> torch.Tensor:
@@ -95,7 +96,9 @@ class RankModel:
         self.num_local_layers = config["num_hidden_layers"] // self.mapping.pp
         make_linear = make_linear or (lambda prefix, w, b: Linear(w, b))
         kv_algo = config.get("quantization", {}).get("kv_cache_quant_algo")
-        self.kv_format = {"FP8": "fp8", "INT8": "int8", None: None}[kv_algo]
+        # The KV-cache format's entry (pipeline/quantize/schemes/kv_*.py) and its name; None: the model dtype.
+        self.kv_cache_format = kv_cache_format_for_algo(kv_algo) if kv_algo is not None else None
+        self.kv_format = self.kv_cache_format.name if self.kv_cache_format is not None else None
         # Calibration sets this to a callable(layer_index, k, v) that sees the keys and values the cache stores.
         self.observe_kv = None
 
@@ -124,7 +127,7 @@ class RankModel:
             if self.arch.mlp == "gated_silu":
                 layer["gate"] = make_linear(p + "mlp.gate", get(p + "mlp.gate.weight"), get(p + "mlp.gate.bias"))
             if self.kv_format is not None:
-                layer["kv_scale"] = get(p + "attention.kv_cache_scaling_factor").float()
+                layer["kv_scale"] = get(p + self.kv_cache_format.scale_tensor).float()
             self.layers.append(layer)
         if self.arch.position == "rope":
             self.inv_freq = rope_inv_freq(config).to(device)
@@ -182,7 +185,7 @@ class RankModel:
         k_cache, v_cache = cache.k[index], cache.v[index]
         keys_len = mask.shape[-1]
         if self.kv_format is not None:  # a quantized cache: store q(k), q(v); attention reads them dequantized
-            k, v = quantize_kv(k, kv_scale, self.kv_format), quantize_kv(v, kv_scale, self.kv_format)
+            k, v = self.kv_cache_format.quantize(k, kv_scale), self.kv_cache_format.quantize(v, kv_scale)
         if isinstance(slot_start, torch.Tensor):  # a decode step with the slot on the device (CUDA-graph safe)
             k_cache.index_copy_(2, slot_start.view(1), k)
             v_cache.index_copy_(2, slot_start.view(1), v)
@@ -232,7 +235,7 @@ class RankModel:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         shape = (batch, self.kv_heads, max_len, self.head_size)
-        dtype = {None: self.dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[self.kv_format]
+        dtype = self.kv_cache_format.storage_dtype if self.kv_cache_format is not None else self.dtype
         return KVCache(
             k=[torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers],
             v=[torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers],

@@ -22,7 +22,7 @@ from pipeline.engine.scheduler import SeqWork, StepPlan
 from pipeline.generate import Sampling, sample_next
 from pipeline.kernels.common import runs_on
 from pipeline.kernels.paged_attention import paged_attention
-from pipeline.quantize.formats import dequantize_kv, quantize_kv
+from pipeline.quantize.formats import dequantize_kv
 
 
 def kv_bytes_per_token(model: RankModel) -> int:
@@ -34,7 +34,8 @@ def kv_bytes_per_token(model: RankModel) -> int:
 class PagedKVCache:
     def __init__(self, model: RankModel, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
-        dtype = {None: model.dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[model.kv_format]
+        fmt = model.kv_cache_format
+        dtype = fmt.storage_dtype if fmt is not None and fmt.storage_dtype is not None else model.dtype
         shape = (num_blocks * block_size, model.kv_heads, model.head_size)
         self.k = [torch.zeros(shape, dtype=dtype, device=model.device) for _ in model.layers]
         self.v = [torch.zeros(shape, dtype=dtype, device=model.device) for _ in model.layers]
@@ -234,7 +235,7 @@ class ModelRunner:
             model.observe_kv(index, k.transpose(0, 1)[None], v.transpose(0, 1)[None])
         k_store, v_store = self.cache.k[index], self.cache.v[index]
         if model.kv_format is not None:
-            k, v = quantize_kv(k, kv_scale, model.kv_format), quantize_kv(v, kv_scale, model.kv_format)
+            k, v = model.kv_cache_format.quantize(k, kv_scale), model.kv_cache_format.quantize(v, kv_scale)
         k_store.index_copy_(0, batch.new_slots, k.to(k_store.dtype))
         v_store.index_copy_(0, batch.new_slots, v.to(v_store.dtype))
 

@@ -1,35 +1,29 @@
 """The checkpoint side of quantization: what `convert` writes for each format (trtllm-checkpoint-and-build.md, 3).
 
-- FP8 (quant_algo FP8): every GEMM weight not excluded becomes float8_e4m3fn with a per-tensor
-  `weights_scaling_factor` (amax of the unsplit tensor / 448; q, k and v share one) and a static
-  `activation_scaling_factor` (calibrated input amax / 448); the same scalars on every tp rank.
-- W8A16 / W4A16: weights stay in the model dtype and config.json names the algorithm; `trtllm-build` quantizes
-  them for the GPU it builds on (the recommended route; the packed layout depends on the GPU's architecture).
-- KV cache (kv_cache_quant_algo FP8 / INT8): a per-layer `attention.kv_cache_scaling_factor` from calibration.
+The Quantizer runs calibration when the recipe's formats need it, calls the weight format's `encode_checkpoint`
+(pipeline/quantize/schemes/: FP8 writes float8 weights and scales; the weight-only formats leave the weights to
+trtllm-build), writes the KV-cache format's per-layer scale, and returns config.json's quantization block.
 lm_head always stays in high precision, as in TensorRT-LLM.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from pipeline.architectures import quantization_block
 from pipeline.convert.streaming import CHUNK_BYTES, ConversionPlan
 from pipeline.datasets import dataset_digest
-from pipeline.quantize.formats import fp8_scale, kv_scale, quantize_fp8
+from pipeline.quantize.registry import kv_cache_format, weight_format
 from pipeline.recipe import Recipe
 from pipeline.safetensors_io import SafetensorsIndex
-
-QUANT_ALGOS = {"none": None, "fp8": "FP8", "int8_weight_only": "W8A16", "int4_weight_only": "W4A16"}
-KV_ALGOS = {"auto": None, "fp8": "FP8", "int8": "INT8"}
 
 
 def needs_calibration(recipe: Recipe) -> bool:
     q = recipe.precision.quantization
-    return q.quant == "fp8" or q.kv_cache != "auto"
+    return bool(weight_format(q.quant).calibration or kv_cache_format(q.kv_cache).calibration)
 
 
 def calibration_inputs(recipe: Recipe) -> dict:
@@ -58,6 +52,44 @@ def source_amax(index: SafetensorsIndex, name: str) -> float:
     return amax
 
 
+@dataclass
+class QuantizedLinear:
+    """A GEMM weight of one rank that the format quantizes (not excluded)."""
+
+    rank: int
+    name: str  # the target tensor, "transformer.layers.{local}.attention.qkv.weight"
+    prefix: str  # the module on this rank, name without ".weight"
+    module: str  # the module with its global layer index (calibration's key)
+    spec: object  # the plan's TargetSpec: set .dtype and .encode to change what is written
+
+
+@dataclass
+class CheckpointContext:
+    """What a format's encode_checkpoint works with: the conversion plan, the source and the calibration."""
+
+    plan: ConversionPlan
+    index: SafetensorsIndex
+    calibration: object | None  # pipeline.quantize.calibrate.Calibration, when the recipe's formats need it
+    excluded: list[str]
+    global_name: Callable[[int, str], str]
+    _amax: dict[str, float] = field(default_factory=dict)
+
+    def quantized_linears(self) -> Iterator[QuantizedLinear]:
+        for rank, specs in enumerate(self.plan.targets):
+            for name, spec in list(specs.items()):
+                prefix = name.removesuffix(".weight")
+                if spec.gemm and not any(fnmatch.fnmatchcase(prefix, p) for p in self.excluded):
+                    yield QuantizedLinear(rank, name, prefix, self.global_name(rank, prefix), spec)
+
+    def weight_amax(self, target: QuantizedLinear) -> float:
+        """max |W| over the unsplit source tensors of this target (q, k and v together)."""
+        sources = self.plan.sources_of(target.rank, target.name)
+        for source in sources:
+            if source not in self._amax:
+                self._amax[source] = source_amax(self.index, source)
+        return max(self._amax[s] for s in sources)
+
+
 class Quantizer:
     """Called by convert_checkpoint with the plan: sets encoders and dtypes, adds scale tensors."""
 
@@ -77,7 +109,7 @@ class Quantizer:
 
     def __call__(self, plan: ConversionPlan, index: SafetensorsIndex) -> dict:
         q = self.recipe.precision.quantization
-        quant_algo, kv_algo = QUANT_ALGOS[q.quant], KV_ALGOS[q.kv_cache]
+        weights, kv = weight_format(q.quant), kv_cache_format(q.kv_cache)
         excluded = exclude_patterns(self.recipe)
         if needs_calibration(self.recipe):
             self.calibration = self._calibrate()
@@ -91,40 +123,23 @@ class Quantizer:
             layer = (rank // plan.tp) * layers_per_stage + local
             return f"transformer.layers.{layer}." + name.split(".", 3)[3]
 
-        if quant_algo == "FP8":
-            weight_amax: dict[str, float] = {}
-            scales: dict[str, dict] = {}
-            for rank, specs in enumerate(plan.targets):
-                for name, spec in list(specs.items()):
-                    prefix = name.removesuffix(".weight")
-                    if not spec.gemm or any(fnmatch.fnmatchcase(prefix, p) for p in excluded):
-                        continue
-                    module = global_name(rank, prefix)
-                    for source in plan.sources_of(rank, name):
-                        if source not in weight_amax:
-                            weight_amax[source] = source_amax(index, source)
-                    w_scale = fp8_scale(max(weight_amax[s] for s in plan.sources_of(rank, name)))
-                    act_amax = self.calibration.act_amax[module]
-                    a_scale = fp8_scale(act_amax)
-                    spec.dtype = torch.float8_e4m3fn
-                    spec.encode = lambda block, s=w_scale: quantize_fp8(block, s)
-                    plan.add_literal(rank, prefix + ".weights_scaling_factor", w_scale)
-                    plan.add_literal(rank, prefix + ".activation_scaling_factor", a_scale)
-                    scales[module] = {"weight_amax": float(w_scale) * 448.0, "activation_amax": act_amax}
-            self.record["fp8_scales"] = scales
-        if kv_algo is not None:
-            fmt = q.kv_cache
+        if weights.encode_checkpoint is not None:
+            ctx = CheckpointContext(plan, index, self.calibration, excluded, global_name)
+            self.record.update(weights.encode_checkpoint(ctx))
+        if kv.quant_algo is not None:
             for rank in range(plan.world_size):
                 for local in range(layers_per_stage):
                     layer = (rank // plan.tp) * layers_per_stage + local
-                    scale = kv_scale(self.calibration.kv_amax[layer], fmt)
-                    plan.add_literal(rank, f"transformer.layers.{local}.attention.kv_cache_scaling_factor", scale)
+                    scale = kv.scale(self.calibration.kv_amax[layer])
+                    plan.add_literal(rank, f"transformer.layers.{local}.{kv.scale_tensor}", scale)
             self.record["kv_cache_amax"] = {str(k): v for k, v in sorted(self.calibration.kv_amax.items())}
-        return quantization_block(quant_algo, kv_algo, excluded if quant_algo else None)
+        block = quantization_block(weights.quant_algo, kv.quant_algo, excluded if weights.quant_algo else None)
+        block.update(weights.config_fields)
+        return block
 
 
 def make_quantizer(recipe: Recipe, source: Path, log=print) -> Quantizer | None:
     q = recipe.precision.quantization
-    if q.quant == "none" and q.kv_cache == "auto":
+    if weight_format(q.quant).quant_algo is None and kv_cache_format(q.kv_cache).quant_algo is None:
         return None
     return Quantizer(recipe, source, log=log)

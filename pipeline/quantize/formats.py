@@ -12,7 +12,7 @@ float32 (note 128, not 127), q = round(W / scale_j) with C's round (half away fr
 element 2k in the low nibble.
 
 KV cache: FP8 stores k / s and v / s as float8_e4m3fn with s = amax / 448; INT8 stores round(k / s) with
-s = amax / 127.
+s = amax / 127 (pipeline/quantize/schemes/kv_fp8.py, kv_int8.py).
 """
 
 from __future__ import annotations
@@ -100,16 +100,23 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def kv_scale(amax: float, kv_format: str) -> torch.Tensor:
-    limit = FP8_MAX if kv_format == "fp8" else INT8_KV_MAX
+def amax_scale(amax: float, limit: float) -> torch.Tensor:
+    """amax / limit as a float32 tensor of shape [1]; a zero amax gets 1 / limit (any value fits)."""
     amax_t = torch.tensor([amax], dtype=torch.float32)
     return torch.where(amax_t > 0, amax_t, torch.ones_like(amax_t)) / limit
 
 
+def kv_scale(amax: float, kv_format: str) -> torch.Tensor:
+    """The scale of KV-cache format `kv_format` (a kv_cache name; pipeline/quantize/schemes/kv_*.py)."""
+    from pipeline.quantize.registry import kv_cache_format
+
+    return kv_cache_format(kv_format).scale(amax)
+
+
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor, kv_format: str) -> torch.Tensor:
-    if kv_format == "fp8":
-        return quantize_fp8(x, scale)
-    return round_half_away(x.float() / scale).clamp(-128, 127).to(torch.int8)
+    from pipeline.quantize.registry import kv_cache_format
+
+    return kv_cache_format(kv_format).quantize(x, scale)
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The GEMM each quantization format runs in the PyTorch backend, faithful to what TensorRT-LLM executes.
+"""The GEMMs the quantization formats run in the PyTorch backend, faithful to what TensorRT-LLM executes; each
+format's registry entry (pipeline/quantize/schemes/) picks its linear through `linear_factory`.
 
 - FP8: the checkpoint holds float8_e4m3fn weights with per-tensor weight and activation scales; each call quantizes
   its input with the static activation scale and multiplies FP8 x FP8 with float32 accumulation.
@@ -58,31 +59,28 @@ def _excluded(prefix: str, patterns: list[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(prefix, p) for p in patterns or ())
 
 
-def linear_factory(config: dict, weights: dict[str, torch.Tensor], device: torch.device):
-    """A function (prefix, weight, bias) -> callable GEMM for the checkpoint's quant_algo."""
-    quant = config["quantization"]
-    algo = quant.get("quant_algo")
-    dtype = TORCH_DTYPES[config["dtype"]]
-    if algo is None:
-        return lambda prefix, weight, bias: Linear(weight, bias)
-    if algo == "FP8":
-        def make_fp8(prefix: str, weight: torch.Tensor, bias):
-            if weight.dtype != torch.float8_e4m3fn:  # an excluded module, kept in high precision
-                return Linear(weight, bias)
-            try:
-                w_scale = weights[prefix + ".weights_scaling_factor"].to(device)
-                a_scale = weights[prefix + ".activation_scaling_factor"].to(device)
-            except KeyError as exc:
-                raise CheckpointError(f"FP8 checkpoint lacks {exc.args[0]}; rebuild it") from None
-            return FP8Linear(weight, w_scale, a_scale, bias, dtype)
-        return make_fp8
-    if algo in ("W8A16", "W4A16"):
-        bits = 8 if algo == "W8A16" else 4
-        excluded = quant.get("exclude_modules")
+def weight_only_linear_factory(bits: int):
+    """The runtime linear of a weight-only format (W8A16 / W4A16): quantized on load, as trtllm-build does."""
+
+    def factory(config: dict, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        excluded = config["quantization"].get("exclude_modules")
 
         def make_weight_only(prefix: str, weight: torch.Tensor, bias):
             if not prefix.endswith(WEIGHT_ONLY_TARGETS) or _excluded(prefix, excluded):
                 return Linear(weight, bias)
             return WeightOnlyLinear(weight, bias, bits)
         return make_weight_only
-    raise CheckpointError(f"quant_algo {algo} is not executed by the PyTorch backend (it runs FP8, W8A16, W4A16)")
+    return factory
+
+
+def linear_factory(config: dict, weights: dict[str, torch.Tensor], device: torch.device):
+    """A function (prefix, weight, bias) -> callable GEMM for the checkpoint's quant_algo (its registry entry)."""
+    from pipeline.quantize.registry import weight_format_for_algo, weight_formats
+
+    algo = config["quantization"].get("quant_algo")
+    dtype = TORCH_DTYPES[config["dtype"]]
+    fmt = weight_format_for_algo(algo)
+    if fmt is None or fmt.linear_factory is None:
+        runs = ", ".join(f.quant_algo for f in weight_formats() if f.quant_algo and f.linear_factory)
+        raise CheckpointError(f"quant_algo {algo} is not executed by the PyTorch backend (it runs {runs})")
+    return fmt.linear_factory(config, weights, device, dtype)
