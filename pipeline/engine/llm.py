@@ -199,14 +199,19 @@ class LLM:
     # ------------------------------------------------------------------------------------------- set-up
 
     def _pool_blocks(self, model, block_size: int, max_batch: int, options: EngineConfig) -> int:
+        """KV blocks for this rank: the recipe's kv_cache_max_tokens, else what a fraction of free GPU memory holds
+        (on a CPU, at most CPU_KV_CACHE_BYTES); never more than max_batch full contexts need (+1: the graphs'
+        scratch block), so a small model does not get tens of millions of blocks."""
         per_block = kv_bytes_per_token(model) * block_size
         if options.kv_cache_max_tokens is not None:
             return max(1, options.kv_cache_max_tokens // block_size)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * options.kv_cache_free_gpu_memory_fraction) // per_block)
-        wanted = max_batch * (self.limits.context_len or 2048)
-        return max(1, min(-(-wanted // block_size), CPU_KV_CACHE_BYTES // per_block))
+            fits = int(free * options.kv_cache_free_gpu_memory_fraction) // per_block
+        else:
+            fits = CPU_KV_CACHE_BYTES // per_block
+        useful = max_batch * -(-(self.limits.context_len or 2048) // block_size) + 1
+        return max(1, min(fits, useful))
 
     def _log(self, message: str) -> None:
         if self.rank == 0:
