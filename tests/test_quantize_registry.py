@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 import torch
-from pipeline.convert.architectures import quantization_block
 
+from pipeline.architectures import quantization_block
 from pipeline.backends import tensorrt_llm as trt
 from pipeline.errors import RecipeError
 from pipeline.quantize import registry
