@@ -142,3 +142,21 @@ def test_greedy_tokens_and_logits_match_transformers(home, tmp_path, shape, tp, 
             full = reference(torch.tensor([PROMPTS[0]])).logits[0]
         assert (ours[0][:8] - full[:8]).abs().max().item() < 1e-4
         assert (ours[0][8:] - full[8:]).abs().amax(dim=-1).min().item() > 1e-3
+
+
+@pytest.mark.parametrize("shape, tp, rank_tensors", [
+    ("qwen2.5-0.5b", 2, 1 + 24 * 8 + 2),  # embedding, 24 x (qkv weight + bias, dense, 3 MLP, 2 norms), ln_f, lm_head
+    ("mistral-7b", 2, 1 + 32 * 7 + 2),  # no biases
+])
+def test_the_real_shapes_plan_every_tensor(shape, tp, rank_tensors):
+    """The published shapes convert (tensor accounting, splits) without writing their gigabytes."""
+    from pipeline.convert.memory import VirtualIndex
+    from pipeline.convert.streaming import plan_conversion
+    from pipeline.random_weights import hf_tensor_shapes
+
+    shapes = hf_tensor_shapes(SHAPES[shape])
+    index = VirtualIndex(shapes, torch.bfloat16, lambda name: None)
+    plan = plan_conversion(index, describe(SHAPES[shape]), tp, 1, "bfloat16")
+    assert [len(targets) for targets in plan.targets] == [rank_tensors] * tp
+    head = plan.targets[1]["lm_head.weight"]
+    assert list(head.shape) == [-(-SHAPES[shape]["vocab_size"] // tp), SHAPES[shape]["hidden_size"]]
