@@ -55,6 +55,8 @@ def attention_unsupported_reason(model: RankModel, layernorm_gelu: bool) -> str 
         return f"the {model.device.type} device (Triton kernels run on CUDA; TRITON_INTERPRET=1 emulates them)"
     if model.kv_format is not None:
         return f"the {model.kv_format} KV cache (the fused attention reads a cache in the model dtype)"
+    if model.arch.sliding_window is not None:
+        return f"sliding-window attention (a window of {model.arch.sliding_window}; the kernel attends to every slot)"
     if not layernorm_gelu:
         rotary = model.config.get("rotary_embedding_dim") or model.head_size
         if rotary != model.head_size:
