@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--decode", choices=("engine", "fast"), default="engine",
                    help="engine: in-flight batching over the paged KV cache (the default); fast: one static batch "
-                        "through the CUDA fused decode step (greedy, pp=1, GPU)")
+                        "through the CUDA decode path and, at batch 1, its fused step (greedy, pp=1)")
     p.add_argument("--compile", action="store_true", help="with the fast path: torch.compile the prefill, and the "
                    "decode step where the fused step does not run it (about a minute to start for 8B)")
     p.add_argument("--no-chat-template", action="store_true",
@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
     runtime = resolved.get("runtime", {})
     stage = (read_manifest(artifact) or {}).get("stage")
     if stage in ("onnx", "tensorrt"):  # one exported graph: ONNX Runtime, or its TensorRT engine
-        from pipeline.backends.onnx_runtime import run_graph
+        from pipeline.backends.graph_runner import run_graph
 
         return run_graph(args, artifact, runtime, stage, world)
     if (artifact / "rank0.engine").is_file():  # a TensorRT-LLM engine folder
@@ -252,14 +252,13 @@ def _run_static(args: argparse.Namespace, artifact: Path, prompts: list[list[int
         if args.score_only:
             return done(0)
     fast = args.decode == "fast"
-    if fast and (pp != 1 or sampling.temperature != 0 or device.type != "cuda"):
-        raise RunError("--decode fast runs greedy decoding (temperature 0) with pp=1 on a CUDA GPU; leave it out "
-                       "to run the engine")
+    if fast and (pp != 1 or sampling.temperature != 0):
+        raise RunError("--decode fast runs greedy decoding (temperature 0) with pp=1; leave it out to run the engine")
     start = time.perf_counter()
     if fast:
         from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
 
-        options = DecodeOptions(cuda_graph=True, compile=args.compile)
+        options = DecodeOptions(cuda_graph=device.type == "cuda", compile=args.compile)
         decoder = CudaDecoder(accelerate(model, options), len(prompts),
                               max(len(p) for p in prompts) + sampling.max_new_tokens, options,
                               prefill_graphs=0)  # one prefill: capturing it would only add two runs

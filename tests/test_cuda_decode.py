@@ -86,10 +86,10 @@ def test_runner_fast_path_gives_the_plain_paths_tokens(home, tmp_path):
                                "parallel": {"tp": 2}}, name="fast-runner")
     artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
     results = {}
-    for mode in ("plain", "fast"):
+    for mode in ("engine", "fast"):
         result = run_json(home, 2, artifact, PROMPTS, tmp_path / f"{mode}.json", 6, extra=("--decode", mode))
         results[mode] = [r["new_ids"] for r in result["results"]]
-    assert results["fast"] == results["plain"] and all(len(r) == 6 for r in results["fast"])
+    assert results["fast"] == results["engine"] and all(len(r) == 6 for r in results["fast"])
     refused = mpirun(home, 2, "--engine", str(artifact), "--decode", "fast", "--temperature", "0.7",
                      "--prompt-ids", "1,2")
     assert refused.returncode != 0 and "--decode fast runs greedy decoding" in refused.stderr

@@ -559,13 +559,13 @@ def test_fused_step_under_mpirun_with_tp2_gives_the_plain_tokens(home, tmp_path)
                                "parallel": {"tp": 2}}, name="fused-tp2")
     artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
     tokens = {}
-    for mode in ("plain", "fast"):
+    for mode in ("engine", "fast"):
         result = run_json(home, 2, artifact, [[3, 14, 15, 92, 65]], tmp_path / f"{mode}.json", 6,
                           extra=("--decode", mode), TRITON_INTERPRET="1")
         tokens[mode] = result["results"][0]["new_ids"]
         if mode == "fast":
             assert "fused step" in result["stderr"]
-    assert tokens["fast"] == tokens["plain"] and len(tokens["fast"]) == 6
+    assert tokens["fast"] == tokens["engine"] and len(tokens["fast"]) == 6
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of bench; GPUs run it in bench/gpu_run.sh")

@@ -229,7 +229,7 @@ ERROR_CASES = [
     ("/v1/completions", b'{"prompt": "Hi", ', None, "the request body is not valid JSON"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "Hi"}, "model", "the model 'gpt-4' does not exist; this server "
                                                                      "serves 'serve-tiny-tp1-pp1'"),
-    ("/v1/completions", {"prompt": "Hi", "temperature": -0.5}, "temperature", "temperature must be >= 0"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": -0.5}, "temperature", "temperature must be a finite number >= 0"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "top_p": 0}, "top_p",
      "top_p must be in (0, 1]"),
     ("/v1/completions", {"prompt": "Hi", "top_p": 1.5}, "top_p", "top_p must be in (0, 1]"),
@@ -262,7 +262,7 @@ def test_the_openai_client_raises_bad_request_with_the_message(small_server):
     import openai
 
     url, _ = small_server
-    with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
+    with pytest.raises(openai.BadRequestError, match="temperature must be a finite number >= 0"):
         client(url).completions.create(model="serve-tiny-tp1-pp1", prompt="Hi", temperature=-1)
 
 

@@ -210,7 +210,7 @@ class LLM:
             fits = int(free * options.kv_cache_free_gpu_memory_fraction) // per_block
         else:
             fits = CPU_KV_CACHE_BYTES // per_block
-        useful = max_batch * -(-(self.limits.context_len or 2048) // block_size) + 1
+        useful = max_batch * -(-(self.limits.context_len or 2048) // block_size) + (self.device.type == "cuda")
         return max(1, min(fits, useful))
 
     def _log(self, message: str) -> None:
