@@ -34,8 +34,14 @@ def hf_cache_dir() -> Path:
 
 
 def resolve_local(path: str) -> Path:
+    """A recipe's folder path: absolute, or under the pipeline's home for `checkpoints/...` (so $PIPELINE_HOME moves
+    the offline sources with everything else), or relative to the project root."""
     p = Path(path)
-    return p if p.is_absolute() else (REPO_ROOT / p)
+    if p.is_absolute():
+        return p
+    if p.parts[0] == "checkpoints":
+        return checkpoints_dir().joinpath(*p.parts[1:])
+    return REPO_ROOT / p
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:

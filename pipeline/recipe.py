@@ -29,7 +29,11 @@ import yaml
 
 from pipeline.errors import RecipeError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+# A source checkout (or editable install) keeps checkpoints/ and relative recipe paths beside the code; an installed
+# package (site-packages) keeps them in the folder it is run from, and its recipes inside the package.
+IS_SOURCE_CHECKOUT = (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "recipes").is_dir()
+REPO_ROOT = _SOURCE_ROOT if IS_SOURCE_CHECKOUT else Path.cwd()
 
 
 def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | None = None) -> Any:
@@ -206,7 +210,9 @@ class Recipe:
 
 
 def recipes_dir() -> Path:
-    return Path(os.environ.get("PIPELINE_RECIPES", REPO_ROOT / "recipes"))
+    """PIPELINE_RECIPES, else recipes/ of the source checkout, else the recipes installed with the package."""
+    default = _SOURCE_ROOT / "recipes" if IS_SOURCE_CHECKOUT else Path(__file__).resolve().parent / "recipes"
+    return Path(os.environ.get("PIPELINE_RECIPES", default))
 
 
 def list_recipes() -> list[Path]:
