@@ -29,7 +29,7 @@ def _fetch_command(recipe: Recipe) -> str:
     if m.random:
         return f"random weights of shape '{m.random}', seed {m.seed} (pipeline.random_weights.make_random_checkpoint)"
     if m.hub:
-        return f"huggingface-cli download {m.hub} --revision {m.revision}  (config, *.safetensors, tokenizer)"
+        return f"hf download {m.hub} --revision {m.revision}  (config, *.safetensors, tokenizer)"
     return f"use the local folder {m.local}"
 
 
