@@ -150,7 +150,7 @@ def _planned_graph(recipe: Recipe, source: Path | None) -> dict | None:
     """The graph's inputs from the model's config (config.json of the fetched folder or of a random shape)."""
     import json
 
-    from pipeline.convert.architectures import describe
+    from pipeline.architectures import describe
     from pipeline.onnx_export import planned_graph
     from pipeline.shapes import SHAPES
 
