@@ -1,6 +1,7 @@
 # Entry points. `make demo` runs the offline default end to end; `make test` runs the test suite.
 #   make build RECIPE=gpt2-fp16 ARGS="parallel.tp=2"     build a recipe (ARGS: a.b=value overrides)
-#   make run                                             run the latest build on as many ranks as it needs
+#   make run [RECIPE=...] [RUN_ARGS="--prompt hi"]       run a recipe's latest build (default: the latest build of any)
+#                                                        on as many ranks as it needs
 #   make eval RECIPE=...  /  make bench RECIPE=...       accuracy against HF / speed against transformers
 #   make serve RECIPE=... PORT=8000                      OpenAI-compatible server on the ranks the build needs
 
@@ -42,8 +43,9 @@ build: setup
 plan: setup
 	$(PY) -m pipeline plan $(RECIPE) $(ARGS)
 
+# RECIPE only when given (its default is the demo's), so a bare `make run` runs the latest build
 run: setup
-	$(MPIRUN) -n $$($(PY) -m pipeline world-size) $(MPI_FLAGS) $(PY) -m pipeline.run $(RUN_ARGS)
+	$(PY) -m pipeline run $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE)) $(RUN_ARGS)
 
 serve: setup
 	$(PY) -m pipeline serve $(RECIPE) $(ARGS) --port $(PORT)

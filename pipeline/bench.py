@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -364,6 +365,33 @@ class Progress:
 
 # ------------------------------------------------------------------------------------------------ baseline
 
+# A baseline is repeated until its slowest run is within this factor of its fastest (or MAX_BASELINE_RUNS ran);
+# a ratio against one that never settles is not printed.
+STABLE_SPREAD = 1.1
+MAX_BASELINE_RUNS = 8
+
+
+def repeat_until_stable(run_s: Callable[[], float], min_runs: int = 2, max_runs: int = MAX_BASELINE_RUNS,
+                        max_spread: float = STABLE_SPREAD) -> dict:
+    """Call `run_s` (one timed run, seconds) at least `min_runs` times and until the fastest `min_runs` of the runs
+    so far agree within `max_spread`; {"runs_s", "best_s" (median of those), "spread", "stable"}."""
+    times: list[float] = []
+    while True:
+        times.append(run_s())
+        fastest = sorted(times)[:max(min_runs, 2)]
+        spread = fastest[-1] / fastest[0] if len(times) >= 2 else math.inf
+        if (len(times) >= min_runs and spread <= max_spread) or len(times) >= max(max_runs, min_runs):
+            return {"runs_s": times, "best_s": statistics.median(fastest), "spread": spread,
+                    "stable": spread <= max_spread}
+
+
+def ratio_text(value: float, baseline: dict) -> str:
+    """`value / baseline` as "N.NNx", or why there is none (an unstable baseline)."""
+    if not baseline.get("stable", True):
+        return (f"baseline unstable: runs {', '.join(f'{t:.2f}' for t in baseline['runs_s'])} s, spread "
+                f"{baseline['spread']:.2f}x > {STABLE_SPREAD}; no ratio")
+    return f"{value:.2f}x"
+
 
 def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: list[int], input_len: int,
                           output_len: int, repeats: int = 2, input_spread: float = 0.0,
@@ -398,16 +426,19 @@ def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: l
                 # the warm-up runs the whole length: transformers compiles a static cache's forward on first use, and
                 # a short warm-up left the dynamic cache's first timed run three times slower
                 model.generate(ids, max_new_tokens=longest, min_new_tokens=longest, **kwargs)
-                times = []
-                for _ in range(repeats):
+
+                def run_s(model=model) -> float:
                     synchronize(device)
                     start = time.perf_counter()
                     model.generate(ids, max_new_tokens=longest, min_new_tokens=longest, **kwargs)
                     synchronize(device)
-                    times.append(time.perf_counter() - start)
-            out[f"{batch}/{cache}"] = {"batch": batch, "cache": cache, "e2e_s": statistics.median(times),
-                                       "runs_s": times,  # a run far from the others was compiling
-                                       "output_tokens_per_s": sum(lengths) / statistics.median(times)}
+                    return time.perf_counter() - start
+
+                timing = repeat_until_stable(run_s, min_runs=repeats)
+            out[f"{batch}/{cache}"] = {"batch": batch, "cache": cache, "e2e_s": timing["best_s"],
+                                       "runs_s": timing["runs_s"], "spread": timing["spread"],
+                                       "stable": timing["stable"],
+                                       "output_tokens_per_s": sum(lengths) / timing["best_s"]}
     del model
     torch.cuda.empty_cache()
     return out
@@ -442,9 +473,10 @@ def summarize(result: dict, baseline: dict | None) -> str:
         b = m["batch"]
         base = {c: baseline.get(f"{b}/{c}", {}).get("output_tokens_per_s") for c in ("dynamic", "static")} \
             if baseline else {}
-        best_base = max([v for v in base.values() if v], default=None)
+        best_cache = max((c for c, v in base.items() if v), key=lambda c: base[c], default=None)
         base_text = " / ".join(f"{v:.1f}" if v else "-" for v in (base.get("dynamic"), base.get("static")))
-        ratio = f"{m['output_tokens_per_s'] / best_base:.2f}x" if best_base else "-"  # 1.98 is not 2.0
+        ratio = ratio_text(m["output_tokens_per_s"] / base[best_cache], baseline[f"{b}/{best_cache}"]) \
+            if best_cache else "-"  # 1.98 is not 2.0
         itl = m["itl_s"]
         lines.append(f"| {b} | {m['output_tokens_per_s']:.1f} | {m['ttft_s']['p50'] * 1e3:.2f} | "
                      f"{m['tpot_s']['p50'] * 1e3:.3f} | {itl['p50'] * 1e3:.3f} / {itl['p90'] * 1e3:.3f} / "

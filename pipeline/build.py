@@ -330,7 +330,7 @@ class Builder:
             self.hold.add(path)
 
     def _run(self, gate: bool, record: bool) -> BuildResult:
-        r = self.recipe
+        r = self.recipe = hub.pin_revision(self.recipe, self.log)
         validate_with_model(r)
         from pipeline.quantize.registry import weight_format
 

@@ -1,4 +1,4 @@
-"""`python -m pipeline <command>`: the recipe-level commands. Running a build is `python -m pipeline.run`.
+"""`trtllm-pipeline <command>` (or `python -m pipeline <command>`): the recipe-level commands.
 
     ls                      the recipes, one line each
     show RECIPE [a.b=v]     the fully resolved recipe (after extends and overrides), as YAML
@@ -12,6 +12,7 @@
     schema                  every recipe field, its default and what it means
     shapes                  the named shapes of model.random
     world-size [RECIPE]     ranks a build needs (for `mpirun -n`)
+    run [RECIPE] [FLAGS]    run a build (the recipe's latest, else the latest of any) on as many ranks as it needs
     serve RECIPE [a.b=v]    build if needed, then an OpenAI-compatible server on as many ranks as the build needs
     bench-serve --url URL   serving benchmark against OpenAI-compatible servers (Poisson rates, TTFT/TPOT/ITL)
 """
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,11 +34,25 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. parallel.tp=2")
 
 
+# Each command's help is its line in the module docstring (one place to keep it).
+HELP = {line.split()[0]: line[28:].strip() for line in __doc__.splitlines()
+        if line.startswith("    ") and len(line) > 28 and not line[4].isspace()}
+
+
+def _prog() -> str:
+    return "trtllm-pipeline" if os.path.basename(sys.argv[0]) == "trtllm-pipeline" else "python -m pipeline"
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ls", help="list recipes")
+    parser = argparse.ArgumentParser(prog=_prog(), description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw) -> argparse.ArgumentParser:
+        return _add(name, help=HELP[name], description=HELP[name], **kw)
+
+    sub.add_parser = add_parser
+    sub.add_parser("ls")
     for name in ("show", "validate", "plan"):
         _recipe_args(sub.add_parser(name))
     b = sub.add_parser("build")
@@ -75,7 +91,7 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="folder for the results (default: beside the artifact)")
     bench.add_argument("--watchdog", type=float, default=0.0,
                        help="seconds without progress after which a rank prints where it waits and exits (0: off)")
-    s = sub.add_parser("serve", help="OpenAI-compatible server (python -m pipeline.serve under mpirun)")
+    s = sub.add_parser("serve")
     _recipe_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -85,16 +101,25 @@ def make_parser() -> argparse.ArgumentParser:
                                                      "ppr:8:node\" to place the ranks on several nodes")
     from pipeline.bench_serve import add_arguments
 
-    add_arguments(sub.add_parser("bench-serve", help="serving benchmark against running servers"))
+    add_arguments(sub.add_parser("bench-serve"))
     sub.add_parser("schema")
     sub.add_parser("shapes")
     w = sub.add_parser("world-size")
-    w.add_argument("recipe", nargs="?")
+    w.add_argument("recipe", nargs="?", help="a recipe (default: the latest build)")
+    r = sub.add_parser("run", epilog="FLAGS are python -m pipeline.run's (--prompt, --max-new-tokens, --json, ...; "
+                                     "python -m pipeline.run --help lists them).")
+    r.add_argument("recipe", nargs="?", help="run this recipe's latest build (default: the latest build)")
+    r.add_argument("flags", nargs=argparse.REMAINDER, help="passed to python -m pipeline.run")
+    r.add_argument("--mpirun-args", default="", help="more options for mpirun, e.g. \"--hostfile hosts\"")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"] and argv[1:2] not in (["-h"], ["--help"]):
+        args = _run_args(argv[1:])  # its flags belong to python -m pipeline.run, which checks them
+    else:
+        args = make_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args) or 0
     except PipelineError as exc:
@@ -106,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_ls(args) -> int:
-    from pipeline.recipe import list_recipes, load_recipe
+    from pipeline.recipe import list_recipes, load_recipe, recipes_dir
 
+    if not list_recipes():
+        raise PipelineError(f"no recipes in {recipes_dir()}; set PIPELINE_RECIPES to a folder of recipe .yaml files")
     for path in list_recipes():
         try:
             r = load_recipe(path)
@@ -214,6 +241,45 @@ def cmd_world_size(args) -> int:
     return 0
 
 
+def _run_args(rest: list[str]) -> argparse.Namespace:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--mpirun-args", default="")
+    known, flags = own.parse_known_args(rest)
+    recipe = flags.pop(0) if flags and not flags[0].startswith("-") else None
+    return argparse.Namespace(command="run", recipe=recipe, flags=flags, mpirun_args=known.mpirun_args)
+
+
+def cmd_run(args) -> int:
+    """mpirun -n <the ranks the build needs> python -m pipeline.run, with Open MPI's as-root variables set."""
+    import subprocess
+
+    from pipeline.build import read_build_record, recipe_for
+    from pipeline.dist import mpirun_command, mpirun_env
+
+    flags = list(args.flags)
+    given = argparse.ArgumentParser(add_help=False)
+    given.add_argument("--recipe")
+    given.add_argument("--engine", type=Path)
+    known, _ = given.parse_known_args(flags)
+    recipe = args.recipe or known.recipe
+    if args.recipe and known.recipe and args.recipe != known.recipe:
+        raise PipelineError(f"run: recipe '{args.recipe}' and --recipe {known.recipe} disagree; give one of them")
+    if known.engine:
+        parallel = recipe_for(known.engine).get("parallel", {})
+        world_size = parallel.get("tp", 1) * parallel.get("pp", 1)
+    else:
+        world_size = read_build_record(recipe)["world_size"]
+        if args.recipe and not known.recipe:
+            flags = ["--recipe", args.recipe, *flags]
+    module_args = ["-m", "pipeline.run", *flags]
+    if world_size == 1 and not args.mpirun_args:
+        cmd = [sys.executable, *module_args]
+    else:
+        cmd = mpirun_command(world_size, module_args)
+        cmd[1:1] = args.mpirun_args.split()
+    return subprocess.run(cmd, env=mpirun_env()).returncode
+
+
 def cmd_serve(args) -> int:
     from pipeline.build import Builder
     from pipeline.recipe import load_recipe
@@ -235,5 +301,5 @@ def cmd_bench_serve(args) -> int:
 COMMANDS = {
     "ls": cmd_ls, "show": cmd_show, "validate": cmd_validate, "build": cmd_build, "plan": cmd_plan,
     "verify": cmd_verify, "gc": cmd_gc, "eval": cmd_eval, "bench": cmd_bench, "schema": cmd_schema,
-    "shapes": cmd_shapes, "world-size": cmd_world_size, "serve": cmd_serve, "bench-serve": cmd_bench_serve,
+    "shapes": cmd_shapes, "world-size": cmd_world_size, "serve": cmd_serve, "bench-serve": cmd_bench_serve, "run": cmd_run,
 }

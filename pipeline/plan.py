@@ -30,8 +30,19 @@ def _fetch_command(recipe: Recipe) -> str:
     if m.random:
         return f"random weights of shape '{m.random}', seed {m.seed} (pipeline.random_weights.make_random_checkpoint)"
     if m.hub:
-        return f"huggingface-cli download {m.hub} --revision {m.revision}  (config, *.safetensors, tokenizer)"
+        return f"hf download {m.hub} --revision {m.revision}  (config, *.safetensors, tokenizer)"
     return f"use the local folder {m.local}"
+
+
+def _convert_command(recipe: Recipe, source: Path | None) -> str:
+    """A command that runs this conversion as written: the convert stage alone where it needs nothing from the
+    recipe beyond shape and dtype, else the build (which fetches, calibrates and quantizes first)."""
+    q = recipe.precision.quantization
+    if source is None or q.quant != "none" or q.kv_cache != "auto":
+        why = "fetch first" if source is None else f"quant {q.quant}, kv_cache {q.kv_cache}: calibrated in the build"
+        return f"python -m pipeline build {recipe.name}  ({why})"
+    return (f"python -m pipeline.convert {source} converted-{recipe.name} --tp {recipe.parallel.tp} "
+            f"--pp {recipe.parallel.pp} --dtype {recipe.precision.dtype} --workers {recipe.build.workers}")
 
 
 def _source_on_disk(recipe: Recipe, fetch_key: str) -> Path | None:
@@ -79,9 +90,7 @@ def plan_rows(recipe: Recipe) -> list[PlanRow]:
         "miss (key known after fetch)"
     rows = [
         PlanRow("fetch", fetch_key, fetch_status, _fetch_command(r)),
-        PlanRow("convert", convert_key, convert_status,
-                f"convert_checkpoint <fetch-dir> -> <checkpoint-dir>  (dtype {r.precision.dtype}, quant {q.quant}, "
-                f"kv_cache {q.kv_cache}, tp {r.parallel.tp}, pp {r.parallel.pp}, workers {r.build.workers})"),
+        PlanRow("convert", convert_key, convert_status, _convert_command(r, source)),
     ]
     try:
         backend = select_backend(r.build.backend, needs_capability=weight_format(q.quant).min_capability)

@@ -30,7 +30,11 @@ import yaml
 
 from pipeline.errors import RecipeError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+# A source checkout (or editable install) keeps checkpoints/ and relative recipe paths beside the code; an installed
+# package (site-packages) keeps them in the folder it is run from, and its recipes inside the package.
+IS_SOURCE_CHECKOUT = (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "recipes").is_dir()
+REPO_ROOT = _SOURCE_ROOT if IS_SOURCE_CHECKOUT else Path.cwd()
 
 
 def _f(default: Any, doc: str, choices: tuple | Callable[[], tuple] | None = None,
@@ -71,7 +75,8 @@ class ModelSpec:
     """Where the weights come from: exactly one of `hub`, `local` or `random`."""
 
     hub: str | None = _f(None, "Hugging Face repo id, e.g. openai-community/gpt2 (needs `revision`)")
-    revision: str | None = _f(None, "the commit sha (40 hex digits) of `hub` to fetch; pinned so builds reproduce")
+    revision: str | None = _f(None, "the commit sha (40 hex digits), branch or tag of `hub`; a branch or tag is resolved "
+                                   "to its commit at fetch and the build is pinned to it")
     local: str | None = _f(None, "a local folder in Hugging Face layout (config.json + *.safetensors); relative "
                                  "paths are from the repository root")
     random: str | None = _f(None, "random weights of a named shape (see `python -m pipeline shapes`)")
@@ -224,7 +229,9 @@ class Recipe:
 
 
 def recipes_dir() -> Path:
-    return Path(os.environ.get("PIPELINE_RECIPES", REPO_ROOT / "recipes"))
+    """PIPELINE_RECIPES, else recipes/ of the source checkout, else the recipes installed with the package."""
+    default = _SOURCE_ROOT / "recipes" if IS_SOURCE_CHECKOUT else Path(__file__).resolve().parent / "recipes"
+    return Path(os.environ.get("PIPELINE_RECIPES", default))
 
 
 def list_recipes() -> list[Path]:
@@ -444,10 +451,9 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     if len(sources) != 1:
         found = ", ".join(f"model.{k}" for k in sources) or "none"
         problems.append(f"model: set exactly one of model.hub, model.local or model.random (found: {found})")
-    if m.hub and not (m.revision and re.fullmatch(r"[0-9a-f]{40}", m.revision)):
-        problems.append(
-            f"model.revision: '{m.revision}' is not a commit sha; a Hub model needs its 40-hex commit "
-            f"(see the repo's 'Files and versions' history) so that builds reproduce")
+    if m.hub and not m.revision:
+        problems.append("model.revision: a Hub model needs a revision: a commit sha, or a branch or tag (main, v1.0) "
+                        "that the build resolves to its commit and pins")
     if m.revision and not m.hub:
         problems.append("model.revision: only used with model.hub; remove it or set model.hub")
     if m.random:

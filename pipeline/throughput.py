@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench import ratio_text, repeat_until_stable
 from pipeline.params import SamplingParams
 
 
@@ -107,12 +108,19 @@ def transformers_generate_batch(model_source, requests, dtype: torch.dtype, devi
     config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1, pad_token_id=0)
     with torch.no_grad():
         model.generate_batch([p for p, _ in requests[:4]], generation_config=config)  # warm-up
-        start = time.perf_counter()
-        outputs = model.generate_batch([p for p, _ in requests], generation_config=config)
-        seconds = time.perf_counter() - start
+        outputs = {}
+
+        def run_s(model=model) -> float:
+            start = time.perf_counter()
+            outputs.update(model.generate_batch([p for p, _ in requests], generation_config=config))
+            return time.perf_counter() - start
+
+        timing = repeat_until_stable(run_s, min_runs=2, max_runs=5)
     tokens = sum(len(o.generated_tokens) for o in outputs.values())
     del model
-    return {"requests": len(requests), "seconds": seconds, "output_tokens": tokens, "output_tok_s": tokens / seconds,
+    return {"requests": len(requests), "seconds": timing["best_s"], "runs_s": timing["runs_s"],
+            "spread": timing["spread"], "stable": timing["stable"], "output_tokens": tokens,
+            "output_tok_s": tokens / timing["best_s"],
             "note": f"every request generates {longest} tokens (generate_batch takes one max_new_tokens)"}
 
 
@@ -132,7 +140,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {r['output_tok_s']:.1f} | {r.get('requests_s', 0):.2f} | {pair(ms['ttft_s'])} | "
                      f"{pair(ms['tpot_s'])} | {pair(ms['itl_s'])} |")
     for name, ratio in result.get("ratios", {}).items():
-        lines.append(f"\n{name}: {ratio:.2f}x")
+        lines.append(f"\n{name}: {ratio}")
     return "\n".join(lines) + "\n"
 
 
@@ -214,10 +222,11 @@ def main(argv=None) -> int:
     best = runs[next(iter(runs))]
     ratios = {}
     if "engine, static batches" in runs:
-        ratios["in-flight / static batching"] = best["output_tok_s"] / runs["engine, static batches"]["output_tok_s"]
+        ratios["in-flight / static batching"] = ratio_text(
+            best["output_tok_s"] / runs["engine, static batches"]["output_tok_s"], runs["engine, static batches"])
     if "transformers generate_batch" in runs:
-        ratios["engine / transformers generate_batch"] = \
-            best["output_tok_s"] / runs["transformers generate_batch"]["output_tok_s"]
+        base = runs["transformers generate_batch"]
+        ratios["engine / transformers generate_batch"] = ratio_text(best["output_tok_s"] / base["output_tok_s"], base)
     device = torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu"
     result = {"model": name, "device": device, "world_size": world, "requests": len(requests),
               "lengths": {"input": args.input_range or args.input_len, "output": args.output_range or args.output_len},

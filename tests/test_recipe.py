@@ -52,8 +52,10 @@ def test_all_problems_reported_at_once_with_did_you_mean():
 def test_source_rules():
     with pytest.raises(RecipeError, match="set exactly one of model.hub, model.local or model.random"):
         recipe_from_dict({"model": {"random": "gpt2", "local": "x"}})
-    with pytest.raises(RecipeError, match="40-hex commit"):
-        recipe_from_dict({"model": {"hub": "openai-community/gpt2", "revision": "main"}})
+    with pytest.raises(RecipeError, match="a Hub model needs a revision"):
+        recipe_from_dict({"model": {"hub": "openai-community/gpt2"}})
+    # a branch or tag is accepted here and pinned to its commit at fetch (tests/test_hub.py)
+    assert recipe_from_dict({"model": {"hub": "openai-community/gpt2", "revision": "main"}}).model.revision == "main"
     with pytest.raises(RecipeError, match="unknown shape 'gpt3'; did you mean 'gpt2'"):
         recipe_from_dict({"model": {"random": "gpt3"}})
 
