@@ -56,8 +56,12 @@ eval: setup
 bench: setup
 	$(PY) -m pipeline bench $(RECIPE) $(ARGS)
 
+# The default run leaves out tests marked slow (real weights, ONNX/TensorRT builds, load tests): test-all runs them.
 test: setup
-	$(PY) -m pytest -q -x
+	$(PY) -m pytest -q -x -m "not gpu and not slow"
+
+test-all: setup
+	$(PY) -m pytest -q -m "not gpu"
 
 lint: setup
 	$(PY) -m ruff check pipeline tests bench
