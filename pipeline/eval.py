@@ -30,6 +30,7 @@ from pipeline.datasets import token_windows
 from pipeline.dist import mpirun_command, mpirun_env
 from pipeline.errors import PipelineError
 from pipeline.manifest import read_manifest, stage_key, write_manifest
+from pipeline.progress import progress
 from pipeline.recipe import Recipe
 
 PRECISIONS = {
@@ -60,7 +61,8 @@ def reference_logits(source: Path, windows: list[list[int]]) -> list[torch.Tenso
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     with torch.no_grad():
-        return [model(torch.tensor([w])).logits[0] for w in windows]
+        return [model(torch.tensor([w])).logits[0]
+                for w in progress(windows, desc="eval: transformers reference", unit="window")]
 
 
 def artifact_logits(artifact: Path, world_size: int, windows: list[list[int]]) -> list[torch.Tensor]:

@@ -246,3 +246,16 @@ def test_in_flight_batching_under_mpirun_gives_the_tokens_of_one_rank(home, tmp_
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["tokens"] == hf_greedy(source, prompts, NEW_TOKENS)
     assert result["stats"]["kv_blocks_used"] == 0
+
+
+def test_the_progress_bar_shows_rate_and_eta_on_a_terminal_and_nothing_in_logs(capsys):
+    import io
+
+    from pipeline.progress import progress
+
+    terminal = io.StringIO()
+    assert list(progress(range(3), desc="calibrating", unit="window", file=terminal)) == [0, 1, 2]
+    shown = terminal.getvalue()
+    assert "calibrating" in shown and "/3 [" in shown and "window/s" in shown  # count, rate and ETA fields
+    assert list(progress(range(3), desc="calibrating")) == [0, 1, 2]  # stderr is no terminal under pytest
+    assert capsys.readouterr().err == ""

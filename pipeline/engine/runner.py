@@ -22,6 +22,7 @@ from pipeline.engine.scheduler import SeqWork, StepPlan
 from pipeline.generate import Sampling, sample_next
 from pipeline.kernels.common import runs_on
 from pipeline.kernels.paged_attention import paged_attention
+from pipeline.progress import progress
 from pipeline.quantize.formats import dequantize_kv
 
 
@@ -123,7 +124,8 @@ class _DecodeGraphs:
         self.rows = torch.arange(top, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):  # the largest first: the smaller ones fit in its memory
+        for size in progress(list(reversed(self.sizes)), desc="capturing CUDA graphs", unit="graph"):
+            # the largest first: the smaller ones fit in its memory
             self._forward(size)  # compiles the Triton kernels and warms cuBLAS outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

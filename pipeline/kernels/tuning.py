@@ -29,6 +29,7 @@ import torch
 
 from pipeline import hub
 from pipeline.errors import PipelineError
+from pipeline.progress import progress
 
 ENV = "PIPELINE_TUNING_CACHE"
 FORMAT = "tuning-v1"
@@ -132,7 +133,7 @@ def choose(device: torch.device, tuner: str, gemm: str, candidates: list, run_fo
         return stored, note
     timer = timer or functools.partial(graph_seconds, replays=replays)
     timed = []
-    for candidate in candidates:
+    for candidate in progress(candidates, desc=f"tuning {tuner} {gemm}", unit="config"):
         try:
             timed.append((timer(run_for(candidate)), candidate))
         except Exception as exc:  # noqa: BLE001 - a config this GPU cannot run (shared memory) is skipped
