@@ -141,8 +141,11 @@ def test_smoothing_is_exact_in_float64_and_moves_outliers():
 
 def build(home, quant, shape="llama-tiny", parallel=None, extra=None, name="q"):
     quantization = {"quant": quant, "calibration": CALIBRATION, **(extra or {})}
-    r = recipe_from_dict({"model": {"random": shape}, "parallel": parallel or {},
-                          "precision": {"dtype": "bfloat16", "quantization": quantization}}, name=name)
+    data = {"model": {"random": shape}, "parallel": parallel or {},
+            "precision": {"dtype": "bfloat16", "quantization": quantization}}
+    if quantization.get("kv_cache", "auto") != "auto" and quant != "fp8":  # TensorRT-LLM 1.2 refuses paged context FMHA then
+        data["build"] = {"plugins": {"use_paged_context_fmha": False}}
+    r = recipe_from_dict(data, name=name)
     return Builder(r, log=lambda _: None, show_progress=False).run(gate=False, record=False).artifact
 
 
@@ -154,39 +157,39 @@ def rank_tensors(artifact) -> list[dict[str, tuple[str, tuple[int, ...]]]]:
     return out
 
 
-# llama-tiny: hidden 64, 4 heads of 16, 2 KV heads, intermediate 128, 4 layers (pipeline/shapes.py)
+# llama-tiny-g64: hidden 128, 8 heads of 16, 4 KV heads, intermediate 256, 4 layers (pipeline/architectures/llama.py)
 @pytest.mark.parametrize("parallel", [{"tp": 2}, {"pp": 2}])
 def test_int4_awq_checkpoint_per_rank(home, parallel):
-    artifact = build(home, "int4_awq", parallel=parallel, extra={"group_size": 64}, name="awq-ranks")
+    artifact = build(home, "int4_awq", shape="llama-tiny-g64", parallel=parallel, extra={"group_size": 64},
+                     name="awq-ranks")
     config = json.loads((artifact / "config.json").read_text())["quantization"]
     assert (config["quant_algo"], config["group_size"], config["pre_quant_scale"], config["has_zero_point"]) == \
         ("W4A16_AWQ", 64, True, False)
-    tp = parallel.get("tp", 1)
+    tp, pp = parallel.get("tp", 1), parallel.get("pp", 1)
+    dims = {"attention.qkv": (256 // tp, 128), "attention.dense": (128, 128 // tp), "mlp.fc": (256 // tp, 128),
+            "mlp.gate": (256 // tp, 128), "mlp.proj": (128, 256 // tp)}
     ranks = rank_tensors(artifact)
     assert len(ranks) == 2
-    # out / in per rank; TensorRT-LLM pads to multiples of max(64, group) * tp = 64 * tp
-    dims = {"attention.qkv": ((64 + 2 * 32) // tp, 64), "attention.dense": (64, 64 // tp),
-            "mlp.fc": (128 // tp, 64), "mlp.gate": (128 // tp, 64), "mlp.proj": (64, 128 // tp)}
-    if tp == 2:  # 128 / 2 = 64 qkv rows: a multiple of 64 * 2 = 128 unsplit
-        dims = {k: v for k, v in dims.items()}
     for tensors in ranks:
         layers = {k.split(".")[2] for k in tensors if k.startswith("transformer.layers.")}
-        assert len(layers) == 4 // parallel.get("pp", 1)
+        assert len(layers) == 4 // pp
         for layer in layers:
             for module, (out, inp) in dims.items():
                 p = f"transformer.layers.{layer}.{module}"
                 assert tensors[p + ".weight"] == ("I8", (out // 2, inp))
                 assert tensors[p + ".weights_scaling_factor"] == ("BF16", (out, inp // 64))
                 assert tensors[p + ".prequant_scaling_factor"] == ("BF16", (inp,))
+        assert tensors.get("transformer.vocab_embedding.weight", ("BF16",))[0] == "BF16"
 
 
 def test_int4_awq_pads_to_trtllm_shapes_at_tp1_and_refuses_it_at_tp2(home):
     artifact = build(home, "int4_awq", extra={"group_size": 128}, name="awq-pad")
     t = rank_tensors(artifact)[0]
-    # qkv: 128 x 64 -> 128 x 128 (in padded to max(64, 128)); proj: 64 x 128 -> 128 x 128
+    # llama-tiny: qkv 96 x 64 -> 128 x 128 (both padded to a multiple of max(64, 128)); proj 64 x 160 -> 128 x 256
     assert t["transformer.layers.0.attention.qkv.weight"] == ("I8", (64, 128))
     assert t["transformer.layers.0.attention.qkv.weights_scaling_factor"] == ("BF16", (128, 1))
-    assert t["transformer.layers.0.mlp.proj.weight"] == ("I8", (64, 128))
+    assert t["transformer.layers.0.mlp.proj.weight"] == ("I8", (64, 256))
+    assert t["transformer.layers.0.mlp.proj.prequant_scaling_factor"] == ("BF16", (256,))
     from pipeline.errors import WeightMapError
 
     with pytest.raises(WeightMapError, match="pads this .* to multiples of max\\(64, group_size\\) \\* tp = 256"):
@@ -203,8 +206,9 @@ def test_w8a8_smoothquant_checkpoint_per_rank(home, parallel, per_channel, per_t
                                     (False, False): "W8A8_SQ_PER_TENSOR_PLUGIN"}[(per_channel, per_token)]
     assert config["smoothquant_val"] == 0.5
     tp = parallel.get("tp", 1)
-    dims = {"attention.qkv": (128 // tp, 64), "attention.dense": (64, 64 // tp), "mlp.fc": (128 // tp, 64),
-            "mlp.gate": (128 // tp, 64), "mlp.proj": (64, 128 // tp)}
+    # llama-tiny: hidden 64, 8 heads of 8, 2 KV heads (qkv 96 rows), intermediate 160
+    dims = {"attention.qkv": (96 // tp, 64), "attention.dense": (64, 64 // tp), "mlp.fc": (160 // tp, 64),
+            "mlp.gate": (160 // tp, 64), "mlp.proj": (64, 160 // tp)}
     for tensors in rank_tensors(artifact):
         for layer in {k.split(".")[2] for k in tensors if k.startswith("transformer.layers.")}:
             p = f"transformer.layers.{layer}."
@@ -213,7 +217,7 @@ def test_w8a8_smoothquant_checkpoint_per_rank(home, parallel, per_channel, per_t
                 assert tensors[p + module + ".per_channel_scale"] == ("F32", (1, out if per_channel else 1))
                 assert (p + module + ".act_scale" in tensors) == (not per_token)
             assert tensors[p + "attention.dense.smoother"] == ("F32", (1, 64 // tp))
-            assert tensors[p + "mlp.proj.smoother"] == ("F32", (1, 128 // tp))
+            assert tensors[p + "mlp.proj.smoother"] == ("F32", (1, 160 // tp))
             for norm in ("input_layernorm", "post_layernorm"):
                 assert tensors[p + norm + ".weight"] == ("BF16", (64,))
                 assert tensors[p + norm + ".scale_to_int"] == ("BF16", (1,))
@@ -293,13 +297,11 @@ FORMATS = [("fp8", {}), ("int8_weight_only", {}), ("int4_weight_only", {}), ("in
            ("none", {"kv_cache": "fp8"})]
 
 
-@pytest.mark.parametrize("shape", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("shape,parallel", [("llama-tiny-g64", {"tp": 2}), ("gpt2-tiny", {"pp": 2})])
 @pytest.mark.parametrize("quant,extra", FORMATS)
-def test_trtllm_1_2_loads_exactly_the_tensors_written(home, shape, quant, extra):
-    if quant == "w8a8_smoothquant" and shape == "gpt2-tiny":
-        extra = {**extra}
-    artifact = build(home, quant, shape=shape, parallel={"tp": 2}, extra=extra, name="load")
-    plain = build(home, "none", shape=shape, parallel={"tp": 2}, name="load-plain")
+def test_trtllm_1_2_loads_exactly_the_tensors_written(home, shape, parallel, quant, extra):
+    artifact = build(home, quant, shape=shape, parallel=parallel, extra=extra, name="load")
+    plain = build(home, "none", shape=shape, parallel=parallel, name="load-plain")
     config = json.loads((artifact / "config.json").read_text())["quantization"]
     for tensors, plain_tensors in zip(rank_tensors(artifact), rank_tensors(plain)):
         assert trtllm_1_2_load_problems(config, set(tensors), set(plain_tensors)) == []

@@ -59,9 +59,9 @@ def trtllm_exclude_modules(patterns: list[str]) -> list[str]:
     """config.json's exclude_modules for the recipe's patterns (module docstring)."""
     out = list(TRTLLM_DEFAULT_EXCLUDE)
     for p in patterns:
-        for q in (p, p + ".*"):
-            if q not in out and not any(fnmatch.fnmatchcase(q, d) for d in TRTLLM_DEFAULT_EXCLUDE):
-                out.append(q)
+        if any(fnmatch.fnmatchcase(p, d) for d in TRTLLM_DEFAULT_EXCLUDE):
+            continue
+        out.extend(q for q in (p, p + ".*") if q not in out)
     return out
 
 
