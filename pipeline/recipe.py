@@ -474,6 +474,9 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     q = recipe.precision.quantization
     from pipeline.quantize import registry
 
+    if q.smoothquant_alpha > 1:
+        problems.append(f"precision.quantization.smoothquant_alpha: {q.smoothquant_alpha} is outside [0, 1] "
+                        f"(0 leaves activations as they are, 1 moves their whole range into the weights)")
     if registry.reserved(q.quant):
         problems.append(f"precision.quantization.quant: '{q.quant}' is reserved for a later release; "
                         f"use one of {', '.join(registry.weight_format_names(reserved=False))}")

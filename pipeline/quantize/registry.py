@@ -44,7 +44,9 @@ class CheckpointTensor:
 
     suffix: str  # "weight", "weights_scaling_factor", ...
     dtype: str  # "model" (the checkpoint dtype) or a torch dtype name: "float8_e4m3fn", "float32", ...
-    shape: str  # "[out, in]" (the rank's weight shape) or a fixed shape such as "[1]"
+    # a Python list expression over out, in (the rank's weight shape), out_p, in_p (padded as TensorRT-LLM pads) and
+    # group_size: "[out, in]", "[1]", "[out_p // 2, in_p]"
+    shape: str
 
 
 @dataclass(frozen=True)
