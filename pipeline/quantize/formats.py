@@ -131,13 +131,15 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> t
 INT4_GROUP_MAX = 7.0
 
 
-def groupwise_int4_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] (in a multiple of group_size) -> (int8 values in [-8, 7] [out, in], float32 scales [out, in/g])."""
+def groupwise_int4_quantize(weight: torch.Tensor, group_size: int,
+                            amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] (in a multiple of group_size) -> (int8 values in [-8, 7] [out, in], float32 scales [out, in/g]).
+    `amax` [out, in/g]: the range per group (AWQ's clipped range); default max |W| of the group."""
     out, inp = weight.shape
     if inp % group_size:
         raise ValueError(f"input width {inp} is not a multiple of the group size {group_size}")
     w = weight.float().reshape(out, inp // group_size, group_size)
-    scale = w.abs().amax(dim=2) / INT4_GROUP_MAX
+    scale = (w.abs().amax(dim=2) if amax is None else amax.float()) / INT4_GROUP_MAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.where(scale[..., None] > 0, torch.round(w / safe[..., None]), torch.zeros_like(w)).clamp(-8, 7)
     return q.reshape(out, inp).to(torch.int8), scale
@@ -166,6 +168,31 @@ def awq_scale(act_mean_abs: torch.Tensor, weight_mean_rel: torch.Tensor, alpha: 
     tiny = torch.finfo(torch.float32).tiny
     s = (act_mean_abs.float().pow(alpha) / (weight_mean_rel.float().pow(1 - alpha) + tiny)).clamp(1e-4, 1e4)
     return s / (s.max() * s.min()).sqrt()
+
+
+def awq_clip_amax(weight: torch.Tensor, x: torch.Tensor, group_size: int,
+                  ratios: tuple[float, ...] = tuple(1.0 - i / 20 for i in range(10))) -> torch.Tensor:
+    """AWQ's clipping search (awq_clip in modelopt/torch/quantization/model_calib.py, auto_clip in llm-awq): per
+    output row and group, the range r * max |W| (r in `ratios`) whose quantized group minimises the mean squared
+    error of that group's share of the output, x_g . w_g, on the inputs x [rows, in]. Returns amax [out, in/g]."""
+    out, inp = weight.shape
+    groups = inp // group_size
+    w = weight.float().reshape(out, groups, group_size)
+    xg = x.float().reshape(-1, groups, group_size)
+    group_max = w.abs().amax(dim=2)
+    best_err = torch.full((out, groups), float("inf"))
+    best = group_max.clone()
+    reference = torch.einsum("ngk,ogk->gno", xg, w)
+    for r in ratios:
+        amax = group_max * r
+        scale = amax / INT4_GROUP_MAX
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(w / safe[..., None]).clamp(-8, 7) * scale[..., None]
+        err = (torch.einsum("ngk,ogk->gno", xg, q) - reference).pow(2).mean(dim=1).t()  # [out, groups]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, amax, best)
+    return best
 
 
 def awq_weight_mean_rel(weight: torch.Tensor, group_size: int) -> torch.Tensor:

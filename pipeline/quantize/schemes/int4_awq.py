@@ -33,6 +33,9 @@ Where read (NVIDIA/TensorRT-LLM, 1.2 line; NVIDIA/Model-Optimizer):
   output on the calibration inputs. ModelOpt searches each linear alone, then averages the scales of linears that
   share an input for export; we search one scale per group that shares an input (qkv; fc with gate; dense; proj)
   on the sum of the group's errors, over a = i / awq_grid for i < awq_grid.
+- the same file, awq_clip (ModelOpt's "awq_full" runs it after awq_lite): per output row and group, the clipped
+  range r * max |W| (r = 1, 0.95, ..., 0.55) that minimises the group's output error on the calibration inputs;
+  weights_scaling_factor = that range / 7. Run on each rank's tensor (the search is local to a row and a group).
 
 ModelOpt itself is not a dependency or a test oracle here: its AWQ needs CUDA and a Hugging Face model in memory; we
 re-state its arithmetic and test it against float64 (tests/test_quantize_awq_sq.py).
@@ -45,6 +48,7 @@ import torch
 from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import CheckpointError, WeightMapError
 from pipeline.quantize.formats import (
+    awq_clip_amax,
     awq_scale,
     awq_weight_mean_rel,
     groupwise_int4_dequantize,
@@ -145,7 +149,13 @@ def encode(ctx, awq: bool) -> dict:
         if s is not None:
             w = w * s
         w = torch.nn.functional.pad(w, (0, in_p - in_r, 0, out_p - out_r))
-        q, w_scale = groupwise_int4_quantize(w, g)
+        amax = None
+        if awq:  # the clipping search on this rank's inputs (the column chunk of a row-parallel linear)
+            x = ctx.calibration.act_stats[t.module].sample
+            x = x.chunk(parts, dim=1)[index] if dim == 1 else x
+            x = torch.nn.functional.pad(x / s if s is not None else x, (0, in_p - in_r))
+            amax = awq_clip_amax(w, x, g)
+        q, w_scale = groupwise_int4_quantize(w, g, amax)
         ctx.replace_with_literal(t.rank, t.name, pack_int4_rows(q))
         ctx.plan.add_literal(t.rank, t.prefix + ".weights_scaling_factor", w_scale.to(dtype))
         if awq:
