@@ -11,6 +11,7 @@ from safetensors import safe_open
 from pipeline.build import Builder
 from pipeline.errors import GateError
 from pipeline.quantize.formats import (
+    awq_clip_amax,
     awq_scale,
     awq_weight_mean_rel,
     groupwise_int4_dequantize,
@@ -90,6 +91,23 @@ def test_awq_search_beats_plain_groupwise_on_outlier_channels():
     assert alpha > 0 and best < 0.7 * plain
     # s as stored: its reciprocal is exact in bfloat16
     assert torch.allclose((1 / s).to(torch.bfloat16).float(), 1 / s, rtol=1e-6, atol=0)
+
+
+def test_awq_clip_search_against_the_unclipped_range():
+    g = torch.Generator().manual_seed(17)
+    w = torch.randn(16, 128, generator=g) * 0.05
+    w[:, 5] = 0.6  # one large weight per row stretches its group's range
+    x = torch.randn(512, 128, generator=g)
+    amax = awq_clip_amax(w, x, 64)
+    full = w.abs().reshape(16, 2, 64).amax(dim=2)
+    assert amax.shape == (16, 2) and (amax <= full).all() and (amax >= 0.55 * full - 1e-7).all()
+
+    def error(a):
+        q, scale = groupwise_int4_quantize(w, 64, a)
+        return float((x @ groupwise_int4_dequantize(q, scale, 64).t() - x @ w.t()).pow(2).mean())
+    assert error(amax) < error(None)
+    q, scale = groupwise_int4_quantize(w, 64, amax)
+    assert torch.allclose(scale, amax / 7) and q.min() >= -8 and q.max() <= 7  # clipped values saturate
 
 
 def test_int8_gemm_is_exact_int32_accumulation():
@@ -327,13 +345,29 @@ def test_user_exclude_patterns_reach_both_trtllm_matchers(home):
 
 
 # --------------------------------------------------------------------------------------------- the gate (real weights)
+SMALL = ["precision.quantization.calibration.samples=8", "precision.quantization.calibration.seq_len=128"]
+
+
+def junk_statistics(result):
+    """Calibration statistics of the wrong channels: each linear's per-channel maxima, means and sampled inputs
+    with their channels shuffled, as if measured on another model."""
+    g = torch.Generator().manual_seed(0)
+    for stats in result.act_stats.values():
+        perm = torch.randperm(stats.channel_amax.numel(), generator=g)
+        stats.channel_amax = stats.channel_amax[perm]
+        stats.channel_abs_sum = stats.channel_abs_sum[perm]
+        stats.samples = [x[:, perm] for x in stats.samples]
+    return result
 
 
 @pytest.mark.slow
-def test_a_calibration_made_worse_fails_the_smoothquant_gate(home, smollm2_dir, tmp_path):
-    """alpha forced to 1 (all the activation range moved into the weights) misses the recipe's gate."""
+@pytest.mark.parametrize("name", ["smollm2-135m-int4awq", "smollm2-135m-w8a8sq"])
+def test_a_calibration_made_worse_fails_the_recipe_gate(home, smollm2_dir, monkeypatch, name):
+    from pipeline.quantize import calibrate as calibrate_module
     from pipeline.recipe import load_recipe
 
-    r = load_recipe("smollm2-135m-w8a8sq", [f"model.local={smollm2_dir}", "precision.quantization.smoothquant_alpha=1.0"])
+    real = calibrate_module.calibrate
+    monkeypatch.setattr(calibrate_module, "calibrate", lambda *a, **k: junk_statistics(real(*a, **k)))
+    r = load_recipe(name, [f"model.local={smollm2_dir}", *SMALL])
     with pytest.raises(GateError, match="eval.gate.max_ppl_increase allows"):
         Builder(r, log=lambda _: None, show_progress=False).run()

@@ -25,7 +25,6 @@ from pipeline.dist import Comm
 from pipeline.mapping import Mapping
 from pipeline.recipe import CalibrationSpec
 
-
 SAMPLED_ROWS = 1024  # input rows kept per linear for the AWQ loss (spread evenly over the calibration windows)
 
 
