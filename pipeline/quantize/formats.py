@@ -171,7 +171,7 @@ def awq_scale(act_mean_abs: torch.Tensor, weight_mean_rel: torch.Tensor, alpha: 
 
 
 def awq_clip_amax(weight: torch.Tensor, x: torch.Tensor, group_size: int,
-                  ratios: tuple[float, ...] = tuple(1.0 - i / 20 for i in range(10))) -> torch.Tensor:
+                  ratios: tuple[float, ...] = tuple(1.0 - i / 20 for i in range(11))) -> torch.Tensor:
     """AWQ's clipping search (awq_clip in modelopt/torch/quantization/model_calib.py, auto_clip in llm-awq): per
     output row and group, the range r * max |W| (r in `ratios`) whose quantized group minimises the mean squared
     error of that group's share of the output, x_g . w_g, on the inputs x [rows, in]. Returns amax [out, in/g]."""

@@ -34,8 +34,8 @@ Where read (NVIDIA/TensorRT-LLM, 1.2 line; NVIDIA/Model-Optimizer):
   share an input for export; we search one scale per group that shares an input (qkv; fc with gate; dense; proj)
   on the sum of the group's errors, over a = i / awq_grid for i < awq_grid.
 - the same file, awq_clip (ModelOpt's "awq_full" runs it after awq_lite): per output row and group, the clipped
-  range r * max |W| (r = 1, 0.95, ..., 0.55) that minimises the group's output error on the calibration inputs;
-  weights_scaling_factor = that range / 7. Run on each rank's tensor (the search is local to a row and a group).
+  range r * max |W| (r = 1, 0.95, ..., 0.5: ModelOpt's min_clip_ratio and shrink_step) that minimises the group's
+  output error on the calibration inputs; weights_scaling_factor = that range / 7. Run on each rank's tensor (the search is local to a row and a group).
 
 ModelOpt itself is not a dependency or a test oracle here: its AWQ needs CUDA and a Hugging Face model in memory; we
 re-state its arithmetic and test it against float64 (tests/test_quantize_awq_sq.py).
