@@ -44,6 +44,20 @@ PRECISIONS = {
                "precision.quantization.kv_cache=auto"],
     "int4wo": ["precision.dtype=bfloat16", "precision.quantization.quant=int4_weight_only",
                "precision.quantization.kv_cache=auto"],
+    "int4g128": ["precision.dtype=bfloat16", "precision.quantization.quant=int4_awq",
+                 "precision.quantization.awq_search=false", "precision.quantization.group_size=128",
+                 "precision.quantization.kv_cache=auto"],
+    "int4awq-g128": ["precision.dtype=bfloat16", "precision.quantization.quant=int4_awq",
+                     "precision.quantization.group_size=128", "precision.quantization.kv_cache=auto"],
+    "int4g64": ["precision.dtype=bfloat16", "precision.quantization.quant=int4_awq",
+                "precision.quantization.awq_search=false", "precision.quantization.group_size=64",
+                "precision.quantization.kv_cache=auto"],
+    "int4awq-g64": ["precision.dtype=bfloat16", "precision.quantization.quant=int4_awq",
+                    "precision.quantization.group_size=64", "precision.quantization.kv_cache=auto"],
+    "w8a8": ["precision.dtype=bfloat16", "precision.quantization.quant=w8a8_smoothquant",
+             "precision.quantization.smoothing=false", "precision.quantization.kv_cache=auto"],
+    "w8a8sq": ["precision.dtype=bfloat16", "precision.quantization.quant=w8a8_smoothquant",
+               "precision.quantization.smoothing=true", "precision.quantization.kv_cache=auto"],
 }
 
 

@@ -52,7 +52,10 @@ def eval_command(recipe: Recipe, precisions: list[str] | None = None, out: Path 
             f"Made by `{command}` on {platform.node()} ({platform.processor() or platform.machine()}, CPU, PyTorch "
             f"backend), {time.strftime('%Y-%m-%d')}. fp8 quantizes GEMM weights and activations (per-tensor, "
             f"calibrated on pydoc-topics, 32 x 256 tokens); fp8-kvfp8 adds an FP8 KV cache; int8wo/int4wo are "
-            f"W8A16/W4A16 with one scale per output channel, as TensorRT-LLM's builder makes them.\n")
+            f"W8A16/W4A16 with one scale per output channel, as TensorRT-LLM's builder makes them; int4g<N> / "
+            f"int4awq-g<N> are W4A16_AWQ with one scale per N input channels, without / with AWQ's scale and clipping "
+            f"search; w8a8 / w8a8sq are W8A8 (int8 weights per channel, int8 activations per token) without / with "
+            f"SmoothQuant smoothing (alpha 0.5).\n")
     return 0
 
 

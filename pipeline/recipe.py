@@ -103,7 +103,21 @@ class QuantizationSpec:
                     _quant_choices)
     kv_cache: str = _f("auto", "KV-cache format: auto (model dtype), fp8 or int8", _kv_cache_choices)
     exclude: tuple[str, ...] = _f(("lm_head",), "modules kept in high precision (name patterns, fnmatch)")
-    calibration: CalibrationSpec = _f(CalibrationSpec, "calibration data (used by fp8 and fp8/int8 KV cache)")
+    calibration: CalibrationSpec = _f(CalibrationSpec, "calibration data (fp8, int4_awq, w8a8 formats, fp8/int8 KV "
+                                                       "cache)")
+    group_size: int = _f(128, "int4_awq / int4_groupwise: input channels that share one weight scale (QuantConfig "
+                              "group_size; 64 or 128 for TensorRT-LLM's kernels)", minimum=1)
+    awq_search: bool = _f(True, "int4_awq: search AWQ's per-channel pre-quant scales (false: plain group-wise "
+                                "int4, the comparison point)")
+    awq_grid: int = _f(20, "int4_awq: alphas searched per linear group, alpha = i / awq_grid for i < awq_grid",
+                       minimum=1)
+    smoothing: bool = _f(True, "w8a8_smoothquant: migrate activation outliers into the weights (false: plain "
+                               "W8A8, the comparison point)")
+    smoothquant_alpha: float = _f(0.5, "w8a8_smoothquant: migration strength alpha in [0, 1] (QuantConfig "
+                                       "smoothquant_val)", minimum=0.0)
+    per_channel: bool = _f(True, "w8a8 formats: one int8 weight scale per output channel (false: per tensor)")
+    per_token: bool = _f(True, "w8a8 formats: dynamic activation scale per token (false: one static calibrated "
+                               "scale per tensor)")
 
 
 @dataclass(frozen=True)
@@ -466,6 +480,9 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     q = recipe.precision.quantization
     from pipeline.quantize import registry
 
+    if q.smoothquant_alpha > 1:
+        problems.append(f"precision.quantization.smoothquant_alpha: {q.smoothquant_alpha} is outside [0, 1] "
+                        f"(0 leaves activations as they are, 1 moves their whole range into the weights)")
     if registry.reserved(q.quant):
         problems.append(f"precision.quantization.quant: '{q.quant}' is reserved for a later release; "
                         f"use one of {', '.join(registry.weight_format_names(reserved=False))}")

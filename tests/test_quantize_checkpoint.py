@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import pipeline.quantize.calibrate as calibrate_module
 from pipeline.build import Builder
 from pipeline.errors import GateError, RecipeError
+from pipeline.quantize.checkpoint import TRTLLM_DEFAULT_EXCLUDE
 from pipeline.random_weights import make_random_checkpoint
 from pipeline.recipe import load_recipe, recipe_from_dict
 from tests.conftest import REPO, run_cli, run_json
@@ -38,7 +39,7 @@ def test_fp8_checkpoint_names_dtypes_shapes(home, shape, tp, pp):
     config = json.loads((artifact / "config.json").read_text())
     assert config["quantization"]["quant_algo"] == "FP8"
     assert config["quantization"]["kv_cache_quant_algo"] == "FP8"
-    assert config["quantization"]["exclude_modules"] == ["lm_head"]
+    assert config["quantization"]["exclude_modules"] == list(TRTLLM_DEFAULT_EXCLUDE)
     single = load_file(reference / "rank0.safetensors")
     layers = 4 // pp
     for rank in range(tp * pp):
@@ -105,8 +106,9 @@ def test_quantization_validation_explains_refusals():
     with pytest.raises(RecipeError, match="float32 with quant fp8 is not a TensorRT-LLM combination"):
         recipe_from_dict({"model": {"random": "gpt2"}, "precision": {"dtype": "float32",
                                                                      "quantization": {"quant": "fp8"}}})
-    with pytest.raises(RecipeError, match="'int4_awq' is reserved"):
-        recipe_from_dict({"model": {"random": "gpt2"}, "precision": {"quantization": {"quant": "int4_awq"}}})
+    with pytest.raises(RecipeError, match="smoothquant_alpha: 1.5 is outside \\[0, 1\\]"):
+        recipe_from_dict({"model": {"random": "gpt2"}, "precision": {"quantization": {
+            "quant": "w8a8_smoothquant", "smoothquant_alpha": 1.5}}})
 
 
 SMALL_EVAL = ["eval.tokens=512", "eval.seq_len=256", "precision.quantization.calibration.samples=8",

@@ -2,6 +2,7 @@
 runtime linear right against float64, and a new entry usable by validation and the adapter without other edits."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -70,13 +71,16 @@ def test_encoder_and_runtime_linear_round_trip_against_float64(name):
     x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
     prefix = "transformer.layers.0.mlp.fc"
     tensors = fmt.encode_linear(weight, float(x.abs().amax()))
+    # the shapes an entry declares, for this [48, 64] weight (padded formats: TensorRT-LLM's padding at tp=1,
+    # group 128: out_p = in_p = 128)
+    dims = {"out": 48, "in_": 64, "out_p": 128, "in_p": 128, "group_size": 128}
     for t in fmt.checkpoint_tensors:  # what the entry says it writes, it writes
         value = tensors[t.suffix]
         assert str(value.dtype) == "torch." + (t.dtype if t.dtype != "model" else "bfloat16")
-        assert list(value.shape) == (list(weight.shape) if t.shape == "[out, in]" else [1])
+        assert list(value.shape) == eval(re.sub(r"\bin\b", "in_", t.shape), {}, dims)  # noqa: S307 (the entry's own shape formula)
     assert set(tensors) == {t.suffix for t in fmt.checkpoint_tensors} | {"weight"}
     weights = {f"{prefix}.{suffix}": t for suffix, t in tensors.items()}
-    config = {"dtype": "bfloat16",
+    config = {"dtype": "bfloat16", "mapping": {"tp_size": 1}, "hidden_size": 64, "intermediate_size": 48,
               "quantization": quantization_block(fmt.quant_algo, None, ["lm_head"] if fmt.quant_algo else None)}
     linear = fmt.linear_factory(config, weights, torch.device("cpu"), torch.bfloat16)(prefix, weights[prefix + ".weight"],
                                                                                       None)
@@ -129,12 +133,13 @@ def test_a_new_entry_is_usable_without_editing_other_files(tmp_path):
         recipe_from_dict(recipe_data)
 
 
-def test_reserved_names_stay_refused_until_defined():
-    data = {**TINY, "precision": {"dtype": "bfloat16", "quantization": {"quant": "int4_awq"}}}
-    with pytest.raises(RecipeError, match="'int4_awq' is reserved for a later release; use one of none, fp8"):
+def test_reserved_names_stay_refused_until_defined(monkeypatch):
+    monkeypatch.setattr(registry, "RESERVED_WEIGHT_FORMATS", ("int3_future",))
+    data = {**TINY, "precision": {"dtype": "bfloat16", "quantization": {"quant": "int3_future"}}}
+    with pytest.raises(RecipeError, match="'int3_future' is reserved for a later release; use one of none, fp8"):
         recipe_from_dict(data)
-    awq = registry.WeightFormat(name="int4_awq", quant_algo="W4A16_AWQ", summary="stand-in for issue 24")
-    with registry.registered(awq):
-        assert not registry.reserved("int4_awq")
-        assert recipe_from_dict(data).precision.quantization.quant == "int4_awq"
-    assert registry.reserved("int4_awq")
+    future = registry.WeightFormat(name="int3_future", quant_algo="W4A8_AWQ", summary="a stand-in")
+    with registry.registered(future):
+        assert not registry.reserved("int3_future")
+        assert recipe_from_dict(data).precision.quantization.quant == "int3_future"
+    assert registry.reserved("int3_future")

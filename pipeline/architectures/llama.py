@@ -127,6 +127,12 @@ SHAPES = {
                    "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8,
                    "max_position_embeddings": 256, "rope_theta": 10000.0, "tie_word_embeddings": False,
                    "bos_token_id": 0, "eos_token_id": 999, "torch_dtype": "float32"},
+    # A tiny LLaMA whose linears need no padding for TensorRT-LLM's group-wise int4 at tp=2 (every width a multiple
+    # of max(64, group_size) * tp = 128 for group_size 64).
+    "llama-tiny-g64": {**_BASE, "vocab_size": 1000, "hidden_size": 128, "intermediate_size": 256,
+                       "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 16,
+                       "max_position_embeddings": 256, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                       "bos_token_id": 0, "eos_token_id": 999, "torch_dtype": "float32"},
     # The same with tied embeddings and llama3 rope scaling, to cover those paths.
     "llama-tiny-tied": {**_BASE, "vocab_size": 1001, "hidden_size": 64, "intermediate_size": 160,
                         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8,

@@ -4,6 +4,14 @@ The Quantizer runs calibration when the recipe's formats need it, calls the weig
 (pipeline/quantize/schemes/: FP8 writes float8 weights and scales; the weight-only formats leave the weights to
 trtllm-build), writes the KV-cache format's per-layer scale, and returns config.json's quantization block.
 lm_head always stays in high precision, as in TensorRT-LLM.
+
+exclude_modules: TensorRT-LLM 1.2 replaces its default exclusion list (quantization/quantize.py, quantize_layers:
+'*lm_head', '*router', '*vocab_embedding', '*position_embedding', '*block_embedding', '*shared_expert_gate') with
+the config's list when one is given, and matches it with fnmatch against module names ("transformer.vocab_embedding")
+when it swaps layers, and against tensor names ("transformer.layers.0.mlp.fc.weight") when the weight-only
+preprocessing quantizes (models/convert_utils.py, weight_only_quantize_dict). So the list written is that default
+followed by each recipe pattern as given and with ".*" (the tensor names under it): a list of only "lm_head" made
+TensorRT-LLM turn the embeddings into weight-only embeddings that need tensors no checkpoint carries.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from pipeline.architectures import quantization_block
 from pipeline.convert.streaming import CHUNK_BYTES, ConversionPlan
@@ -38,6 +48,21 @@ def calibration_inputs(recipe: Recipe) -> dict:
 def exclude_patterns(recipe: Recipe) -> list[str]:
     patterns = list(recipe.precision.quantization.exclude)
     return patterns if "lm_head" in patterns else ["lm_head", *patterns]
+
+
+# tensorrt_llm/quantization/quantize.py (1.2), quantize_layers: the list used when exclude_modules is null.
+TRTLLM_DEFAULT_EXCLUDE = ("*lm_head", "*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
+                          "*shared_expert_gate")
+
+
+def trtllm_exclude_modules(patterns: list[str]) -> list[str]:
+    """config.json's exclude_modules for the recipe's patterns (module docstring)."""
+    out = list(TRTLLM_DEFAULT_EXCLUDE)
+    for p in patterns:
+        if any(fnmatch.fnmatchcase(p, d) for d in TRTLLM_DEFAULT_EXCLUDE):
+            continue
+        out.extend(q for q in (p, p + ".*") if q not in out)
+    return out
 
 
 def source_amax(index: SafetensorsIndex, name: str) -> float:
@@ -72,7 +97,45 @@ class CheckpointContext:
     calibration: object | None  # pipeline.quantize.calibrate.Calibration, when the recipe's formats need it
     excluded: list[str]
     global_name: Callable[[int, str], str]
+    options: object = None  # the recipe's pipeline.recipe.QuantizationSpec
+    config: dict = field(default_factory=dict)  # fields the format sets in config.json's quantization block
     _amax: dict[str, float] = field(default_factory=dict)
+
+    def read_target(self, rank: int, name: str) -> torch.Tensor:
+        """The whole float32 tensor `name` of `rank` as the plan would write it unencoded (for formats that need a
+        row's neighbours or the whole tensor to encode it)."""
+        spec = self.plan.targets[rank][name]
+        out = torch.zeros(spec.shape, dtype=torch.float32)
+        for piece in self.plan.pieces:
+            if piece.rank != rank or piece.target != name or piece.source is None:
+                continue
+            if piece.source in self.plan.transposed:
+                block = self.index.read(piece.source).t()[piece.src_rows[0]:piece.src_rows[1]]
+            else:
+                block = self.index.read_rows(piece.source, *piece.src_rows)
+            if piece.src_cols is not None:
+                block = block[:, piece.src_cols[0]:piece.src_cols[1]]
+            out[piece.dst_row:piece.dst_row + block.shape[0]] = block.float()
+        return out
+
+    def replace_with_literal(self, rank: int, name: str, tensor: torch.Tensor) -> None:
+        """Write `tensor` as target `name` of `rank` instead of what the plan would copy there."""
+        self.plan.pieces[:] = [p for p in self.plan.pieces if not (p.rank == rank and p.target == name)]
+        del self.plan.targets[rank][name]
+        self.plan.add_literal(rank, name, tensor)
+
+    def split_of(self, rank: int, name: str) -> tuple[int, int, int]:
+        """(dim, index, parts) of how target `name` of `rank` splits its unsplit tensor: dim 0 column-parallel, 1
+        row-parallel, -1 whole."""
+        tp = self.plan.tp
+        local = rank % tp
+        if tp == 1:
+            return -1, 0, 1
+        if name.endswith(("attention.dense.weight", "mlp.proj.weight")):
+            return 1, local, tp
+        if name.endswith(("attention.qkv.weight", "mlp.fc.weight", "mlp.gate.weight")):
+            return 0, local, tp
+        return -1, 0, 1
 
     def quantized_linears(self) -> Iterator[QuantizedLinear]:
         for rank, specs in enumerate(self.plan.targets):
@@ -105,7 +168,9 @@ class Quantizer:
         work = checkpoints_dir() / "tmp"
         work.mkdir(parents=True, exist_ok=True)
         tok = tokenizer_source(self.recipe.model, self.source)
-        return calibrate(self.source, tok, self.recipe.precision.quantization.calibration, work, log=self.log)
+        q = self.recipe.precision.quantization
+        kinds = weight_format(q.quant).calibration + kv_cache_format(q.kv_cache).calibration
+        return calibrate(self.source, tok, q.calibration, work, log=self.log, kinds=kinds)
 
     def __call__(self, plan: ConversionPlan, index: SafetensorsIndex) -> dict:
         q = self.recipe.precision.quantization
@@ -123,8 +188,8 @@ class Quantizer:
             layer = (rank // plan.tp) * layers_per_stage + local
             return f"transformer.layers.{layer}." + name.split(".", 3)[3]
 
+        ctx = CheckpointContext(plan, index, self.calibration, excluded, global_name, options=q)
         if weights.encode_checkpoint is not None:
-            ctx = CheckpointContext(plan, index, self.calibration, excluded, global_name)
             self.record.update(weights.encode_checkpoint(ctx))
         if kv.quant_algo is not None:
             for rank in range(plan.world_size):
@@ -133,8 +198,10 @@ class Quantizer:
                     scale = kv.scale(self.calibration.kv_amax[layer])
                     plan.add_literal(rank, f"transformer.layers.{local}.{kv.scale_tensor}", scale)
             self.record["kv_cache_amax"] = {str(k): v for k, v in sorted(self.calibration.kv_amax.items())}
-        block = quantization_block(weights.quant_algo, kv.quant_algo, excluded if weights.quant_algo else None)
+        block = quantization_block(weights.quant_algo, kv.quant_algo,
+                                   trtllm_exclude_modules(excluded) if weights.quant_algo else None)
         block.update(weights.config_fields)
+        block.update(ctx.config)
         return block
 
 

@@ -121,3 +121,140 @@ def quantize_kv(x: torch.Tensor, scale: torch.Tensor, kv_format: str) -> torch.T
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * scale).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------- group-wise int4
+# W4A16_AWQ as NVIDIA ModelOpt exports it for TensorRT-LLM (modelopt/torch/export/quant_utils.py,
+# to_quantized_weight; pipeline/quantize/schemes/int4_awq.py has the tensor layout): per output row and group of
+# `group_size` input channels, scale = amax / 7 (TensorQuantizer.maxbound = 2^(bits-1) - 1), q = round(W / scale)
+# with torch.round (half to even), clamped to [-8, 7]. A group of zeros gets scale 0 and q 0.
+INT4_GROUP_MAX = 7.0
+
+
+def groupwise_int4_quantize(weight: torch.Tensor, group_size: int,
+                            amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] (in a multiple of group_size) -> (int8 values in [-8, 7] [out, in], float32 scales [out, in/g]).
+    `amax` [out, in/g]: the range per group (AWQ's clipped range); default max |W| of the group."""
+    out, inp = weight.shape
+    if inp % group_size:
+        raise ValueError(f"input width {inp} is not a multiple of the group size {group_size}")
+    w = weight.float().reshape(out, inp // group_size, group_size)
+    scale = (w.abs().amax(dim=2) if amax is None else amax.float()) / INT4_GROUP_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.where(scale[..., None] > 0, torch.round(w / safe[..., None]), torch.zeros_like(w)).clamp(-8, 7)
+    return q.reshape(out, inp).to(torch.int8), scale
+
+
+def groupwise_int4_dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [out, in] = q * scale of its group."""
+    return (q.float().reshape(q.shape[0], -1, group_size) * scale.float()[..., None]).reshape(q.shape)
+
+
+def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's W4A16_AWQ packing: [out, in] int4 values -> int8 [out/2, in]; row 2k in the low nibble of row k,
+    row 2k+1 in the high nibble."""
+    if q.shape[0] % 2:
+        raise ValueError(f"int4 row packing needs an even number of output rows, got {q.shape[0]}")
+    return pack_int4(q.t().contiguous()).t().contiguous()
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    return unpack_int4(packed.t().contiguous()).t().contiguous()
+
+
+def awq_scale(act_mean_abs: torch.Tensor, weight_mean_rel: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AWQ-lite's per-input-channel scale (modelopt/torch/quantization/model_calib.py, awq_lite.get_scale):
+    s = x^alpha / w^(1 - alpha), clamped to [1e-4, 1e4], divided by sqrt(max(s) * min(s))."""
+    tiny = torch.finfo(torch.float32).tiny
+    s = (act_mean_abs.float().pow(alpha) / (weight_mean_rel.float().pow(1 - alpha) + tiny)).clamp(1e-4, 1e4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def awq_clip_amax(weight: torch.Tensor, x: torch.Tensor, group_size: int,
+                  ratios: tuple[float, ...] = tuple(1.0 - i / 20 for i in range(11))) -> torch.Tensor:
+    """AWQ's clipping search (awq_clip in modelopt/torch/quantization/model_calib.py, auto_clip in llm-awq): per
+    output row and group, the range r * max |W| (r in `ratios`) whose quantized group minimises the mean squared
+    error of that group's share of the output, x_g . w_g, on the inputs x [rows, in]. Returns amax [out, in/g]."""
+    out, inp = weight.shape
+    groups = inp // group_size
+    w = weight.float().reshape(out, groups, group_size)
+    xg = x.float().reshape(-1, groups, group_size)
+    group_max = w.abs().amax(dim=2)
+    best_err = torch.full((out, groups), float("inf"))
+    best = group_max.clone()
+    reference = torch.einsum("ngk,ogk->gno", xg, w)
+    for r in ratios:
+        amax = group_max * r
+        scale = amax / INT4_GROUP_MAX
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(w / safe[..., None]).clamp(-8, 7) * scale[..., None]
+        err = (torch.einsum("ngk,ogk->gno", xg, q) - reference).pow(2).mean(dim=1).t()  # [out, groups]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, amax, best)
+    return best
+
+
+def awq_weight_mean_rel(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Mean over output rows of |W| / (its group's max |W|), per input channel (awq_lite.get_weight_scale)."""
+    out, inp = weight.shape
+    w = weight.float().abs().reshape(out, inp // group_size, group_size)
+    rel = w / (w.amax(dim=2, keepdim=True) + torch.finfo(torch.float32).tiny)
+    return rel.reshape(out, inp).mean(dim=0)
+
+
+# --------------------------------------------------------------------------------------------- int8 SmoothQuant
+# TensorRT-LLM 1.2's SmoothQuant plugin path (tensorrt_llm/models/llama/convert.py: smooth_gemm, generate_int8,
+# get_tllm_linear_sq_weight; pipeline/quantize/schemes/w8a8_smoothquant.py has the layout). Weights: per output
+# channel (or per tensor) scale = amax / 127, q = round(W * 127 / amax) clipped to [-127, 127] (numpy's round: half
+# to even). Activations: per token (dynamic, the quantize_per_token plugin: scale = max |x_row| / 127) or per
+# tensor (static, calibrated amax / 127), q = round(x / scale) clipped to [-128, 127]. The GEMM multiplies int8 x int8
+# with int32 accumulation and scales the int32 result by s_x * s_w.
+INT8_MAX = 127.0
+
+
+def smoothquant_scale(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel smoothing s = max|X_j|^alpha / max|W_j|^(1-alpha) (smooth_gemm); the input
+    is divided by s and the weight columns multiplied by it. A channel with a zero amax gets 1."""
+    s = act_amax.float().clamp(min=1e-5).pow(alpha) / weight_amax.float().clamp(min=1e-5).pow(1 - alpha)
+    return torch.where((act_amax > 0) & (weight_amax > 0), s, torch.ones_like(s))
+
+
+def int8_weight_quantize(weight: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> (int8 [out, in], float32 scales [out] or [1]): scale = amax / 127, q = round(W / scale)."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax().reshape(1)
+    scale = torch.where(amax > 0, amax, torch.ones_like(amax)) / INT8_MAX
+    s = scale[:, None] if per_channel else scale
+    return torch.round(w / s).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_activation_quantize(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[tokens, in] -> (int8 [tokens, in], float32 scales [tokens, 1]); per token when static_scale is None."""
+    xf = x.float()
+    if static_scale is None:
+        amax = xf.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(amax > 0, amax, torch.ones_like(amax)) / INT8_MAX
+    else:
+        scale = static_scale.float().reshape(1, 1).expand(xf.shape[0], 1)
+    return torch.round(xf / scale).clamp(-128, 127).to(torch.int8), scale
+
+
+def int8_gemm_int32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 [m, k] x int8 [n, k]^T with int32 accumulation. The CPU has no int8 GEMM; float64 carries every
+    product (< 2^14) and every partial sum (< k * 2^14 < 2^53) exactly, so the result equals int32 accumulation
+    whenever that does not overflow (k < 131072)."""
+    return (a.double() @ b.double().t()).to(torch.int32)
+
+
+def smoothquant_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                       static_act_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """y = (q(x) @ q(W)^T) * s_x * s_w (+ b), the int8 x int8 -> int32 GEMM of the SmoothQuant plugin."""
+    shape = x.shape
+    xq, xs = int8_activation_quantize(x.reshape(-1, shape[-1]), static_act_scale)
+    acc = int8_gemm_int32(xq, weight_q)
+    y = (acc.double() * xs.double() * weight_scale.double().reshape(1, -1)).to(out_dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], weight_q.shape[0])

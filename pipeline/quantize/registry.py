@@ -28,11 +28,13 @@ TRTLLM_QUANT_ALGOS = (
 )
 TRTLLM_KV_CACHE_QUANT_ALGOS = ("FP8", "INT8", "NVFP4")
 # Names the schema accepts and refuses with "reserved for a later release" until a schemes module defines them.
-RESERVED_WEIGHT_FORMATS = ("int4_awq", "w8a8_smoothquant")
+RESERVED_WEIGHT_FORMATS: tuple[str, ...] = ()
 # What calibration can measure (pipeline/quantize/calibrate.py); a format lists the kinds it reads.
 CALIBRATION_KINDS = {
     "activation_amax": "max |input| of every linear layer (global layer names)",
     "kv_amax": "max(|k|, |v|) per layer, of the keys (after rotary embedding) and values the KV cache stores",
+    "activation_stats": "per linear: per-input-channel max |x| and mean |x|, a sample of input rows, and the float32 "
+                        "weights (AWQ and SmoothQuant scale searches)",
 }
 
 
@@ -42,7 +44,9 @@ class CheckpointTensor:
 
     suffix: str  # "weight", "weights_scaling_factor", ...
     dtype: str  # "model" (the checkpoint dtype) or a torch dtype name: "float8_e4m3fn", "float32", ...
-    shape: str  # "[out, in]" (the rank's weight shape) or a fixed shape such as "[1]"
+    # a Python list expression over out, in (the rank's weight shape), out_p, in_p (padded as TensorRT-LLM pads) and
+    # group_size: "[out, in]", "[1]", "[out_p // 2, in_p]"
+    shape: str
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class WeightFormat:
     name: str  # precision.quantization.quant
     quant_algo: str | None  # TensorRT-LLM 1.2 QuantAlgo (config.json quantization.quant_algo); None: unquantized
     summary: str  # one line for docs and messages
+    # Other QuantAlgos the encoder may write instead, picked by recipe options (SmoothQuant's per-channel/per-token).
+    quant_algo_variants: tuple[str, ...] = ()
     # Calibration kinds it reads (CALIBRATION_KINDS keys); empty: no calibration.
     calibration: tuple[str, ...] = ()
     min_capability: tuple[int, int] = (7, 0)  # the oldest GPU TensorRT-LLM runs it on
@@ -193,7 +199,8 @@ def weight_format_or_none(name: str) -> WeightFormat:
 
 def weight_format_for_algo(quant_algo: str | None) -> WeightFormat | None:
     """The format whose checkpoint says quant_algo (None: unquantized); None if no entry writes it."""
-    return next((f for f in weight_formats() if f.quant_algo == quant_algo), None)
+    return next((f for f in weight_formats() if quant_algo == f.quant_algo or quant_algo in f.quant_algo_variants),
+                None)
 
 
 def kv_cache_format_for_algo(quant_algo: str | None) -> KVCacheFormat | None:

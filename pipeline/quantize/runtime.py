@@ -84,3 +84,58 @@ def linear_factory(config: dict, weights: dict[str, torch.Tensor], device: torch
         runs = ", ".join(f.quant_algo for f in weight_formats() if f.quant_algo and f.linear_factory)
         raise CheckpointError(f"quant_algo {algo} is not executed by the PyTorch backend (it runs {runs})")
     return fmt.linear_factory(config, weights, device, dtype)
+
+
+def real_out_features(config: dict, prefix: str) -> int:
+    """The unpadded output width of linear `prefix` on one tp rank (formats that pad to TensorRT-LLM's shapes)."""
+    tp = config["mapping"]["tp_size"]
+    if prefix.endswith("attention.qkv"):
+        heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+        return (heads // tp + 2 * max(kv // tp, 1)) * config["head_size"]
+    if prefix.endswith(("mlp.fc", "mlp.gate")):
+        return config["intermediate_size"] // tp
+    return config["hidden_size"]
+
+
+class GroupwiseInt4Linear:
+    """W4A16_AWQ: y = (x * prequant_scaling_factor) @ dequantize(q, group scales)^T, in the model dtype, as
+    TensorRT-LLM's weight_only_groupwise_quant_matmul plugin computes it; padding (TensorRT-LLM's shapes) sliced off."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, prequant: torch.Tensor | None,
+                 bias: torch.Tensor | None, group_size: int, out_features: int, dtype: torch.dtype):
+        from pipeline.quantize.formats import groupwise_int4_dequantize, unpack_int4_rows
+
+        self.q = unpack_int4_rows(packed)  # [out_p, in_p] int8
+        self.scales, self.group_size, self.dtype = scales, group_size, dtype
+        self.prequant = prequant.reshape(-1).to(dtype) if prequant is not None else None
+        self.bias, self.out_features = bias, out_features
+        self._dequantize = groupwise_int4_dequantize
+
+    def dequantized(self, in_features: int) -> torch.Tensor:
+        w = self._dequantize(self.q, self.scales, self.group_size).to(self.dtype)
+        return w[:self.out_features, :in_features]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        if self.prequant is not None:
+            x = x * self.prequant[:n]
+        return F.linear(x, self.dequantized(n), self.bias)
+
+
+class SmoothQuantLinear:
+    """W8A8 SmoothQuant: x / smoother (dense, proj), int8 activations (per token or static), int8 weights, int32
+    accumulation, scaled to the model dtype (pipeline/quantize/formats.py, smoothquant_linear)."""
+
+    def __init__(self, weight_q: torch.Tensor, per_channel_scale: torch.Tensor, act_scale: torch.Tensor | None,
+                 smoother: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.weight_q, self.dtype, self.bias = weight_q, dtype, bias
+        self.weight_scale = per_channel_scale.float().reshape(-1).expand(weight_q.shape[0]).contiguous()
+        self.act_scale = act_scale.float().reshape(1) if act_scale is not None else None
+        self.smoother = smoother.float().reshape(-1) if smoother is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from pipeline.quantize.formats import smoothquant_linear
+
+        if self.smoother is not None:
+            x = (x.float() / self.smoother).to(x.dtype)
+        return smoothquant_linear(x, self.weight_q, self.weight_scale, self.act_scale, self.bias, self.dtype)
