@@ -23,6 +23,7 @@ from pipeline.backends.torch_model import Linear, RankModel
 from pipeline.datasets import token_windows
 from pipeline.dist import Comm
 from pipeline.mapping import Mapping
+from pipeline.progress import progress
 from pipeline.recipe import CalibrationSpec
 
 SAMPLED_ROWS = 1024  # input rows kept per linear for the AWQ loss (spread evenly over the calibration windows)
@@ -121,7 +122,7 @@ def calibrate(source_dir: Path, tokenizer_dir: Path | None, spec: CalibrationSpe
                                 vocab_size=config["vocab_size"])
         log(f"calibrating on {len(windows.windows)} x {spec.seq_len} tokens of {windows.record['dataset']}")
         with torch.no_grad():
-            for window in windows.windows:
+            for window in progress(windows.windows, desc="calibrating", unit="window"):
                 ids = torch.tensor([window])
                 positions = torch.arange(len(window))[None]
                 cache = model.new_cache(1, len(window))

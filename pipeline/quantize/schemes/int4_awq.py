@@ -47,6 +47,7 @@ import torch
 
 from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import CheckpointError, WeightMapError
+from pipeline.progress import progress
 from pipeline.quantize.formats import (
     awq_clip_amax,
     awq_scale,
@@ -110,7 +111,7 @@ def awq_search(ctx, group_size: int, grid: int, dtype: torch.dtype) -> tuple[dic
     layers = sorted({int(name.split(".")[2]) for name in cal.act_stats if name.startswith("transformer.layers.")})
     scales: dict[str, torch.Tensor] = {}
     record: dict[str, dict] = {}
-    for layer in layers:
+    for layer in progress(layers, desc="AWQ scale search", unit="layer"):
         for group in GROUPS:
             names = [f"transformer.layers.{layer}.{m}" for m in group]
             names = [n for n in names if n in quantized and n in cal.act_stats]
