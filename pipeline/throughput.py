@@ -21,7 +21,6 @@ import asyncio
 import json
 import math
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from pipeline.bench import ratio_text, repeat_until_stable
+from pipeline.bench_serve import percentiles
 from pipeline.params import SamplingParams
 
 
@@ -43,17 +43,6 @@ def request_set(count: int, input_len: int, output_len: int, vocab: int, seed: i
         n_out = rng.randint(*output_range) if output_range else output_len
         out.append(([rng.randrange(1, vocab) for _ in range(n_in)], n_out))
     return out
-
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {}
-    ordered = sorted(values)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
-
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(values)}
 
 
 async def _run_requests(llm, requests, rate: float, seed: int, group: int | None = None) -> dict:
@@ -85,14 +74,17 @@ async def _run_requests(llm, requests, rate: float, seed: int, group: int | None
 
 
 def summarize(records: list[dict], seconds: float) -> dict:
+    def percentiles_s(values: list[float]) -> dict:  # the serving benchmark's nearest-rank percentiles, in seconds
+        return percentiles(values, scale=1.0) if values else {}
+
     ttft = [r["times"][0] - r["sent"] for r in records if r["times"]]
     tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in records if len(r["times"]) > 1]
     itl = [b - a for r in records for a, b in zip(r["times"], r["times"][1:])]
     output = sum(r["output"] for r in records)
     return {"requests": len(records), "seconds": seconds, "output_tokens": output,
             "input_tokens": sum(r["input"] for r in records), "output_tok_s": output / seconds,
-            "requests_s": len(records) / seconds, "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
-            "itl_s": percentiles(itl)}
+            "requests_s": len(records) / seconds, "ttft_s": percentiles_s(ttft), "tpot_s": percentiles_s(tpot),
+            "itl_s": percentiles_s(itl)}
 
 
 def transformers_generate_batch(model_source, requests, dtype: torch.dtype, device: torch.device) -> dict:
