@@ -77,16 +77,16 @@ def resolve_model(model: str | Path, build: bool = False) -> tuple[Path, dict]:
 class RequestHandle:
     """A submitted request: iterate it for outputs as they are made (the last one has finished=True)."""
 
-    def __init__(self, llm: LLM):
+    def __init__(self, llm: LLM, deliver=None):
         self._llm = llm
         self._outputs: queue.Queue = queue.Queue()
+        self._deliver = deliver or self._outputs.put  # called on the engine thread with each output or error
         self.id: int | None = None
-        self._ready = threading.Event()
 
     def _put(self, item) -> None:
         if isinstance(item, RequestOutput) and self.id is None:
             self.id = item.request_id
-        self._outputs.put(item)
+        self._deliver(item)
 
     def __iter__(self) -> Iterator[RequestOutput]:
         while True:
@@ -259,7 +259,6 @@ class LLM:
                 return
             handle.id = request.id
             self._handles[request.id] = handle
-            handle._ready.set()
         elif kind == "abort" and handle.id in self._handles:
             output = self.engine.abort(handle.id)
             del self._handles[handle.id]
@@ -329,9 +328,13 @@ class LLM:
         """Outputs of one request as its tokens are made, for asyncio; cancelling it aborts the request."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        handle = RequestHandle(self)
-        handle._put = _threadsafe_put(handle, loop, outputs)
-        self.submit(prompt, params, handle)
+        def deliver(item) -> None:
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+        handle = self.submit(prompt, params, RequestHandle(self, deliver))
         finished = False
         try:
             while True:
@@ -384,14 +387,3 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-
-def _threadsafe_put(handle: RequestHandle, loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue):
-    def put(item) -> None:
-        if isinstance(item, RequestOutput) and handle.id is None:
-            handle.id = item.request_id
-        try:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-    return put
