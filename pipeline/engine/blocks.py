@@ -27,7 +27,7 @@ class Block:
 
 @dataclass
 class BlockTable:
-    """One request's blocks, in order; `hashes` of its full blocks (for reuse and registration)."""
+    """One request's blocks, in order, and how many of its leading full blocks are named for reuse."""
 
     blocks: list[int] = field(default_factory=list)
     named: int = 0  # leading full blocks already registered for reuse

@@ -41,12 +41,6 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=model.device) for _ in model.layers]
         self.v = [torch.zeros(shape, dtype=dtype, device=model.device) for _ in model.layers]
 
-    def slots(self, blocks: tuple[int, ...], start: int, stop: int, device: torch.device) -> torch.Tensor:
-        """Cache slots of positions [start, stop) of a sequence with these blocks."""
-        positions = torch.arange(start, stop)
-        table = torch.tensor(blocks, dtype=torch.long)
-        return (table[positions // self.block_size] * self.block_size + positions % self.block_size).to(device)
-
 
 class _Batch:
     """A step's sequences as tensors: packed tokens and positions, the cache slots of the new tokens, and what
