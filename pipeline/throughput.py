@@ -73,6 +73,16 @@ async def _run_requests(llm, requests, rate: float, seed: int, group: int | None
     return summarize(records, seconds)
 
 
+def _engine_run(llm, requests, rate: float, seed: int, group: int | None = None) -> dict:
+    """One run through the engine, with where rank 0's time went during it (the engine's step accounting)."""
+    before = llm.stats()
+    result = asyncio.run(_run_requests(llm, requests, rate, seed, group))
+    after = llm.stats()
+    result["steps"] = {k: after["step_counts"][k] - before["step_counts"][k] for k in after["step_counts"]}
+    result["engine_time_s"] = {k: round(after["time_s"][k] - before["time_s"][k], 4) for k in after["time_s"]}
+    return result
+
+
 def summarize(records: list[dict], seconds: float) -> dict:
     def percentiles_s(values: list[float]) -> dict:  # the serving benchmark's nearest-rank percentiles, in seconds
         return percentiles(values, scale=1.0) if values else {}
@@ -131,6 +141,11 @@ def markdown(result: dict) -> str:
 
         lines.append(f"| {name} | {r['output_tok_s']:.1f} | {r.get('requests_s', 0):.2f} | {pair(ms['ttft_s'])} | "
                      f"{pair(ms['tpot_s'])} | {pair(ms['itl_s'])} |")
+    for name, r in result["runs"].items():
+        if "engine_time_s" in r:
+            parts = ", ".join(f"{k} {v:.2f} s" for k, v in r["engine_time_s"].items())
+            steps = ", ".join(f"{v} {k}" for k, v in r["steps"].items())
+            lines.append(f"\n{name}: {r['seconds']:.2f} s; steps: {steps}; engine thread: {parts}")
     for name, ratio in result.get("ratios", {}).items():
         lines.append(f"\n{name}: {ratio}")
     return "\n".join(lines) + "\n"
@@ -199,12 +214,12 @@ def main(argv=None) -> int:
         asyncio.run(_run_requests(llm, requests[:min(8, len(requests))], math.inf, args.seed))  # warm-up
         for text in args.rate.split(","):
             rate = float(text)
-            runs[f"engine, rate {text}"] = asyncio.run(_run_requests(llm, requests, rate, args.seed))
+            runs[f"engine, rate {text}"] = _engine_run(llm, requests, rate, args.seed)
             print(f"[throughput] rate {text}: {runs[f'engine, rate {text}']['output_tok_s']:.1f} output tok/s",
                   file=sys.stderr, flush=True)
         if args.static:
             group = llm.scheduler.max_batch_size
-            runs["engine, static batches"] = asyncio.run(_run_requests(llm, requests, math.inf, args.seed, group))
+            runs["engine, static batches"] = _engine_run(llm, requests, math.inf, args.seed, group)
         stats = llm.stats()
     finally:
         llm.shutdown()

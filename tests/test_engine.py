@@ -189,28 +189,43 @@ def test_stop_tokens_and_min_tokens(llama):
         assert stop not in later.output_ids[:first + 2]
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_size, window", [(8, 2, 8, None), (4, 4, 16, None), (8, 2, 8, 5)])
-def test_the_paged_attention_kernel_matches_attention_over_each_sequence(heads, kv_heads, head_size, window):
+@pytest.mark.parametrize("heads, kv_heads, head_size, window, per_tile, kv_int8", [
+    (8, 2, 8, None, None, False), (4, 4, 16, None, None, False), (8, 2, 8, 5, None, False),
+    (8, 2, 8, None, 2, False), (4, 1, 12, 5, 3, False), (8, 2, 8, None, None, True)])
+def test_the_paged_attention_kernel_matches_attention_over_each_sequence(heads, kv_heads, head_size, window,
+                                                                         per_tile, kv_int8):
     """pipeline.kernels.paged_attention (Triton's CPU emulator here) against torch's attention over each sequence's
     keys, for a step of a prompt chunk that continues a cached prefix, a whole prompt and two decoding tokens,
-    with blocks scattered over the pool."""
-    from pipeline.kernels.paged_attention import paged_attention
+    with blocks scattered over the pool; prompt chunks cut into several tiles (per_tile), a head size that is not
+    a power of two, and an int8 cache read through its scale."""
+    from pipeline.kernels.paged_attention import attention_tiles, paged_attention, tile_tokens
 
     gen = torch.Generator().manual_seed(0)
     block_size, pool_blocks = 4, 12
     k_cache = torch.randn(pool_blocks * block_size, kv_heads, head_size, generator=gen)
     v_cache = torch.randn(pool_blocks * block_size, kv_heads, head_size, generator=gen)
+    kv_scale = None
+    if kv_int8:
+        kv_scale = torch.tensor([0.02])
+        k_cache = (k_cache / kv_scale).round().clamp(-127, 127).to(torch.int8)
+        v_cache = (v_cache / kv_scale).round().clamp(-127, 127).to(torch.int8)
     tables = torch.tensor([[7, 2, 9], [0, 11, 4], [5, 1, 0], [3, 8, 10]], dtype=torch.int32)
     steps = [(0, 6, 3), (1, 0, 5), (2, 9, 1), (3, 11, 1)]  # (sequence, first position, tokens)
-    seq = torch.tensor([s for s, start, n in steps for _ in range(n)], dtype=torch.int32)
     pos = torch.tensor([p for _, start, n in steps for p in range(start, start + n)], dtype=torch.int32)
+    lens = [n for _, _, n in steps]
+    per_tile = per_tile or tile_tokens(heads // kv_heads, lens)
+    tiles = attention_tiles(lens, per_tile)
+    assert tiles.shape[0] == sum(-(-n // per_tile) for n in lens)
+    seq = [s for s, start, n in steps for _ in range(n)]
     q = torch.randn(len(seq), heads, head_size, generator=gen)
-    out = paged_attention(q, k_cache, v_cache, tables, seq, pos, block_size, window)
+    out = paged_attention(q, k_cache, v_cache, tables, pos, tiles, per_tile, block_size, window, kv_scale)
+    keys_all = k_cache.float() * (kv_scale if kv_int8 else 1)
+    values_all = v_cache.float() * (kv_scale if kv_int8 else 1)
     for t in range(len(seq)):
         p = int(pos[t])
         slots = tables[seq[t]].long()[torch.arange(p + 1) // block_size] * block_size + torch.arange(p + 1) % block_size
-        keys = k_cache[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, dim=0)  # [heads, L, hd]
-        values = v_cache[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, dim=0)
+        keys = keys_all[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, dim=0)  # [heads, L, hd]
+        values = values_all[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, dim=0)
         mask = torch.ones(p + 1, dtype=torch.bool) if window is None else torch.arange(p + 1) > p - window
         expected = torch.nn.functional.scaled_dot_product_attention(q[t][:, None], keys, values,
                                                                     attn_mask=mask[None, None])[:, 0]

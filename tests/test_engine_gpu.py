@@ -55,6 +55,26 @@ def test_the_paged_attention_kernel_gives_the_reference_logits(home, shape):
         assert (ours - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 1e-3
 
 
+@pytest.mark.parametrize("kv_cache", ["fp8", "int8"])
+def test_the_paged_attention_kernel_reads_a_quantized_kv_cache(home, kv_cache):
+    """An FP8 / INT8 KV cache: the kernel dequantizes what it reads with the layer's scale, as the reference does."""
+    from pipeline.build import Builder
+    from pipeline.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"model": {"random": "llama-tiny"}, "precision": {"dtype": "bfloat16", "quantization": {
+        "kv_cache": kv_cache, "calibration": {"samples": 2, "seq_len": 16}}},
+        "build": {"plugins": {"use_paged_context_fmha": False}}}, name=f"engine-gpu-kv-{kv_cache}")
+    artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
+    model = rank_model(artifact)
+    assert model.kv_format is not None
+    kernel, reference = ModelRunner(model, 9, 16), ModelRunner(model, 9, 16)
+    reference.kernel = False
+    assert kernel.cache.k[0].element_size() == 1
+    for plan in plans(16):
+        ours, expected = kernel.forward(plan), reference.forward(plan)
+        assert (ours - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 1e-3
+
+
 def test_decoding_through_cuda_graphs_gives_the_eager_tokens(home):
     """Steps replayed from the captured graphs (batches padded up to a captured size onto the scratch block) give
     the tokens of the same engine without graphs, for requests of different lengths arriving together."""

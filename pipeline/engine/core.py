@@ -81,6 +81,11 @@ class Engine:
         self._detok: dict[int, Detokenizer] = {}
         self.steps = 0
         self.tokens_computed = 0
+        # Where rank 0's time goes, summed over steps (seconds): planning, the forward pass of decoding-only and of
+        # mixed steps (to the sampled tokens on the host, so GPU time included), making the outputs, and the LLM
+        # handing them to their requests.
+        self.time_s = {"schedule": 0.0, "decode_forward": 0.0, "mixed_forward": 0.0, "outputs": 0.0, "deliver": 0.0}
+        self.step_counts = {"decode": 0, "mixed": 0}
         self.closed = False
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Request:
@@ -100,16 +105,24 @@ class Engine:
             self.mpi_comm.send(plan, dest=rank, tag=PLAN_TAG)
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.work and not plan.released:
             return []
         self._send(plan)
+        planned = time.perf_counter()
         sampled = self.runner.execute(plan)
+        ran = time.perf_counter()
         self.steps += 1
         self.tokens_computed += plan.num_tokens
         outputs = []
         for request in self.scheduler.update(plan, sampled):
             outputs.append(self._after_token(request))
+        kind = "decode" if plan.num_tokens == len(plan.work) else "mixed"
+        self.step_counts[kind] += 1
+        self.time_s["schedule"] += planned - start
+        self.time_s[f"{kind}_forward"] += ran - planned
+        self.time_s["outputs"] += time.perf_counter() - ran
         return outputs
 
     def _after_token(self, request: Request) -> RequestOutput:

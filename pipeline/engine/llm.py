@@ -75,18 +75,23 @@ def resolve_model(model: str | Path, build: bool = False) -> tuple[Path, dict]:
 
 
 class RequestHandle:
-    """A submitted request: iterate it for outputs as they are made (the last one has finished=True)."""
+    """A submitted request: iterate it for outputs as they are made (the last one has finished=True). Given an
+    asyncio event loop, its outputs go to an asyncio.Queue on that loop instead (LLM.generate_async)."""
 
-    def __init__(self, llm: LLM, deliver=None):
+    def __init__(self, llm: LLM, loop: asyncio.AbstractEventLoop | None = None):
         self._llm = llm
-        self._outputs: queue.Queue = queue.Queue()
-        self._deliver = deliver or self._outputs.put  # called on the engine thread with each output or error
+        self._loop = loop
+        self._outputs: queue.Queue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.Queue()
         self.id: int | None = None
 
     def _put(self, item) -> None:
+        """Hand one output or error over (engine thread)."""
         if isinstance(item, RequestOutput) and self.id is None:
             self.id = item.request_id
-        self._deliver(item)
+        if self._loop is None:
+            self._outputs.put(item)
+        else:
+            _hand_over(self._loop, [(self._outputs, item)])
 
     def __iter__(self) -> Iterator[RequestOutput]:
         while True:
@@ -103,6 +108,18 @@ class RequestHandle:
 
     def abort(self) -> None:
         self._llm._commands.put(("abort", self))
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Put (asyncio queue, item) pairs on their loop in one wake-up of it, not one per item."""
+    def put_all() -> None:
+        for outputs, item in items:
+            outputs.put_nowait(item)
+
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+        pass
 
 
 class LLM:
@@ -234,12 +251,22 @@ class LLM:
                         break
                     self._handle_command(command)
                     continue  # take every queued command before the next step
-                for output in self.engine.step():
+                outputs = self.engine.step()
+                start = time.perf_counter()
+                by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+                for output in outputs:
                     handle = self._handles.get(output.request_id)
-                    if handle is not None:
+                    if handle is None:
+                        continue
+                    if handle._loop is None:
                         handle._put(output)
-                        if output.finished:
-                            del self._handles[output.request_id]
+                    else:  # asyncio consumers get a step's outputs in one hand-over per event loop
+                        by_loop.setdefault(handle._loop, []).append((handle._outputs, output))
+                    if output.finished:
+                        del self._handles[output.request_id]
+                for loop, items in by_loop.items():
+                    _hand_over(loop, items)
+                self.engine.time_s["deliver"] += time.perf_counter() - start
         except BaseException as exc:  # the engine is dead: every waiting request learns why
             self.error = exc
             for handle in self._handles.values():
@@ -326,15 +353,8 @@ class LLM:
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None
                              ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as its tokens are made, for asyncio; cancelling it aborts the request."""
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
-        def deliver(item) -> None:
-            try:
-                loop.call_soon_threadsafe(outputs.put_nowait, item)
-            except RuntimeError:  # the event loop is closed: nobody is listening any more
-                pass
-
-        handle = self.submit(prompt, params, RequestHandle(self, deliver))
+        handle = self.submit(prompt, params, RequestHandle(self, asyncio.get_running_loop()))
+        outputs = handle._outputs
         finished = False
         try:
             while True:
@@ -363,7 +383,8 @@ class LLM:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": pool.num_blocks, "kv_blocks_used": pool.used_count,
                 "kv_blocks_free": pool.free_count, "preemptions": self.scheduler.preemptions,
-                "prefix_reused_tokens": pool.reused_tokens, "steps": self.engine.steps}
+                "prefix_reused_tokens": pool.reused_tokens, "steps": self.engine.steps,
+                "step_counts": dict(self.engine.step_counts), "time_s": dict(self.engine.time_s)}
 
     @property
     def alive(self) -> bool:

@@ -21,7 +21,7 @@ from pipeline.backends.torch_model import RankModel
 from pipeline.engine.scheduler import SeqWork, StepPlan
 from pipeline.generate import Sampling, sample_next
 from pipeline.kernels.common import runs_on
-from pipeline.kernels.paged_attention import paged_attention
+from pipeline.kernels.paged_attention import attention_tiles, paged_attention, tile_tokens
 from pipeline.progress import progress
 from pipeline.quantize.formats import dequantize_kv
 
@@ -47,7 +47,7 @@ class _Batch:
     attention reads (one-token sequences together, padded; prompt chunks one by one)."""
 
     def __init__(self, work: tuple[SeqWork, ...], block_size: int, window: int | None, device: torch.device,
-                 kernel: bool = False):
+                 kernel: bool = False, group: int = 1):
         lens = [len(w.tokens) for w in work]
         width = max(len(w.blocks) for w in work)
         table = torch.tensor([list(w.blocks) + [0] * (width - len(w.blocks)) for w in work], dtype=torch.long)
@@ -68,8 +68,9 @@ class _Batch:
         self.decode_rows = self.decode_slots = self.decode_mask = None
         if kernel:  # pipeline.kernels.paged_attention reads every sequence through the block table
             self.block_table = table.to(torch.int32).to(device)
-            self.token_seq = seq_of_token.to(torch.int32).to(device)
             self.token_pos = positions.to(torch.int32).to(device)
+            self.per_tile = tile_tokens(group, lens)
+            self.tiles = attention_tiles(lens, self.per_tile).to(device)
             return
         decode = [i for i, n in enumerate(lens) if n == 1]
         if decode:
@@ -112,7 +113,7 @@ class _DecodeGraphs:
         self.tokens = torch.zeros((1, top), dtype=torch.long, device=device)
         self.positions = torch.zeros((1, top), dtype=torch.long, device=device)
         self.block_table = torch.full((top, max_blocks_per_seq), self.scratch, dtype=torch.int32, device=device)
-        self.token_seq = torch.arange(top, dtype=torch.int32, device=device)
+        self.tiles = attention_tiles([1] * top, 1).to(device)  # one tile per decoding sequence
         self.token_pos = torch.zeros(top, dtype=torch.int32, device=device)
         self.new_slots = torch.full((top,), self.scratch_slot, dtype=torch.long, device=device)
         self.rows = torch.arange(top, dtype=torch.long, device=device)
@@ -127,7 +128,7 @@ class _DecodeGraphs:
             self.graphs[size] = (graph, logits)
 
     def _forward(self, size: int) -> torch.Tensor:
-        view = _GraphBatch(self.block_table[:size], self.token_seq[:size], self.token_pos[:size],
+        view = _GraphBatch(self.block_table[:size], self.token_pos[:size], self.tiles[:size], 1,
                            self.new_slots[:size])
 
         def attention(index: int, qkv: torch.Tensor, rope, kv_scale) -> torch.Tensor:
@@ -164,8 +165,9 @@ class _DecodeGraphs:
 @dataclass
 class _GraphBatch:
     block_table: torch.Tensor
-    token_seq: torch.Tensor
     token_pos: torch.Tensor
+    tiles: torch.Tensor
+    per_tile: int
     new_slots: torch.Tensor
 
 
@@ -176,7 +178,7 @@ class ModelRunner:
         self.sliding_window = model.arch.sliding_window  # Mistral: keys older than the window are masked
         self.generators: dict[int, torch.Generator] = {}
         # On a GPU one Triton kernel reads the paged cache; elsewhere torch's attention over gathered keys.
-        self.kernel = model.device.type == "cuda" and runs_on(model.device) and model.kv_format is None
+        self.kernel = model.device.type == "cuda" and runs_on(model.device)
         self.graphs: _DecodeGraphs | None = None
 
     def capture_graphs(self, max_batch: int, max_blocks_per_seq: int) -> None:
@@ -207,7 +209,8 @@ class ModelRunner:
         """The step's forward pass: float32 logits [1, sampling sequences, vocab] on last-stage ranks."""
         if self.graphs is not None and self.graphs.fits(plan):
             return self.graphs.run(plan)
-        batch = _Batch(plan.work, self.cache.block_size, self.sliding_window, self.model.device, self.kernel)
+        batch = _Batch(plan.work, self.cache.block_size, self.sliding_window, self.model.device, self.kernel,
+                       self.model.heads // self.model.kv_heads)
 
         def attention(index: int, qkv: torch.Tensor, rope, kv_scale) -> torch.Tensor:
             return self._attention(index, qkv, rope, kv_scale, batch)
@@ -242,8 +245,9 @@ class ModelRunner:
             return keys.transpose(-3, -2), values.transpose(-3, -2)  # [..., kv_heads, L, hd]
 
         if self.kernel:
-            out = paged_attention(q[0].transpose(0, 1), k_store, v_store, batch.block_table, batch.token_seq,
-                                  batch.token_pos, self.cache.block_size, self.sliding_window)
+            out = paged_attention(q[0].transpose(0, 1), k_store, v_store, batch.block_table, batch.token_pos,
+                                  batch.tiles, batch.per_tile, self.cache.block_size, self.sliding_window,
+                                  kv_scale if model.kv_format is not None else None)
             return out.reshape(1, total, heads * hd)
         out = torch.empty(total, heads, hd, dtype=q.dtype, device=q.device)
         if batch.decode_rows is not None:  # every one-token sequence at once, padded to the longest

@@ -1,14 +1,17 @@
-"""Paged attention: each query token of a packed step against its own sequence's keys in the paged KV cache.
+"""Paged attention: the query tokens of a packed step against their own sequences' keys in the paged KV cache.
 
-One program per (query token, KV head) computes the attention of the KV head's group of query heads: it walks
-the sequence's cache slots up to the token's own position (causal; with a sliding window, only the last `window`
-positions) through the block table, BLOCK_N positions at a time, with an online softmax in float32. The same
-kernel serves prompt chunks (many tokens of one sequence) and decoding (one token of each of many sequences), so
-a step with both is one launch per layer.
+The step's tokens are cut into tiles: up to `tile_tokens` consecutive tokens of one sequence (a prompt chunk gives
+several tiles, a decoding sequence one tile of one token). One program per (tile, KV head) attends the tile's
+tokens times the KV head's group of query heads, as the rows of one matrix, to the sequence's cache slots: it walks
+the block table BLOCK_N positions at a time, multiplies on tensor cores (tl.dot: queries x keys, then
+probabilities x values) and keeps an online softmax in float32. Rows are masked causally by their own token's
+position (and, with a sliding window, to the last `window` positions). So prompt chunks and decoding share one
+launch per layer, and a decoding step reads each sequence's keys once for all the heads of a group.
 
 Layout: q [T, heads, head_size]; k/v cache [num_blocks * block_size, kv_heads, head_size] (slot = block *
-block_size + offset), float16/bfloat16/float32; block_tables [S, max_blocks] int32; token_seq [T] int32 (each
-token's row of block_tables); token_pos [T] int32 (its position in its sequence); output [T, heads, head_size].
+block_size + offset), float16/bfloat16/float32, or int8/float8 with a per-tensor `kv_scale` (read dequantized);
+block_tables [S, max_blocks] int32; token_pos [T] int32 (each token's position in its sequence); tiles [N, 3]
+int32 (first token, tokens, sequence row of block_tables), from `attention_tiles`; output [T, heads, head_size].
 """
 
 from __future__ import annotations
@@ -17,85 +20,107 @@ import torch
 
 from pipeline.kernels.common import emulated, tl, triton
 
+# Rows of a tile's query matrix (tokens x group heads) when the step holds prompt chunks; a decoding-only step
+# has tiles of one token (the group's heads, padded to tl.dot's 16 rows).
+CHUNK_ROWS = 64
+
 if triton is not None:
 
     @triton.jit
-    def _attend_tile(q, m, denom, acc, n0, pos, first, seq, kv_head, table_ptr, k_ptr, v_ptr, table_stride, scale,
-                     KV_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The online softmax over positions [n0, n0 + BLOCK_N) of the sequence: the updated (m, denom, acc)."""
-        d = tl.arange(0, BLOCK_D)
-        n = n0 + tl.arange(0, BLOCK_N)
-        keep = (n <= pos) & (n >= first)
-        block = tl.load(table_ptr + seq * table_stride + n // BLOCK_SIZE, mask=keep, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
-        kv_off = (slot[:, None] * KV_HEADS + kv_head) * HEAD_SIZE + d[None, :]
-        kv_mask = keep[:, None] & (d < HEAD_SIZE)[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK_N]
-        scores = tl.where(keep[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no kept position adds nothing
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        return m_new, denom, acc
-
-    @triton.jit
-    def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, table_ptr, seq_ptr, pos_ptr, out_ptr, scale, window,
-                                table_stride, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                                HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-                                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EMULATED: tl.constexpr,
-                                MAX_LEN: tl.constexpr):
-        token = tl.program_id(0)
+    def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, tiles_ptr, out_ptr, kv_scale_ptr,
+                                scale, window, table_stride, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                                HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr,
+                                PRECISION: tl.constexpr, EMULATED: tl.constexpr, MAX_LEN: tl.constexpr):
+        tile = tl.program_id(0)
         kv_head = tl.program_id(1)
-        seq = tl.load(seq_ptr + token)
-        pos = tl.load(pos_ptr + token)
-        g = tl.arange(0, BLOCK_G)
+        first_token = tl.load(tiles_ptr + tile * 3)
+        count = tl.load(tiles_ptr + tile * 3 + 1)
+        seq = tl.load(tiles_ptr + tile * 3 + 2)
+        r = tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
-        g_mask = g < GROUP
+        row_token = r // GROUP
+        row_ok = row_token < count
+        token = first_token + row_token
         d_mask = d < HEAD_SIZE
-        heads = KV_HEADS * GROUP
-        q_rows = token * heads + kv_head * GROUP + g
-        q = tl.load(q_ptr + q_rows[:, None] * HEAD_SIZE + d[None, :], mask=g_mask[:, None] & d_mask[None, :],
-                    other=0.0).to(tl.float32)
-        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-        denom = tl.zeros((BLOCK_G,), tl.float32)
-        acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+        q_rows = token * (KV_HEADS * GROUP) + kv_head * GROUP + r % GROUP
+        io_mask = row_ok[:, None] & d_mask[None, :]
+        q = tl.load(q_ptr + q_rows[:, None] * HEAD_SIZE + d[None, :], mask=io_mask, other=0.0)
+        pos = tl.load(pos_ptr + token, mask=row_ok, other=-1)  # a padding row keeps no position
+        last = tl.load(pos_ptr + first_token + count - 1)  # positions rise along a tile
         first = pos * 0
         if window > 0:
             first = tl.maximum(pos - window + 1, 0)
+        start = tl.load(pos_ptr + first_token)
+        if window > 0:
+            start = tl.maximum(start - window + 1, 0)
+        if KV_QUANT:
+            kv_scale = tl.load(kv_scale_ptr)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        denom = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         if EMULATED:  # the emulator's loops need host-side bounds: every tile of the step's longest sequence
-            for n0 in range(0, MAX_LEN, BLOCK_N):
-                m, denom, acc = _attend_tile(q, m, denom, acc, n0, pos, first, seq, kv_head, table_ptr, k_ptr,
-                                             v_ptr, table_stride, scale, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, BLOCK_D,
-                                             BLOCK_N)
+            lo, hi = 0, MAX_LEN
         else:
-            for n0 in range((first // BLOCK_N) * BLOCK_N, pos + 1, BLOCK_N):
-                m, denom, acc = _attend_tile(q, m, denom, acc, n0, pos, first, seq, kv_head, table_ptr, k_ptr,
-                                             v_ptr, table_stride, scale, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, BLOCK_D,
-                                             BLOCK_N)
-        out = acc / denom[:, None]
-        tl.store(out_ptr + q_rows[:, None] * HEAD_SIZE + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=g_mask[:, None] & d_mask[None, :])
+            lo, hi = (start // BLOCK_N) * BLOCK_N, last + 1
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            in_seq = n <= last
+            block = tl.load(table_ptr + seq * table_stride + n // BLOCK_SIZE, mask=in_seq, other=0)
+            slot = block.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
+            kv_off = (slot[:, None] * KV_HEADS + kv_head) * HEAD_SIZE + d[None, :]
+            kv_mask = in_seq[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+            if KV_QUANT:
+                k = (k.to(tl.float32) * kv_scale).to(q_ptr.dtype.element_ty)
+                v = (v.to(tl.float32) * kv_scale).to(q_ptr.dtype.element_ty)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)  # log2 units
+            keep = (n[None, :] <= pos[:, None]) & (n[None, :] >= first[:, None])
+            scores = tl.where(keep, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing kept yet adds nothing
+            alpha = tl.exp2(m - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            denom = denom * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
+        tl.store(out_ptr + q_rows[:, None] * HEAD_SIZE + d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def tile_tokens(group: int, lens) -> int:
+    """Tokens per tile: one when every sequence has one token (decoding), else enough for CHUNK_ROWS rows."""
+    return 1 if max(lens) == 1 else max(1, CHUNK_ROWS // group)
+
+
+def attention_tiles(lens: list[int], per_tile: int) -> torch.Tensor:
+    """The tiles [N, 3] (first token, tokens, sequence) of a packed step whose sequences have `lens` tokens."""
+    rows, offset = [], 0
+    for seq, n in enumerate(lens):
+        rows.extend((offset + j, min(per_tile, n - j), seq) for j in range(0, n, per_tile))
+        offset += n
+    return torch.tensor(rows, dtype=torch.int32).view(-1, 3)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    token_seq: torch.Tensor, token_pos: torch.Tensor, block_size: int,
-                    window: int | None = None) -> torch.Tensor:
-    """Attention of q [T, heads, head_size] over the paged cache (see the module docstring): [T, heads, head_size]."""
+                    token_pos: torch.Tensor, tiles: torch.Tensor, per_tile: int, block_size: int,
+                    window: int | None = None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q [T, heads, head_size] over the paged cache (see the module docstring): [T, heads, head_size].
+    `tiles` and `per_tile` come from attention_tiles / tile_tokens; `kv_scale` is given for an int8/FP8 cache."""
     tokens, heads, head_size = q.shape
     kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
     out = torch.empty_like(q)
-    block_g = triton.next_power_of_2(heads // kv_heads)
-    block_d = triton.next_power_of_2(head_size)
-    # Registers hold [BLOCK_G, BLOCK_N, BLOCK_D] products: keep that near 8K elements.
-    block_n = 16 if emulated() else max(16, min(128, 8192 // (block_g * block_d)))
-    _paged_attention_kernel[(tokens, kv_heads)](
-        q.contiguous(), k_cache, v_cache, block_tables, token_seq, token_pos, out, head_size ** -0.5,
-        window or 0, block_tables.stride(0), KV_HEADS=kv_heads, GROUP=heads // kv_heads, HEAD_SIZE=head_size,
-        BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, EMULATED=emulated(),
-        MAX_LEN=block_tables.shape[1] * block_size if emulated() else 0)  # a constant on the GPU: one compile
+    block_m = max(16, triton.next_power_of_2(per_tile * group))
+    block_d = max(16, triton.next_power_of_2(head_size))
+    block_n = 16 if emulated() else 64
+    quant = kv_scale is not None
+    _paged_attention_kernel[(tiles.shape[0], kv_heads)](
+        q.contiguous(), k_cache, v_cache, block_tables, token_pos, tiles, out, kv_scale if quant else q,
+        head_size ** -0.5, window or 0, block_tables.stride(0), KV_HEADS=kv_heads, GROUP=group,
+        HEAD_SIZE=head_size, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+        KV_QUANT=quant, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", EMULATED=emulated(),
+        MAX_LEN=block_tables.shape[1] * block_size if emulated() else 0,  # a constant on the GPU: one compile
+        num_warps=4, num_stages=2)
     return out
