@@ -158,6 +158,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--recipe", help="the latest build of a recipe")
     src.add_argument("--random-shape", help="random weights of a named shape, made on the device (no artifact)")
     p.add_argument("--dtype", default="bfloat16", help="with --random-shape")
+    p.add_argument("--quant", default="none", help="with --random-shape: a weight format with a device quantizer "
+                   "(fp8), calibrated on random token ids")
+    p.add_argument("--switch-interval-ms", type=float,
+                   help="the interpreter's thread switch interval while the benchmark runs (the engine thread and "
+                        "the client share the GIL); default: what the engine sets")
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -194,18 +199,24 @@ def main(argv=None) -> int:
                if v is not None}
     start = time.perf_counter()
     if args.random_shape:
-        from pipeline.bench import device_random_model
+        from pipeline.bench import calibrate_on_device, device_random_model
+        from pipeline.quantize.registry import weight_format
 
         device = pick_device(mpi_comm, args.device)
         comm = Comm.create(Mapping(world, 1, rank), device, mpi_comm)
         model, config, _ = device_random_model(args.random_shape, world, comm, device, args.dtype)
+        quantizer = weight_format(args.quant).device_quantizer
+        if quantizer is not None:
+            quantizer(model, calibrate_on_device(model, config["vocab_size"]))
         build = {"max_batch_size": args.max_batch_size or 256, "max_num_tokens": args.max_num_tokens or 8192}
         llm = LLM.from_rank_model(model, mpi_comm, build_spec=build, **options)
-        name = f"{args.random_shape} (random, {args.dtype})"
+        name = f"{args.random_shape} (random, {args.dtype}{', ' + args.quant if args.quant != 'none' else ''})"
     else:
         llm = LLM(args.engine or args.recipe, device=args.device, **options)
         name = str(llm.artifact)
     load_s = time.perf_counter() - start
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     vocab = llm.config["vocab_size"]
     requests = request_set(args.requests, args.input_len, args.output_len, vocab, args.seed,
                            _range(args.input_range), _range(args.output_range))

@@ -232,6 +232,65 @@ def test_the_paged_attention_kernel_matches_attention_over_each_sequence(heads, 
         assert (out[t] - expected).abs().max().item() < 1e-5, t
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_size, rope, kv_cache", [
+    (8, 2, 8, True, None), (4, 4, 12, True, None), (4, 2, 8, False, None), (8, 2, 8, True, "int8")])
+def test_the_rotary_cache_write_kernel_matches_the_model_rotation_and_the_cache_format(heads, kv_heads, head_size,
+                                                                                       rope, kv_cache):
+    """pipeline.kernels.paged_attention.write_rope_kv (emulated) against RankModel's rotate-half rotation and the
+    KV format's own quantizer: the rotated queries it returns, and the bytes it leaves in the cache slots (only
+    there: other slots untouched)."""
+    from pipeline.backends.torch_model import rotate_half
+    from pipeline.kernels.paged_attention import write_rope_kv
+    from pipeline.quantize.schemes.kv_int8 import quantize as int8_quantize
+
+    gen = torch.Generator().manual_seed(1)
+    tokens, slots_total = 5, 24
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=gen)
+    positions = torch.tensor([3, 4, 0, 9, 17])
+    freqs = positions[:, None].float() * (1e4 ** (-torch.arange(0, head_size, 2).float() / head_size))[None]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    tables = (emb.cos(), emb.sin()) if rope else None
+    dtype = torch.int8 if kv_cache == "int8" else torch.float32
+    k_cache = torch.full((slots_total, kv_heads, head_size), 7, dtype=dtype)
+    v_cache = torch.full((slots_total, kv_heads, head_size), 7, dtype=dtype)
+    slots = torch.tensor([11, 2, 23, 5, 6])
+    scale = torch.tensor([0.03]) if kv_cache else None
+    q = write_rope_kv(qkv, tables, k_cache, v_cache, slots, heads, scale)
+    q_ref, k_ref, v_ref = qkv.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
+    q_ref, k_ref = q_ref.view(tokens, heads, head_size), k_ref.view(tokens, kv_heads, head_size)
+    v_ref = v_ref.view(tokens, kv_heads, head_size)
+    if rope:
+        cos, sin = tables[0][:, None], tables[1][:, None]
+        q_ref, k_ref = q_ref * cos + rotate_half(q_ref) * sin, k_ref * cos + rotate_half(k_ref) * sin
+    assert q.shape == (tokens, heads, head_size)
+    assert (q - q_ref).abs().max().item() < 1e-5
+    if kv_cache == "int8":
+        assert torch.equal(k_cache[slots], int8_quantize(k_ref, scale))
+        assert torch.equal(v_cache[slots], int8_quantize(v_ref, scale))
+    else:
+        assert (k_cache[slots] - k_ref).abs().max().item() < 1e-5 and torch.equal(v_cache[slots], v_ref)
+    others = torch.ones(slots_total, dtype=torch.bool)
+    others[slots] = False
+    assert (k_cache[others] == 7).all() and (v_cache[others] == 7).all()
+
+
+@pytest.mark.parametrize("rows, hidden, dtype", [(3, 64, torch.float32), (5, 96, torch.bfloat16)])
+def test_the_rms_norm_kernel_matches_the_model_norm(rows, hidden, dtype):
+    """pipeline.kernels.norm.rms_norm (emulated) against RankModel's own RMS norm, on a hidden size that is not a
+    power of two and on a strided view of rows."""
+    from pipeline.kernels.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, 2 * hidden, generator=gen).to(dtype)[:, :hidden]  # rows strided by 2 * hidden
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    xf = x.float()
+    expected = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    out = rms_norm(x, weight, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    ulps = 1e-6 if dtype == torch.float32 else 2 ** -6  # bfloat16: two last-bit steps (the emulator truncates)
+    assert ((out.float() - expected.float()).abs() <= ulps * expected.float().abs() + 1e-6).all()
+
+
 DRIVER = """
 import json, random, sys, time
 from pipeline import LLM, SamplingParams

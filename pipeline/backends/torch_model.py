@@ -23,6 +23,7 @@ from pipeline.architectures import for_checkpoint
 from pipeline.dist import Comm
 from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import RunError
+from pipeline.kernels.norm import rms_norm
 from pipeline.quantize.formats import dequantize_kv
 from pipeline.quantize.registry import kv_cache_format_for_algo
 
@@ -99,6 +100,7 @@ class RankModel:
         # The KV-cache format's entry (pipeline/quantize/schemes/kv_*.py) and its name; None: the model dtype.
         self.kv_cache_format = kv_cache_format_for_algo(kv_algo) if kv_algo is not None else None
         self.kv_format = self.kv_cache_format.name if self.kv_cache_format is not None else None
+        self.fused_norm = False  # RMS norms through pipeline.kernels.norm (the engine sets it on a GPU)
         # Calibration sets this to a callable(layer_index, k, v) that sees the keys and values the cache stores.
         self.observe_kv = None
 
@@ -138,6 +140,8 @@ class RankModel:
         weight, bias = weight_bias
         if self.arch.norm == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+        if self.fused_norm and weight.dtype == x.dtype and x.stride(-1) == 1:
+            return rms_norm(x, weight, self.eps)
         xf = x.float()  # once (each .float() of a half-precision x is a kernel)
         return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 

@@ -19,7 +19,7 @@ PLAN_TAG = 7
 IDLE_POLL_S = 0.001  # how often an idle worker rank looks for the next plan (busy-waiting would burn a core)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """A request's state after a step: everything so far, and what is new since the previous output."""
 
@@ -82,9 +82,10 @@ class Engine:
         self.steps = 0
         self.tokens_computed = 0
         # Where rank 0's time goes, summed over steps (seconds): planning, the forward pass of decoding-only and of
-        # mixed steps (to the sampled tokens on the host, so GPU time included), making the outputs, and the LLM
-        # handing them to their requests.
-        self.time_s = {"schedule": 0.0, "decode_forward": 0.0, "mixed_forward": 0.0, "outputs": 0.0, "deliver": 0.0}
+        # mixed steps (to the sampled tokens on the host, so GPU time included; `launch` is the host's part of
+        # both), making the outputs, and the LLM handing them to their requests.
+        self.time_s = {"schedule": 0.0, "decode_forward": 0.0, "mixed_forward": 0.0, "launch": 0.0, "outputs": 0.0,
+                       "deliver": 0.0}
         self.step_counts = {"decode": 0, "mixed": 0}
         self.closed = False
 
@@ -115,17 +116,16 @@ class Engine:
         ran = time.perf_counter()
         self.steps += 1
         self.tokens_computed += plan.num_tokens
-        outputs = []
-        for request in self.scheduler.update(plan, sampled):
-            outputs.append(self._after_token(request))
+        outputs = [self._after_token(request, ran) for request in self.scheduler.update(plan, sampled)]
         kind = "decode" if plan.num_tokens == len(plan.work) else "mixed"
         self.step_counts[kind] += 1
         self.time_s["schedule"] += planned - start
         self.time_s[f"{kind}_forward"] += ran - planned
         self.time_s["outputs"] += time.perf_counter() - ran
+        self.time_s["launch"] = self.runner.launch_s
         return outputs
 
-    def _after_token(self, request: Request) -> RequestOutput:
+    def _after_token(self, request: Request, made_s: float) -> RequestOutput:
         token = request.output_ids[-1]
         params = request.params
         delta_text, stopped = self._detok[request.id].add(token)
@@ -138,9 +138,10 @@ class Engine:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(request, reason)
-        return self._output(request, [token], delta_text)
+        return self._output(request, [token], delta_text, made_s)
 
-    def _output(self, request: Request, delta_ids: list[int], delta_text: str) -> RequestOutput:
+    def _output(self, request: Request, delta_ids: list[int], delta_text: str, made_s: float | None = None
+                ) -> RequestOutput:
         finished = request.finish_reason is not None
         detok = self._detok.pop(request.id) if finished else self._detok[request.id]
         return RequestOutput(
@@ -148,7 +149,7 @@ class Engine:
             request.finish_reason,
             ttft_s=None if request.first_token_s is None else request.first_token_s - request.arrival_s,
             e2e_s=None if request.finished_s is None else request.finished_s - request.arrival_s,
-            preemptions=request.preemptions, made_s=time.perf_counter())
+            preemptions=request.preemptions, made_s=time.perf_counter() if made_s is None else made_s)
 
     def shutdown(self) -> None:
         if not self.closed:

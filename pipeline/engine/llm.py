@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import queue
 import random
 import sys
@@ -177,6 +178,11 @@ class LLM:
         """Size the KV pool, then: rank 0 starts the engine thread; other ranks serve until shutdown and exit."""
         self.model_dtype = model_part.dtype
         tp, pp = model_part.mapping.tp, model_part.mapping.pp
+        if self.device.type == "cuda":  # the GPU's kernels: Triton GEMV for one row, fc and gate as one GEMM, RMS norm
+            from pipeline.backends.cuda_decode import DecodeOptions, accelerate
+
+            accelerate(model_part, DecodeOptions())
+            model_part.fused_norm = True
         block_size = options.tokens_per_block or build_spec.get("plugins", {}).get("tokens_per_block", 32)
         max_batch = options.max_batch_size or build_spec.get("max_batch_size", 8)
         num_blocks = self._pool_blocks(model_part, block_size, max_batch, options)
@@ -209,6 +215,8 @@ class LLM:
         self.error: BaseException | None = None
         self._closed = False
         self.heartbeat_s = time.monotonic()  # the engine thread's last pass through its loop (a server's watchdog)
+        gc.collect()
+        gc.freeze()  # what start-up made leaves the collector's generations: shorter collections during steps
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
         atexit.register(self.shutdown)

@@ -12,6 +12,7 @@ block * block_size + offset), in the model dtype or the checkpoint's FP8 / INT8 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from pipeline.backends.torch_model import RankModel
 from pipeline.engine.scheduler import SeqWork, StepPlan
 from pipeline.generate import Sampling, sample_next
 from pipeline.kernels.common import runs_on
-from pipeline.kernels.paged_attention import attention_tiles, paged_attention, tile_tokens
+from pipeline.kernels.paged_attention import attention_tiles, paged_attention, tile_tokens, write_rope_kv
 from pipeline.progress import progress
 from pipeline.quantize.formats import dequantize_kv
 
@@ -180,6 +181,7 @@ class ModelRunner:
         # On a GPU one Triton kernel reads the paged cache; elsewhere torch's attention over gathered keys.
         self.kernel = model.device.type == "cuda" and runs_on(model.device)
         self.graphs: _DecodeGraphs | None = None
+        self.launch_s = 0.0
 
     def capture_graphs(self, max_batch: int, max_blocks_per_seq: int) -> None:
         """Capture the decoding steps' CUDA graphs (one GPU, paged kernel). The pool's last block becomes
@@ -196,7 +198,9 @@ class ModelRunner:
             return {}
         model, device = self.model, self.model.device
         sampled = [w for w in plan.work if w.sample]
+        start = time.perf_counter()
         logits = self.forward(plan)
+        self.launch_s += time.perf_counter() - start  # the host's part: inputs, launches (a GPU runs on after it)
         next_tokens = torch.zeros(len(sampled), dtype=torch.long, device=device)
         comm = model.comm
         if sampled and comm.mapping.rank == comm.sampler_rank:
@@ -223,6 +227,14 @@ class ModelRunner:
         model = self.model
         hd, heads, kv_heads = model.head_size, model.heads, model.kv_heads
         total = qkv.shape[1]
+        k_store, v_store = self.cache.k[index], self.cache.v[index]
+        if self.kernel and model.observe_kv is None:  # two launches: rotate and write the cache, then attend
+            q = write_rope_kv(qkv[0], rope, k_store, v_store, batch.new_slots, heads,
+                              kv_scale if model.kv_format is not None else None)
+            out = paged_attention(q, k_store, v_store, batch.block_table, batch.token_pos, batch.tiles,
+                                  batch.per_tile, self.cache.block_size, self.sliding_window,
+                                  kv_scale if model.kv_format is not None else None)
+            return out.reshape(1, total, heads * hd)
         q, k, v = qkv[0].split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
         q = q.view(total, heads, hd).transpose(0, 1)[None]  # [1, heads, T, hd]
         k = k.view(total, kv_heads, hd).transpose(0, 1)[None]
@@ -232,14 +244,20 @@ class ModelRunner:
         k = k[0].transpose(0, 1)  # [T, kv_heads, hd]
         if model.observe_kv is not None:
             model.observe_kv(index, k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-        k_store, v_store = self.cache.k[index], self.cache.v[index]
         if model.kv_format is not None:
             k, v = model.kv_cache_format.quantize(k, kv_scale), model.kv_cache_format.quantize(v, kv_scale)
-        k_store.index_copy_(0, batch.new_slots, k.to(k_store.dtype))
-        v_store.index_copy_(0, batch.new_slots, v.to(v_store.dtype))
+        for store, new in ((k_store, k), (v_store, v)):
+            new = new.to(store.dtype)
+            if store.element_size() == 1:  # CUDA's index_copy_ has no float8: copy the bytes
+                store, new = store.view(torch.uint8), new.view(torch.uint8)
+            store.index_copy_(0, batch.new_slots, new)
 
         def read(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            keys, values = k_store[slots], v_store[slots]  # [..., L, kv_heads, hd]
+            if k_store.element_size() == 1:  # gathered as bytes (no float8 indexing kernels on every device)
+                keys = k_store.view(torch.uint8)[slots].view(k_store.dtype)
+                values = v_store.view(torch.uint8)[slots].view(v_store.dtype)
+            else:
+                keys, values = k_store[slots], v_store[slots]  # [..., L, kv_heads, hd]
             if model.kv_format is not None:
                 keys, values = dequantize_kv(keys, kv_scale, q.dtype), dequantize_kv(values, kv_scale, q.dtype)
             return keys.transpose(-3, -2), values.transpose(-3, -2)  # [..., kv_heads, L, hd]
@@ -268,6 +286,8 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, work: list[SeqWork]) -> torch.Tensor:
         """Next token per row of float32 logits [R, V], each row with its own request's parameters."""
         out = logits.argmax(dim=-1)
+        if all(w.params.temperature == 0 and not w.banned for w in work):  # greedy rows only: argmax is all
+            return out
         for row, w in enumerate(work):
             params = w.params
             if w.banned:  # EOS and stop tokens before min_tokens

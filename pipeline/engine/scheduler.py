@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from pipeline.engine.blocks import BlockPool, BlockTable, OutOfBlocks
 from pipeline.errors import PipelineError
@@ -69,9 +70,9 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
-@dataclass(frozen=True)
-class SeqWork:
-    """One request's share of a step: compute `tokens` at positions start.., attend over its blocks."""
+class SeqWork(NamedTuple):
+    """One request's share of a step: compute `tokens` at positions start.., attend over its blocks. (A named
+    tuple: a step makes one per running request, and a frozen dataclass costs several times more to build.)"""
 
     request_id: int
     tokens: tuple[int, ...]
@@ -167,11 +168,16 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         budget = self.max_num_tokens
         work: list[tuple[Request, int]] = []
+        block_size = self.pool.block_size
         # Running requests first, oldest first; the newest give way when blocks run out.
-        queue = list(self.running)
+        queue = deque(self.running)
         while queue and budget > 0:
-            request = queue.pop(0)
+            request = queue.popleft()
             count = min(request.total_len - request.computed, budget)
+            if request.computed + count <= len(request.table.blocks) * block_size:  # its blocks hold the tokens
+                work.append((request, count))
+                budget -= count
+                continue
             while True:
                 try:
                     self._grow(request, count)
@@ -214,7 +220,7 @@ class Scheduler:
         return plan
 
     def _banned(self, request: Request) -> tuple[int, ...]:
-        if len(request.output_ids) >= request.params.min_tokens:
+        if not request.params.min_tokens or len(request.output_ids) >= request.params.min_tokens:
             return ()
         eos = () if self.eos_id is None or request.params.ignore_eos else (self.eos_id,)
         return eos + request.params.stop_token_ids

@@ -89,6 +89,57 @@ if triton is not None:
         tl.store(out_ptr + q_rows[:, None] * HEAD_SIZE + d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
+    @triton.jit
+    def _kv_code(y, scale, KV_QUANT: tl.constexpr):
+        """What a cache of this format stores for y: FP8 x / s clamped to E4M3's range (the cast rounds to nearest
+        even); INT8 round(x / s) half away from zero (C's round), clamped; else y."""
+        if KV_QUANT == 1:
+            y = tl.clamp(y / scale, -448.0, 448.0)
+        elif KV_QUANT == 2:
+            y = y / scale
+            y = tl.clamp(tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y)), -128.0, 127.0)
+        return y
+
+    @triton.jit
+    def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_ptr, q_out_ptr, kv_scale_ptr, qkv_stride,
+                           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                           ROPE: tl.constexpr, KV_QUANT: tl.constexpr):
+        """One token: rotate its query and key heads (rotate-half form), write q to q_out, and its keys and values
+        (coded for an int8/FP8 cache) to its cache slot."""
+        t = tl.program_id(0)
+        h = tl.arange(0, BLOCK_H)
+        j = tl.arange(0, BLOCK_HALF)
+        j_ok = j < HALF
+        base = qkv_ptr + t.to(tl.int64) * qkv_stride
+        off = h[:, None] * HEAD_SIZE + j[None, :]
+        c = tl.load(cos_ptr + t * HEAD_SIZE + j, mask=j_ok & ROPE, other=1.0).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + t * HEAD_SIZE + j, mask=j_ok & ROPE, other=0.0).to(tl.float32)[None, :]
+        # queries: cos/sin rows are [c, c] and [s, s] (the halves share frequencies); without rope c = 1, s = 0
+        q_ok = (h < HEADS)[:, None] & j_ok[None, :]
+        x1 = tl.load(base + off, mask=q_ok, other=0.0).to(tl.float32)
+        x2 = tl.load(base + off + HALF, mask=q_ok, other=0.0).to(tl.float32)
+        q_out = q_out_ptr + t.to(tl.int64) * (HEADS * HEAD_SIZE) + off
+        tl.store(q_out, (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=q_ok)
+        tl.store(q_out + HALF, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=q_ok)
+        # keys (rotated) and values, to the token's slot
+        kv_ok = (h < KV_HEADS)[:, None] & j_ok[None, :]
+        dest = tl.load(slots_ptr + t).to(tl.int64) * (KV_HEADS * HEAD_SIZE) + off
+        scale = 1.0
+        if KV_QUANT != 0:
+            scale = tl.load(kv_scale_ptr)
+        k_src = base + HEADS * HEAD_SIZE + off
+        y1 = tl.load(k_src, mask=kv_ok, other=0.0).to(tl.float32)
+        y2 = tl.load(k_src + HALF, mask=kv_ok, other=0.0).to(tl.float32)
+        tl.store(k_ptr + dest, _kv_code(y1 * c - y2 * s, scale, KV_QUANT).to(k_ptr.dtype.element_ty), mask=kv_ok)
+        tl.store(k_ptr + dest + HALF, _kv_code(y2 * c + y1 * s, scale, KV_QUANT).to(k_ptr.dtype.element_ty),
+                 mask=kv_ok)
+        v_src = base + (HEADS + KV_HEADS) * HEAD_SIZE + off
+        y1 = tl.load(v_src, mask=kv_ok, other=0.0).to(tl.float32)
+        y2 = tl.load(v_src + HALF, mask=kv_ok, other=0.0).to(tl.float32)
+        tl.store(v_ptr + dest, _kv_code(y1, scale, KV_QUANT).to(v_ptr.dtype.element_ty), mask=kv_ok)
+        tl.store(v_ptr + dest + HALF, _kv_code(y2, scale, KV_QUANT).to(v_ptr.dtype.element_ty), mask=kv_ok)
+
 def tile_tokens(group: int, lens) -> int:
     """Tokens per tile: one when every sequence has one token (decoding), else enough for CHUNK_ROWS rows."""
     return 1 if max(lens) == 1 else max(1, CHUNK_ROWS // group)
@@ -124,3 +175,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         MAX_LEN=block_tables.shape[1] * block_size if emulated() else 0,  # a constant on the GPU: one compile
         num_warps=4, num_stages=2)
     return out
+
+
+def write_rope_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slots: torch.Tensor, heads: int, kv_scale: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """One launch for the step's tokens: the rotary embedding (rotate-half; `rope` = (cos, sin) rows of [T, head
+    size], or None) of q and k from qkv [T, (heads + 2 kv_heads) * head_size], k and v written to their cache
+    `slots` (divided by kv_scale and rounded for an int8/FP8 cache). Returns q [T, heads, head_size]."""
+    tokens = qkv.shape[0]
+    kv_heads, head_size = k_cache.shape[1], k_cache.shape[2]
+    q = torch.empty(tokens, heads, head_size, dtype=qkv.dtype, device=qkv.device)
+    quant = {torch.float8_e4m3fn: 1, torch.int8: 2}.get(k_cache.dtype, 0)
+    cos, sin = (rope[0].reshape(tokens, head_size), rope[1].reshape(tokens, head_size)) if rope else (qkv, qkv)
+    _rope_write_kernel[(tokens,)](
+        qkv, cos, sin, slots, k_cache, v_cache, q, kv_scale if quant else qkv, qkv.stride(0), HEADS=heads,
+        KV_HEADS=kv_heads, HEAD_SIZE=head_size, HALF=head_size // 2,
+        BLOCK_H=triton.next_power_of_2(max(heads, kv_heads)), BLOCK_HALF=triton.next_power_of_2(head_size // 2),
+        ROPE=rope is not None, KV_QUANT=quant)
+    return q

@@ -1,0 +1,33 @@
+"""RMS norm of each row in one launch (torch's form of it is five or six elementwise and reduction kernels, which
+a batched decoding step pays twice a layer): y = weight * (x * rsqrt(mean(x^2) + eps)), the normalized row rounded
+to x's dtype before the weight multiplies it, as RankModel._norm computes it."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.kernels.common import tl, triton
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, x_stride, N: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        keep = offs < N
+        x = tl.load(x_ptr + row * x_stride + offs, mask=keep, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+        y = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * N + offs, (y * w).to(out_ptr.dtype.element_ty), mask=keep)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm over the last dimension of x (rows contiguous in it); weight in x's dtype."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, eps, rows.stride(0), N=n, BLOCK=block,
+                                       num_warps=min(16, max(1, block // 512)))
+    return out.view(x.shape)
