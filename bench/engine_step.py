@@ -19,13 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.bench import device_random_model  # noqa: E402
+from pipeline.bench import calibrate_on_device, device_random_model  # noqa: E402
 from pipeline.dist import Comm  # noqa: E402
-from pipeline.engine.runner import ModelRunner  # noqa: E402
+from pipeline.engine.runner import ModelRunner, use_gpu_kernels  # noqa: E402
 from pipeline.engine.scheduler import SeqWork, StepPlan  # noqa: E402
 from pipeline.kernels.paged_attention import attention_tiles, paged_attention  # noqa: E402
 from pipeline.mapping import Mapping  # noqa: E402
 from pipeline.params import SamplingParams  # noqa: E402
+from pipeline.quantize.registry import weight_format  # noqa: E402
 
 
 def timed_ms(fn, repeats: int = 10) -> float:
@@ -60,13 +61,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shape")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quant", default="none", help="a weight format with a device quantizer (fp8)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--context", type=int, default=192)
     p.add_argument("--chunks", default="2x128", help="N x L prompt chunks in the mixed step")
     p.add_argument("--block-size", type=int, default=32)
     args = p.parse_args()
     device = torch.device("cuda", 0)
-    model, _, _ = device_random_model(args.shape, 1, Comm(Mapping(1, 1), device), device, args.dtype)
+    model, config, _ = device_random_model(args.shape, 1, Comm(Mapping(1, 1), device), device, args.dtype)
+    quantizer = weight_format(args.quant).device_quantizer
+    if quantizer is not None:
+        quantizer(model, calibrate_on_device(model, config["vocab_size"]))
+    use_gpu_kernels(model)  # as the engine runs it
     per_seq = -(-(args.context + 1) // args.block_size)
     n_chunks, chunk_len = (int(x) for x in args.chunks.split("x"))
     chunk_blocks = -(-chunk_len // args.block_size)
@@ -82,7 +88,7 @@ def main() -> int:
               for j in range(n_chunks)]
     decode_plan, mixed_plan = StepPlan(tuple(decode)), StepPlan(tuple(decode + chunks))
     graphs = runner.graphs
-    print(f"# Engine step: {args.shape} {args.dtype} on {torch.cuda.get_device_name(device)}\n")
+    print(f"# Engine step: {args.shape} {args.dtype} {args.quant} on {torch.cuda.get_device_name(device)}\n")
     print(f"decoding batch {args.batch} at context {args.context}; mixed: + {args.chunks} prompt tokens\n")
     print("| step | ms | tokens/s of the step |\n|---|---|---|")
     with torch.inference_mode():

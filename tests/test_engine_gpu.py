@@ -94,3 +94,17 @@ def test_decoding_through_cuda_graphs_gives_the_eager_tokens(home):
             results[graphs] = [o.output_ids for o in llm.generate(prompts, params)]
             assert llm.stats()["kv_blocks_used"] == 0
     assert results[True] == results[False]
+
+
+def test_the_fp8_cast_kernel_gives_the_bytes_of_the_reference_cast():
+    """pipeline.kernels.fp8.quantize_fp8 against pipeline.quantize.formats.quantize_fp8: the same float8 bytes,
+    saturating values beyond the range and rounding halves to even."""
+    from pipeline.kernels.fp8 import quantize_fp8
+    from pipeline.quantize.formats import quantize_fp8 as reference
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(37, 3000, generator=gen, device="cuda") * 300).to(torch.bfloat16)
+    scale = torch.tensor([0.7], device="cuda")
+    ours, expected = quantize_fp8(x, scale), reference(x, scale)
+    assert ours.dtype == torch.float8_e4m3fn and ours.shape == x.shape
+    assert torch.equal(ours.view(torch.uint8), expected.view(torch.uint8))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from pipeline.backends import fused_step
 from pipeline.backends.torch_model import Linear, RankModel
-from pipeline.kernels import batched_gemm, gemv, tuning
+from pipeline.kernels import batched_gemm, fp8, gemv, tuning
 from pipeline.kernels.common import ACT_NONE, ACT_SILU_GATE, runs_on
 from pipeline.quantize.formats import fp8_linear, fp8_scale, quantize_fp8
 from pipeline.quantize.runtime import FP8Linear
@@ -130,6 +130,11 @@ class CudaFP8Linear(FP8Linear):
         if self.triton_gemv and x.numel() == x.shape[-1]:
             return gemv.linear_1row(x, self.weight, self.bias, self.act_scale, self.weight_scale,
                                             self.out_dtype)
+        if x.device.type == "cuda" and self.bias is None and fp8.triton is not None:  # the cast in one pass
+            rows = fp8.quantize_fp8(x.reshape(-1, x.shape[-1]), self.act_scale)
+            y = torch._scaled_mm(rows, self.weight.t(), scale_a=self.act_scale, scale_b=self.weight_scale,
+                                 out_dtype=self.out_dtype)
+            return y.view(*x.shape[:-1], self.weight.shape[0])
         return fp8_linear(x, self.weight, self.act_scale, self.weight_scale, self.bias, self.out_dtype)
 
 

@@ -31,7 +31,7 @@ import torch
 from pipeline.dist import Comm, all_ok, finish, mpi_world, pick_device
 from pipeline.engine.blocks import BlockPool
 from pipeline.engine.core import Engine, RequestOutput, worker_loop
-from pipeline.engine.runner import ModelRunner, kv_bytes_per_token
+from pipeline.engine.runner import ModelRunner, kv_bytes_per_token, use_gpu_kernels
 from pipeline.engine.scheduler import Scheduler
 from pipeline.errors import PipelineError, RunError
 from pipeline.mapping import Mapping
@@ -178,11 +178,8 @@ class LLM:
         """Size the KV pool, then: rank 0 starts the engine thread; other ranks serve until shutdown and exit."""
         self.model_dtype = model_part.dtype
         tp, pp = model_part.mapping.tp, model_part.mapping.pp
-        if self.device.type == "cuda":  # the GPU's kernels: Triton GEMV for one row, fc and gate as one GEMM, RMS norm
-            from pipeline.backends.cuda_decode import DecodeOptions, accelerate
-
-            accelerate(model_part, DecodeOptions())
-            model_part.fused_norm = True
+        if self.device.type == "cuda":
+            use_gpu_kernels(model_part)
         block_size = options.tokens_per_block or build_spec.get("plugins", {}).get("tokens_per_block", 32)
         max_batch = options.max_batch_size or build_spec.get("max_batch_size", 8)
         num_blocks = self._pool_blocks(model_part, block_size, max_batch, options)

@@ -33,6 +33,16 @@ def kv_bytes_per_token(model: RankModel) -> int:
     return 2 * len(model.layers) * model.kv_heads * model.head_size * element
 
 
+def use_gpu_kernels(model: RankModel) -> RankModel:
+    """The engine's GPU model: Triton GEMV for one-row steps, fc and gate as one GEMM (accelerate), and the RMS
+    norm kernel. In place; returns the model."""
+    from pipeline.backends.cuda_decode import DecodeOptions, accelerate
+
+    accelerate(model, DecodeOptions())
+    model.fused_norm = True
+    return model
+
+
 class PagedKVCache:
     def __init__(self, model: RankModel, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size

@@ -4,6 +4,9 @@
     gemv          batch-1 GEMVs: the fused one (norm/residual prologue, bias/activation epilogue) and the plain one
     batched_gemm  GEMMs of 2 to 64 rows: split-K, swap-AB
     attention     decode attention: rotary embedding, cache write, (split) attention in one kernel
+    paged_attention  the engine's attention over its paged KV cache, and its rotary + cache-write kernel
+    norm          RMS norm of each row in one launch (the engine's batched steps)
+    fp8           the activations' FP8 cast in one pass, before torch._scaled_mm
     sampling      the greedy argmax
     tuning        timing candidate configs in CUDA graphs, and the tuning cache that keeps the choices
 
