@@ -174,6 +174,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-tokens", type=int)
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--static", action="store_true", help="also our static batching of the same requests")
+    p.add_argument("--prefix-reuse", action="store_true",
+                   help="keep KV prefix reuse on (off by default: the runs repeat the same prompts)")
     p.add_argument("--baseline", choices=("none", "transformers"), default="none")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", type=Path, default=Path("bench/results/throughput"), help="folder for JSON and Markdown")
@@ -197,6 +199,8 @@ def main(argv=None) -> int:
     options = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_num_tokens": args.max_num_tokens,
                                  "kv_cache_free_gpu_memory_fraction": args.kv_cache_free_gpu_memory_fraction}.items()
                if v is not None}
+    # Every run sends the same prompts: with prefix reuse a later run would find them cached and skip the prefill.
+    options["enable_prefix_reuse"] = args.prefix_reuse
     start = time.perf_counter()
     if args.random_shape:
         from pipeline.bench import calibrate_on_device, device_random_model

@@ -16,7 +16,7 @@ def test_the_throughput_benchmark_reports_every_token_and_the_engine_time(home, 
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.throughput", "--engine", str(artifact), "--requests", "6", "--input-len",
-         "9", "--output-len", "5", "--max-batch-size", "4", "--static", "--device", "cpu", "--out", str(out)],
+         "70", "--output-len", "5", "--max-batch-size", "4", "--static", "--device", "cpu", "--out", str(out)],
         cwd=REPO, env=child_env(home), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (report,) = out.glob("throughput-*.json")
@@ -24,7 +24,7 @@ def test_the_throughput_benchmark_reports_every_token_and_the_engine_time(home, 
     assert result["requests"] == 6 and result["max_batch_size"] == 4
     for name in ("engine, rate inf", "engine, static batches"):
         run = result["runs"][name]
-        assert run["output_tokens"] == 6 * 5 and run["input_tokens"] == 6 * 9
+        assert run["output_tokens"] == 6 * 5 and run["input_tokens"] == 6 * 70
         # 6 prompts through a batch of 4 need at least two prefill steps, then decoding steps
         assert run["steps"]["mixed"] >= 2 and run["steps"]["decode"] >= 4
         times = run["engine_time_s"]
@@ -33,4 +33,6 @@ def test_the_throughput_benchmark_reports_every_token_and_the_engine_time(home, 
         assert times["launch"] <= times["decode_forward"] + times["mixed_forward"]
         assert sum(times.values()) - times["launch"] <= run["seconds"] + 0.1  # the two clocks' windows differ
     assert "in-flight / static batching" in result["ratios"]
+    # the static run repeats the in-flight run's prompts: it must compute them again, not find them cached
+    assert result["kv"]["prefix_reused_tokens"] == 0
     assert "engine thread:" in proc.stdout
