@@ -11,14 +11,15 @@ from contextlib import contextmanager
 
 
 def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "it",
-             file=None):
-    """Wrap `iterable` (or count `total` steps with .update()) in a progress bar named `desc`."""
+             unit_scale: bool = False, file=None):
+    """Wrap `iterable` (or count `total` steps with .update()) in a progress bar named `desc` (unit_scale: k, M, G
+    prefixes, for bytes)."""
     from tqdm.auto import tqdm
 
     out = file if file is not None else sys.stderr
     shown = file is not None or out.isatty()
-    return tqdm(iterable, desc=desc, total=total, unit=unit, file=out, disable=not shown, dynamic_ncols=True,
-                leave=False, mininterval=0.5)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, unit_scale=unit_scale, file=out, disable=not shown,
+                dynamic_ncols=True, leave=False, mininterval=0.5)
 
 
 @contextmanager
