@@ -166,8 +166,13 @@ def sandbox(tmp_path_factory, smollm2_dir) -> Sandbox:
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(REPO / name, root / name)
-    venv_on_these_packages(root / ".venv")
-    (root / ".venv" / "bin" / "mpirun").symlink_to(Path(sys.executable).parent / "mpirun")
+    venv = root / ".venv"
+    venv_on_these_packages(venv)
+    for top in ("bin", "lib", "etc", "share"):  # what the wheels put beside site-packages: mpirun, libmpi, ...
+        for entry in (Path(sys.prefix) / top).glob("*"):
+            if not entry.name.startswith("python") and not (venv / top / entry.name).exists():
+                (venv / top).mkdir(exist_ok=True)
+                (venv / top / entry.name).symlink_to(entry)
     (root / ".venv" / ".installed").touch()  # what `make setup` leaves, newer than the files it depends on
     past = time.time() - 3600
     for name in ("pyproject.toml", "requirements.lock"):
