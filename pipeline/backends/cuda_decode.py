@@ -379,7 +379,7 @@ class CudaDecoder:
         else:
             forget_batched_gemms(self.model)  # another decoder of this model may have tuned them
         # the first step compiles (torch.compile, Triton): the bar shows that the silence is that
-        desc = "warm-up steps (the first compiles)" if self._step_fn is not self._step else "warm-up steps"
+        desc = "warm-up steps (the first compiles)" if self._step_fn != self._step else "warm-up steps"
         if self.model.device.type != "cuda":
             for _ in progress(range(1), desc=desc, unit="step"):
                 self._step_fn()
