@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.progress import stage
 
 DEFAULT_BATCH_SIZES = "1,8,32"
 # The decode paths measured at batch 1 by default, slowest first (DecodeOptions.from_label reads them); the last is
@@ -167,7 +168,8 @@ def weight_bytes(model) -> int:
 # ------------------------------------------------------------------------------------------------ worker
 
 
-def measure(decoder, prompts: list[list[int]], output_len: int | list[int], repeats: int) -> dict:
+def measure(decoder, prompts: list[list[int]], output_len: int | list[int], repeats: int,
+            desc: str = "measuring") -> dict:
     """Prefill, then max(lengths) - 1 decode steps launched back to back, each followed by a CUDA event.
     output_len: every request's output length, or one per request.
 
@@ -177,6 +179,7 @@ def measure(decoder, prompts: list[list[int]], output_len: int | list[int], repe
     token is on the host. The tokens of the decode steps are read once at the end (a streaming server would read
     them one step behind)."""
     from pipeline.backends.cuda_decode import synchronize, timing_event
+    from pipeline.progress import progress
 
     lengths = [output_len] * len(prompts) if isinstance(output_len, int) else list(output_len)
     if len(lengths) != len(prompts) or min(lengths) < 1:
@@ -185,7 +188,8 @@ def measure(decoder, prompts: list[list[int]], output_len: int | list[int], repe
     ttft, e2e, tpot, itl, batch_e2e, tokens = [], [], [], [], [], None
     width = max(len(p) for p in prompts)
     device = decoder.model.device
-    for r in range(repeats + 1):  # the first round warms up
+    # the first round warms up: it compiles and captures the prefill at this prompt width
+    for r in progress(range(repeats + 1), desc=f"{desc}: warm-up round, then {repeats} timed", unit="round"):
         synchronize(device)
         start = time.perf_counter()
         first = decoder.prefill(prompts)
@@ -268,10 +272,12 @@ def worker(args: argparse.Namespace) -> int:
         decoder, problem = None, None
         try:
             t0 = time.perf_counter()
-            decoder = CudaDecoder(model, batch, max_len, options)
-            decoder.warm_up()
+            # compilation (torch.compile, Triton), tuning and graph capture: tens of seconds of one opaque call
+            with stage(f"{tag}: compiling, tuning and capturing the decode step", log=progress):
+                decoder = CudaDecoder(model, batch, max_len, options)
+                decoder.warm_up()
             setup_s = time.perf_counter() - t0
-            progress(f"{tag}: set up in {setup_s:.1f} s ({decoder.path})")
+            progress(f"{tag}: decode step: {decoder.path}")
         except Exception as exc:  # a variant that cannot run here (compile or capture failure) is reported
             problem = f"{type(exc).__name__}: {exc}"[:500]
         failed = all_ok(mpi_comm, problem)
@@ -282,7 +288,7 @@ def worker(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
             return {"error": error}
         try:
-            m = measure(decoder, prompts, lengths or args.output_len, args.repeats)
+            m = measure(decoder, prompts, lengths or args.output_len, args.repeats, desc=tag)
             m.update(variant=options.label, step=decoder.path, setup_s=setup_s)
             # which config tuning (or autotuning) chose per GEMM shape: the fused step's GEMVs, the batched GEMMs
             from pipeline.kernels import gemv, tuning
@@ -425,7 +431,8 @@ def transformers_baseline(shape: str | None, source: Path | None, batch_sizes: l
             with torch.no_grad():
                 # the warm-up runs the whole length: transformers compiles a static cache's forward on first use, and
                 # a short warm-up left the dynamic cache's first timed run three times slower
-                model.generate(ids, max_new_tokens=longest, min_new_tokens=longest, **kwargs)
+                with stage(f"transformers baseline, batch {batch}, {cache} cache: warm-up"):
+                    model.generate(ids, max_new_tokens=longest, min_new_tokens=longest, **kwargs)
 
                 def run_s(model=model) -> float:
                     synchronize(device)

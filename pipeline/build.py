@@ -180,6 +180,8 @@ class Builder:
                 write_manifest(tmp, self._manifest("fetch", key, inputs, {}, tmp, time.perf_counter() - start))
             return StageResult("fetch", key, False, final, time.perf_counter() - start,
                                f"random {m.random} seed {m.seed}"), final
+        if m.hub:  # huggingface_hub shows a bar per file it downloads
+            self.log(f"fetch    {m.hub}@{m.revision[:12]} from the Hugging Face cache ({hub.hf_cache_dir()}), else the Hub")
         source = hub.fetch_weights(m)
         detail = f"{m.hub}@{m.revision[:12]}" if m.hub else str(source)
         hit = not m.hub or is_complete(final)
@@ -196,7 +198,8 @@ class Builder:
         tokenizer = hub.tokenizer_source(r.model, source)
         inputs = {
             "stage": "convert",
-            "model_files": folder_digests(source, _source_files(source), hub.checkpoints_dir()),
+            "model_files": folder_digests(source, _source_files(source), hub.checkpoints_dir(),
+                                          desc="hashing the model's files" if self.show_progress else None),
             "tokenizer_files": folder_digests(tokenizer, _tokenizer_files(tokenizer), hub.checkpoints_dir()),
             "precision": r.to_dict()["precision"],
             "parallel": r.to_dict()["parallel"],

@@ -80,8 +80,10 @@ class Watchdog:
         now = time.monotonic()
         self._seen = {r: (-1, now) for r in range(world) if r != rank}  # rank -> (its beat count, when it moved)
         self._store_ok = now
-        for target in (self._beat, self._judge):
-            threading.Thread(target=target, name=f"watchdog{target.__name__}", daemon=True).start()
+        self._threads = [threading.Thread(target=target, name=f"watchdog{target.__name__}", daemon=True)
+                         for target in (self._beat, self._judge)]
+        for thread in self._threads:
+            thread.start()
 
     @classmethod
     def start(cls, mpi_comm, timeout_s: float | None = None) -> Watchdog | None:
@@ -128,7 +130,12 @@ class Watchdog:
         self.stop()
 
     def stop(self) -> None:
+        """Stop beating and wait for the threads (a store call ends within its timeout): a daemon thread still in
+        a store call when the interpreter exits is ended inside C++ code, which aborts the process (SIGABRT)."""
         self._stop.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=15.0)
 
     def _beat(self) -> None:
         """Publish this rank's beat and phase, read the others' (store I/O: blocks while rank 0 is stopped)."""

@@ -140,7 +140,7 @@ class DecoderGraph(torch.nn.Module):
         allowed = (causal[None] & (attention_mask[:, None, :] > 0)) | (key_slots[None, None, :] == query_slots[None, :, None])
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=h.device).masked_fill(~allowed, float("-inf"))
         bias = bias[:, None]  # [B, 1, T, L]
-        rope = m._rope_tables(position_ids, h.dtype) if not m.is_gpt else None
+        rope = m._rope_tables(position_ids, h.dtype) if m.arch.position == "rope" else None
         presents = []
         hd, heads, kv_heads = m.head_size, m.heads, m.kv_heads
         for index, layer in enumerate(m.layers):

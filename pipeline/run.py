@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rank {rank}] unexpected error; aborting all ranks", file=sys.stderr)
         abort(mpi_comm, 1)
         return 1
+    finally:
+        if watchdog is not None:  # also on ranks the engine releases with SystemExit
+            watchdog.stop()
 
 
 def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Watchdog | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,18 @@ def child_env(home: Path, **extra: str) -> dict:
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
     env.update(extra)
     return env
+
+
+def venv_on_these_packages(venv: Path) -> Path:
+    """A fresh venv (no pip, no network) that sees this venv's site-packages after its own, through a .pth line;
+    returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    # paths in a .pth line join sys.path, but their own .pth files (this venv's editable install) are not run
+    Path(purelib, "shared-deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return python
 
 
 @pytest.fixture(scope="session")

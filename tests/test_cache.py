@@ -190,3 +190,28 @@ def test_gc_keeps_what_builds_refer_to(home):
     assert f"would remove {orphan}" in proc.stdout and str(kept) not in proc.stdout
     run_cli(home, "gc")
     assert not orphan.exists() and kept.exists()
+
+
+def test_a_local_folder_fetch_logs_its_stage_and_shows_a_bar_while_hashing_its_files(home, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    src = tmp_path / "model"
+    make_random_checkpoint("llama-tiny", 6, src)
+    recipe = recipe_from_dict({"model": {"local": str(src)}, "precision": {"dtype": "float32"}}, name="local-bar")
+    terminal, lines = Terminal(), []
+    monkeypatch.setattr(sys, "stderr", terminal)
+    result = Builder(recipe, log=lines.append, show_progress=True).run()
+    shown = terminal.getvalue()
+    from tqdm import tqdm
+
+    total = sum(f.stat().st_size for f in src.iterdir() if f.suffix in (".safetensors", ".json"))
+    assert "hashing the model's files" in shown and f"/{tqdm.format_sizeof(total)} [" in shown, shown  # of bytes
+    assert "B/s" in shown, shown  # the rate
+    assert any(line.startswith("fetch ") and str(src) in line for line in lines), lines  # the stage line
+    digests = read_manifest(result.artifact)["inputs"]["model_files"]
+    assert digests["model.safetensors"] == _sha(src / "model.safetensors")  # the bar wraps the hashing

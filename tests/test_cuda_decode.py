@@ -105,3 +105,38 @@ def test_transformers_baseline_runs_the_same_drawn_requests():
     assert set(out) == {"8/dynamic", "8/static"} and len(set(lengths)) > 1
     for run in out.values():
         assert run["output_tokens_per_s"] == sum(lengths) / run["e2e_s"]
+
+
+def test_the_decode_warm_up_and_the_measured_rounds_show_progress_on_a_terminal(home, monkeypatch):
+    import io
+    import re
+    import sys
+
+    from pipeline.bench import measure
+    from pipeline.progress import stage
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    recipe = recipe_from_dict({"model": {"random": "llama-tiny"}, "precision": {"dtype": "float32"}},
+                              name="static-progress")
+    artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
+    expected = generate(_model(artifact), PROMPTS[:1], Sampling(max_new_tokens=4), eos_id=None, pad_id=0)
+    # the layer-by-layer step in torch ops: Triton's CPU emulator would take minutes
+    options = DecodeOptions(cuda_graph=False, compile=False, triton_gemv=False, fused_step=False)
+    model = accelerate(_model(artifact), options)
+    terminal, lines = Terminal(), []
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with stage("batch 1 eager: compiling, tuning and capturing", log=lines.append):
+        decoder = CudaDecoder(model, 1, 32, options)
+        decoder.attention, decoder.fused_argmax = None, False
+        decoder.warm_up()
+    result = measure(decoder, PROMPTS[:1], 4, repeats=2, desc="batch 1 eager")
+    shown = terminal.getvalue()
+    assert "warm-up steps:" in shown and "/1 [" in shown and "step/s" in shown  # the bar: count and rate
+    assert "compiles" not in shown  # compile=False
+    assert "batch 1 eager: warm-up round, then 2 timed" in shown and "/3 [" in shown and "round" in shown
+    assert lines[0] == "batch 1 eager: compiling, tuning and capturing ..."
+    assert re.fullmatch(r"batch 1 eager: compiling, tuning and capturing: done in \d+\.\d s", lines[1]), lines
+    assert result["tokens"] == expected  # the bars wrap the work; they do not change it

@@ -79,3 +79,23 @@ def test_the_serve_launch_line_with_a_host_file():
     assert cmd[1:7] == ["--hostfile", "hosts", "--map-by", "ppr:8:node", "-n", "16"]
     assert cmd[-6:] == ["-m", "pipeline.serve", "--engine", "/a/art", "--port", "9000"]
     assert serve_command(Path("/a/art"), 1, [])[1:] == ["-m", "pipeline.serve", "--engine", "/a/art"]
+
+
+def test_a_stopped_watchdog_has_no_thread_left_in_a_store_call():
+    """A daemon thread still inside a TCPStore call when the interpreter exits is ended in C++ code, which aborts
+    the rank (SIGABRT after its output, seen on a 3-rank run); stop() waits for both threads."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as torch_dist
+
+    from pipeline.dist import Watchdog
+
+    store = torch_dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
+                                timeout=timedelta(seconds=2))
+    watchdog = Watchdog(0, 2, store, timeout_s=60)
+    assert {t.name for t in threading.enumerate()} >= {"watchdog_beat", "watchdog_judge"}
+    while not store.check(["beat/0"]):  # the beat thread is at work
+        threading.Event().wait(0.01)
+    watchdog.stop()
+    assert not {t.name for t in threading.enumerate()} & {"watchdog_beat", "watchdog_judge"}

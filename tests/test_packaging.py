@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import site
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO, child_env, venv_on_these_packages
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +35,7 @@ def installed(tmp_path_factory) -> Path:
                     "-w", str(work / "dist"), str(src)], check=True, timeout=120)
     wheel = next((work / "dist").glob("trtllm_pipeline-*.whl"))
     venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
-    venv_python = venv / "bin" / "python"
-    purelib = subprocess.run([venv_python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-    # dependencies from this venv (appended to sys.path after the new venv's own site-packages)
-    Path(purelib, "shared-deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    venv_python = venv_on_these_packages(venv)  # the dependencies: this venv's
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv_python), "install", "--no-deps", "--no-index",
                     "-q", str(wheel)], check=True, timeout=120)
     return venv / "bin"

@@ -32,6 +32,7 @@ from pipeline.backends import fused_step
 from pipeline.backends.torch_model import Linear, RankModel
 from pipeline.kernels import batched_gemm, fp8, gemv, tuning
 from pipeline.kernels.common import ACT_NONE, ACT_SILU_GATE, runs_on
+from pipeline.progress import progress
 from pipeline.quantize.formats import fp8_linear, fp8_scale, quantize_fp8
 from pipeline.quantize.runtime import FP8Linear
 
@@ -382,15 +383,18 @@ class CudaDecoder:
             tune_batched_gemms(self.model, self.batch)
         else:
             forget_batched_gemms(self.model)  # another decoder of this model may have tuned them
+        # the first step compiles (torch.compile, Triton): the bar shows that the silence is that
+        desc = "warm-up steps (the first compiles)" if self._step_fn != self._step else "warm-up steps"
         if self.model.device.type != "cuda":
-            self._step_fn()
+            for _ in progress(range(1), desc=desc, unit="step"):
+                self._step_fn()
             return
         if self.fused is not None:
             self.fused.tune()  # each GEMV's config, timed as the step runs it
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(3):
+            for _ in progress(range(3), desc=desc, unit="step"):
                 self._step_fn()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
