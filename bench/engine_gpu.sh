@@ -6,8 +6,8 @@
 # wide: 2,000 requests 128/128 with max_batch_size 1024;
 # (MB sets max_batch_size for uniform and mixed, default 256)
 # uniform: 1,000 requests 128/128 at an infinite rate, our static batching and transformers' generate_batch on the
-#          same requests; mixed: lengths drawn from 32-1024 / 16-512, in-flight against static; single: one request
-#          at a time (batch 1 through the engine). JSON and Markdown land in $OUT (or bench/results/throughput).
+#          same requests; mixed: 1,000 requests, lengths drawn from 32-1024 / 16-512 (several static batches),
+#          in-flight against static; single: one request at a time (batch 1 through the engine). JSON and Markdown land in $OUT (or bench/results/throughput).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -27,7 +27,7 @@ for phase in $phases; do
                --input-len 128 --output-len 128 --max-batch-size "${MB:-256}" --static --baseline transformers --out "$OUTDIR" ;;
     wide)    timeout 200 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 2000 \
                --input-len 128 --output-len 128 --max-batch-size 1024 --out "$OUTDIR" ;;
-    mixed)   timeout 200 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 300 \
+    mixed)   timeout 300 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 1000 \
                --input-range 32,1024 --output-range 16,512 --max-batch-size "${MB:-256}" --static --out "$OUTDIR" ;;
     single)  timeout 150 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 3 \
                --input-len 128 --output-len 256 --max-batch-size 1 --out "$OUTDIR" ;;
