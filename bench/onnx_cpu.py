@@ -17,9 +17,10 @@ import torch
 
 from pipeline.backends.onnx_runtime import OnnxDecoder
 from pipeline.build import Builder
-from pipeline.generate import Sampling, generate
+from pipeline.generate import generate
 from pipeline.manifest import read_manifest
 from pipeline.onnx_export import load_model
+from pipeline.params import SamplingParams
 from pipeline.recipe import recipe_from_dict
 
 
@@ -50,8 +51,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.vocab_size, (args.prompt_len,), generator=gen).tolist()
                for _ in range(args.batch)]
-    long = Sampling(max_new_tokens=args.new_tokens)
-    one = Sampling(max_new_tokens=1)
+    long = SamplingParams(max_tokens=args.new_tokens)
+    one = SamplingParams(max_tokens=1)
     rows = []
     with torch.no_grad():
         for name, run in (("PyTorch backend (eager, float32)", lambda s: generate(model, prompts, s, None, 0)),

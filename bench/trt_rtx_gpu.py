@@ -22,9 +22,10 @@ import torch
 
 from pipeline.backends import tensorrt_engine as trt
 from pipeline.build import Builder
-from pipeline.generate import Sampling, generate
+from pipeline.generate import generate
 from pipeline.manifest import read_manifest
 from pipeline.onnx_export import GRAPH_FILE, load_model
+from pipeline.params import SamplingParams
 from pipeline.recipe import recipe_from_dict
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     attempt(report, "build_for_current_gpu", lambda: build_current(onnx_dir, recipe, current_dir))
     model = load_model(checkpoint, device="cuda")
     prompts = [torch.randint(0, model.vocab_size, (16,), generator=torch.Generator().manual_seed(0)).tolist()]
-    sampling = Sampling(max_new_tokens=args.new_tokens)
+    sampling = SamplingParams(max_tokens=args.new_tokens)
     with torch.no_grad():
         torch_s, expected = timed(lambda: generate(model, prompts, sampling, None, 0))
     report["torch"] = {"seconds": torch_s, "tok_s": args.new_tokens / torch_s}

@@ -8,23 +8,14 @@ rank samples the next tokens and broadcasts them, so all ranks agree on what com
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from pipeline.backends.torch_model import RankModel
+from pipeline.params import SamplingParams, seed_of
 
 
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = no limit
-    top_p: float = 1.0  # 1.0 = no limit
-    seed: int = 0
-
-
-def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row of float32 logits [B, V]: greedy, or temperature -> top-k -> top-p -> draw."""
     if sampling.temperature == 0.0:
         return logits.argmax(dim=-1)
@@ -53,7 +44,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return tokens.to(device), mask.to(device)
 
 
-def generate(model: RankModel, prompts: list[list[int]], sampling: Sampling, eos_id: int | None, pad_id: int,
+def generate(model: RankModel, prompts: list[list[int]], sampling: SamplingParams, eos_id: int | None, pad_id: int,
              on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> list[list[int]]:
     """Generate for a batch of token-id prompts; returns the new tokens of each (EOS included if produced).
 
@@ -65,18 +56,18 @@ def generate(model: RankModel, prompts: list[list[int]], sampling: Sampling, eos
     device = model.device
     tokens, mask = left_pad(prompts, pad_id, device)
     batch, width = tokens.shape
-    max_len = width + sampling.max_new_tokens
+    max_len = width + sampling.max_tokens
     cache = model.new_cache(batch, max_len)
     cache.valid[:, :width] = mask
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     is_sampler = comm.mapping.rank == comm.sampler_rank
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    generator = torch.Generator().manual_seed(seed_of(sampling)) if sampling.temperature > 0 else None
 
     outputs: list[list[int]] = [[] for _ in range(batch)]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     next_positions = positions[:, -1]
     logits = model.forward(tokens, positions, cache, slot_start=0)
-    for step in range(sampling.max_new_tokens):
+    for step in range(sampling.max_tokens):
         next_tokens = torch.empty(batch, dtype=torch.long, device=device)
         if is_sampler:
             next_tokens = sample_next(logits[:, -1], sampling, generator)
@@ -89,7 +80,7 @@ def generate(model: RankModel, prompts: list[list[int]], sampling: Sampling, eos
             finished |= next_tokens == eos_id
         if on_tokens is not None:
             on_tokens(next_tokens, finished)
-        if bool(finished.all()) or step == sampling.max_new_tokens - 1:
+        if bool(finished.all()) or step == sampling.max_tokens - 1:
             break
         slot = width + step
         cache.valid[:, slot] = True

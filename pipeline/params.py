@@ -8,9 +8,15 @@ once as messages that say what is wrong and what to give instead; `check_request
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
+
+
+def seed_of(params: SamplingParams) -> int:
+    """The sampler's seed: the given one, else a fresh draw (seed None)."""
+    return params.seed if params.seed is not None else random.randrange(2**63)
 
 
 class ParamError(PipelineError):

@@ -20,7 +20,7 @@ import torch
 from pipeline.build import read_build_record, recipe_for
 from pipeline.dist import Comm, Watchdog, abort, all_ok, finish, mpi_world, pick_device
 from pipeline.errors import PipelineError, RunError
-from pipeline.generate import Sampling, generate, score
+from pipeline.generate import generate, score
 from pipeline.manifest import read_manifest
 from pipeline.mapping import Mapping
 from pipeline.params import Limits, ParamError, SamplingParams, request_problems, text_problems
@@ -75,15 +75,13 @@ RUN_FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperature", "
 
 
 def check_run_request(args: argparse.Namespace, runtime: dict, config: dict, build: dict, tokenizer,
-                      chat: bool = False) -> tuple[list[str] | None, list[list[int]], Sampling]:
+                      chat: bool = False) -> tuple[list[str] | None, list[list[int]], SamplingParams]:
     """The prompt texts (None for token ids), the prompts' token ids (text through the chat template when `chat`)
     and sampling of this run, checked by pipeline.params against the model and the
     build's limits before any rank loads weights; raises ParamError naming each bad flag and its fix. Every rank
     computes the same answer, so every rank stops with the same error and no rank waits in a collective."""
     sampling = sampling_from(runtime, args)
-    params = SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                            top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
-    problems = params.problems(RUN_FLAGS)
+    problems = sampling.problems(RUN_FLAGS)
     texts = None
     if args.prompt_ids_file:
         try:
@@ -115,7 +113,7 @@ def check_run_request(args: argparse.Namespace, runtime: dict, config: dict, bui
     limits = Limits.from_config(config, build)
     for i, prompt in enumerate(prompts):
         where = "" if len(prompts) == 1 else f"prompt [{i}]: "
-        problems += [where + p for p in request_problems(params, prompt, limits, RUN_FLAGS)
+        problems += [where + p for p in request_problems(sampling, prompt, limits, RUN_FLAGS)
                      if p not in problems]  # the flags' own problems are the same for every prompt
     if problems:
         raise ParamError(problems)
@@ -197,13 +195,12 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
 
 
 def _run_engine(args: argparse.Namespace, llm, chat_texts: list[str] | None, prompts: list[list[int]],
-                sampling: Sampling) -> int:
+                sampling: SamplingParams) -> int:
     """Rank 0 of an engine run: submit every prompt at once, stream a single prompt's text, report.
     `chat_texts`: the user's texts when the prompts went through the chat template (the reply is printed alone)."""
     tokenizer = llm.tokenizer
     chat = chat_texts is not None
-    params = SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                            top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
+    params = sampling
     start = time.perf_counter()
     if len(prompts) == 1 and tokenizer is not None:
         print(chat_texts[0] + "\n" if chat else tokenizer.decode(prompts[0], skip_special_tokens=True), end="",
@@ -219,7 +216,7 @@ def _run_engine(args: argparse.Namespace, llm, chat_texts: list[str] | None, pro
     return 0
 
 
-def _run_static(args: argparse.Namespace, artifact: Path, prompts: list[list[int]], sampling: Sampling, tokenizer,
+def _run_static(args: argparse.Namespace, artifact: Path, prompts: list[list[int]], sampling: SamplingParams, tokenizer,
                 config: dict, rank: int, world: int, mpi_comm, watchdog: Watchdog | None = None) -> int:
     """One static batch without the engine: --logits-out (scoring every position) and --decode fast (the CUDA
     fused batch-1 step, until the engine's step runs it)."""
@@ -263,13 +260,13 @@ def _run_static(args: argparse.Namespace, artifact: Path, prompts: list[list[int
 
         options = DecodeOptions(cuda_graph=device.type == "cuda", compile=args.compile)
         decoder = CudaDecoder(accelerate(model, options), len(prompts),
-                              max(len(p) for p in prompts) + sampling.max_new_tokens, options,
+                              max(len(p) for p in prompts) + sampling.max_tokens, options,
                               prefill_graphs=0)  # one prefill: capturing it would only add two runs
         decoder.warm_up()
         if rank == 0:
             print(f"[pipeline.run] decode: {options.label}, {decoder.path}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        outputs = decoder.generate(prompts, sampling.max_new_tokens, eos_id, pad_id)
+        outputs = decoder.generate(prompts, sampling.max_tokens, eos_id, pad_id)
     else:
         outputs = generate(model, prompts, sampling, eos_id, pad_id)
     seconds = time.perf_counter() - start

@@ -9,14 +9,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.generate import Sampling
+from pipeline.params import SamplingParams
 from pipeline.recipe import RuntimeSpec
 
 
-def sampling_from(runtime: dict, args: argparse.Namespace) -> Sampling:
+def sampling_from(runtime: dict, args: argparse.Namespace) -> SamplingParams:
     spec = RuntimeSpec(**{k: v for k, v in runtime.items() if k in RuntimeSpec.__dataclass_fields__ and k != "prompts"})
-    sampling = Sampling(spec.max_new_tokens, spec.temperature, spec.top_k, spec.top_p, spec.seed)
-    overrides = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+    sampling = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_k, spec.top_p, spec.seed)
+    overrides = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                  "top_p": args.top_p, "seed": args.seed}
     return replace(sampling, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -8,8 +8,9 @@ from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_con
 from pipeline.build import Builder
 from pipeline.convert import convert_checkpoint
 from pipeline.dist import Comm
-from pipeline.generate import Sampling, generate
+from pipeline.generate import generate
 from pipeline.mapping import Mapping
+from pipeline.params import SamplingParams
 from pipeline.random_weights import make_random_checkpoint
 from pipeline.recipe import recipe_from_dict
 
@@ -29,7 +30,7 @@ def test_static_decode_matches_plain_generation(home):
             "quantization": {"quant": quant, "calibration": {"samples": 2, "seq_len": 16}}}},
             name=f"static-{shape}-{quant}")
         artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
-        expected = generate(_model(artifact), PROMPTS, Sampling(max_new_tokens=8), eos_id=None, pad_id=0)
+        expected = generate(_model(artifact), PROMPTS, SamplingParams(max_tokens=8), eos_id=None, pad_id=0)
         # FP8 with fused gate/fc requantizes both weights to one scale (as trtllm-build does): other numbers
         fuse = quant == "none"
         options = DecodeOptions(cuda_graph=False, compile=False, fuse_gate_up=fuse)
@@ -122,7 +123,7 @@ def test_the_decode_warm_up_and_the_measured_rounds_show_progress_on_a_terminal(
     recipe = recipe_from_dict({"model": {"random": "llama-tiny"}, "precision": {"dtype": "float32"}},
                               name="static-progress")
     artifact = Builder(recipe, log=lambda _: None, show_progress=False).run().artifact
-    expected = generate(_model(artifact), PROMPTS[:1], Sampling(max_new_tokens=4), eos_id=None, pad_id=0)
+    expected = generate(_model(artifact), PROMPTS[:1], SamplingParams(max_tokens=4), eos_id=None, pad_id=0)
     # the layer-by-layer step in torch ops: Triton's CPU emulator would take minutes
     options = DecodeOptions(cuda_graph=False, compile=False, triton_gemv=False, fused_step=False)
     model = accelerate(_model(artifact), options)

@@ -9,8 +9,9 @@ import torch
 from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
 from pipeline.build import Builder
 from pipeline.dist import Comm
-from pipeline.generate import Sampling, generate, score
+from pipeline.generate import generate, score
 from pipeline.mapping import Mapping
+from pipeline.params import SamplingParams
 from pipeline.quantize.formats import fp8_linear, fp8_scale, quantize_fp8
 from pipeline.recipe import recipe_from_dict
 
@@ -80,7 +81,7 @@ def test_every_decode_path_gives_the_plain_loops_tokens(home, shape):
 
     _, artifact = _artifact(shape)
     prompts = [[5, 9, 2, 7, 1, 3, 8]]
-    expected = generate(_model(artifact, GPU), prompts, Sampling(max_new_tokens=24), eos_id=None, pad_id=0)
+    expected = generate(_model(artifact, GPU), prompts, SamplingParams(max_tokens=24), eos_id=None, pad_id=0)
     model = accelerate(_model(artifact, GPU), DecodeOptions(fuse_gate_up=False))
     for graph, compiled, triton_gemv in ((False, False, True), (True, False, True), (True, True, True),
                                          (True, True, False)):
@@ -103,7 +104,7 @@ def test_every_decode_path_gives_the_plain_loops_tokens(home, shape):
         assert decoder.generate(prompts, 24) == expected, label
     # batches > 1 (layer by layer, the attention kernel, tuned GEMMs): three prompts of unequal lengths
     batch = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6], [11, 2, 3, 5, 7]]
-    expected = generate(_model(artifact, GPU), batch, Sampling(max_new_tokens=24), eos_id=None, pad_id=0)
+    expected = generate(_model(artifact, GPU), batch, SamplingParams(max_tokens=24), eos_id=None, pad_id=0)
     decoder = CudaDecoder(fused_model, 3, 64, DecodeOptions())
     decoder.warm_up()
     assert decoder.path == "layer by layer, fused attention (batch 3)"

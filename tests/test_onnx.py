@@ -21,9 +21,10 @@ from pipeline.backends import tensorrt_engine as trt
 from pipeline.backends.onnx_runtime import OnnxDecoder
 from pipeline.build import Builder
 from pipeline.errors import RecipeError
-from pipeline.generate import Sampling, generate, score
+from pipeline.generate import generate, score
 from pipeline.manifest import read_manifest, sha256_file
 from pipeline.onnx_export import GRAPH_FILE, load_model, planned_graph, qdq_linear_factory
+from pipeline.params import SamplingParams
 from pipeline.recipe import recipe_from_dict
 from tests.conftest import REPO, mpirun, run_cli, run_json
 
@@ -81,7 +82,7 @@ def test_onnxruntime_matches_the_pytorch_backend_float32(home, tmp_path, gpt2_fp
     assert out["backend"] == "onnx" and "onnxruntime CPUExecutionProvider" in out["stderr"]
     model = load_model(checkpoint)
     ours = torch.load(tmp_path / "logits.pt")
-    expected_tokens = generate(model, PROMPTS, Sampling(max_new_tokens=NEW_TOKENS), None, 0)
+    expected_tokens = generate(model, PROMPTS, SamplingParams(max_tokens=NEW_TOKENS), None, 0)
     for prompt, logits, generated, expected in zip(PROMPTS, ours, out["results"], expected_tokens):
         reference = score(model, prompt)
         assert logits.shape == reference.shape
@@ -100,7 +101,7 @@ def test_onnxruntime_matches_the_pytorch_backend_float16_llama(llama_fp16):
         reference = score(model, prompt)
         difference = (decoder.score(prompt) - reference).abs().max().item()
         assert difference < 0.005 * reference.abs().max().item(), difference
-    sampling = Sampling(max_new_tokens=NEW_TOKENS)
+    sampling = SamplingParams(max_tokens=NEW_TOKENS)
     assert decoder.generate(PROMPTS, sampling, None, 0) == generate(model, PROMPTS, sampling, None, 0)
 
 
@@ -192,7 +193,7 @@ def test_int8_qdq_graph_matches_its_emulation_and_builds(home):
         difference = (decoder.score(prompt) - expected).abs().max().item()
         assert difference < 0.02, difference
         assert (score(plain, prompt) - expected).abs().max().item() > 10 * difference  # quantization is there
-    sampling = Sampling(max_new_tokens=NEW_TOKENS)
+    sampling = SamplingParams(max_tokens=NEW_TOKENS)
     assert decoder.generate(PROMPTS, sampling, None, 0) == generate(emulation, PROMPTS, sampling, None, 0)
     engine = read_manifest(result.artifact)["tensorrt"]
     assert (result.artifact / trt.ENGINE_FILE).is_file() and engine["engine_bytes"] > 0
@@ -220,7 +221,7 @@ def test_smollm2_float16_graph_gives_the_pytorch_backend_tokens_and_builds(home,
     record = read_manifest(onnx_dir)["onnx"]
     assert sum(t["name"].startswith("present.") for t in record["outputs"]) == 60  # 30 layers, keys and values
     prompt = [504, 3575, 282, 4649, 314]  # "The capital of France is"
-    sampling = Sampling(max_new_tokens=12)
+    sampling = SamplingParams(max_tokens=12)
     tokens = OnnxDecoder(onnx_dir, record, "cpu").generate([prompt], sampling, None, 0)
     assert tokens == generate(load_model(result.stages[1].path), [prompt], sampling, None, 0)
     engine = read_manifest(result.artifact)["tensorrt"]

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from pipeline.errors import RunError
-from pipeline.generate import Sampling, left_pad, sample_next
+from pipeline.generate import left_pad, sample_next
 from pipeline.onnx_export import GRAPH_FILE
+from pipeline.params import SamplingParams, seed_of
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -56,7 +57,7 @@ class GraphDecoder:
                               self.empty_cache(1))
         return logits[0].cpu()
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling, eos_id: int | None, pad_id: int,
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, eos_id: int | None, pad_id: int,
                  on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> list[list[int]]:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -64,13 +65,13 @@ class GraphDecoder:
         batch = tokens.shape[0]
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         mask = valid.long()
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        generator = torch.Generator().manual_seed(seed_of(sampling)) if sampling.temperature > 0 else None
         logits, cache = self.step(tokens, positions, mask, self.empty_cache(batch))
         next_positions = positions[:, -1]
         outputs: list[list[int]] = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         ones = torch.ones((batch, 1), dtype=torch.long, device=self.device)
-        for step in range(sampling.max_new_tokens):
+        for step in range(sampling.max_tokens):
             next_tokens = sample_next(logits[:, -1], sampling, generator)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
             for i, token in enumerate(next_tokens.tolist()):
@@ -80,7 +81,7 @@ class GraphDecoder:
                 finished |= next_tokens == eos_id
             if on_tokens is not None:
                 on_tokens(next_tokens, finished)
-            if bool(finished.all()) or step == sampling.max_new_tokens - 1:
+            if bool(finished.all()) or step == sampling.max_tokens - 1:
                 break
             mask = torch.cat([mask, ones], dim=1)
             next_positions = next_positions + 1

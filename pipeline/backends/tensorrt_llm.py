@@ -31,6 +31,7 @@ from pipeline import hub
 from pipeline.backends import TRTLLM_EXTRA
 from pipeline.errors import BuildError, RunError
 from pipeline.manifest import read_manifest, sha256_file
+from pipeline.params import seed_of
 from pipeline.recipe import Recipe
 
 TRTLLM_VERSION = "1.2.1"
@@ -450,11 +451,11 @@ def check_engine_compatibility(engine_dir: Path, world_size: int, machine: Machi
 
 
 def _sampling_kwargs(sampling) -> dict:
-    """pipeline.generate.Sampling -> ModelRunnerCpp.generate keyword arguments (TensorRT-LLM's greedy is top_k=1)."""
+    """pipeline.params.SamplingParams -> ModelRunnerCpp.generate keyword arguments (TensorRT-LLM's greedy is top_k=1)."""
     if sampling.temperature == 0:
-        return {"temperature": 1.0, "top_k": 1, "top_p": 0.0, "random_seed": sampling.seed}
+        return {"temperature": 1.0, "top_k": 1, "top_p": 0.0, "random_seed": seed_of(sampling)}
     return {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
-            "random_seed": sampling.seed}
+            "random_seed": seed_of(sampling)}
 
 
 def _verify_problem(engine_dir: Path, rank: int) -> str | None:
@@ -516,8 +517,8 @@ def run_engine(args, artifact: Path, runtime: dict, rank: int, world: int, mpi_c
     sampling = sampling_from(runtime, args)
     longest = max(len(p) for p in prompts)
     if len(prompts) > limits["max_batch_size"] or longest > limits["max_input_len"] or \
-            longest + sampling.max_new_tokens > limits["max_seq_len"]:
-        raise RunError(f"{len(prompts)} prompt(s) of up to {longest} tokens + {sampling.max_new_tokens} new tokens "
+            longest + sampling.max_tokens > limits["max_seq_len"]:
+        raise RunError(f"{len(prompts)} prompt(s) of up to {longest} tokens + {sampling.max_tokens} new tokens "
                        f"exceed the engine's limits (max_batch_size {limits['max_batch_size']}, max_input_len "
                        f"{limits['max_input_len']}, max_seq_len {limits['max_seq_len']}); fewer/shorter prompts, "
                        f"or rebuild with larger build.* limits")
@@ -534,7 +535,7 @@ def run_engine(args, artifact: Path, runtime: dict, rank: int, world: int, mpi_c
     window = config["pretrained_config"].get("sliding_window")  # Mistral's, which the engine does not hold
     start = time.perf_counter()
     runner = ModelRunnerCpp.from_dir(engine_dir=str(artifact), rank=rank, max_batch_size=len(prompts),
-                                     max_input_len=longest, max_output_len=sampling.max_new_tokens,
+                                     max_input_len=longest, max_output_len=sampling.max_tokens,
                                      max_beam_width=1, kv_cache_free_gpu_memory_fraction=0.9,
                                      max_attention_window_size=[window] if window else None)
     load_s = time.perf_counter() - start
@@ -546,7 +547,7 @@ def run_engine(args, artifact: Path, runtime: dict, rank: int, world: int, mpi_c
     start = time.perf_counter()
     # Leader mode: every rank constructs the executor; only rank 0 enqueues and gets outputs, the others serve.
     result = runner.generate([torch.tensor(p, dtype=torch.int32) for p in prompts],
-                             max_new_tokens=sampling.max_new_tokens, end_id=eos_id if eos_id is not None else -1,
+                             max_new_tokens=sampling.max_tokens, end_id=eos_id if eos_id is not None else -1,
                              pad_id=pad_id, num_beams=1, return_dict=True, output_sequence_lengths=True,
                              **_sampling_kwargs(sampling))
     seconds = time.perf_counter() - start

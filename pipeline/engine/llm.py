@@ -18,7 +18,6 @@ import asyncio
 import atexit
 import gc
 import queue
-import random
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ from pipeline.engine.runner import ModelRunner, kv_bytes_per_token, use_gpu_kern
 from pipeline.engine.scheduler import Scheduler
 from pipeline.errors import PipelineError, RunError
 from pipeline.mapping import Mapping
-from pipeline.params import Limits, SamplingParams, check_request
+from pipeline.params import Limits, SamplingParams, check_request, seed_of
 
 CPU_KV_CACHE_BYTES = 2 << 30  # on a CPU the pool has no free-memory figure to follow: at most this much
 
@@ -330,7 +329,7 @@ class LLM:
         params = params or SamplingParams()
         prompt_ids = self.encode(prompt)
         check_request(params, prompt_ids, self.limits)
-        seed = params.seed if params.seed is not None else random.randrange(2**63)
+        seed = seed_of(params)
         handle = handle or RequestHandle(self)
         self._commands.put(("add", handle, prompt_ids, params, seed))
         return handle

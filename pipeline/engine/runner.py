@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from pipeline.backends.torch_model import RankModel
 from pipeline.engine.scheduler import SeqWork, StepPlan
-from pipeline.generate import Sampling, sample_next
+from pipeline.generate import sample_next
 from pipeline.kernels.common import runs_on
 from pipeline.kernels.paged_attention import attention_tiles, paged_attention, tile_tokens, write_rope_kv
 from pipeline.progress import progress
@@ -308,6 +308,5 @@ class ModelRunner:
             generator = self.generators.get(w.request_id)
             if generator is None:
                 generator = self.generators[w.request_id] = torch.Generator().manual_seed(w.seed)
-            sampling = Sampling(params.max_tokens, params.temperature, params.top_k, params.top_p, w.seed)
-            out[row] = sample_next(logits[row:row + 1], sampling, generator)[0]
+            out[row] = sample_next(logits[row:row + 1], params, generator)[0]
         return out
