@@ -1,0 +1,194 @@
+"""The GPU GEMMs of the int4 AWQ and W8A8 SmoothQuant formats against their CPU emulations (the references,
+pipeline/quantize/runtime.py): the W4A16 kernel (pipeline.kernels.int4_gemm) in Triton's CPU emulator, the
+torch._int_mm path on the CPU's own _int_mm, the fused fc/gate GEMMs and the bench's device quantizers; the tests
+marked gpu run the same compiled on a GPU (bench/quant_gpu.sh)."""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET before triton loads"
+
+from pipeline.dist import Comm  # noqa: E402
+from pipeline.kernels import int4_gemm  # noqa: E402
+from pipeline.mapping import Mapping  # noqa: E402
+from pipeline.quantize.formats import (  # noqa: E402
+    groupwise_int4_quantize,
+    int8_weight_quantize,
+    pack_int4_rows,
+    smoothquant_linear,
+)
+from pipeline.quantize.runtime import GroupwiseInt4Linear, SmoothQuantLinear, int8_linear_int_mm  # noqa: E402
+
+CPU = torch.device("cpu")
+GPU = torch.device("cuda", 0) if torch.cuda.is_available() else None
+
+
+def int4_weight(out_p: int, in_p: int, group: int, dtype, device=CPU, seed: int = 0, zero_group: bool = True):
+    """A packed int4 weight, its scales (a group of zeros among them: scale 0) and a prequant scale."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_p, in_p, generator=g)
+    if zero_group:
+        w[1, :group] = 0
+    q, s = groupwise_int4_quantize(w, group)
+    prequant = (torch.rand(in_p, generator=g) + 0.5).to(dtype)
+    return pack_int4_rows(q).to(device), s.to(dtype).to(device), prequant.to(device)
+
+
+# out (real) / out_p (padded), in (real) / in_p, group: padding sliced off, an odd count of groups (96 / 32), a
+# row-parallel rank's half of the input (in_p 128 of a 256-wide linear at tp=2), an odd number of outputs
+SHAPES = [(48, 64, 96, 128, 32), (30, 32, 96, 96, 32), (64, 64, 128, 128, 64), (31, 32, 40, 64, 16)]
+
+
+@pytest.mark.parametrize("rows, dot", [(1, 0), (1, 1), (5, 1), (20, 1)])
+@pytest.mark.parametrize("out, out_p, inp, in_p, group", SHAPES)
+def test_int4_kernel_equals_the_cpu_emulation(rows, dot, out, out_p, inp, in_p, group):
+    """float16 (the emulator rounds float32 to bfloat16 toward zero; the GPU test takes bfloat16): the kernel's
+    dequantized tiles are the emulation's weights bit for bit, so only float32 summation order differs; with
+    prequant and bias, GEMV (FMA) and dot forms, rows past one BLOCK_M."""
+    dtype = torch.float16
+    packed, scales, prequant = int4_weight(out_p, in_p, group, dtype, seed=rows + out)
+    bias = torch.randn(out).to(dtype)
+    x = torch.randn(rows, inp).to(dtype)
+    ref = GroupwiseInt4Linear(packed, scales, prequant, bias, group, out, dtype)(x)
+    got = int4_gemm.int4_mm(x, packed, scales, prequant, bias, out, group, dot)
+    assert got.shape == (rows, out) and got.dtype == dtype
+    assert ((got.double() - ref.double()).abs() <= 2.0**-11 * ref.double().abs() + 1e-3).all()
+
+
+def test_int4_kernel_without_prequant_or_bias_and_its_errors():
+    packed, scales, _ = int4_weight(32, 64, 32, torch.float16)
+    x = torch.randn(3, 64).to(torch.float16)
+    ref = GroupwiseInt4Linear(packed, scales, None, None, 32, 32, torch.float16)(x)
+    got = int4_gemm.int4_mm(x, packed, scales, None, None, 32, 32)
+    assert ((got.double() - ref.double()).abs() <= 2.0**-11 * ref.double().abs() + 1e-3).all()
+    with pytest.raises(ValueError, match="cannot give 33 outputs"):
+        int4_gemm.int4_mm(x, packed, scales, None, None, 33, 32)
+    with pytest.raises(ValueError, match="same dtype"):
+        int4_gemm.int4_mm(x, packed, scales.float(), None, None, 32, 32)
+    with pytest.raises(ValueError, match="not a power of 2"):
+        int4_gemm.int4_mm(torch.zeros(3, 48, dtype=torch.float16), torch.zeros(16, 48, dtype=torch.int8),
+                          torch.ones(32, 2, dtype=torch.float16), None, None, 32, 24)
+
+
+def test_fused_fc_gate_is_the_two_gemms():
+    """fused_with concatenates packed rows and scales (int4) or int8 rows and channel scales (W8A8): the fused
+    GEMM's outputs are the two GEMMs' outputs side by side, exactly; padded rows or different inputs keep two."""
+    dtype = torch.float16
+    pf, sf, pq = int4_weight(64, 128, 32, dtype, seed=1)
+    pg, sg, _ = int4_weight(64, 128, 32, dtype, seed=2)
+    fc = GroupwiseInt4Linear(pf, sf, pq, None, 32, 64, dtype)
+    gate = GroupwiseInt4Linear(pg, sg, pq, None, 32, 64, dtype)
+    x = torch.randn(2, 128).to(dtype)
+    assert torch.equal(fc.fused_with(gate)(x), torch.cat([fc(x), gate(x)], dim=-1))
+    assert GroupwiseInt4Linear(pf, sf, pq, None, 32, 60, dtype).fused_with(gate) is None  # padded rows
+    assert fc.fused_with(GroupwiseInt4Linear(pg, sg, pq * 2, None, 32, 64, dtype)) is None  # another input
+
+    wf, cf = int8_weight_quantize(torch.randn(48, 64), True)
+    wg, cg = int8_weight_quantize(torch.randn(48, 64), True)
+    fc8, gate8 = (SmoothQuantLinear(w, c, None, None, None, dtype) for w, c in ((wf, cf), (wg, cg)))
+    assert torch.equal(fc8.fused_with(gate8)(x[:, :64]), torch.cat([fc8(x[:, :64]), gate8(x[:, :64])], dim=-1))
+    assert fc8.fused_with(SmoothQuantLinear(wg, cg, torch.tensor([0.1]), None, None, dtype)) is None
+
+
+@pytest.mark.parametrize("rows, static, bias", [(1, False, True), (16, True, False), (40, False, False)])
+def test_int_mm_path_equals_the_smoothquant_emulation(rows, static, bias):
+    """torch._int_mm's int32 sums are the float64 emulation's exactly (rows padded past 16 for cuBLASLt); the
+    float32 scaling differs from float64's by less than the bfloat16 output's rounding."""
+    torch.manual_seed(rows)
+    dtype = torch.bfloat16
+    x = (torch.randn(rows, 64) * torch.rand(64) * 4).to(dtype)
+    wq, ws = int8_weight_quantize(torch.randn(48, 64), per_channel=True)
+    act = torch.tensor([x.float().abs().max().item() / 127]) if static else None
+    b = torch.randn(48).to(dtype) if bias else None
+    ref = smoothquant_linear(x, wq, ws, act, b, dtype)
+    got = int8_linear_int_mm(x, wq, ws, act, b, dtype)
+    assert got.shape == ref.shape and got.dtype == dtype
+    assert ((got.double() - ref.double()).abs() <= 2.0**-8 * ref.double().abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("quant", ["int4_awq", "w8a8_smoothquant"])
+def test_device_quantizer_runs_the_format_on_a_random_model(quant):
+    """bench --device-random's quantizer: every GEMM of a bfloat16 model becomes the format's linear, in the
+    checkpoint's layout, and the model's logits stay near the unquantized model's."""
+    from pipeline.bench import device_random_model
+    from pipeline.quantize.registry import weight_format
+
+    comm = Comm(Mapping(1, 1, 0), CPU)
+    model, _, _ = device_random_model("llama-tiny", 1, comm, CPU, "bfloat16")
+    tokens = torch.tensor([[3, 14, 15, 92, 65]])
+    positions = torch.arange(5)[None]
+    want = model.forward(tokens, positions, model.new_cache(1, 8), slot_start=0).float()
+    weight_format(quant).device_quantizer(model, {})
+    kind = GroupwiseInt4Linear if quant == "int4_awq" else SmoothQuantLinear
+    assert all(isinstance(layer[k], kind) for layer in model.layers for k in ("qkv", "dense", "fc", "gate", "proj"))
+    got = model.forward(tokens, positions, model.new_cache(1, 8), slot_start=0).float()
+    err = float((got - want).norm() / want.norm())
+    assert 0 < err < (0.2 if quant == "int4_awq" else 0.05), err
+
+
+# ------------------------------------------------------------------------------------------------ GPU (compiled)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 7, 32, 200])
+@pytest.mark.parametrize("out, out_p, inp, in_p", [(4096, 4096, 4096, 4096), (14336, 14336, 4096, 4096),
+                                                   (4096, 4096, 14336, 14336), (1000, 1024, 576, 640)])
+def test_int4_kernel_on_the_gpu(dtype, rows, out, out_p, inp, in_p):
+    """Compiled, every autotuned config the rows allow, at the 8B shapes and a padded one: the emulation's result
+    within summation order and the output's rounding."""
+    packed, scales, prequant = int4_weight(out_p, in_p, 128, dtype, seed=rows)
+    x = torch.randn(rows, inp).to(dtype)
+    ref = GroupwiseInt4Linear(packed, scales, prequant, None, 128, out, dtype)(x).double()
+    lin = GroupwiseInt4Linear(packed.to(GPU), scales.to(GPU), prequant.to(GPU), None, 128, out, dtype)
+    assert lin.kernel
+    got = lin(x.to(GPU)).double().cpu()
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert float((got - ref).norm() / ref.norm()) < ulp  # summation order and output rounding only
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 17, 256])
+def test_int_mm_on_the_gpu_equals_the_emulation(rows):
+    dtype = torch.bfloat16
+    x = (torch.randn(rows, 4096) * 3).to(dtype)
+    wq, ws = int8_weight_quantize(torch.randn(14336, 4096), per_channel=True)
+    smoother = torch.rand(4096) + 0.5
+    ref = SmoothQuantLinear(wq, ws, None, smoother, None, dtype)(x).double()
+    lin = SmoothQuantLinear(wq.to(GPU), ws.to(GPU), None, smoother.to(GPU), None, dtype)
+    assert lin.int_mm
+    got = lin(x.to(GPU)).double().cpu()
+    assert float((got - ref).norm() / ref.norm()) < 2.0**-8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant", ["int4_awq", "w8a8_smoothquant"])
+def test_quantized_decode_on_the_gpu_matches_the_plain_step(quant):
+    """The CUDA decode path (graph, compile, fused fc/gate) of a device-quantized model gives the plain loop's
+    greedy tokens on the GPU."""
+    from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
+    from pipeline.bench import device_random_model
+    from pipeline.quantize.registry import weight_format
+
+    def model():
+        m, _, _ = device_random_model("llama-tiny", 1, Comm(Mapping(1, 1, 0), GPU), GPU, "float16")
+        return weight_format(quant).device_quantizer(m, {})
+
+    prompts = [[3, 14, 15, 92, 65, 7, 1]]
+    plain = DecodeOptions(cuda_graph=False, compile=False, triton_gemv=False, fuse_gate_up=False, fused_step=False,
+                          pdl=False)
+    want = CudaDecoder(model(), 1, 24, plain).generate(prompts, 8)
+    fast_model = accelerate(model(), DecodeOptions())
+    assert "fc_gate" in fast_model.layers[0]
+    for batch in (1, 3):
+        decoder = CudaDecoder(fast_model, batch, 24, DecodeOptions())
+        decoder.warm_up()
+        assert decoder.generate(prompts * batch, 8)[0] == want[0], batch
