@@ -29,12 +29,13 @@ if triton is not None:
     ] + [
         triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": bm, "DOT": 1}, num_warps=w, num_stages=s)
         for bm in (16, 64)
-        for bh, bk, w, s in ((32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (64, 256, 8, 2))
+        for bh, bk, w, s in ((16, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 3), (32, 256, 4, 3), (64, 64, 4, 4),
+                             (64, 128, 4, 3), (128, 64, 8, 3), (64, 256, 8, 2))
     ]
 
     def _prune(configs, named_args, **kwargs):
         """One row: the FMA form and the dots over 16 rows; more: the dots whose BLOCK_M the rows fill; and
-        enough packed-row blocks to give every SM (132 on an H100/H200) some, where the weight has them."""
+        about a program per SM (132 on an H100/H200) or more, where the weight has the rows for it."""
         rows, nh = named_args["M_BUCKET"], -(-named_args["N"] // 2)
 
         def form(c):
@@ -43,7 +44,7 @@ if triton is not None:
             return c.kwargs["DOT"] == 1 and (c.kwargs["BLOCK_M"] == 16 or rows > 16)
 
         kept = [c for c in configs if form(c)]
-        busy = [c for c in kept if nh // c.kwargs["BLOCK_H"] * max(1, rows // c.kwargs["BLOCK_M"]) >= 132]
+        busy = [c for c in kept if nh // c.kwargs["BLOCK_H"] * max(1, rows // c.kwargs["BLOCK_M"]) >= 128]
         return busy or kept
 
     @triton.jit
@@ -86,9 +87,7 @@ if triton is not None:
                 sl = tl.load(s_lo + g[None, :], mask=k_mask[None, :], other=0.0)
                 sh = tl.load(s_hi + g[None, :], mask=k_mask[None, :], other=0.0)
                 x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            p = p.to(tl.int32)  # sign-extended: the high nibble is p >> 4, the low one ((p & 15) ^ 8) - 8
-            w_lo = ((((p & 15) ^ 8) - 8).to(tl.float32) * sl.to(tl.float32)).to(dt)
-            w_hi = ((p >> 4).to(tl.float32) * sh.to(tl.float32)).to(dt)
+            w_lo, w_hi = _dequantize(p, sl, sh, dt)
             if HAS_PQ:  # x * prequant, rounded to the model dtype as the unfused multiply rounds it
                 pq = tl.load(pq_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
                 x = (x.to(tl.float32) * pq[None, :]).to(dt)
@@ -119,6 +118,17 @@ if triton is not None:
         y_rows = y_ptr + offs_m.to(tl.int64)[None, :] * N
         tl.store(y_rows + out_lo[:, None], y_lo.to(dt), mask=(out_lo < N)[:, None] & m_mask[None, :])
         tl.store(y_rows + out_hi[:, None], y_hi.to(dt), mask=(out_hi < N)[:, None] & m_mask[None, :])
+
+    @triton.jit
+    def _dequantize(p, sl, sh, dt):
+        """Packed bytes -> (low-nibble, high-nibble) weights in the model dtype: q * scale rounded once, as the
+        emulation's float32 product cast to the model dtype. A nibble u is the signed value (u ^ 8) - 8; the float
+        of that is made without an int-to-float conversion (a quarter-rate instruction on GPUs): the bits
+        0x4B000000 | (u ^ 8) are the float 2^23 + (u ^ 8), exactly, and subtracting 2^23 + 8 leaves the value."""
+        t = p.to(tl.int32) ^ 0x88
+        lo = ((t & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        hi = (((t >> 4) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        return (lo * sl.to(tl.float32)).to(dt), (hi * sh.to(tl.float32)).to(dt)
 
     @triton.jit
     def _int4_mm_emulated(x_ptr, pq_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, KP, GROUPS, M_BUCKET,
