@@ -2,7 +2,8 @@
 # Issue 24's GPU half in one call of at most 8 minutes on an H100/H200 (tools: device `run`), from the repo root:
 #   bash bench/quant_gpu.sh
 # The 8B shape with random weights made on the GPU (--device-random; no network there): bfloat16 at batch 1 and 256,
-# int4_awq at batch 1, w8a8_smoothquant at batch 256, FP8 at batch 1; then the ratios against bfloat16
+# int4_awq at batch 1 (the fused step; the compiled layer-by-layer step if that fails), w8a8_smoothquant at batch
+# 256, FP8 at batch 1; then the ratios against bfloat16
 # (bench/quant_gpu.py summary: $OUT/quant_gpu.md/.json), each 8B GEMM per format (quant_gemm.json), and the GPU
 # tests of the quantized GEMMs (tests.xml) with the time left. Every step has a timeout taken from one deadline
 # (QUANT_GPU_BUDGET seconds, default 470), so the call ends in time whatever hangs; results.tgz holds the JSON/MD.
@@ -34,16 +35,21 @@ run() {
   git log -1 --format='commit %h %ad' 2>/dev/null || true
   date -u; } | tee "$OUT/gpu.txt"
 
-COMMON=(--device-random --repeats 2 --input-len 128 --output-len 96 --no-baseline --out "$R" --watchdog 150)
-F=graph+triton-gemv+fused-mlp+fused-step+pdl  # batch 1, bfloat16 and FP8: the fused step (gpu_run.sh's fp8 phase)
-L=graph+compile+triton-gemv+fused-mlp         # batch 1, int4: the compiled layer-by-layer step (no fused step form)
+COMMON=(--device-random --repeats 2 --input-len 128 --output-len 96 --no-baseline --watchdog 150)
+F=graph+triton-gemv+fused-mlp+fused-step+pdl  # batch 1, bfloat16, FP8 and int4: the fused step (gpu_run.sh's fp8 phase)
+L=graph+compile+triton-gemv+fused-mlp         # batch 1, int4: the compiled layer-by-layer step (the fallback)
 B=graph+compile+cublas+fused-mlp              # batch 256: the compiled layer-by-layer step (gpu_run.sh's 8b phase)
 run 130 "bf16 b1,256" python -m pipeline bench llama-3-8b-random-bf16 --batch-sizes 1,256 --variants $F \
-  --batched-variants $B "${COMMON[@]}"
-run 120 "int4_awq b1" python -m pipeline bench llama-3-8b-random-int4awq --batch-sizes 1 --variants $L "${COMMON[@]}"
+  --batched-variants $B --out "$R" "${COMMON[@]}"
+run 100 "int4_awq b1 fused step" python -m pipeline bench llama-3-8b-random-int4awq --batch-sizes 1 --variants $F \
+  --out "$R/int4-fused-step" "${COMMON[@]}"
 run 120 "w8a8 b256" python -m pipeline bench llama-3-8b-random-w8a8sq --batch-sizes 1,256 \
-  --variants graph+triton-gemv+fused-mlp --batched-variants $B "${COMMON[@]}"
-run 70 "fp8 b1" python -m pipeline bench llama-3-8b-random-fp8 --batch-sizes 1 --variants $F "${COMMON[@]}"
+  --variants graph+triton-gemv+fused-mlp --batched-variants $B --out "$R" "${COMMON[@]}"
+run 70 "fp8 b1" python -m pipeline bench llama-3-8b-random-fp8 --batch-sizes 1 --variants $F --out "$R" "${COMMON[@]}"
+if ! ls "$R"/int4-fused-step/bench-*.json >/dev/null 2>&1; then  # the fused step failed: the other int4 path
+  run 120 "int4_awq b1 layer by layer" python -m pipeline bench llama-3-8b-random-int4awq --batch-sizes 1 \
+    --variants $L --out "$R/int4-layer-by-layer" "${COMMON[@]}"
+fi
 run 20 "summary" python bench/quant_gpu.py summary "$OUT"
 run 150 "gpu tests" python -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_quant_kernels.py \
   --junitxml="$OUT/tests.xml"

@@ -173,23 +173,81 @@ def test_int_mm_on_the_gpu_equals_the_emulation(rows):
 @pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quant", ["int4_awq", "w8a8_smoothquant"])
 def test_quantized_decode_on_the_gpu_matches_the_plain_step(quant):
-    """The CUDA decode path (graph, compile, fused fc/gate) of a device-quantized model gives the plain loop's
-    greedy tokens on the GPU."""
+    """The CUDA decode path (CUDA graph, fused fc/gate; int4 at batch 1: the fused step) of a device-quantized
+    model gives the plain loop's greedy tokens on the GPU."""
     from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
     from pipeline.bench import device_random_model
     from pipeline.quantize.registry import weight_format
 
     def model():
-        m, _, _ = device_random_model("llama-tiny", 1, Comm(Mapping(1, 1, 0), GPU), GPU, "float16")
+        m, _, _ = device_random_model("llama-tiny-g64", 1, Comm(Mapping(1, 1, 0), GPU), GPU, "float16")
         return weight_format(quant).device_quantizer(m, {})
 
     prompts = [[3, 14, 15, 92, 65, 7, 1]]
     plain = DecodeOptions(cuda_graph=False, compile=False, triton_gemv=False, fuse_gate_up=False, fused_step=False,
                           pdl=False)
     want = CudaDecoder(model(), 1, 24, plain).generate(prompts, 8)
-    fast_model = accelerate(model(), DecodeOptions())
+    fast = DecodeOptions(compile=False)  # the benchmark compiles (bench/quant_gpu.sh); here the kernels and graphs
+    fast_model = accelerate(model(), fast)
     assert "fc_gate" in fast_model.layers[0]
     for batch in (1, 3):
-        decoder = CudaDecoder(fast_model, batch, 24, DecodeOptions())
+        decoder = CudaDecoder(fast_model, batch, 24, fast)
+        assert (decoder.fused is not None) == (batch == 1 and quant == "int4_awq"), decoder.path
         decoder.warm_up()
         assert decoder.generate(prompts * batch, 8)[0] == want[0], batch
+
+
+@pytest.mark.parametrize("act, residual, bias, inp", [(0, True, False, 96), (1, True, True, 128), (0, False, True, 64),
+                                                     (1, False, False, 96)])
+def test_int4_fused_gemv_equals_the_unfused_ops(act, residual, bias, inp):
+    """The fused step's int4 GEMV: residual add (x + residual stored), RMSNorm prologue, prequant, bias and
+    silu(fc) * gate epilogue against the same ops in float64 on the emulation's weights (float16; the kernel
+    normalizes in one pass, unrounded, so within a few units in the last place)."""
+    from pipeline.kernels.common import ACT_SILU_GATE, NORM_RMS
+
+    dtype = torch.float16
+    rows = 64 if act else 48
+    packed, scales, prequant = int4_weight(rows, inp, 32, dtype, seed=inp + act)
+    x, r = torch.randn(inp).to(dtype), torch.randn(inp).to(dtype)
+    g = (torch.rand(inp) + 0.5).to(dtype)
+    b = torch.randn(rows).to(dtype) if bias else None
+    y, h = int4_gemm.int4_fused_gemv(x, r if residual else None, g, packed, scales, prequant, b, rows, 32, 1e-5,
+                                     NORM_RMS, ACT_SILU_GATE if act else 0)
+    hx = (x + r if residual else x).double()
+    if residual:
+        assert torch.equal(h, x + r)
+    normed = hx / (hx.pow(2).mean() + 1e-5).sqrt() * g.double() * prequant.double()
+    lin = GroupwiseInt4Linear(packed, scales, None, None, 32, rows, dtype)
+    ref = lin.dequantized(inp).double() @ normed + (b.double() if bias else 0)
+    if act:
+        fc, gate = ref.chunk(2)
+        ref = torch.nn.functional.silu(fc) * gate
+    assert y.shape == ref.shape
+    assert float((y.double() - ref).norm() / ref.norm()) < 2e-3
+
+
+def test_fused_step_runs_int4_models():
+    """Batch 1 with int4 GEMMs (fc and gate fused): the fused step's int4 GEMVs (norm prologue, silu-gate epilogue)
+    against the layer-by-layer step of the emulation's GEMMs: logits within float16 rounding, the same tokens."""
+    from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
+    from pipeline.bench import device_random_model
+    from pipeline.quantize.registry import weight_format
+
+    def model():
+        m, _, _ = device_random_model("llama-tiny-g64", 1, Comm(Mapping(1, 1, 0), CPU), CPU, "float16")
+        return weight_format("int4_awq").device_quantizer(m, {})
+
+    plain = DecodeOptions(cuda_graph=False, compile=False, fused_step=False)
+    fused = DecodeOptions(cuda_graph=False, compile=False, fused_step=True)
+    reference = CudaDecoder(accelerate(model(), plain), 1, 16, plain)
+    reference.attention = None  # torch's attention: the reference is the emulation alone
+    decoder = CudaDecoder(accelerate(model(), fused), 1, 16, fused)
+    assert decoder.path == "fused step"
+    assert isinstance(decoder.model.layers[0]["fc_gate"], GroupwiseInt4Linear)
+    prompt = [[3, 14, 15, 92, 65, 7, 1]]
+    reference.prefill(prompt)
+    decoder.prefill(prompt)
+    for _ in range(2):
+        want, got = reference._step(), decoder._step()
+        assert ((got - want).norm() / want.norm()).item() < 5e-3
+        assert torch.equal(got.argmax(-1), want.argmax(-1))

@@ -203,3 +203,151 @@ def autotuned_configs() -> dict[str, str]:
     if triton is None:
         return {}
     return {f"int4 {key}": str(config) for key, config in _int4_mm_tuned.cache.items()}
+
+
+# ------------------------------------------------------------------------------------ the fused batch-1 GEMV
+# The fused decode step's form (pipeline.backends.fused_step): one row, the residual add and RMSNorm as its prologue
+# (one pass: the sums scaled by 1 / rms(x) at the end, as pipeline.kernels.gemv does), bias and silu(fc) * gate as
+# its epilogue. With silu-gate the weight is the fused [fc; gate] (fc's packed rows first) and the program takes
+# both halves of its rows.
+
+if triton is not None:
+    from pipeline.kernels.common import activation, load_row
+
+    FUSED_CONFIGS = [c for c in CONFIGS if c.kwargs["DOT"] == 0]
+
+    @triton.jit
+    def _int4_fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, pq_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KP, GROUPS, eps,
+                         ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_PQ: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr = 1,
+                         DOT: tl.constexpr = 0):
+        """y [N] = act(dequantize(q) @ (norm(x + residual) * prequant) + bias) for BLOCK_H packed rows (2 * BLOCK_H
+        outputs; with silu-gate also the gate's, N / 2 packed rows further); x + residual stored to h_out by
+        program 0. BLOCK_M and DOT: the shared configs' keys (one row, the FMA form)."""
+        pid = tl.program_id(0)
+        dt = x_ptr.dtype.element_ty
+        offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+        n_out = N
+        if ACT == 1:
+            n_out = N // 2
+        nh = (n_out + 1) // 2  # packed rows of the output (of fc alone with silu-gate)
+        rows_h = tl.minimum(offs_h, nh - 1).to(tl.int64)
+        gate_h = rows_h + nh  # the gate half's packed rows (ACT = 1)
+        arange_k = tl.arange(0, BLOCK_K)
+        acc_lo = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
+        acc_hi = tl.zeros_like(acc_lo)
+        gate_lo = tl.zeros_like(acc_lo)
+        gate_hi = tl.zeros_like(acc_lo)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + arange_k
+            k_mask = offs_k < K
+            x = load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL)
+            if ADD_RESIDUAL:
+                tl.store(h_out_ptr + offs_k, x.to(dt), mask=k_mask & (pid == 0))
+            if NORM == 1:
+                ss += x * x
+                x = x * tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            if HAS_PQ:
+                x = x * tl.load(pq_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            acc_lo, acc_hi = _fma_rows(acc_lo, acc_hi, x, q_ptr, s_ptr, rows_h, offs_k, k_mask, KP, GROUPS, dt, GROUP,
+                                       EVEN_K)
+            if ACT == 1:
+                gate_lo, gate_hi = _fma_rows(gate_lo, gate_hi, x, q_ptr, s_ptr, gate_h, offs_k, k_mask, KP, GROUPS,
+                                             dt, GROUP, EVEN_K)
+        y_lo = tl.sum(acc_lo, axis=1)
+        y_hi = tl.sum(acc_hi, axis=1)
+        g_lo = tl.sum(gate_lo, axis=1)
+        g_hi = tl.sum(gate_hi, axis=1)
+        if NORM == 1:
+            inv_rms = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+            y_lo = y_lo * inv_rms
+            y_hi = y_hi * inv_rms
+            g_lo = g_lo * inv_rms
+            g_hi = g_hi * inv_rms
+        out_lo = 2 * offs_h
+        out_hi = out_lo + 1
+        if HAS_BIAS:
+            y_lo += tl.load(b_ptr + out_lo, mask=out_lo < n_out, other=0.0).to(tl.float32)
+            y_hi += tl.load(b_ptr + out_hi, mask=out_hi < n_out, other=0.0).to(tl.float32)
+            if ACT == 1:
+                g_lo += tl.load(b_ptr + n_out + out_lo, mask=out_lo < n_out, other=0.0).to(tl.float32)
+                g_hi += tl.load(b_ptr + n_out + out_hi, mask=out_hi < n_out, other=0.0).to(tl.float32)
+        y_lo = activation(y_lo, g_lo, dt, ACT)
+        y_hi = activation(y_hi, g_hi, dt, ACT)
+        tl.store(y_ptr + out_lo, y_lo.to(y_ptr.dtype.element_ty), mask=out_lo < n_out)
+        tl.store(y_ptr + out_hi, y_hi.to(y_ptr.dtype.element_ty), mask=out_hi < n_out)
+
+    @triton.jit
+    def _fma_rows(acc_lo, acc_hi, x, q_ptr, s_ptr, rows_h, offs_k, k_mask, KP, GROUPS, dt, GROUP: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+        """One BLOCK_K chunk of the packed rows rows_h times the float32 input chunk x, added to the accumulators."""
+        q_rows = q_ptr + rows_h[:, None] * KP
+        s_lo = s_ptr + (2 * rows_h)[:, None] * GROUPS
+        g = offs_k // GROUP
+        if EVEN_K:
+            p = tl.load(q_rows + offs_k[None, :], eviction_policy="evict_first")
+            sl = tl.load(s_lo + g[None, :])
+            sh = tl.load(s_lo + GROUPS + g[None, :])
+        else:
+            p = tl.load(q_rows + offs_k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
+            sl = tl.load(s_lo + g[None, :], mask=k_mask[None, :], other=0.0)
+            sh = tl.load(s_lo + GROUPS + g[None, :], mask=k_mask[None, :], other=0.0)
+        w_lo, w_hi = _dequantize(p, sl, sh, dt)
+        acc_lo += w_lo.to(tl.float32) * x[None, :]
+        acc_hi += w_hi.to(tl.float32) * x[None, :]
+        return acc_lo, acc_hi
+
+    @triton.jit
+    def _int4_fused_gemv_emulated(x_ptr, r_ptr, h_out_ptr, nw_ptr, pq_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N,
+                                  K: tl.constexpr, KP, GROUPS, eps, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+                                  HAS_PQ: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                                  GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  EVEN_K: tl.constexpr):
+        _int4_fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, pq_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KP, GROUPS, eps,
+                         ADD_RESIDUAL, NORM, HAS_PQ, HAS_BIAS, ACT, GROUP, BLOCK_H, BLOCK_K, EVEN_K)
+
+    def _prune_fused(configs, named_args, **kwargs):
+        nh = named_args["N"] // (4 if kwargs.get("ACT", 0) else 2)
+        return [c for c in configs if nh // c.kwargs["BLOCK_H"] >= 128] or configs[:2]
+
+    _int4_fused_gemv_tuned = triton.autotune(
+        configs=FUSED_CONFIGS, key=["N", "K", "NORM", "ACT", "HAS_PQ", "GROUP"],
+        prune_configs_by={"early_config_prune": _prune_fused})(
+            triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int4_fused_gemv))
+
+
+@torch.library.custom_op("pipeline::int4_fused_gemv", mutates_args=())
+def int4_fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                    packed: torch.Tensor, scales: torch.Tensor, prequant: torch.Tensor | None,
+                    bias: torch.Tensor | None, out_rows: int, group_size: int, eps: float, norm: int,
+                    act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row x [.., K]: (y [out_rows or out_rows / 2 with silu-gate], x + residual [K] or empty), see above.
+    out_rows: the weight's real rows (fc and gate together with silu-gate; no padding rows between them)."""
+    K = x.shape[-1]
+    x = x.reshape(K).contiguous()
+    _check(x.view(1, K), packed, scales, prequant, out_rows, group_size)
+    if act and 2 * packed.shape[0] != out_rows:
+        raise ValueError(f"int4_fused_gemv: silu-gate needs [fc; gate] without padding rows, got {out_rows} of "
+                         f"{2 * packed.shape[0]}")
+    y = torch.empty(out_rows // 2 if act else out_rows, dtype=x.dtype, device=x.device)
+    h_out = torch.empty(K if residual is not None else 0, dtype=x.dtype, device=x.device)
+    args = (x, residual.reshape(K).contiguous() if residual is not None else x, h_out if residual is not None else y,
+            norm_weight if norm_weight is not None else y, prequant if prequant is not None else y, packed, scales,
+            bias if bias is not None else y, y, out_rows, K, packed.shape[1], scales.shape[1], eps)
+    flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_PQ=prequant is not None, HAS_BIAS=bias is not None,
+                 ACT=act, GROUP=group_size)
+    if emulated():
+        meta = dict(INTERPRETER_CONFIG, EVEN_K=K % INTERPRETER_CONFIG["BLOCK_K"] == 0)
+        _int4_fused_gemv_emulated[(triton.cdiv(triton.cdiv(y.numel(), 2), meta["BLOCK_H"]),)](*args, **flags, **meta)
+    else:
+        _int4_fused_gemv_tuned[lambda meta: (triton.cdiv(triton.cdiv(y.numel(), 2), meta["BLOCK_H"]),)](*args, **flags)
+    return y, h_out
+
+
+@int4_fused_gemv.register_fake
+def _(x, residual, norm_weight, packed, scales, prequant, bias, out_rows, group_size, eps, norm, act):
+    k = x.shape[-1] if residual is not None else 0
+    return (torch.empty(out_rows // 2 if act else out_rows, dtype=x.dtype, device=x.device),
+            torch.empty(k, dtype=x.dtype, device=x.device))
