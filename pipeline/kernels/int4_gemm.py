@@ -24,13 +24,12 @@ DTYPES = (torch.bfloat16, torch.float16)
 if triton is not None:
     CONFIGS = [
         triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": 1, "DOT": 0}, num_warps=w, num_stages=s)
-        for bh, bk, w, s in ((4, 256, 4, 3), (8, 256, 4, 3), (4, 512, 4, 3), (8, 512, 8, 2), (16, 128, 4, 3),
-                             (16, 256, 8, 3), (2, 1024, 4, 2))
+        for bh, bk, w, s in ((8, 128, 2, 4), (16, 128, 4, 4), (32, 128, 4, 3), (32, 128, 8, 3), (16, 64, 2, 4),
+                             (8, 256, 4, 3), (4, 512, 4, 3))
     ] + [
         triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": bm, "DOT": 1}, num_warps=w, num_stages=s)
         for bm in (16, 64)
-        for bh, bk, w, s in ((16, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 3), (32, 256, 4, 3), (64, 64, 4, 4),
-                             (64, 128, 4, 3), (128, 64, 8, 3), (64, 256, 8, 2))
+        for bh, bk, w, s in ((16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3))
     ]
 
     def _prune(configs, named_args, **kwargs):
@@ -65,7 +64,6 @@ if triton is not None:
         m_mask = offs_m < M
         q_rows = q_ptr + rows_h[:, None] * KP
         s_lo = s_ptr + (2 * rows_h)[:, None] * GROUPS
-        s_hi = s_lo + GROUPS
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
         arange_k = tl.arange(0, BLOCK_K)
         if DOT == 1:
@@ -76,16 +74,12 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + arange_k
             k_mask = offs_k < K
-            g = offs_k // GROUP
+            sl, sh = _scales(s_lo, k0, offs_k, k_mask, GROUPS, GROUP, BLOCK_K)
             if EVEN_K:
                 p = tl.load(q_rows + offs_k[None, :], eviction_policy="evict_first")
-                sl = tl.load(s_lo + g[None, :])
-                sh = tl.load(s_hi + g[None, :])
                 x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
             else:
                 p = tl.load(q_rows + offs_k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
-                sl = tl.load(s_lo + g[None, :], mask=k_mask[None, :], other=0.0)
-                sh = tl.load(s_hi + g[None, :], mask=k_mask[None, :], other=0.0)
                 x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w_lo, w_hi = _dequantize(p, sl, sh, dt)
             if HAS_PQ:  # x * prequant, rounded to the model dtype as the unfused multiply rounds it
@@ -118,6 +112,20 @@ if triton is not None:
         y_rows = y_ptr + offs_m.to(tl.int64)[None, :] * N
         tl.store(y_rows + out_lo[:, None], y_lo.to(dt), mask=(out_lo < N)[:, None] & m_mask[None, :])
         tl.store(y_rows + out_hi[:, None], y_hi.to(dt), mask=(out_hi < N)[:, None] & m_mask[None, :])
+
+    @triton.jit
+    def _scales(s_lo, k0, offs_k, k_mask, GROUPS, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The scales of a chunk's low-nibble rows (s_lo: their scale rows) and high-nibble rows (the next rows):
+        a chunk inside one group takes one scale per row ([BLOCK_H, 1], a load per row); a wider one one per
+        element (gathered: a load per element, from L1)."""
+        if BLOCK_K <= GROUP:
+            sl = tl.load(s_lo + k0 // GROUP)
+            sh = tl.load(s_lo + GROUPS + k0 // GROUP)
+        else:
+            g = offs_k // GROUP
+            sl = tl.load(s_lo + g[None, :], mask=k_mask[None, :], other=0.0)
+            sh = tl.load(s_lo + GROUPS + g[None, :], mask=k_mask[None, :], other=0.0)
+        return sl, sh
 
     @triton.jit
     def _dequantize(p, sl, sh, dt):
@@ -251,11 +259,11 @@ if triton is not None:
                 x = x * tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             if HAS_PQ:
                 x = x * tl.load(pq_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            acc_lo, acc_hi = _fma_rows(acc_lo, acc_hi, x, q_ptr, s_ptr, rows_h, offs_k, k_mask, KP, GROUPS, dt, GROUP,
-                                       EVEN_K)
+            acc_lo, acc_hi = _fma_rows(acc_lo, acc_hi, x, q_ptr, s_ptr, rows_h, k0, offs_k, k_mask, KP, GROUPS, dt,
+                                       GROUP, BLOCK_K, EVEN_K)
             if ACT == 1:
-                gate_lo, gate_hi = _fma_rows(gate_lo, gate_hi, x, q_ptr, s_ptr, gate_h, offs_k, k_mask, KP, GROUPS,
-                                             dt, GROUP, EVEN_K)
+                gate_lo, gate_hi = _fma_rows(gate_lo, gate_hi, x, q_ptr, s_ptr, gate_h, k0, offs_k, k_mask, KP, GROUPS,
+                                             dt, GROUP, BLOCK_K, EVEN_K)
         y_lo = tl.sum(acc_lo, axis=1)
         y_hi = tl.sum(acc_hi, axis=1)
         g_lo = tl.sum(gate_lo, axis=1)
@@ -280,20 +288,15 @@ if triton is not None:
         tl.store(y_ptr + out_hi, y_hi.to(y_ptr.dtype.element_ty), mask=out_hi < n_out)
 
     @triton.jit
-    def _fma_rows(acc_lo, acc_hi, x, q_ptr, s_ptr, rows_h, offs_k, k_mask, KP, GROUPS, dt, GROUP: tl.constexpr,
-                  EVEN_K: tl.constexpr):
+    def _fma_rows(acc_lo, acc_hi, x, q_ptr, s_ptr, rows_h, k0, offs_k, k_mask, KP, GROUPS, dt, GROUP: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         """One BLOCK_K chunk of the packed rows rows_h times the float32 input chunk x, added to the accumulators."""
         q_rows = q_ptr + rows_h[:, None] * KP
-        s_lo = s_ptr + (2 * rows_h)[:, None] * GROUPS
-        g = offs_k // GROUP
+        sl, sh = _scales(s_ptr + (2 * rows_h)[:, None] * GROUPS, k0, offs_k, k_mask, GROUPS, GROUP, BLOCK_K)
         if EVEN_K:
             p = tl.load(q_rows + offs_k[None, :], eviction_policy="evict_first")
-            sl = tl.load(s_lo + g[None, :])
-            sh = tl.load(s_lo + GROUPS + g[None, :])
         else:
             p = tl.load(q_rows + offs_k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
-            sl = tl.load(s_lo + g[None, :], mask=k_mask[None, :], other=0.0)
-            sh = tl.load(s_lo + GROUPS + g[None, :], mask=k_mask[None, :], other=0.0)
         w_lo, w_hi = _dequantize(p, sl, sh, dt)
         acc_lo += w_lo.to(tl.float32) * x[None, :]
         acc_hi += w_hi.to(tl.float32) * x[None, :]
