@@ -19,6 +19,8 @@ import torch
 from pipeline.kernels.common import emulated, tl, triton
 
 INTERPRETER_CONFIG = {"BLOCK_H": 4, "BLOCK_K": 32}  # the emulator's one config (BLOCK_M and DOT chosen per call)
+# the fused GEMV's in the emulator: fewer, larger programs (the emulator's time goes per program and operation)
+FUSED_INTERPRETER_CONFIG = {"BLOCK_H": 16, "BLOCK_K": 64}
 DTYPES = (torch.bfloat16, torch.float16)
 
 if triton is not None:
@@ -342,7 +344,7 @@ def int4_fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     flags = dict(ADD_RESIDUAL=residual is not None, NORM=norm, HAS_PQ=prequant is not None, HAS_BIAS=bias is not None,
                  ACT=act, GROUP=group_size)
     if emulated():
-        meta = dict(INTERPRETER_CONFIG, EVEN_K=K % INTERPRETER_CONFIG["BLOCK_K"] == 0)
+        meta = dict(FUSED_INTERPRETER_CONFIG, EVEN_K=K % FUSED_INTERPRETER_CONFIG["BLOCK_K"] == 0)
         _int4_fused_gemv_emulated[(triton.cdiv(triton.cdiv(y.numel(), 2), meta["BLOCK_H"]),)](*args, **flags, **meta)
     else:
         _int4_fused_gemv_tuned[lambda meta: (triton.cdiv(triton.cdiv(y.numel(), 2), meta["BLOCK_H"]),)](*args, **flags)
