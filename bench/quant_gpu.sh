@@ -41,7 +41,7 @@ L=graph+compile+triton-gemv+fused-mlp         # batch 1, int4: the compiled laye
 B=graph+compile+cublas+fused-mlp              # batch 256: the compiled layer-by-layer step (gpu_run.sh's 8b phase)
 run 130 "bf16 b1,256" python -m pipeline bench llama-3-8b-random-bf16 --batch-sizes 1,256 --variants $F \
   --batched-variants $B --out "$R" "${COMMON[@]}"
-run 100 "int4_awq b1 fused step" python -m pipeline bench llama-3-8b-random-int4awq --batch-sizes 1 --variants $F \
+run 100 "int4_awq b1 fused step" python -m pipeline bench llama-3-8b-random-int4awq --batch-sizes 1 --variants $F,${F%+pdl} \
   --out "$R/int4-fused-step" "${COMMON[@]}"
 run 120 "w8a8 b256" python -m pipeline bench llama-3-8b-random-w8a8sq --batch-sizes 1,256 \
   --variants graph+triton-gemv+fused-mlp --batched-variants $B --out "$R" "${COMMON[@]}"

@@ -122,7 +122,7 @@ class FusedStep:
             weight = norm[0] if norm is not None else None
             y, h_out = torch.ops.pipeline.int4_fused_gemv(
                 x, residual, weight, lin.packed, lin.scales, lin.prequant, gemm.bias, lin.out_features,
-                lin.group_size, float(self.model.eps), NORM_NONE if norm is None else self.norm, act)
+                lin.group_size, float(self.model.eps), NORM_NONE if norm is None else self.norm, act, self.pdl)
             return y.view(1, -1), h_out.view(1, -1)
         config = gemv.CONFIGS.index(self.configs[name]) if name in self.configs else -1
         y, h_out = torch.ops.pipeline.fused_gemv(*self._args(x, residual, norm, gemm, act, out_dtype), config)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.kernels.common import emulated, tl, triton
+from pipeline.kernels.common import emulated, gdc_launch_dependents, gdc_wait, tl, triton
 
 INTERPRETER_CONFIG = {"BLOCK_H": 4, "BLOCK_K": 32}  # the emulator's one config (BLOCK_M and DOT chosen per call)
 # the fused GEMV's in the emulator: fewer, larger programs (the emulator's time goes per program and operation)
@@ -231,10 +231,14 @@ if triton is not None:
                          ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_PQ: tl.constexpr,
                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr = 1,
-                         DOT: tl.constexpr = 0):
+                         DOT: tl.constexpr = 0, PDL: tl.constexpr = False):
         """y [N] = act(dequantize(q) @ (norm(x + residual) * prequant) + bias) for BLOCK_H packed rows (2 * BLOCK_H
         outputs; with silu-gate also the gate's, N / 2 packed rows further); x + residual stored to h_out by
-        program 0. BLOCK_M and DOT: the shared configs' keys (one row, the FMA form)."""
+        program 0. BLOCK_M and DOT: the shared configs' keys (one row, the FMA form). PDL (Hopper, launched with
+        programmatic dependent launch): wait for the previous kernel before anything, let the next launch after
+        the main loop (as pipeline.kernels.gemv's fused GEMV)."""
+        if PDL:
+            gdc_wait()
         pid = tl.program_id(0)
         dt = x_ptr.dtype.element_ty
         offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -266,6 +270,8 @@ if triton is not None:
             if ACT == 1:
                 gate_lo, gate_hi = _fma_rows(gate_lo, gate_hi, x, q_ptr, s_ptr, gate_h, k0, offs_k, k_mask, KP, GROUPS,
                                              dt, GROUP, BLOCK_K, EVEN_K)
+        if PDL:
+            gdc_launch_dependents()
         y_lo = tl.sum(acc_lo, axis=1)
         y_hi = tl.sum(acc_hi, axis=1)
         g_lo = tl.sum(gate_lo, axis=1)
@@ -327,9 +333,10 @@ if triton is not None:
 def int4_fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
                     packed: torch.Tensor, scales: torch.Tensor, prequant: torch.Tensor | None,
                     bias: torch.Tensor | None, out_rows: int, group_size: int, eps: float, norm: int,
-                    act: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    act: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One row x [.., K]: (y [out_rows or out_rows / 2 with silu-gate], x + residual [K] or empty), see above.
-    out_rows: the weight's real rows (fc and gate together with silu-gate; no padding rows between them)."""
+    out_rows: the weight's real rows (fc and gate together with silu-gate; no padding rows between them). pdl: launch
+    with programmatic dependent launch (Hopper; not in the emulator)."""
     K = x.shape[-1]
     x = x.reshape(K).contiguous()
     _check(x.view(1, K), packed, scales, prequant, out_rows, group_size)
@@ -347,12 +354,14 @@ def int4_fused_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
         meta = dict(FUSED_INTERPRETER_CONFIG, EVEN_K=K % FUSED_INTERPRETER_CONFIG["BLOCK_K"] == 0)
         _int4_fused_gemv_emulated[(triton.cdiv(triton.cdiv(y.numel(), 2), meta["BLOCK_H"]),)](*args, **flags, **meta)
     else:
+        if pdl:
+            flags.update(PDL=True, launch_pdl=True)
         _int4_fused_gemv_tuned[lambda meta: (triton.cdiv(triton.cdiv(y.numel(), 2), meta["BLOCK_H"]),)](*args, **flags)
     return y, h_out
 
 
 @int4_fused_gemv.register_fake
-def _(x, residual, norm_weight, packed, scales, prequant, bias, out_rows, group_size, eps, norm, act):
+def _(x, residual, norm_weight, packed, scales, prequant, bias, out_rows, group_size, eps, norm, act, pdl=False):
     k = x.shape[-1] if residual is not None else 0
     return (torch.empty(out_rows // 2 if act else out_rows, dtype=x.dtype, device=x.device),
             torch.empty(k, dtype=x.dtype, device=x.device))
