@@ -4,8 +4,9 @@
 # The 8B shape with random weights made on the GPU (--device-random; no network there): bfloat16 at batch 1 and 256,
 # int4_awq at batch 1 (the fused step; the compiled layer-by-layer step if that fails), w8a8_smoothquant at batch
 # 256, FP8 at batch 1; then the ratios against bfloat16
-# (bench/quant_gpu.py summary: $OUT/quant_gpu.md/.json), each 8B GEMM per format (quant_gemm.json), and the GPU
-# tests of the quantized GEMMs (tests.xml) with the time left. Every step has a timeout taken from one deadline
+# (bench/quant_gpu.py summary: $OUT/quant_gpu.md/.json). Before them the GPU tests of the kernels (tests-kernels.xml),
+# after them those of the quantized decode paths (tests-decode.xml) and each 8B GEMM per format (quant_gemm.json),
+# with the time left. Every step has a timeout taken from one deadline
 # (QUANT_GPU_BUDGET seconds, default 470), so the call ends in time whatever hangs; results.tgz holds the JSON/MD.
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-quant}
@@ -39,6 +40,8 @@ COMMON=(--device-random --repeats 2 --input-len 128 --output-len 96 --no-baselin
 F=graph+triton-gemv+fused-mlp+fused-step+pdl  # batch 1, bfloat16, FP8 and int4: the fused step (gpu_run.sh's fp8 phase)
 L=graph+compile+triton-gemv+fused-mlp         # batch 1, int4: the compiled layer-by-layer step (the fallback)
 B=graph+compile+cublas+fused-mlp              # batch 256: the compiled layer-by-layer step (gpu_run.sh's 8b phase)
+run 90 "gpu tests: kernels" python -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_quant_kernels.py \
+  -k "on_the_gpu and not decode" --junitxml="$OUT/tests-kernels.xml"
 run 130 "bf16 b1,256" python -m pipeline bench llama-3-8b-random-bf16 --batch-sizes 1,256 --variants $F \
   --batched-variants $B --out "$R" "${COMMON[@]}"
 run 100 "int4_awq b1 fused step" python -m pipeline bench llama-3-8b-random-int4awq --batch-sizes 1 --variants $F,${F%+pdl} \
@@ -51,8 +54,8 @@ if ! ls "$R"/int4-fused-step/bench-*.json >/dev/null 2>&1; then  # the fused ste
     --variants $L --out "$R/int4-layer-by-layer" "${COMMON[@]}"
 fi
 run 20 "summary" python bench/quant_gpu.py summary "$OUT"
-run 150 "gpu tests" python -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_quant_kernels.py \
-  --junitxml="$OUT/tests.xml"
+run 90 "gpu tests: decode" python -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_quant_kernels.py \
+  -k "decode" --junitxml="$OUT/tests-decode.xml"
 run 60 "gemms" python bench/quant_gpu.py gemm "$OUT"
 tar czf "$OUT/results.tgz" -C "$R" . && rm -rf "$R"
 cat "$OUT/quant_gpu.md" 2>/dev/null

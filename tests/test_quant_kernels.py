@@ -135,10 +135,11 @@ def test_device_quantizer_runs_the_format_on_a_random_model(quant):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 7, 200])
-@pytest.mark.parametrize("out, out_p, inp, in_p", [(4096, 4096, 4096, 4096), (14336, 14336, 4096, 4096),
-                                                   (1000, 1024, 576, 640)])
+@pytest.mark.parametrize("dtype, rows, out, out_p, inp, in_p", [
+    (torch.bfloat16, 1, 4096, 4096, 4096, 4096), (torch.bfloat16, 7, 4096, 4096, 4096, 4096),
+    (torch.bfloat16, 200, 4096, 4096, 4096, 4096), (torch.bfloat16, 1, 28672, 28672, 4096, 4096),
+    (torch.bfloat16, 1, 4096, 4096, 14336, 14336), (torch.float16, 1, 1000, 1024, 576, 640),
+    (torch.float16, 33, 1000, 1024, 576, 640)])
 def test_int4_kernel_on_the_gpu(dtype, rows, out, out_p, inp, in_p):
     """Compiled, with the config autotuning picks for the rows, at 8B shapes and a padded one: the emulation's
     weights and rounded input times float64 sums, within the output's rounding."""
@@ -155,7 +156,33 @@ def test_int4_kernel_on_the_gpu(dtype, rows, out, out_p, inp, in_p):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows", [1, 17, 256])
+@pytest.mark.parametrize("act, rows, inp", [(0, 6144, 4096), (1, 28672, 4096), (0, 4096, 14336)])
+def test_int4_fused_gemv_on_the_gpu(act, rows, inp):
+    """Compiled and autotuned at the 8B shapes (qkv with RMSNorm, [fc; gate] with silu-gate, proj): the unfused
+    ops in float64 on the emulation's weights, within bfloat16 rounding."""
+    from pipeline.kernels.common import ACT_SILU_GATE, NORM_RMS
+
+    dtype = torch.bfloat16
+    packed, scales, prequant = int4_weight(rows, inp, 128, dtype, device=GPU, seed=act)
+    x, r = torch.randn(inp, device=GPU).to(dtype), torch.randn(inp, device=GPU).to(dtype)
+    g = (torch.rand(inp, device=GPU) + 0.5).to(dtype)
+    norm = NORM_RMS if inp == 4096 else 0
+    y, h = int4_gemm.int4_fused_gemv(x, r, g if norm else None, packed, scales, prequant, None, rows, 128, 1e-5, norm,
+                                     ACT_SILU_GATE if act else 0)
+    hx = (x + r).double()
+    normed = hx / (hx.pow(2).mean() + 1e-5).sqrt() * g.double() if norm else hx
+    lin = GroupwiseInt4Linear(packed, scales, None, None, 128, rows, dtype)
+    ref = lin.dequantized(inp).double() @ (normed * prequant.double())
+    if act:
+        fc, gate = ref.chunk(2)
+        ref = torch.nn.functional.silu(fc) * gate
+    assert torch.equal(h, x + r)
+    assert float((y.double() - ref).norm() / ref.norm()) < 2.0**-7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 256])
 def test_int_mm_on_the_gpu_equals_the_emulation(rows):
     """torch._int_mm (cuBLASLt) against the float64 emulation of the same int8 product, run on the GPU too."""
     dtype = torch.bfloat16
