@@ -20,14 +20,14 @@ from pipeline.kernels.common import emulated, gdc_launch_dependents, gdc_wait, t
 
 INTERPRETER_CONFIG = {"BLOCK_H": 4, "BLOCK_K": 32}  # the emulator's one config (BLOCK_M and DOT chosen per call)
 # the fused GEMV's in the emulator: fewer, larger programs (the emulator's time goes per program and operation)
-FUSED_INTERPRETER_CONFIG = {"BLOCK_H": 16, "BLOCK_K": 64}
+FUSED_INTERPRETER_CONFIG = {"BLOCK_H": 16, "BLOCK_K": 64, "ACC_R": 4}
 DTYPES = (torch.bfloat16, torch.float16)
 
 if triton is not None:
     CONFIGS = [
-        triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": 1, "DOT": 0}, num_warps=w, num_stages=s)
-        for bh, bk, w, s in ((8, 128, 2, 4), (16, 128, 4, 4), (32, 128, 4, 3), (32, 128, 8, 3), (16, 64, 2, 4),
-                             (8, 256, 4, 3), (4, 512, 4, 3))
+        triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": 1, "DOT": 0, "ACC_R": r}, num_warps=w, num_stages=s)
+        for bh, bk, r, w, s in ((16, 128, 1, 4, 4), (32, 128, 1, 8, 3), (8, 256, 1, 4, 3), (16, 128, 4, 4, 4),
+                                (32, 128, 4, 8, 3), (8, 256, 8, 4, 3), (16, 256, 8, 4, 3), (8, 512, 8, 4, 2))
     ] + [
         triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": bm, "DOT": 1}, num_warps=w, num_stages=s)
         for bm in (16, 64)
@@ -52,11 +52,12 @@ if triton is not None:
     def _int4_mm(x_ptr, pq_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KP, GROUPS, M_BUCKET,
                  HAS_PQ: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                 F32_DOT: tl.constexpr = False):
+                 F32_DOT: tl.constexpr = False, ACC_R: tl.constexpr = 1):
         """y [M, N] for BLOCK_H packed rows and BLOCK_M input rows (see the module). x [M, K] row-major; q rows of
         KP bytes; GROUPS scales per output row. M_BUCKET only keys the autotuning. On a GPU K is a runtime
         argument; the emulator's entry passes it as a constant (its loops need one) and F32_DOT (its tl.dot of
-        bfloat16 operands is wrong: Triton 3.6)."""
+        bfloat16 operands is wrong: Triton 3.6). ACC_R (FMA form): products summed in groups of ACC_R neighbours
+        before they are accumulated, a smaller accumulator (as pipeline.kernels.gemv's)."""
         pid_h = tl.program_id(0)
         pid_m = tl.program_id(1)
         dt = y_ptr.dtype.element_ty
@@ -71,7 +72,7 @@ if triton is not None:
         if DOT == 1:
             acc_lo = tl.zeros((BLOCK_H, BLOCK_M), dtype=tl.float32)
         else:
-            acc_lo = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
+            acc_lo = tl.zeros((BLOCK_H, BLOCK_K // ACC_R), dtype=tl.float32)
         acc_hi = tl.zeros_like(acc_lo)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + arange_k
@@ -98,8 +99,8 @@ if triton is not None:
                     acc_hi += tl.dot(w_hi, xt)
             else:
                 xf = x.to(tl.float32)  # [1, BLOCK_K]
-                acc_lo += w_lo.to(tl.float32) * xf
-                acc_hi += w_hi.to(tl.float32) * xf
+                acc_lo += _grouped(w_lo.to(tl.float32) * xf, BLOCK_K, ACC_R)
+                acc_hi += _grouped(w_hi.to(tl.float32) * xf, BLOCK_K, ACC_R)
         if DOT == 1:
             y_lo = acc_lo
             y_hi = acc_hi
@@ -114,6 +115,14 @@ if triton is not None:
         y_rows = y_ptr + offs_m.to(tl.int64)[None, :] * N
         tl.store(y_rows + out_lo[:, None], y_lo.to(dt), mask=(out_lo < N)[:, None] & m_mask[None, :])
         tl.store(y_rows + out_hi[:, None], y_hi.to(dt), mask=(out_hi < N)[:, None] & m_mask[None, :])
+
+    @triton.jit
+    def _grouped(p, BLOCK_K: tl.constexpr, ACC_R: tl.constexpr):
+        """Products [BLOCK_H, BLOCK_K] summed over groups of ACC_R neighbours: [BLOCK_H, BLOCK_K // ACC_R]."""
+        if ACC_R > 1:
+            return tl.sum(tl.reshape(p, (p.shape[0], BLOCK_K // ACC_R, ACC_R)), axis=2)
+        else:
+            return p
 
     @triton.jit
     def _scales(s_lo, k0, offs_k, k_mask, GROUPS, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -231,7 +240,7 @@ if triton is not None:
                          ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_PQ: tl.constexpr,
                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr = 1,
-                         DOT: tl.constexpr = 0, PDL: tl.constexpr = False):
+                         DOT: tl.constexpr = 0, PDL: tl.constexpr = False, ACC_R: tl.constexpr = 1):
         """y [N] = act(dequantize(q) @ (norm(x + residual) * prequant) + bias) for BLOCK_H packed rows (2 * BLOCK_H
         outputs; with silu-gate also the gate's, N / 2 packed rows further); x + residual stored to h_out by
         program 0. BLOCK_M and DOT: the shared configs' keys (one row, the FMA form). PDL (Hopper, launched with
@@ -249,7 +258,7 @@ if triton is not None:
         rows_h = tl.minimum(offs_h, nh - 1).to(tl.int64)
         gate_h = rows_h + nh  # the gate half's packed rows (ACT = 1)
         arange_k = tl.arange(0, BLOCK_K)
-        acc_lo = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
+        acc_lo = tl.zeros((BLOCK_H, BLOCK_K // ACC_R), dtype=tl.float32)
         acc_hi = tl.zeros_like(acc_lo)
         gate_lo = tl.zeros_like(acc_lo)
         gate_hi = tl.zeros_like(acc_lo)
@@ -266,10 +275,10 @@ if triton is not None:
             if HAS_PQ:
                 x = x * tl.load(pq_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             acc_lo, acc_hi = _fma_rows(acc_lo, acc_hi, x, q_ptr, s_ptr, rows_h, k0, offs_k, k_mask, KP, GROUPS, dt,
-                                       GROUP, BLOCK_K, EVEN_K)
+                                       GROUP, BLOCK_K, EVEN_K, ACC_R)
             if ACT == 1:
                 gate_lo, gate_hi = _fma_rows(gate_lo, gate_hi, x, q_ptr, s_ptr, gate_h, k0, offs_k, k_mask, KP, GROUPS,
-                                             dt, GROUP, BLOCK_K, EVEN_K)
+                                             dt, GROUP, BLOCK_K, EVEN_K, ACC_R)
         if PDL:
             gdc_launch_dependents()
         y_lo = tl.sum(acc_lo, axis=1)
@@ -297,7 +306,7 @@ if triton is not None:
 
     @triton.jit
     def _fma_rows(acc_lo, acc_hi, x, q_ptr, s_ptr, rows_h, k0, offs_k, k_mask, KP, GROUPS, dt, GROUP: tl.constexpr,
-                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ACC_R: tl.constexpr):
         """One BLOCK_K chunk of the packed rows rows_h times the float32 input chunk x, added to the accumulators."""
         q_rows = q_ptr + rows_h[:, None] * KP
         sl, sh = _scales(s_ptr + (2 * rows_h)[:, None] * GROUPS, k0, offs_k, k_mask, GROUPS, GROUP, BLOCK_K)
@@ -306,8 +315,8 @@ if triton is not None:
         else:
             p = tl.load(q_rows + offs_k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
         w_lo, w_hi = _dequantize(p, sl, sh, dt)
-        acc_lo += w_lo.to(tl.float32) * x[None, :]
-        acc_hi += w_hi.to(tl.float32) * x[None, :]
+        acc_lo += _grouped(w_lo.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
+        acc_hi += _grouped(w_hi.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
         return acc_lo, acc_hi
 
     @triton.jit
@@ -315,9 +324,10 @@ if triton is not None:
                                   K: tl.constexpr, KP, GROUPS, eps, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
                                   HAS_PQ: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  EVEN_K: tl.constexpr):
+                                  EVEN_K: tl.constexpr, ACC_R: tl.constexpr):
         _int4_fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, pq_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KP, GROUPS, eps,
-                         ADD_RESIDUAL, NORM, HAS_PQ, HAS_BIAS, ACT, GROUP, BLOCK_H, BLOCK_K, EVEN_K)
+                         ADD_RESIDUAL, NORM, HAS_PQ, HAS_BIAS, ACT, GROUP, BLOCK_H, BLOCK_K, EVEN_K, 1, 0, False,
+                         ACC_R)
 
     def _prune_fused(configs, named_args, **kwargs):
         nh = named_args["N"] // (4 if kwargs.get("ACT", 0) else 2)
