@@ -221,7 +221,9 @@ def autotuned_configs() -> dict[str, str]:
     """The config Triton's autotuner chose per key in this process."""
     if triton is None:
         return {}
-    return {f"int4 {key}": str(config) for key, config in _int4_mm_tuned.cache.items()}
+    chosen = {f"int4_mm {key}": config for key, config in _int4_mm_tuned.cache.items()}
+    chosen.update({f"int4_fused_gemv {key}": config for key, config in _int4_fused_gemv_tuned.cache.items()})
+    return {key: str(config) for key, config in chosen.items()}
 
 
 # ------------------------------------------------------------------------------------ the fused batch-1 GEMV
