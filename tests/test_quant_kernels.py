@@ -47,24 +47,28 @@ SHAPES = [(48, 64, 96, 128, 32), (30, 32, 96, 96, 32), (64, 64, 128, 128, 64), (
 @pytest.mark.parametrize("out, out_p, inp, in_p, group", SHAPES)
 def test_int4_kernel_equals_the_cpu_emulation(rows, dot, out, out_p, inp, in_p, group):
     """float16 (the emulator rounds float32 to bfloat16 toward zero; the GPU test takes bfloat16): the kernel's
-    dequantized tiles are the emulation's weights bit for bit, so only float32 summation order differs; with
+    dequantized tiles are the emulation's weights bit for bit, so only float32 summation order differs: the output
+    within one unit in the last place; with
     prequant and bias, GEMV (FMA) and dot forms, rows past one BLOCK_M."""
     dtype = torch.float16
+    torch.manual_seed(rows * out)
     packed, scales, prequant = int4_weight(out_p, in_p, group, dtype, seed=rows + out)
     bias = torch.randn(out).to(dtype)
     x = torch.randn(rows, inp).to(dtype)
     ref = GroupwiseInt4Linear(packed, scales, prequant, bias, group, out, dtype)(x)
     got = int4_gemm.int4_mm(x, packed, scales, prequant, bias, out, group, dot)
     assert got.shape == (rows, out) and got.dtype == dtype
-    assert ((got.double() - ref.double()).abs() <= 2.0**-11 * ref.double().abs() + 1e-3).all()
+    # one unit in the last place: float32 sums in another order can round a float16 output the other way
+    assert ((got.double() - ref.double()).abs() <= 2.0**-10 * ref.double().abs() + 1e-3).all()
 
 
 def test_int4_kernel_without_prequant_or_bias_and_its_errors():
+    torch.manual_seed(3)
     packed, scales, _ = int4_weight(32, 64, 32, torch.float16)
     x = torch.randn(3, 64).to(torch.float16)
     ref = GroupwiseInt4Linear(packed, scales, None, None, 32, 32, torch.float16)(x)
     got = int4_gemm.int4_mm(x, packed, scales, None, None, 32, 32)
-    assert ((got.double() - ref.double()).abs() <= 2.0**-11 * ref.double().abs() + 1e-3).all()
+    assert ((got.double() - ref.double()).abs() <= 2.0**-10 * ref.double().abs() + 1e-3).all()
     with pytest.raises(ValueError, match="cannot give 33 outputs"):
         int4_gemm.int4_mm(x, packed, scales, None, None, 33, 32)
     with pytest.raises(ValueError, match="same dtype"):
@@ -76,14 +80,15 @@ def test_int4_kernel_without_prequant_or_bias_and_its_errors():
 
 def test_fused_fc_gate_is_the_two_gemms():
     """fused_with concatenates packed rows and scales (int4) or int8 rows and channel scales (W8A8): the fused
-    GEMM's outputs are the two GEMMs' outputs side by side, exactly; padded rows or different inputs keep two."""
+    GEMM's outputs are the two GEMMs' outputs side by side; padded rows or different inputs keep two."""
     dtype = torch.float16
     pf, sf, pq = int4_weight(64, 128, 32, dtype, seed=1)
     pg, sg, _ = int4_weight(64, 128, 32, dtype, seed=2)
     fc = GroupwiseInt4Linear(pf, sf, pq, None, 32, 64, dtype)
     gate = GroupwiseInt4Linear(pg, sg, pq, None, 32, 64, dtype)
-    x = torch.randn(2, 128).to(dtype)
-    assert torch.equal(fc.fused_with(gate)(x), torch.cat([fc(x), gate(x)], dim=-1))
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(0)).to(dtype)
+    # the same products; a CPU GEMM of another width may add them in another order (int8's sums are exact)
+    assert torch.allclose(fc.fused_with(gate)(x), torch.cat([fc(x), gate(x)], dim=-1), rtol=2.0**-10, atol=1e-3)
     assert GroupwiseInt4Linear(pf, sf, pq, None, 32, 60, dtype).fused_with(gate) is None  # padded rows
     assert fc.fused_with(GroupwiseInt4Linear(pg, sg, pq * 2, None, 32, 64, dtype)) is None  # another input
 
