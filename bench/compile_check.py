@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pipeline.kernels import attention, batched_gemm, gemv, sampling  # noqa: E402
+from pipeline.kernels import attention, batched_gemm, gemv, int4_gemm, sampling  # noqa: E402
 from pipeline.kernels.common import ACT_GELU, ACT_NONE, ACT_SILU_GATE, NORM_LAYER, NORM_NONE, NORM_RMS  # noqa: E402
 
 SHARED_LIMIT = 227 * 1024  # the shared memory one block may use on an H100/H200
@@ -100,6 +100,30 @@ def cases():
                dict(launch_pdl=pdl, **({"num_stages": stages} if stages else {})))
 
 
+def int4_cases():
+    """The W4A16_AWQ kernels (pipeline.kernels.int4_gemm): every autotuning config of the GEMM of any rows, and of
+    the fused step's GEMV (RMSNorm prologue, silu-gate epilogue), with programmatic dependent launch once."""
+    pointers = {"x_ptr": "*bf16", "pq_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*bf16", "b_ptr": "*bf16",
+                "y_ptr": "*bf16"}
+    sizes = {"M": "i32", "N": "i32", "K": "i32", "KP": "i32", "GROUPS": "i32", "M_BUCKET": "i32"}
+    for config in int4_gemm.CONFIGS:
+        constexprs = dict({"ACC_R": 1}, HAS_PQ=True, HAS_BIAS=False, GROUP=128, EVEN_K=True, F32_DOT=False,
+                          **config.kwargs)
+        yield (f"int4_mm bf16 config {config}", int4_gemm._int4_mm, {**pointers, **sizes}, constexprs,
+               dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    fused = {**pointers, "r_ptr": "*bf16", "h_out_ptr": "*bf16", "nw_ptr": "*bf16", "N": "i32", "K": "i32",
+             "KP": "i32", "GROUPS": "i32", "eps": "fp32"}
+    for config in int4_gemm.FUSED_CONFIGS:
+        constexprs = dict(ADD_RESIDUAL=True, NORM=NORM_RMS, HAS_PQ=True, HAS_BIAS=False, ACT=ACT_SILU_GATE, GROUP=128,
+                          EVEN_K=True, PDL=False, **config.kwargs)
+        yield (f"int4_fused_gemv bf16 config {config}", int4_gemm._int4_fused_gemv, fused, constexprs,
+               dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    constexprs = dict(ADD_RESIDUAL=False, NORM=NORM_NONE, HAS_PQ=True, HAS_BIAS=True, ACT=ACT_NONE, GROUP=128,
+                      EVEN_K=False, PDL=True, BLOCK_H=16, BLOCK_K=128, BLOCK_M=1, DOT=0, ACC_R=4)
+    yield "int4_fused_gemv bf16 ragged K, bias, pdl", int4_gemm._int4_fused_gemv, fused, constexprs, \
+        dict(launch_pdl=True)
+
+
 def argmax_cases():
     """The greedy pick over Llama-3's vocabulary (sampling.greedy_argmax), float32 and bfloat16 logits."""
     blocks = -(-128256 // sampling.ARGMAX_BLOCK)
@@ -113,16 +137,19 @@ def argmax_cases():
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="the CUDA compute capability to compile for (90: Hopper)")
+    p.add_argument("--only", default="", help="compile only the kernels whose line contains this text")
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for name, kernel, signature, constexprs, options in (*cases(), *argmax_cases()):
+    for name, kernel, signature, constexprs, options in (*cases(), *int4_cases(), *argmax_cases()):
+        if args.only not in name:
+            continue
         if "STATS_K" in kernel.arg_names:  # the JIT's defaults and heuristics, which the AST source does not apply
             constexprs = {"SPLIT_K": 1, "STATS_K": gemv.STATS_K_MAX, "ACC_R": 1, **constexprs}
         ordered = {arg: signature.get(arg, "constexpr") for arg in kernel.arg_names}
         # as the JIT specializes arguments at the 8B shape: pointers 16-byte aligned, N and K multiples of 16
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
-                 if ordered[arg].startswith("*") or arg in ("N", "K")}
+                 if ordered[arg].startswith("*") or arg in ("N", "K", "KP")}
         start = time.perf_counter()
         try:
             compiled = triton.compile(ASTSource(kernel, ordered, constexprs, attrs),

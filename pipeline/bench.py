@@ -291,9 +291,10 @@ def worker(args: argparse.Namespace) -> int:
             m = measure(decoder, prompts, lengths or args.output_len, args.repeats, desc=tag)
             m.update(variant=options.label, step=decoder.path, setup_s=setup_s)
             # which config tuning (or autotuning) chose per GEMM shape: the fused step's GEMVs, the batched GEMMs
-            from pipeline.kernels import gemv, tuning
+            from pipeline.kernels import gemv, int4_gemm, tuning
 
-            m["kernel_configs"] = {**gemv.autotuned_configs(), **tuning.chosen_configs()}
+            m["kernel_configs"] = {**gemv.autotuned_configs(), **int4_gemm.autotuned_configs(),
+                                   **tuning.chosen_configs()}
             progress(f"{tag}: {m['output_tokens_per_s']:.1f} tok/s")
         finally:
             decoder = None

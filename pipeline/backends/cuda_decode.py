@@ -151,6 +151,8 @@ def _fuse(fc, gate):
     if type(fc) is Linear and type(gate) is Linear:
         bias = None if fc.bias is None else torch.cat([fc.bias, gate.bias])
         return Linear(torch.cat([fc.weight, gate.weight]), bias)
+    if type(fc) is type(gate) and hasattr(fc, "fused_with"):  # W4A16_AWQ, SmoothQuant: where their layouts allow
+        return fc.fused_with(gate)
     return None  # weight-only formats keep two GEMMs
 
 

@@ -32,14 +32,16 @@ from pipeline.kernels.common import (
     runs_on,
     triton,
 )
-from pipeline.quantize.runtime import FP8Linear
+from pipeline.quantize.runtime import FP8Linear, GroupwiseInt4Linear
 
 
 class _Gemm:
-    """The tensors one GEMV reads: weight, bias, and FP8 scales when the weight is FP8."""
+    """The tensors one GEMV reads: weight, bias, and FP8 scales when the weight is FP8; `int4` the W4A16_AWQ linear
+    (packed weight, group scales, prequant) when it is one."""
 
     def __init__(self, linear, bias: torch.Tensor | None = None):
-        self.weight = linear.weight
+        self.int4 = linear if isinstance(linear, GroupwiseInt4Linear) else None
+        self.weight = linear.packed if self.int4 is not None else linear.weight
         self.bias = linear.bias if bias is None else bias
         fp8 = isinstance(linear, FP8Linear)
         self.act_scale = linear.act_scale if fp8 else None
@@ -79,7 +81,9 @@ def unsupported_reason(model: RankModel, layernorm_gelu: bool) -> str | None:
         if not layernorm_gelu and "fc_gate" not in layer:
             return "a gated MLP whose gate and fc are not fused (weight-only or mixed formats)"
         for key in ("qkv", "dense", "fc_gate" if "fc_gate" in layer else "fc", "proj"):
-            if not isinstance(layer[key], (Linear, FP8Linear)):
+            if isinstance(layer[key], GroupwiseInt4Linear) and layernorm_gelu:
+                return "int4 GEMMs with LayerNorm (the int4 GEMV's prologue is RMSNorm)"
+            if not isinstance(layer[key], (Linear, FP8Linear, GroupwiseInt4Linear)):
                 return f"{type(layer[key]).__name__} GEMMs (weight-only formats)"
     return None
 
@@ -113,6 +117,13 @@ class FusedStep:
     def _gemv(self, x, residual, norm, gemm: _Gemm, act=ACT_NONE, out_dtype=None, name: str | None = None):
         """The fused GEMV of the row x [1, K]: (y [1, N], x + residual [1, K]), in the config tune() chose for the
         GEMM `name` if it did (by its index: the op is what torch.compile sees), else autotuned."""
+        if gemm.int4 is not None:  # autotuned (pipeline.kernels.int4_gemm)
+            lin = gemm.int4
+            weight = norm[0] if norm is not None else None
+            y, h_out = torch.ops.pipeline.int4_fused_gemv(
+                x, residual, weight, lin.packed, lin.scales, lin.prequant, gemm.bias, lin.out_features,
+                lin.group_size, float(self.model.eps), NORM_NONE if norm is None else self.norm, act, self.pdl)
+            return y.view(1, -1), h_out.view(1, -1)
         config = gemv.CONFIGS.index(self.configs[name]) if name in self.configs else -1
         y, h_out = torch.ops.pipeline.fused_gemv(*self._args(x, residual, norm, gemm, act, out_dtype), config)
         return y.view(1, -1), h_out.view(1, -1)
@@ -146,6 +157,8 @@ class FusedStep:
         chosen = {}
         generator = torch.Generator(device=model.device).manual_seed(0)
         for name, (gemms, norms, act, out_dtype) in self._gemv_calls().items():
+            if gemms[0].int4 is not None:  # the int4 GEMV is autotuned by Triton
+                continue
             weight = gemms[0].weight
             k = weight.shape[1]
             n = weight.shape[0] // 2 if act == ACT_SILU_GATE else weight.shape[0]

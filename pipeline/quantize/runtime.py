@@ -97,34 +97,90 @@ def real_out_features(config: dict, prefix: str) -> int:
     return config["hidden_size"]
 
 
+def _int4_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the W4A16_AWQ GEMM runs as the Triton kernel (pipeline.kernels.int4_gemm): CUDA and half precision."""
+    from pipeline.kernels import int4_gemm  # noqa: F401 - registers torch.ops.pipeline.int4_mm
+    from pipeline.kernels.common import triton
+
+    return triton is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
 class GroupwiseInt4Linear:
     """W4A16_AWQ: y = (x * prequant_scaling_factor) @ dequantize(q, group scales)^T, in the model dtype, as
-    TensorRT-LLM's weight_only_groupwise_quant_matmul plugin computes it; padding (TensorRT-LLM's shapes) sliced off."""
+    TensorRT-LLM's weight_only_groupwise_quant_matmul plugin computes it; padding (TensorRT-LLM's shapes) sliced off.
+    On CUDA the weight stays packed and the Triton kernel (pipeline.kernels.int4_gemm) dequantizes it per tile; the
+    CPU emulation below is the reference it is tested against. `q` is what the GEMM reads (the bench's bytes)."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, prequant: torch.Tensor | None,
                  bias: torch.Tensor | None, group_size: int, out_features: int, dtype: torch.dtype):
-        from pipeline.quantize.formats import groupwise_int4_dequantize, unpack_int4_rows
+        from pipeline.quantize.formats import unpack_int4_rows
 
-        self.q = unpack_int4_rows(packed)  # [out_p, in_p] int8
-        self.scales, self.group_size, self.dtype = scales, group_size, dtype
-        self.prequant = prequant.reshape(-1).to(dtype) if prequant is not None else None
+        self.kernel = _int4_kernel_runs(packed.device, dtype)
+        self.packed = packed.contiguous()
+        self.q = self.packed if self.kernel else unpack_int4_rows(packed)  # CPU: [out_p, in_p] int8
+        self.scales, self.group_size, self.dtype = scales.to(dtype).contiguous(), group_size, dtype
+        self.prequant = prequant.reshape(-1).to(dtype).contiguous() if prequant is not None else None
         self.bias, self.out_features = bias, out_features
-        self._dequantize = groupwise_int4_dequantize
 
     def dequantized(self, in_features: int) -> torch.Tensor:
-        w = self._dequantize(self.q, self.scales, self.group_size).to(self.dtype)
+        from pipeline.quantize.formats import groupwise_int4_dequantize, unpack_int4_rows
+
+        q = unpack_int4_rows(self.packed) if self.kernel else self.q
+        w = groupwise_int4_dequantize(q, self.scales, self.group_size).to(self.dtype)
         return w[:self.out_features, :in_features]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[-1]
+        if self.kernel and x.device.type == "cuda":
+            y = torch.ops.pipeline.int4_mm(x.reshape(-1, n), self.packed, self.scales, self.prequant, self.bias,
+                                           self.out_features, self.group_size)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.prequant is not None:
             x = x * self.prequant[:n]
         return F.linear(x, self.dequantized(n), self.bias)
 
+    def fused_with(self, other: GroupwiseInt4Linear) -> GroupwiseInt4Linear | None:
+        """One GEMM computing [self(x) | other(x)] (the gated MLP's fc and gate), where both read the same input
+        (one prequant) and neither pads its rows; else None (two GEMMs)."""
+        same_input = (self.prequant is None) == (other.prequant is None) and (
+            self.prequant is None or torch.equal(self.prequant, other.prequant))
+        unpadded = all(lin.out_features == 2 * lin.packed.shape[0] for lin in (self, other))
+        if not (same_input and unpadded and self.group_size == other.group_size and self.kernel == other.kernel
+                and (self.bias is None) == (other.bias is None)):
+            return None
+        bias = None if self.bias is None else torch.cat([self.bias, other.bias])
+        return GroupwiseInt4Linear(torch.cat([self.packed, other.packed]), torch.cat([self.scales, other.scales]),
+                                   self.prequant, bias, self.group_size, self.out_features + other.out_features,
+                                   self.dtype)
+
+
+def int8_linear_int_mm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                       static_act_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """smoothquant_linear (pipeline/quantize/formats.py) with the int8 x int8 -> int32 product on torch._int_mm
+    (cuBLASLt's int8 GEMM on CUDA): the same int32 sums, scaled in float32. cuBLASLt takes more than 16 rows, so
+    fewer are padded with zero rows."""
+    from pipeline.quantize.formats import int8_activation_quantize
+
+    shape = x.shape
+    xq, xs = int8_activation_quantize(x.reshape(-1, shape[-1]), static_act_scale)
+    rows = xq.shape[0]
+    if rows <= INT_MM_MIN_ROWS:
+        xq = F.pad(xq, (0, 0, 0, INT_MM_MIN_ROWS + 1 - rows))
+    acc = torch._int_mm(xq, weight_q.t())[:rows]
+    y = (acc.float() * xs * weight_scale.reshape(1, -1)).to(out_dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], weight_q.shape[0])
+
+
+INT_MM_MIN_ROWS = 16  # torch._int_mm on CUDA needs more rows than this (and K, N multiples of 8)
+
 
 class SmoothQuantLinear:
     """W8A8 SmoothQuant: x / smoother (dense, proj), int8 activations (per token or static), int8 weights, int32
-    accumulation, scaled to the model dtype (pipeline/quantize/formats.py, smoothquant_linear)."""
+    accumulation, scaled to the model dtype (pipeline/quantize/formats.py, smoothquant_linear). On CUDA the product
+    is torch._int_mm (int8_linear_int_mm) where cuBLASLt takes the shape; `weight` is what the GEMM reads."""
 
     def __init__(self, weight_q: torch.Tensor, per_channel_scale: torch.Tensor, act_scale: torch.Tensor | None,
                  smoother: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -132,10 +188,45 @@ class SmoothQuantLinear:
         self.weight_scale = per_channel_scale.float().reshape(-1).expand(weight_q.shape[0]).contiguous()
         self.act_scale = act_scale.float().reshape(1) if act_scale is not None else None
         self.smoother = smoother.float().reshape(-1) if smoother is not None else None
+        n, k = weight_q.shape
+        self.int_mm = weight_q.device.type == "cuda" and n % 8 == 0 and k % 8 == 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_q
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from pipeline.quantize.formats import smoothquant_linear
 
         if self.smoother is not None:
             x = (x.float() / self.smoother).to(x.dtype)
+        if self.int_mm and x.device.type == "cuda":
+            return int8_linear_int_mm(x, self.weight_q, self.weight_scale, self.act_scale, self.bias, self.dtype)
         return smoothquant_linear(x, self.weight_q, self.weight_scale, self.act_scale, self.bias, self.dtype)
+
+    def fused_with(self, other: SmoothQuantLinear) -> SmoothQuantLinear | None:
+        """One GEMM computing [self(x) | other(x)] (fc and gate: one input, so one activation quantization), where
+        both quantize that input alike; else None. Per-channel weight scales concatenate exactly."""
+        def same(a, b):
+            return (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+        if not (same(self.act_scale, other.act_scale) and same(self.smoother, other.smoother)
+                and (self.bias is None) == (other.bias is None)):
+            return None
+        bias = None if self.bias is None else torch.cat([self.bias, other.bias])
+        fused = SmoothQuantLinear(torch.cat([self.weight_q, other.weight_q]),
+                                  torch.cat([self.weight_scale, other.weight_scale]), self.act_scale, None, bias,
+                                  self.dtype)
+        fused.smoother = self.smoother
+        return fused
+
+
+def quantize_model_linears(model, make) -> None:
+    """Replace every GEMM of a model's layers that is still a plain Linear by make(layer key, Linear) (bench
+    --device-random: a model loaded in the model dtype on the GPU, quantized in place, one weight at a time)."""
+    for layer in model.layers:
+        for key in ("qkv", "dense", "fc", "gate", "proj"):
+            linear = layer.get(key)
+            if type(linear) is Linear:
+                layer[key] = make(key, linear)
+                del linear

@@ -200,6 +200,26 @@ def encode_linear(weight: torch.Tensor, act_amax: float, group_size: int = 128) 
             "prequant_scaling_factor": torch.ones(in_p, dtype=weight.dtype)}
 
 
+def device_quantizer(model, act_amax: dict, group_size: int = 128):
+    """bench --device-random: every GEMM of a model loaded in the model dtype on the GPU as group-wise int4 in the
+    checkpoint's layout (tp=1 padding), with prequant scales of 1: random weights have no calibration text for
+    AWQ's search, and the GEMM multiplies by them all the same."""
+    from pipeline.quantize.runtime import GroupwiseInt4Linear, quantize_model_linears
+
+    def make(key, linear):
+        w = linear.weight
+        out, inp = w.shape
+        w = torch.nn.functional.pad(w.float(), (0, padded(inp, group_size, 1) - inp,
+                                                0, padded(out, group_size, 1) - out))
+        q, scale = groupwise_int4_quantize(w, group_size)
+        prequant = torch.ones(w.shape[1], dtype=model.dtype, device=w.device)
+        return GroupwiseInt4Linear(pack_int4_rows(q), scale.to(model.dtype), prequant, linear.bias, group_size, out,
+                                   model.dtype)
+
+    quantize_model_linears(model, make)
+    return model
+
+
 INT4_AWQ = WeightFormat(
     name="int4_awq", quant_algo="W4A16_AWQ", summary="int4 weights, one scale per group of input channels, "
     "AWQ's activation-aware pre-quant scales; activations in the model dtype", calibration=("activation_stats",),
@@ -211,4 +231,5 @@ INT4_AWQ = WeightFormat(
     encode_linear=encode_linear, encode_checkpoint=lambda ctx: encode(ctx, awq=ctx.options.awq_search),
     linear_factory=linear_factory, fused_mlp=False, rank_input_multiple=2,
     rank_input_reason="packs two values per byte; the per-rank input width must be even", tolerance=0.12,
+    device_quantizer=device_quantizer,
 )
