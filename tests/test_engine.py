@@ -291,6 +291,43 @@ def test_the_rms_norm_kernel_matches_the_model_norm(rows, hidden, dtype):
     assert ((out.float() - expected.float()).abs() <= ulps * expected.float().abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("shape", ["llama-tiny", "gpt2-tiny"])
+def test_the_fused_batch1_step_around_the_paged_attention_gives_the_runner_logits(shape):
+    """The engine's batch-1 graph body (emulated here): the fused step (norms and residual adds inside the GEMVs)
+    with the paged attention as its attention gives the logits of the runner's layer-by-layer step."""
+    from pipeline.backends.cuda_decode import DecodeOptions, _layernorm_gelu, accelerate
+    from pipeline.backends.fused_step import FusedStep
+    from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+    from pipeline.dist import Comm
+    from pipeline.engine.runner import ModelRunner, _Batch
+    from pipeline.engine.scheduler import SeqWork, StepPlan
+    from pipeline.mapping import Mapping
+
+    _, artifact = build(shape)
+    device = torch.device("cpu")
+    model = load_rank_model(artifact, read_checkpoint_config(artifact), Comm(Mapping(1, 1), device), device)
+    accelerate(model, DecodeOptions())  # fc and gate as one GEMM, as the engine's GPU model has them
+    runner = ModelRunner(model, 6, 4)
+    runner.kernel = True  # the Triton kernels, emulated on this CPU
+    params = SamplingParams()
+    prompt = [5, 17, 3, 99, 42, 7]
+    runner.forward(StepPlan((SeqWork(0, tuple(prompt), 0, (4, 1), True, params, 0),)))
+    decode = StepPlan((SeqWork(0, (11,), len(prompt), (4, 1), True, params, 0),))
+    expected = runner.forward(decode)
+    batch = _Batch(decode.work, 4, None, device, kernel=True, group=model.heads // model.kv_heads)
+    positions = torch.tensor([[len(prompt)]])
+    rope = model._rope_tables(positions, model.dtype) if model.arch.position == "rope" else None
+
+    def attention(index, qkv):
+        return runner._attention(index, qkv.view(1, 1, -1), rope, None, batch).view(1, -1)
+
+    fused = FusedStep(model, _layernorm_gelu(model), paged=True)
+    ours = fused.forward(torch.tensor([[11]]), positions, None, None, attention=attention)
+    assert ours.shape == expected.shape == (1, 1, model.vocab_size)
+    assert (ours - expected).abs().max().item() < 1e-4 * expected.abs().max().item() + 1e-5
+    assert ours.argmax() == expected.argmax()
+
+
 DRIVER = """
 import json, random, sys, time
 from pipeline import LLM, SamplingParams

@@ -48,13 +48,16 @@ class _Gemm:
         self.weight_scale = linear.weight_scale if fp8 else None
 
 
-def attention_unsupported_reason(model: RankModel, layernorm_gelu: bool) -> str | None:
+def attention_unsupported_reason(model: RankModel, layernorm_gelu: bool, paged: bool = False) -> str | None:
     """Why the decode attention kernel cannot serve this model's decode steps (None when it can). layernorm_gelu:
-    the GPT-2 family (learned positions, no rotary embedding)."""
+    the GPT-2 family (learned positions, no rotary embedding). paged: the engine's paged attention serves the step
+    instead (it reads quantized caches and sliding windows)."""
     if triton is None:
         return "Triton is not installed"
     if not runs_on(model.device):
         return f"the {model.device.type} device (Triton kernels run on CUDA; TRITON_INTERPRET=1 emulates them)"
+    if paged:
+        return None
     if model.kv_format is not None:
         return f"the {model.kv_format} KV cache (the fused attention reads a cache in the model dtype)"
     if model.arch.sliding_window is not None:
@@ -68,9 +71,9 @@ def attention_unsupported_reason(model: RankModel, layernorm_gelu: bool) -> str 
     return None
 
 
-def unsupported_reason(model: RankModel, layernorm_gelu: bool) -> str | None:
-    """Why the fused step cannot run this model (None when it can)."""
-    reason = attention_unsupported_reason(model, layernorm_gelu)
+def unsupported_reason(model: RankModel, layernorm_gelu: bool, paged: bool = False) -> str | None:
+    """Why the fused step cannot run this model (None when it can); paged: with the engine's attention."""
+    reason = attention_unsupported_reason(model, layernorm_gelu, paged)
     if reason is not None:
         return reason
     if model.mapping.pp != 1:
@@ -91,10 +94,11 @@ def unsupported_reason(model: RankModel, layernorm_gelu: bool) -> str | None:
 class FusedStep:
     """A batch-1 decode step (pp = 1, tp any) as 5 kernels per layer; `forward` matches RankModel.forward's decode
     call and returns float32 logits [1, 1, vocab]. layernorm_gelu: LayerNorm and GELU (GPT-2), else RMSNorm,
-    a gated SiLU MLP and rotary embedding (Llama). pdl: programmatic dependent launch where the GPU has it."""
+    a gated SiLU MLP and rotary embedding (Llama). pdl: programmatic dependent launch where the GPU has it.
+    paged: `forward` is given the attention (the engine's paged cache) instead of a cache."""
 
-    def __init__(self, model: RankModel, layernorm_gelu: bool, pdl: bool = False):
-        reason = unsupported_reason(model, layernorm_gelu)
+    def __init__(self, model: RankModel, layernorm_gelu: bool, pdl: bool = False, paged: bool = False):
+        reason = unsupported_reason(model, layernorm_gelu, paged)
         if reason is not None:
             raise ValueError(f"the fused decode step does not support {reason}")
         self.model = model
@@ -186,7 +190,10 @@ class FusedStep:
                 chosen[name] = note
         return chosen
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, slot: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, slot: torch.Tensor | None,
+                attention=None) -> torch.Tensor:
+        """attention(layer index, qkv [1, n]) -> [1, heads * head_size], when given, replaces the decode
+        attention kernel over `cache` (the engine: rotary, paged cache write and paged attention)."""
         model = self.model
         comm = model.comm
         if tokens.shape[0] != 1:
@@ -198,9 +205,12 @@ class FusedStep:
         for index, layer in enumerate(self.layers):
             qkv, h_new = self._gemv(h, residual, layer["ln1"], layer["qkv"], name="qkv")
             h = h_new if residual is not None else h
-            attn = torch.ops.pipeline.decode_attention(
-                qkv, cache.k[index], cache.v[index], cache.valid, positions.view(1), slot,
-                self.inv_freq, model.heads, model.kv_heads, model.head_size, self.pdl)
+            if attention is not None:
+                attn = attention(index, qkv)
+            else:
+                attn = torch.ops.pipeline.decode_attention(
+                    qkv, cache.k[index], cache.v[index], cache.valid, positions.view(1), slot,
+                    self.inv_freq, model.heads, model.kv_heads, model.head_size, self.pdl)
             residual, _ = self._gemv(attn, None, None, layer["dense"], name="dense")
             residual = comm.all_reduce_tp(residual)
             hidden, h = self._gemv(h, residual, layer["ln2"], layer["mlp"], self.act, name="mlp")

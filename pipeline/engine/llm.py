@@ -192,8 +192,9 @@ class LLM:
             context = self.limits.context_len or 8192
             self.runner.capture_graphs(max_batch, -(-context // block_size))
             self.timings["graph_capture_s"] = time.perf_counter() - start
+            fused = "; batch 1 through the fused step" if self.runner.graphs.fused is not None else ""
             self._log(f"CUDA graphs of decoding steps for batches {self.runner.graphs.sizes} captured in "
-                      f"{self.timings['graph_capture_s']:.1f} s")
+                      f"{self.timings['graph_capture_s']:.1f} s{fused}")
             num_blocks -= 1  # the last block is the graphs' scratch
         attention = "paged kernel" if self.runner.kernel else "gathered keys, torch sdpa"
         self._log(f"backend torch on {self.device.type}, {self.world} rank(s) tp={tp} pp={pp}, "

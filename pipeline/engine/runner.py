@@ -12,6 +12,7 @@ block * block_size + offset), in the model dtype or the checkpoint's FP8 / INT8 
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -112,7 +113,9 @@ GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
 class _DecodeGraphs:
     """CUDA graphs of decoding steps (one new token per sequence), one per batch size in GRAPH_BATCHES up to the
     engine's max_batch_size, captured at start-up. A step of B sequences replays the smallest graph of at least B;
-    the rows past B point at the pool's last block, kept aside as scratch, so they touch no sequence's cache."""
+    the rows past B point at the pool's last block, kept aside as scratch, so they touch no sequence's cache.
+    Batch 1 runs the fused step (pipeline.backends.fused_step: norms and residual adds inside the GEMVs) around
+    the paged attention, where the model allows it."""
 
     def __init__(self, runner: ModelRunner, max_batch: int, max_blocks_per_seq: int):
         device = runner.model.device
@@ -129,10 +132,19 @@ class _DecodeGraphs:
         self.new_slots = torch.full((top,), self.scratch_slot, dtype=torch.long, device=device)
         self.rows = torch.arange(top, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.fused = _fused_step(runner.model)
         pool = torch.cuda.graph_pool_handle()
         for size in progress(list(reversed(self.sizes)), desc="capturing CUDA graphs", unit="graph"):
             # the largest first: the smaller ones fit in its memory
-            self._forward(size)  # compiles the Triton kernels and warms cuBLAS outside the capture
+            try:
+                self._forward(size)  # compiles the Triton kernels and warms cuBLAS outside the capture
+            except Exception as exc:  # noqa: BLE001 - a fused step that fails to compile must not stop the engine
+                if size != 1 or self.fused is None:
+                    raise
+                print(f"[engine] the fused batch-1 step failed ({exc!r}); batch 1 runs the layer-by-layer step",
+                      file=sys.stderr, flush=True)
+                self.fused = None
+                self._forward(size)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._forward(size)
@@ -141,6 +153,15 @@ class _DecodeGraphs:
     def _forward(self, size: int) -> torch.Tensor:
         view = _GraphBatch(self.block_table[:size], self.token_pos[:size], self.tiles[:size], 1,
                            self.new_slots[:size])
+        model = self.runner.model
+        if size == 1 and self.fused is not None:
+            rope = model._rope_tables(self.positions[:, :1], model.dtype) if model.arch.position == "rope" else None
+
+            def attention_1(index: int, qkv: torch.Tensor) -> torch.Tensor:
+                kv_scale = model.layers[index].get("kv_scale")
+                return self.runner._attention(index, qkv.view(1, 1, -1), rope, kv_scale, view).view(1, -1)
+
+            return self.fused.forward(self.tokens[:, :1], self.positions[:, :1], None, None, attention=attention_1)
 
         def attention(index: int, qkv: torch.Tensor, rope, kv_scale) -> torch.Tensor:
             return self.runner._attention(index, qkv, rope, kv_scale, view)
@@ -171,6 +192,21 @@ class _DecodeGraphs:
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:, :count]
+
+
+def _fused_step(model: RankModel):
+    """The fused batch-1 step for this model around the paged attention, or None where it cannot run."""
+    from pipeline.backends.cuda_decode import _layernorm_gelu
+    from pipeline.backends.fused_step import FusedStep, unsupported_reason
+    from pipeline.kernels.common import hopper
+
+    try:
+        layernorm_gelu = _layernorm_gelu(model)
+    except ValueError:  # an architecture outside the decode path's two kinds
+        return None
+    if unsupported_reason(model, layernorm_gelu, paged=True) is not None:
+        return None
+    return FusedStep(model, layernorm_gelu, pdl=hopper(model.device), paged=True)
 
 
 @dataclass
