@@ -591,8 +591,8 @@ def test_bench_compares_batched_decode_paths_on_the_cpu(home, tmp_path):
     assert one["batch"] == 1 and one["variant"] == fused and len(one["tokens"]) == 1
     assert three["batch"] == 3 and set(three["tokens_per_s_by_variant"]) == {fused, plain}
     assert three["variants_agree_on_tokens"] is True and [len(t) for t in three["tokens"]] == [4, 4, 4]
-    assert f"batch 3 {fused}" in proc.stderr and "(fused step)" in proc.stderr
-    assert "(layer by layer, fused attention (batch 3))" in proc.stderr
+    assert f"{fused}: decode step: fused step" in proc.stderr
+    assert f"batch 3 {fused}: decode step: layer by layer, fused attention (batch 3)" in proc.stderr
     assert "same greedy tokens: True" in proc.stdout
 
 
