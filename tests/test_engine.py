@@ -291,7 +291,7 @@ def test_the_rms_norm_kernel_matches_the_model_norm(rows, hidden, dtype):
     assert ((out.float() - expected.float()).abs() <= ulps * expected.float().abs() + 1e-6).all()
 
 
-@pytest.mark.parametrize("shape", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("shape", ["llama-tiny", pytest.param("gpt2-tiny", marks=pytest.mark.slow)])
 def test_the_fused_batch1_step_around_the_paged_attention_gives_the_runner_logits(shape):
     """The engine's batch-1 graph body (emulated here): the fused step (norms and residual adds inside the GEMVs)
     with the paged attention as its attention gives the logits of the runner's layer-by-layer step."""
