@@ -78,19 +78,23 @@ def test_the_paged_attention_kernel_reads_a_quantized_kv_cache(home, kv_cache):
         assert (ours - expected).abs().max().item() < 0.05 * expected.abs().max().item() + 1e-3
 
 
-def test_decoding_through_cuda_graphs_gives_the_eager_tokens(home):
-    """Steps replayed from the captured graphs (batches padded up to a captured size onto the scratch block) give
-    the tokens of the same engine without graphs, for requests of different lengths arriving together."""
+@pytest.mark.parametrize("shape, max_batch", [("llama-tiny", 8), ("llama-tiny", 1), ("gpt2-tiny", 1)])
+def test_decoding_through_cuda_graphs_gives_the_eager_tokens(home, shape, max_batch):
+    """Steps replayed from the captured graphs (batches padded up to a captured size onto the scratch block; at
+    max_batch 1 the fused batch-1 step around the paged attention) give the tokens of the same engine without
+    graphs, for requests of different lengths arriving together."""
     from pipeline import LLM
     from tests.test_engine import random_prompts
 
-    _, artifact = build("llama-tiny")
-    prompts = random_prompts(11, seed=4)
+    _, artifact = build(shape)
+    prompts = random_prompts(11 if max_batch > 1 else 3, seed=4)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     results = {}
     for graphs in (True, False):
-        with LLM(artifact, verify=False, max_batch_size=8, tokens_per_block=4, cuda_graphs=graphs) as llm:
+        with LLM(artifact, verify=False, max_batch_size=max_batch, tokens_per_block=4, cuda_graphs=graphs) as llm:
             assert (llm.runner.graphs is not None) == graphs
+            if graphs and max_batch == 1:
+                assert llm.runner.graphs.fused is not None
             results[graphs] = [o.output_ids for o in llm.generate(prompts, params)]
             assert llm.stats()["kv_blocks_used"] == 0
     assert results[True] == results[False]
