@@ -56,7 +56,8 @@ class PagedKVCache:
 
 class _Batch:
     """A step's sequences as tensors: packed tokens and positions, the cache slots of the new tokens, and what
-    attention reads (one-token sequences together, padded; prompt chunks one by one)."""
+    attention reads: with the kernel, the block table, each token's position and the attention tiles; else the
+    gathered slots (one-token sequences together, padded; prompt chunks one by one)."""
 
     def __init__(self, work: tuple[SeqWork, ...], block_size: int, window: int | None, device: torch.device,
                  kernel: bool = False, group: int = 1):
