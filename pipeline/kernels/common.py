@@ -60,6 +60,15 @@ def split_buffers(key: tuple, device: torch.device, partials: int, counters: int
 if triton is not None:
 
     @triton.jit
+    def group_sums(p, BLOCK_K: tl.constexpr, ACC_R: tl.constexpr):
+        """Products [rows, BLOCK_K] summed over groups of ACC_R neighbours: [rows, BLOCK_K // ACC_R] (the GEMVs'
+        grouped accumulators)."""
+        if ACC_R > 1:
+            return tl.sum(tl.reshape(p, (p.shape[0], BLOCK_K // ACC_R, ACC_R)), axis=2)
+        else:
+            return p
+
+    @triton.jit
     def load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL: tl.constexpr):
         """The input row chunk in float32; with a residual, their sum rounded to the model dtype (as x + r is)."""
         x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)

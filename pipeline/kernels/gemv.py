@@ -34,7 +34,7 @@ MAX_SPLIT_K = 4  # the largest SPLIT_K among the configs (sizes the split-K sums
 STATS_K_MAX = 4096  # the statistics pass's block: a row of up to this many values in one load
 
 if triton is not None:
-    from pipeline.kernels.common import activation, add_split_tiles, load_row, load_tiles
+    from pipeline.kernels.common import activation, add_split_tiles, group_sums, load_row, load_tiles
 
     CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": dot}, num_warps=w, num_stages=s)
@@ -99,17 +99,9 @@ if triton is not None:
         elif DOT == 2:
             return tl.dot(w, tl.trans(tl.broadcast_to(xq[None, :], (16, BLOCK_K))))
         elif FP8:
-            return _group_sums(w.to(tl.float32) * xq.to(tl.float32)[None, :], BLOCK_K, ACC_R)
+            return group_sums(w.to(tl.float32) * xq.to(tl.float32)[None, :], BLOCK_K, ACC_R)
         else:
-            return _group_sums(w.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
-
-    @triton.jit
-    def _group_sums(p, BLOCK_K: tl.constexpr, ACC_R: tl.constexpr):
-        """Products [BLOCK_N, BLOCK_K] summed over groups of ACC_R neighbours: [BLOCK_N, BLOCK_K // ACC_R]."""
-        if ACC_R > 1:
-            return tl.sum(tl.reshape(p, (p.shape[0], BLOCK_K // ACC_R, ACC_R)), axis=2)
-        else:
-            return p
+            return group_sums(w.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
 
     @triton.jit
     def _gemv_chunk(acc, acc2, ss, w, w2, offs_k, k_mask, pid, x_ptr, r_ptr, h_out_ptr, nw_ptr, nb_ptr, a_scale, mean,

@@ -18,6 +18,9 @@ import torch
 
 from pipeline.kernels.common import emulated, gdc_launch_dependents, gdc_wait, tl, triton
 
+if triton is not None:
+    from pipeline.kernels.common import group_sums
+
 INTERPRETER_CONFIG = {"BLOCK_H": 4, "BLOCK_K": 32}  # the emulator's one config (BLOCK_M and DOT chosen per call)
 # the fused GEMV's in the emulator: fewer, larger programs (the emulator's time goes per program and operation)
 FUSED_INTERPRETER_CONFIG = {"BLOCK_H": 16, "BLOCK_K": 64, "ACC_R": 4}
@@ -99,8 +102,8 @@ if triton is not None:
                     acc_hi += tl.dot(w_hi, xt)
             else:
                 xf = x.to(tl.float32)  # [1, BLOCK_K]
-                acc_lo += _grouped(w_lo.to(tl.float32) * xf, BLOCK_K, ACC_R)
-                acc_hi += _grouped(w_hi.to(tl.float32) * xf, BLOCK_K, ACC_R)
+                acc_lo += group_sums(w_lo.to(tl.float32) * xf, BLOCK_K, ACC_R)
+                acc_hi += group_sums(w_hi.to(tl.float32) * xf, BLOCK_K, ACC_R)
         if DOT == 1:
             y_lo = acc_lo
             y_hi = acc_hi
@@ -115,14 +118,6 @@ if triton is not None:
         y_rows = y_ptr + offs_m.to(tl.int64)[None, :] * N
         tl.store(y_rows + out_lo[:, None], y_lo.to(dt), mask=(out_lo < N)[:, None] & m_mask[None, :])
         tl.store(y_rows + out_hi[:, None], y_hi.to(dt), mask=(out_hi < N)[:, None] & m_mask[None, :])
-
-    @triton.jit
-    def _grouped(p, BLOCK_K: tl.constexpr, ACC_R: tl.constexpr):
-        """Products [BLOCK_H, BLOCK_K] summed over groups of ACC_R neighbours: [BLOCK_H, BLOCK_K // ACC_R]."""
-        if ACC_R > 1:
-            return tl.sum(tl.reshape(p, (p.shape[0], BLOCK_K // ACC_R, ACC_R)), axis=2)
-        else:
-            return p
 
     @triton.jit
     def _scales(s_lo, k0, offs_k, k_mask, GROUPS, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -317,8 +312,8 @@ if triton is not None:
         else:
             p = tl.load(q_rows + offs_k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
         w_lo, w_hi = _dequantize(p, sl, sh, dt)
-        acc_lo += _grouped(w_lo.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
-        acc_hi += _grouped(w_hi.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
+        acc_lo += group_sums(w_lo.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
+        acc_hi += group_sums(w_hi.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
         return acc_lo, acc_hi
 
     @triton.jit
