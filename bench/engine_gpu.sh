@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The engine on one GPU, in one call (random weights of a real shape made on the device; no artifact travels):
-#   bash bench/engine_gpu.sh [tests] [step] [fast] [uniform] [wide] [mixed] [single]  (default: uniform mixed single)
-# tests: the engine's GPU tests; step: where a step's GPU time goes (bench/engine_step.py); fast: uniform's
-#        in-flight run alone (no static run, no baseline);
+#   bash bench/engine_gpu.sh [tests] [step] [uniform] [wide] [mixed] [single]  (default: uniform mixed single)
+# tests: the engine's GPU tests; step: where a step's GPU time goes (bench/engine_step.py); the in-flight run alone
+#        at several max_batch_size values: bench/engine_sweep.sh;
 # wide: 2,000 requests 128/128 with max_batch_size 1024;
 # (MB sets max_batch_size for uniform and mixed, default 256)
 # uniform: 1,000 requests 128/128 at an infinite rate, our static batching and transformers' generate_batch on the
@@ -21,8 +21,6 @@ for phase in $phases; do
   case $phase in
     tests)   timeout 300 python -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_engine_gpu.py || true ;;
     step)    timeout 240 python bench/engine_step.py "$SHAPE" --dtype "$DTYPE" --batch 256 --context 192 || true ;;
-    fast)    timeout 200 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 1000 \
-               --input-len 128 --output-len 128 --max-batch-size 256 --out "$OUTDIR" ;;
     uniform) timeout 330 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 1000 \
                --input-len 128 --output-len 128 --max-batch-size "${MB:-256}" --static --baseline transformers --out "$OUTDIR" ;;
     wide)    timeout 200 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 2000 \

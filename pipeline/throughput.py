@@ -160,9 +160,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", help="with --random-shape")
     p.add_argument("--quant", default="none", help="with --random-shape: a weight format with a device quantizer "
                    "(fp8), calibrated on random token ids")
-    p.add_argument("--switch-interval-ms", type=float,
-                   help="the interpreter's thread switch interval while the benchmark runs (the engine thread and "
-                        "the client share the GIL); default: what the engine sets")
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -219,8 +216,6 @@ def main(argv=None) -> int:
         llm = LLM(args.engine or args.recipe, device=args.device, **options)
         name = str(llm.artifact)
     load_s = time.perf_counter() - start
-    if args.switch_interval_ms is not None:
-        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     vocab = llm.config["vocab_size"]
     requests = request_set(args.requests, args.input_len, args.output_len, vocab, args.seed,
                            _range(args.input_range), _range(args.output_range))

@@ -82,10 +82,9 @@ class Engine:
         self.steps = 0
         self.tokens_computed = 0
         # Where rank 0's time goes, summed over steps (seconds): planning, the forward pass of decoding-only and of
-        # mixed steps (to the sampled tokens on the host, so GPU time included; `launch` is the host's part of
-        # both), making the outputs, and the LLM handing them to their requests.
-        self.time_s = {"schedule": 0.0, "decode_forward": 0.0, "mixed_forward": 0.0, "launch": 0.0, "outputs": 0.0,
-                       "deliver": 0.0}
+        # mixed steps (to the sampled tokens on the host, so GPU time included; the runner's launch_s is the host's
+        # part of both), making the outputs, and the LLM handing them to their requests.
+        self.time_s = {"schedule": 0.0, "decode_forward": 0.0, "mixed_forward": 0.0, "outputs": 0.0, "deliver": 0.0}
         self.step_counts = {"decode": 0, "mixed": 0}
         self.closed = False
 
@@ -122,7 +121,6 @@ class Engine:
         self.time_s["schedule"] += planned - start
         self.time_s[f"{kind}_forward"] += ran - planned
         self.time_s["outputs"] += time.perf_counter() - ran
-        self.time_s["launch"] = self.runner.launch_s
         return outputs
 
     def _after_token(self, request: Request, made_s: float) -> RequestOutput:

@@ -389,7 +389,8 @@ class LLM:
                 "kv_blocks_total": pool.num_blocks, "kv_blocks_used": pool.used_count,
                 "kv_blocks_free": pool.free_count, "preemptions": self.scheduler.preemptions,
                 "prefix_reused_tokens": pool.reused_tokens, "steps": self.engine.steps,
-                "step_counts": dict(self.engine.step_counts), "time_s": dict(self.engine.time_s)}
+                "step_counts": dict(self.engine.step_counts),
+                "time_s": {**self.engine.time_s, "launch": self.runner.launch_s}}
 
     @property
     def alive(self) -> bool:

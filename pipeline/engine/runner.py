@@ -333,7 +333,7 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, work: list[SeqWork]) -> torch.Tensor:
         """Next token per row of float32 logits [R, V], each row with its own request's parameters."""
         out = logits.argmax(dim=-1)
-        if all(w.params.temperature == 0 and not w.banned for w in work):  # greedy rows only: argmax is all
+        if all(w.params.greedy and not w.banned for w in work):  # greedy rows only: argmax is all
             return out
         for row, w in enumerate(work):
             params = w.params
