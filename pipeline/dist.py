@@ -278,6 +278,12 @@ def gpu_index(local: int, device_count: int) -> int:
     return local
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device without waiting for the GPU's queue: through pinned memory on CUDA (a copy from
+    pageable memory may wait until the work queued before it is done, which would undo the engine's overlap)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def pick_device(mpi_comm, prefer: str = "auto") -> torch.device:
     if prefer == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")

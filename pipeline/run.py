@@ -186,7 +186,10 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
     from pipeline.engine.llm import LLM
 
     phase("loading weights")
-    llm = LLM(artifact, device=args.device, verify=False)  # verified above; ranks other than 0 serve, then exit
+    # verified above; ranks other than 0 serve, then exit. The engine holds as many sequences as there are prompts
+    # (fewer CUDA graphs to capture, a smaller KV pool: a one-shot run starts sooner).
+    build_max = resolved.get("build", {}).get("max_batch_size") or len(prompts)
+    llm = LLM(artifact, device=args.device, verify=False, max_batch_size=min(len(prompts), build_max))
     phase("generating")
     try:
         return _run_engine(args, llm, texts if chat else None, prompts, sampling)

@@ -95,6 +95,44 @@ def test_in_flight_batching_gives_each_request_its_tokens_alone(llama):
         assert stats["steps"] > NEW_TOKENS  # not one static batch: requests came and went
 
 
+def test_steps_planned_ahead_give_the_tokens_of_steps_one_at_a_time(llama):
+    """The overlap of host and GPU: decoding steps planned before the previous step's tokens are read. Requests
+    end at different steps (by length, by a stop token found in a token read while the next step already ran)."""
+    source, artifact = llama
+    prompts = random_prompts(6, seed=11)
+    lengths = [3, 10, 1, 7, 12, 5]
+    expected = hf_greedy(source, prompts, 12)
+    stop = expected[1][4]
+    got = {}
+    for overlap in (True, False):
+        with make_llm(artifact, tokens_per_block=4, overlap=overlap) as llm:
+            outs = llm.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
+            stopped = llm.generate([prompts[1], prompts[4]], [
+                SamplingParams(max_tokens=12, stop_token_ids=(stop,), ignore_eos=True),
+                SamplingParams(max_tokens=12, ignore_eos=True)])
+            stats = llm.stats()
+            got[overlap] = [o.output_ids for o in outs + stopped]
+            assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+            assert (stats["step_counts"]["planned_ahead"] > 0) == overlap
+            assert [o.finish_reason for o in stopped] == ["stop", "length"]
+    assert got[True] == got[False] == [e[:n] for e, n in zip(expected, lengths)] + [
+        expected[1][:expected[1].index(stop) + 1], expected[4]]
+
+
+def test_pipeline_run_sizes_the_engine_to_its_prompts_and_gives_the_greedy_tokens(home, llama, tmp_path):
+    """A one-shot `pipeline.run` holds as many sequences as it has prompts (fewer graphs and KV blocks to set up)."""
+    source, artifact = llama
+    prompts = [[3, 14, 15, 92], [65, 35]]
+    proc = subprocess.run([PYTHON, "-m", "pipeline.run", "--engine", str(artifact), "--no-chat-template",
+                           *[a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))],
+                           "--max-new-tokens", "5", "--json", str(tmp_path / "out.json")],
+                          cwd=REPO, env=child_env(home), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max_batch_size 2;" in proc.stderr
+    got = [r["new_ids"] for r in json.loads((tmp_path / "out.json").read_text())["results"]]
+    assert got == hf_greedy(source, prompts, 5)
+
+
 def test_preemption_recomputes_the_same_tokens_and_frees_its_blocks(llama):
     source, artifact = llama
     prompts = random_prompts(6, seed=3)
@@ -174,6 +212,25 @@ def test_sampling_is_per_request_and_reproducible_by_seed(llama):
         other_seed = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=8,
                                                            ignore_eos=True))[0].output_ids
         assert other_seed != alone
+
+
+def test_sampled_tokens_do_not_depend_on_overlap_batching_or_preemption(llama):
+    """A draw depends on the request's seed and the position of the token it makes, nothing else."""
+    _, artifact = llama
+    prompts = random_prompts(6, seed=21)
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=100 + i, ignore_eos=True)
+              for i in range(6)]
+    got = []
+    for options in ({"overlap": True}, {"overlap": False},
+                    {"kv_cache_max_tokens": 56, "enable_prefix_reuse": False}):  # 14 blocks: preemptions
+        with make_llm(artifact, tokens_per_block=4, **options) as llm:
+            got.append([o.output_ids for o in llm.generate(prompts, params)])
+            if "kv_cache_max_tokens" in options:
+                assert llm.stats()["preemptions"] > 0
+    with make_llm(artifact, tokens_per_block=4) as llm:
+        alone = [llm.generate([p], [q])[0].output_ids for p, q in zip(prompts, params)]
+    assert got[0] == got[1] == got[2] == alone
+    assert len({tuple(t) for t in alone}) == 6
 
 
 def test_stop_tokens_and_min_tokens(llama):

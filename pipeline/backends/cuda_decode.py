@@ -108,14 +108,17 @@ class CudaLinear(Linear):
             return -1
         return self.skinny.get(batched_gemm.padded_rows(rows), -1)
 
-    def silu_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(fc(x)) * gate(x) for this fused [fc; gate] GEMM (RankModel._mlp): in the split-K kernel's epilogue
-        where tuning chose it for x's rows, else the GEMM and then the activation."""
+    def silu_gate(self, x: torch.Tensor, activation=None) -> torch.Tensor:
+        """silu(fc(x)) * gate(x) for this fused [fc; gate] GEMM (RankModel._silu_gate): in the split-K kernel's
+        epilogue where tuning chose it for x's rows, else the GEMM and then `activation` on its output [..., 2I]
+        (torch's ops when None)."""
         index = self._skinny(x)
         if index >= 0:
             y = torch.ops.pipeline.skinny_mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, index,
                                              ACT_SILU_GATE)
             return y.view(*x.shape[:-1], self.weight.shape[0] // 2)
+        if activation is not None:
+            return activation(self(x))
         fc, gate = self(x).chunk(2, dim=-1)
         return F.silu(fc) * gate
 
@@ -128,15 +131,29 @@ class CudaFP8Linear(FP8Linear):
         self.triton_gemv = triton_gemv and gemv.available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.triton_gemv and x.numel() == x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if self.fp8_input_scale(rows, x.device) is not None:
+            if x.dtype != torch.float8_e4m3fn:  # else cast at act_scale already (RankModel's fused activation)
+                x = fp8.quantize_fp8(x.reshape(-1, x.shape[-1]), self.act_scale)  # the cast in one pass
+            y = torch._scaled_mm(x.reshape(-1, x.shape[-1]), self.weight.t(), scale_a=self.act_scale,
+                                 scale_b=self.weight_scale, out_dtype=self.out_dtype)
+            return y.view(*x.shape[:-1], self.weight.shape[0])
+        if x.dtype == torch.float8_e4m3fn:
+            raise ValueError(f"an FP8 input reaches CudaFP8Linear only where it runs torch._scaled_mm (CUDA, no "
+                             f"bias, more than one row); found {rows} row(s) on {x.device}, bias "
+                             f"{self.bias is not None}: give it the activations in the model dtype")
+        if self.triton_gemv and rows == 1:
             return gemv.linear_1row(x, self.weight, self.bias, self.act_scale, self.weight_scale,
                                             self.out_dtype)
-        if x.device.type == "cuda" and self.bias is None and fp8.triton is not None:  # the cast in one pass
-            rows = fp8.quantize_fp8(x.reshape(-1, x.shape[-1]), self.act_scale)
-            y = torch._scaled_mm(rows, self.weight.t(), scale_a=self.act_scale, scale_b=self.weight_scale,
-                                 out_dtype=self.out_dtype)
-            return y.view(*x.shape[:-1], self.weight.shape[0])
         return fp8_linear(x, self.weight, self.act_scale, self.weight_scale, self.bias, self.out_dtype)
+
+    def fp8_input_scale(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """act_scale where a call with `rows` rows on `device` runs torch._scaled_mm, which also takes its input
+        already cast to float8_e4m3fn at that scale (skipping its own cast); None where it needs the model dtype."""
+        gemv_row = self.triton_gemv and rows == 1
+        if device.type == "cuda" and self.bias is None and fp8.triton is not None and not gemv_row:
+            return self.act_scale
+        return None
 
 
 def _fuse(fc, gate):

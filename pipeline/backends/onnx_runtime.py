@@ -65,14 +65,14 @@ class GraphDecoder:
         batch = tokens.shape[0]
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         mask = valid.long()
-        generator = torch.Generator().manual_seed(seed_of(sampling)) if sampling.temperature > 0 else None
+        seed = seed_of(sampling) if sampling.temperature > 0 else 0
         logits, cache = self.step(tokens, positions, mask, self.empty_cache(batch))
         next_positions = positions[:, -1]
         outputs: list[list[int]] = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         ones = torch.ones((batch, 1), dtype=torch.long, device=self.device)
         for step in range(sampling.max_tokens):
-            next_tokens = sample_next(logits[:, -1], sampling, generator)
+            next_tokens = sample_next(logits[:, -1], sampling, seed, step)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
             for i, token in enumerate(next_tokens.tolist()):
                 if not finished[i]:

@@ -13,6 +13,7 @@ decode step has static shapes (one query against every cache slot, masked), so i
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from pipeline.architectures import for_checkpoint
 from pipeline.dist import Comm
 from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import RunError
+from pipeline.kernels.activation import silu_mul
 from pipeline.kernels.norm import rms_norm
 from pipeline.quantize.formats import dequantize_kv
 from pipeline.quantize.registry import kv_cache_format_for_algo
@@ -101,6 +103,9 @@ class RankModel:
         self.kv_cache_format = kv_cache_format_for_algo(kv_algo) if kv_algo is not None else None
         self.kv_format = self.kv_cache_format.name if self.kv_cache_format is not None else None
         self.fused_norm = False  # RMS norms through pipeline.kernels.norm (the engine sets it on a GPU)
+        # the fused [fc; gate] GEMM's activation through pipeline.kernels.activation for more than one row (the
+        # engine sets it on a GPU; the decode runner's torch.compile fuses it there instead)
+        self.fused_activation = False
         # Calibration sets this to a callable(layer_index, k, v) that sees the keys and values the cache stores.
         self.observe_kv = None
 
@@ -225,15 +230,31 @@ class RankModel:
     def _mlp(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
         if self.arch.mlp == "gelu":
             h = F.gelu(layer["fc"](x), approximate="tanh")
-        elif hasattr(layer.get("fc_gate"), "silu_gate"):  # the CUDA path's fused GEMM, activation included
-            h = layer["fc_gate"].silu_gate(x)
         elif "fc_gate" in layer:  # the CUDA path fuses the two GEMMs of the gated MLP into one
-            fc, gate = layer["fc_gate"](x).chunk(2, dim=-1)
-            h = F.silu(fc) * gate
+            h = self._silu_gate(layer, x)
         else:
             h = F.silu(layer["fc"](x)) * layer["gate"](x)
         out = self.comm.all_reduce_tp(layer["proj"](h))
         return out + layer["proj_bias"] if layer["proj_bias"] is not None else out
+
+    def _silu_gate(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
+        """silu(fc) * gate of the fused [fc; gate] GEMM: in the split-K kernel's epilogue where tuning chose it
+        (CudaLinear.silu_gate); with fused_activation and more than one row, the GEMM and then one kernel whose h
+        is already FP8 where the proj would cast it (one row keeps torch's ops: the GEMVs take the model dtype)."""
+        fc_gate, proj = layer["fc_gate"], layer["proj"]
+        activation = None
+        rows = x.numel() // x.shape[-1]
+        if self.fused_activation and rows > 1:
+            fp8_input = getattr(proj, "fp8_input_scale", None)
+            scale = fp8_input(rows, x.device) if fp8_input is not None else None
+            activation = functools.partial(silu_mul, scale=scale)
+        if hasattr(fc_gate, "silu_gate"):
+            return fc_gate.silu_gate(x, activation)
+        y = fc_gate(x)
+        if activation is not None:
+            return activation(y)
+        fc, gate = y.chunk(2, dim=-1)
+        return F.silu(fc) * gate
 
     # ------------------------------------------------------------------------------------- steps
 

@@ -4,6 +4,12 @@ Rank 0 owns the scheduler and the requests. Each step it makes a StepPlan, sends
 runs it on its own rank, and turns the sampled tokens into outputs (detokenized text, stop conditions, finished
 requests). The other ranks run `worker_loop`: receive a plan, run it, until rank 0 sends shutdown. A plan is a
 few hundred bytes, so one point-to-point message per rank and step costs microseconds.
+
+On one rank, steps overlap the host's work with the GPU's (TensorRT-LLM's overlap scheduler): while step N runs,
+step N+1 is planned without N's tokens (the scheduler counts them as in flight) and launched behind it (it reads
+N's tokens on the device), and only then are N's tokens waited for and turned into outputs. The GPU does not wait
+for the host between steps; a request that stops on step N's token has one token computed in vain, dropped. A step
+that bans tokens (min_tokens), or one that would preempt a request, runs after N's tokens are read.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pipeline.engine.runner import ModelRunner
+from pipeline.engine.runner import Launched, ModelRunner
 from pipeline.engine.scheduler import Request, Scheduler, StepPlan
 from pipeline.params import SamplingParams
 
@@ -74,10 +80,13 @@ class Detokenizer:
 class Engine:
     """Rank 0's side of the engine; `step()` runs one step on every rank and returns the outputs it produced."""
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, mpi_comm, tokenizer, eos_id: int | None):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, mpi_comm, tokenizer, eos_id: int | None,
+                 overlap: bool = True):
         self.runner, self.scheduler, self.mpi_comm = runner, scheduler, mpi_comm
         self.tokenizer, self.eos_id = tokenizer, eos_id
         self.world = mpi_comm.Get_size() if mpi_comm is not None else 1
+        self.overlap = overlap and self.world == 1  # other ranks would need the tokens the plan leaves to the GPU
+        self._pending: tuple[StepPlan, Launched] | None = None  # a step launched, its tokens not read yet
         self._detok: dict[int, Detokenizer] = {}
         self.steps = 0
         self.tokens_computed = 0
@@ -85,7 +94,7 @@ class Engine:
         # mixed steps (to the sampled tokens on the host, so GPU time included; the runner's launch_s is the host's
         # part of both), making the outputs, and the LLM handing them to their requests.
         self.time_s = {"schedule": 0.0, "decode_forward": 0.0, "mixed_forward": 0.0, "outputs": 0.0, "deliver": 0.0}
-        self.step_counts = {"decode": 0, "mixed": 0}
+        self.step_counts = {"decode": 0, "mixed": 0, "planned_ahead": 0}  # planned_ahead: launched behind another
         self.closed = False
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Request:
@@ -104,22 +113,56 @@ class Engine:
         for rank in range(1, self.world):
             self.mpi_comm.send(plan, dest=rank, tag=PLAN_TAG)
 
+    @property
+    def has_work(self) -> bool:
+        return self._pending is not None or self.scheduler.has_work
+
     def step(self) -> list[RequestOutput]:
+        """Plan and run one step; returns the outputs of the steps whose tokens were read meanwhile (with overlap,
+        the step launched before this one)."""
         start = time.perf_counter()
-        plan = self.scheduler.schedule()
-        if not plan.work and not plan.released:
-            return []
-        self._send(plan)
+        pending = self._pending
+        plan = self.scheduler.schedule(can_preempt=pending is None)
         planned = time.perf_counter()
-        sampled = self.runner.execute(plan)
-        ran = time.perf_counter()
+        self.time_s["schedule"] += planned - start
+        if plan is None or not plan.work:
+            # nothing new to run, or a preemption that must wait for the step in flight
+            return self._read_pending(planned) if pending is not None else []
+        after = pending[1] if pending is not None else None
+        if self.overlap and self.runner.can_launch(plan):
+            self._pending = (plan, self.runner.launch(plan, after))
+            self.scheduler.launched(plan)
+            self._count(plan, planned)
+            if pending is not None:
+                self.step_counts["planned_ahead"] += 1
+            return self._read(pending, time.perf_counter()) if pending is not None else []
+        self._send(plan)
+        sampled = self.runner.execute(plan, after)
+        self._count(plan, planned)
+        outputs = self._read_pending(time.perf_counter()) if pending is not None else []  # its tokens are ready
+        return outputs + self._outputs(plan, sampled)
+
+    def _count(self, plan: StepPlan, since: float) -> None:
+        self.step_counts[plan.kind] += 1
+        self.time_s[f"{plan.kind}_forward"] += time.perf_counter() - since
         self.steps += 1
         self.tokens_computed += plan.num_tokens
+
+    def _read_pending(self, since: float) -> list[RequestOutput]:
+        pending, self._pending = self._pending, None
+        return self._read(pending, since)
+
+    def _read(self, pending: tuple[StepPlan, Launched], since: float) -> list[RequestOutput]:
+        """Wait for a launched step's tokens (the time waited counts as its kind's forward time) and make its
+        outputs."""
+        plan, launched = pending
+        sampled = self.runner.collect(launched)
+        self.time_s[f"{plan.kind}_forward"] += time.perf_counter() - since
+        return self._outputs(plan, sampled)
+
+    def _outputs(self, plan: StepPlan, sampled: dict[int, int]) -> list[RequestOutput]:
+        ran = time.perf_counter()
         outputs = [self._after_token(request, ran) for request in self.scheduler.update(plan, sampled)]
-        kind = "decode" if plan.num_tokens == len(plan.work) else "mixed"
-        self.step_counts[kind] += 1
-        self.time_s["schedule"] += planned - start
-        self.time_s[f"{kind}_forward"] += ran - planned
         self.time_s["outputs"] += time.perf_counter() - ran
         return outputs
 

@@ -50,6 +50,7 @@ class EngineConfig:
     kv_cache_max_tokens: int | None = None
     enable_prefix_reuse: bool = True
     cuda_graphs: bool = True  # decoding steps replay CUDA graphs (one GPU)
+    overlap: bool = True  # plan and launch the next step while the GPU runs this one (one rank)
 
 
 def resolve_model(model: str | Path, build: bool = False) -> tuple[Path, dict]:
@@ -199,14 +200,16 @@ class LLM:
         attention = "paged kernel" if self.runner.kernel else "gathered keys, torch sdpa"
         self._log(f"backend torch on {self.device.type}, {self.world} rank(s) tp={tp} pp={pp}, "
                   f"{self.artifact or 'a model in memory'} (loaded in {self.timings.get('load_s', 0):.1f} s); "
-                  f"KV cache: {num_blocks} blocks of {block_size} tokens; attention: {attention}")
+                  f"max_batch_size {max_batch}; KV cache: {num_blocks} blocks of {block_size} tokens; "
+                  f"attention: {attention}")
         if self.rank != 0:
             worker_loop(self.runner, mpi_comm)
             raise SystemExit(finish(self.comm, 0))
         pool = BlockPool(num_blocks, block_size, prefix_reuse=options.enable_prefix_reuse)
         max_tokens = options.max_num_tokens or build_spec.get("max_num_tokens", 8192)
         self.scheduler = Scheduler(pool, max_batch, max_tokens, self.eos_id)
-        self.engine = Engine(self.runner, self.scheduler, mpi_comm, self.tokenizer, self.eos_id)
+        self.engine = Engine(self.runner, self.scheduler, mpi_comm, self.tokenizer, self.eos_id,
+                             overlap=options.overlap)
         self._commands: queue.Queue = queue.Queue()
         self._handles: dict[int, RequestHandle] = {}
         self.error: BaseException | None = None
@@ -246,7 +249,7 @@ class LLM:
         try:
             while True:
                 self.heartbeat_s = time.monotonic()
-                block = not self.scheduler.has_work
+                block = not self.engine.has_work
                 try:
                     command = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
                 except queue.Empty:
@@ -389,6 +392,7 @@ class LLM:
                 "kv_blocks_total": pool.num_blocks, "kv_blocks_used": pool.used_count,
                 "kv_blocks_free": pool.free_count, "preemptions": self.scheduler.preemptions,
                 "prefix_reused_tokens": pool.reused_tokens, "steps": self.engine.steps,
+                "tokens_computed": self.engine.tokens_computed,
                 "step_counts": dict(self.engine.step_counts),
                 "time_s": {**self.engine.time_s, "launch": self.runner.launch_s}}
 

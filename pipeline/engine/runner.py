@@ -15,13 +15,15 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.backends.torch_model import RankModel
-from pipeline.engine.scheduler import SeqWork, StepPlan
-from pipeline.generate import sample_next
+from pipeline.dist import to_device
+from pipeline.engine.scheduler import AHEAD, SeqWork, StepPlan
+from pipeline.generate import sample_rows
 from pipeline.kernels.common import runs_on
 from pipeline.kernels.paged_attention import attention_tiles, paged_attention, tile_tokens, write_rope_kv
 from pipeline.progress import progress
@@ -35,12 +37,13 @@ def kv_bytes_per_token(model: RankModel) -> int:
 
 
 def use_gpu_kernels(model: RankModel) -> RankModel:
-    """The engine's GPU model: Triton GEMV for one-row steps, fc and gate as one GEMM (accelerate), and the RMS
-    norm kernel. In place; returns the model."""
+    """The engine's GPU model: Triton GEMV for one-row steps, fc and gate as one GEMM (accelerate), the RMS
+    norm kernel and the gated activation kernel (FP8 out for an FP8 proj). In place; returns the model."""
     from pipeline.backends.cuda_decode import DecodeOptions, accelerate
 
     accelerate(model, DecodeOptions())
     model.fused_norm = True
+    model.fused_activation = True
     return model
 
 
@@ -54,13 +57,35 @@ class PagedKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=model.device) for _ in model.layers]
 
 
+def feed_tokens(tokens: torch.Tensor, work: tuple[SeqWork, ...], after: Launched | None) -> None:
+    """Put the tokens still in flight (AHEAD in `work`) into the step's packed tokens [T] (on the device): the
+    values `after`, the step launched before, sampled for those requests."""
+    if after is None:
+        return
+    rows = {w.request_id: i for i, w in enumerate(after.work)}
+    offsets, sources, offset = [], [], 0
+    for w in work:
+        if w.tokens[0] == AHEAD:
+            offsets.append(offset)
+            sources.append(rows[w.request_id])
+        offset += len(w.tokens)
+    if not offsets:
+        return
+    if offsets == sources == list(range(len(offsets))):  # the same requests first, in the same order
+        tokens[:len(offsets)].copy_(after.tokens[:len(offsets)])
+        return
+    device = tokens.device
+    tokens.index_copy_(0, to_device(torch.tensor(offsets), device),
+                       after.tokens.index_select(0, to_device(torch.tensor(sources), device)))
+
+
 class _Batch:
     """A step's sequences as tensors: packed tokens and positions, the cache slots of the new tokens, and what
     attention reads: with the kernel, the block table, each token's position and the attention tiles; else the
     gathered slots (one-token sequences together, padded; prompt chunks one by one)."""
 
     def __init__(self, work: tuple[SeqWork, ...], block_size: int, window: int | None, device: torch.device,
-                 kernel: bool = False, group: int = 1):
+                 kernel: bool = False, group: int = 1, after: Launched | None = None):
         lens = [len(w.tokens) for w in work]
         width = max(len(w.blocks) for w in work)
         table = torch.tensor([list(w.blocks) + [0] * (width - len(w.blocks)) for w in work], dtype=torch.long)
@@ -72,18 +97,19 @@ class _Batch:
         def slots_of(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             return table[rows, pos // block_size] * block_size + pos % block_size
 
-        self.tokens = torch.tensor([t for w in work for t in w.tokens], dtype=torch.long, device=device)[None]
-        self.positions = positions.to(device)[None]
-        self.new_slots = slots_of(seq_of_token, positions).to(device)
-        self.sample_rows = torch.tensor([int(offsets[i]) + lens[i] - 1 for i, w in enumerate(work) if w.sample],
-                                        dtype=torch.long, device=device)
+        self.tokens = to_device(torch.tensor([t for w in work for t in w.tokens], dtype=torch.long), device)[None]
+        feed_tokens(self.tokens[0], work, after)
+        self.positions = to_device(positions, device)[None]
+        self.new_slots = to_device(slots_of(seq_of_token, positions), device)
+        self.sample_rows = to_device(torch.tensor([int(offsets[i]) + lens[i] - 1 for i, w in enumerate(work)
+                                                   if w.sample], dtype=torch.long), device)
         self.chunks = []
         self.decode_rows = self.decode_slots = self.decode_mask = None
         if kernel:  # pipeline.kernels.paged_attention reads every sequence through the block table
-            self.block_table = table.to(torch.int32).to(device)
-            self.token_pos = positions.to(torch.int32).to(device)
+            self.block_table = to_device(table.to(torch.int32), device)
+            self.token_pos = to_device(positions.to(torch.int32), device)
             self.per_tile = tile_tokens(group, lens)
-            self.tiles = attention_tiles(lens, self.per_tile).to(device)
+            self.tiles = to_device(attention_tiles(lens, self.per_tile), device)
             return
         decode = [i for i, n in enumerate(lens) if n == 1]
         if decode:
@@ -125,12 +151,18 @@ class _DecodeGraphs:
         top = self.sizes[-1]
         self.scratch = runner.cache.num_blocks - 1
         self.scratch_slot = self.scratch * runner.cache.block_size
-        self.tokens = torch.zeros((1, top), dtype=torch.long, device=device)
-        self.positions = torch.zeros((1, top), dtype=torch.long, device=device)
+        # tokens, positions and the new tokens' slots in one buffer (one copy from the host a step), staged in
+        # pinned memory (a copy from pageable memory may wait for the GPU), two stages used in turn (a step's copy
+        # may still be queued while the next step is planned)
+        self.inputs = torch.zeros((3, top), dtype=torch.long, device=device)
+        self.tokens, self.positions, self.new_slots = self.inputs[0:1], self.inputs[1:2], self.inputs[2]
+        self.new_slots.fill_(self.scratch_slot)  # rows beyond a step's sequences write to the scratch block
         self.block_table = torch.full((top, max_blocks_per_seq), self.scratch, dtype=torch.int32, device=device)
+        self.stages = [(torch.zeros((3, top), dtype=torch.long).pin_memory(),
+                        torch.zeros((top, max_blocks_per_seq), dtype=torch.int32).pin_memory()) for _ in range(2)]
+        self.turn = 0
         self.tiles = attention_tiles([1] * top, 1).to(device)  # one tile per decoding sequence
         self.token_pos = torch.zeros(top, dtype=torch.int32, device=device)
-        self.new_slots = torch.full((top,), self.scratch_slot, dtype=torch.long, device=device)
         self.rows = torch.arange(top, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.fused = _fused_step(runner.model)
@@ -160,7 +192,8 @@ class _DecodeGraphs:
 
             def attention_1(index: int, qkv: torch.Tensor) -> torch.Tensor:
                 kv_scale = model.layers[index].get("kv_scale")
-                return self.runner._attention(index, qkv.view(1, 1, -1), rope, kv_scale, view).view(1, -1)
+                return self.runner._attention(index, qkv.view(1, 1, -1), rope, kv_scale, view,
+                                              self.fused.pdl).view(1, -1)
 
             return self.fused.forward(self.tokens[:, :1], self.positions[:, :1], None, None, attention=attention_1)
 
@@ -173,20 +206,25 @@ class _DecodeGraphs:
     def fits(self, plan: StepPlan) -> bool:
         return len(plan.work) <= self.sizes[-1] and all(len(w.tokens) == 1 and w.sample for w in plan.work)
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
+    def run(self, plan: StepPlan, after: Launched | None = None) -> torch.Tensor:
+        """Replay the graph for the plan (its tokens in flight taken from `after`, see feed_tokens)."""
         work, block_size = plan.work, self.runner.cache.block_size
         count = len(work)
         size = next(s for s in self.sizes if s >= count)
         width = max(len(w.blocks) for w in work)
-        table = torch.tensor([list(w.blocks) + [self.scratch] * (width - len(w.blocks)) for w in work],
-                             dtype=torch.int32)
+        inputs, table = self.stages[self.turn]
+        self.turn ^= 1
         pos = torch.tensor([w.start for w in work], dtype=torch.long)
-        self.tokens[0, :count].copy_(torch.tensor([w.tokens[0] for w in work]), non_blocking=True)
-        self.positions[0, :count].copy_(pos, non_blocking=True)
-        self.token_pos[:count].copy_(pos.to(torch.int32), non_blocking=True)
-        self.block_table[:count, :width].copy_(table, non_blocking=True)
-        self.new_slots[:count].copy_(table[torch.arange(count), pos // block_size].long() * block_size
-                                     + pos % block_size, non_blocking=True)
+        table[:count, :width] = torch.tensor([w.blocks + (self.scratch,) * (width - len(w.blocks)) for w in work],
+                                             dtype=torch.int32)
+        inputs[0, :count] = torch.tensor([w.tokens[0] for w in work], dtype=torch.long)
+        inputs[1, :count] = pos
+        inputs[2, :count] = table[torch.arange(count), pos // block_size].long() * block_size + pos % block_size
+        # whole rows (contiguous: a strided copy would go through an unpinned temporary)
+        self.inputs.copy_(inputs, non_blocking=True)
+        self.block_table[:count].copy_(table[:count], non_blocking=True)
+        feed_tokens(self.tokens[0], work, after)
+        self.token_pos[:count].copy_(self.positions[0, :count])
         self.block_table[count:size].fill_(self.scratch)  # rows a larger earlier step left behind
         self.new_slots[count:size].fill_(self.scratch_slot)
         self.token_pos[count:size].zero_()
@@ -210,6 +248,16 @@ def _fused_step(model: RankModel):
     return FusedStep(model, layernorm_gelu, pdl=hopper(model.device), paged=True)
 
 
+class Launched(NamedTuple):
+    """A step queued by ModelRunner.launch: its sampling sequences, their sampled tokens on the device and where
+    they are being copied on the host (ready when `event` has passed; None: already there)."""
+
+    work: tuple[SeqWork, ...]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+
+
 @dataclass
 class _GraphBatch:
     block_table: torch.Tensor
@@ -224,11 +272,14 @@ class ModelRunner:
         self.model = model
         self.cache = PagedKVCache(model, num_blocks, block_size)
         self.sliding_window = model.arch.sliding_window  # Mistral: keys older than the window are masked
-        self.generators: dict[int, torch.Generator] = {}
         # On a GPU one Triton kernel reads the paged cache; elsewhere torch's attention over gathered keys.
         self.kernel = model.device.type == "cuda" and runs_on(model.device)
         self.graphs: _DecodeGraphs | None = None
         self.launch_s = 0.0
+        # where launched steps' tokens land on the host (pinned): two, used in turn (one step may be in flight
+        # while the previous one is read)
+        self._pinned: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * 2
+        self._pinned_turn = 0
 
     def capture_graphs(self, max_batch: int, max_blocks_per_seq: int) -> None:
         """Capture the decoding steps' CUDA graphs (one GPU, paged kernel). The pool's last block becomes
@@ -237,16 +288,49 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------- the step
 
-    def execute(self, plan: StepPlan) -> dict[int, int]:
-        """Run the plan's forward pass; returns {request id: next token} for its sampling sequences (all ranks)."""
-        for request_id in plan.released:
-            self.generators.pop(request_id, None)
+    def can_launch(self, plan: StepPlan) -> bool:
+        """Whether `launch` takes the plan: one rank, no banned tokens (the sampled tokens stay on the device until
+        `collect`; the next step may read them there)."""
+        return (self.model.comm.mapping.world_size == 1 and bool(plan.work)
+                and not any(w.banned for w in plan.work if w.sample))
+
+    def launch(self, plan: StepPlan, after: Launched | None = None) -> Launched:
+        """Queue the plan's forward pass and sampling without waiting for them (see can_launch); tokens of the plan
+        still in flight come from `after`, the step launched before it."""
+        start = time.perf_counter()
+        logits = self.forward(plan, after)
+        sampled = tuple(w for w in plan.work if w.sample)
+        tokens = self._sample(logits[0], sampled) if sampled else torch.zeros(0, dtype=torch.long)
+        event = None
+        if tokens.is_cuda:
+            turn = self._pinned_turn
+            self._pinned_turn ^= 1
+            if len(self._pinned[turn]) < len(sampled):
+                self._pinned[turn] = torch.zeros(max(len(sampled), 1024), dtype=torch.long).pin_memory()
+            host = self._pinned[turn][:len(sampled)]
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = tokens
+        self.launch_s += time.perf_counter() - start
+        return Launched(sampled, tokens, host, event)
+
+    def collect(self, launched: Launched) -> dict[int, int]:
+        """Wait for a launched step; {request id: next token}."""
+        if launched.event is not None:
+            launched.event.synchronize()
+        return {w.request_id: t for w, t in zip(launched.work, launched.host.tolist())}
+
+    def execute(self, plan: StepPlan, after: Launched | None = None) -> dict[int, int]:
+        """Run the plan's forward pass (tokens in flight from `after`) and sample; returns {request id: next token}
+        for its sampling sequences (all ranks)."""
         if not plan.work:
             return {}
         model, device = self.model, self.model.device
         sampled = [w for w in plan.work if w.sample]
         start = time.perf_counter()
-        logits = self.forward(plan)
+        logits = self.forward(plan, after)
         self.launch_s += time.perf_counter() - start  # the host's part: inputs, launches (a GPU runs on after it)
         next_tokens = torch.zeros(len(sampled), dtype=torch.long, device=device)
         comm = model.comm
@@ -256,12 +340,12 @@ class ModelRunner:
             next_tokens = comm.broadcast_tokens(next_tokens)
         return {w.request_id: int(t) for w, t in zip(sampled, next_tokens.tolist())}
 
-    def forward(self, plan: StepPlan) -> torch.Tensor | None:
+    def forward(self, plan: StepPlan, after: Launched | None = None) -> torch.Tensor | None:
         """The step's forward pass: float32 logits [1, sampling sequences, vocab] on last-stage ranks."""
         if self.graphs is not None and self.graphs.fits(plan):
-            return self.graphs.run(plan)
+            return self.graphs.run(plan, after)
         batch = _Batch(plan.work, self.cache.block_size, self.sliding_window, self.model.device, self.kernel,
-                       self.model.heads // self.model.kv_heads)
+                       self.model.heads // self.model.kv_heads, after)
 
         def attention(index: int, qkv: torch.Tensor, rope, kv_scale) -> torch.Tensor:
             return self._attention(index, qkv, rope, kv_scale, batch)
@@ -269,18 +353,20 @@ class ModelRunner:
         rows = batch.sample_rows if len(batch.sample_rows) else None
         return self.model.forward(batch.tokens, batch.positions, None, attention=attention, logit_rows=rows)
 
-    def _attention(self, index: int, qkv: torch.Tensor, rope, kv_scale, batch: _Batch) -> torch.Tensor:
-        """Rotary embedding, the cache write of the step's tokens, and attention of each over its sequence."""
+    def _attention(self, index: int, qkv: torch.Tensor, rope, kv_scale, batch: _Batch, pdl: bool = False
+                   ) -> torch.Tensor:
+        """Rotary embedding, the cache write of the step's tokens, and attention of each over its sequence (`pdl`:
+        the two kernels with programmatic dependent launch, inside the fused batch-1 step's chain)."""
         model = self.model
         hd, heads, kv_heads = model.head_size, model.heads, model.kv_heads
         total = qkv.shape[1]
         k_store, v_store = self.cache.k[index], self.cache.v[index]
         if self.kernel and model.observe_kv is None:  # two launches: rotate and write the cache, then attend
             q = write_rope_kv(qkv[0], rope, k_store, v_store, batch.new_slots, heads,
-                              kv_scale if model.kv_format is not None else None)
+                              kv_scale if model.kv_format is not None else None, pdl)
             out = paged_attention(q, k_store, v_store, batch.block_table, batch.token_pos, batch.tiles,
                                   batch.per_tile, self.cache.block_size, self.sliding_window,
-                                  kv_scale if model.kv_format is not None else None)
+                                  kv_scale if model.kv_format is not None else None, pdl)
             return out.reshape(1, total, heads * hd)
         q, k, v = qkv[0].split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
         q = q.view(total, heads, hd).transpose(0, 1)[None]  # [1, heads, T, hd]
@@ -330,20 +416,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------- sampling
 
-    def _sample(self, logits: torch.Tensor, work: list[SeqWork]) -> torch.Tensor:
-        """Next token per row of float32 logits [R, V], each row with its own request's parameters."""
-        out = logits.argmax(dim=-1)
-        if all(w.params.greedy and not w.banned for w in work):  # greedy rows only: argmax is all
-            return out
-        for row, w in enumerate(work):
-            params = w.params
-            if w.banned:  # EOS and stop tokens before min_tokens
-                logits[row, list(w.banned)] = float("-inf")
-                out[row] = logits[row].argmax()
-            if params.greedy:
-                continue
-            generator = self.generators.get(w.request_id)
-            if generator is None:
-                generator = self.generators[w.request_id] = torch.Generator().manual_seed(w.seed)
-            out[row] = sample_next(logits[row:row + 1], params, generator)[0]
-        return out
+    def _sample(self, logits: torch.Tensor, work: tuple[SeqWork, ...]) -> torch.Tensor:
+        """Next token per row of float32 logits [R, V], each row with its own request's parameters, drawn at the
+        request's seed and the position of the token it makes (the same draw in any batch, after a preemption
+        too)."""
+        banned = [(row, token) for row, w in enumerate(work) for token in w.banned]
+        if banned:  # EOS and stop tokens before min_tokens
+            rows, tokens = zip(*banned)
+            logits[list(rows), list(tokens)] = float("-inf")
+        return sample_rows(logits, [w.params for w in work], [w.seed for w in work],
+                           [w.start + len(w.tokens) for w in work])

@@ -10,6 +10,11 @@ When a running request needs a block and none is free, the most recently admitte
 blocks are freed and it goes back to the front of the queue, to be recomputed from its prompt and the tokens it
 already produced (greedy decoding gives the same tokens again). A request is never admitted unless its prompt
 and output fit the whole pool, which `Scheduler.add` checks.
+
+With the engine's overlap of host and GPU, a step is planned while the previous one still runs: a request whose
+sampled token is in flight (`inflight`, set by `launched`) counts it as known, its value left to the GPU (AHEAD),
+and one whose in-flight token is its last by length gets no more work. Such a schedule preempts nobody: where it
+would have to, it returns None and the engine first waits for the step in flight.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class Status(Enum):
     FINISHED = "finished"
 
 
+AHEAD = -1  # a token in flight: sampled by a launched step, its value on the GPU only
+
+
 @dataclass
 class Request:
     id: int
@@ -51,13 +59,17 @@ class Request:
     preemptions: int = 0
     first_token_s: float | None = None
     finished_s: float | None = None
+    inflight: int = 0  # sampled tokens of launched steps not read yet (their values are on the GPU)
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
     def token_slice(self, start: int, stop: int) -> tuple[int, ...]:
-        """tokens[start:stop] without joining the two lists (a decode step takes one token of a long request)."""
+        """tokens[start:stop] without joining the two lists (a decode step takes one token of a long request);
+        a position past the known tokens is the in-flight token, AHEAD."""
+        if start >= self.total_len:
+            return (AHEAD,) * (stop - start)
         n = len(self.prompt_ids)
         if start >= n:
             return tuple(self.output_ids[start - n:stop - n])
@@ -89,12 +101,16 @@ class StepPlan:
     """What every rank executes in one step (rank 0 makes it and broadcasts it)."""
 
     work: tuple[SeqWork, ...]
-    released: tuple[int, ...] = ()  # requests finished or aborted since the last plan (the sampler drops state)
     shutdown: bool = False
 
     @property
     def num_tokens(self) -> int:
         return sum(len(w.tokens) for w in self.work)
+
+    @property
+    def kind(self) -> str:
+        """"decode" (one token per sequence) or "mixed" (prompt chunks among them)."""
+        return "decode" if self.num_tokens == len(self.work) else "mixed"
 
 
 class Scheduler:
@@ -107,7 +123,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
-        self._released: list[int] = []
         self.preemptions = 0
 
     # ------------------------------------------------------------------------------------------- requests
@@ -139,7 +154,6 @@ class Scheduler:
         request.status = Status.FINISHED
         request.finish_reason = reason
         request.finished_s = time.perf_counter()
-        self._released.append(request.id)
         del self.requests[request.id]
 
     @property
@@ -157,6 +171,7 @@ class Scheduler:
             request.table.blocks.append(self.pool.allocate())
 
     def _preempt(self, request: Request) -> None:
+        assert not request.inflight, "a request with a token in flight is never preempted (schedule(can_preempt))"
         self.running.remove(request)
         self.pool.free(request.table)
         request.computed = 0
@@ -165,7 +180,8 @@ class Scheduler:
         self.preemptions += 1
         self.waiting.appendleft(request)
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, can_preempt: bool = True) -> StepPlan | None:
+        """The next step's plan; None where it would preempt a request and `can_preempt` is False."""
         budget = self.max_num_tokens
         work: list[tuple[Request, int]] = []
         block_size = self.pool.block_size
@@ -173,7 +189,9 @@ class Scheduler:
         queue = deque(self.running)
         while queue and budget > 0:
             request = queue.popleft()
-            count = min(request.total_len - request.computed, budget)
+            if request.inflight and len(request.output_ids) + request.inflight >= request.params.max_tokens:
+                continue  # its last token is in flight
+            count = min(request.total_len + request.inflight - request.computed, budget)
             if request.computed + count <= len(request.table.blocks) * block_size:  # its blocks hold the tokens
                 work.append((request, count))
                 budget -= count
@@ -183,6 +201,8 @@ class Scheduler:
                     self._grow(request, count)
                     break
                 except OutOfBlocks:
+                    if not can_preempt:
+                        return None  # blocks given so far stay with their requests, which need them anyway
                     victim = self.running[-1]
                     self._preempt(victim)
                     if victim is request:
@@ -213,14 +233,19 @@ class Scheduler:
             budget -= count
         plan = StepPlan(
             work=tuple(SeqWork(r.id, r.token_slice(r.computed, r.computed + n), r.computed, tuple(r.table.blocks),
-                               r.computed + n == r.total_len, r.params, r.seed, self._banned(r))
-                       for r, n in work),
-            released=tuple(self._released))
-        self._released.clear()
+                               r.computed + n == r.total_len + r.inflight, r.params, r.seed, self._banned(r))
+                       for r, n in work))
         return plan
 
+    def launched(self, plan: StepPlan) -> None:
+        """The plan runs on the GPU, its tokens not read yet: the next schedule counts them (see the module)."""
+        for w in plan.work:
+            request = self.requests[w.request_id]
+            request.computed = w.start + len(w.tokens)
+            request.inflight += w.sample
+
     def _banned(self, request: Request) -> tuple[int, ...]:
-        if not request.params.min_tokens or len(request.output_ids) >= request.params.min_tokens:
+        if not request.params.min_tokens or len(request.output_ids) + request.inflight >= request.params.min_tokens:
             return ()
         eos = () if self.eos_id is None or request.params.ignore_eos else (self.eos_id,)
         return eos + request.params.stop_token_ids
@@ -231,13 +256,15 @@ class Scheduler:
         for w in plan.work:
             request = self.requests.get(w.request_id)
             if request is None or request.status != Status.RUNNING:
-                continue  # aborted while the step ran
-            request.computed = w.start + len(w.tokens)
-            if request.computed // self.pool.block_size > request.table.named:
-                self.pool.register_full_blocks(request.table, request.tokens, request.computed)
+                continue  # finished or aborted while the step ran (a token computed in vain)
+            request.computed = max(request.computed, w.start + len(w.tokens))  # a later step may be launched
             if w.sample:
+                request.inflight = max(0, request.inflight - 1)
                 request.output_ids.append(sampled[w.request_id])
                 if request.first_token_s is None:
                     request.first_token_s = time.perf_counter()
                 advanced.append(request)
+            known = min(request.computed, request.total_len)  # blocks of tokens with known values only
+            if known // self.pool.block_size > request.table.named:
+                self.pool.register_full_blocks(request.table, request.tokens, known)
         return advanced
