@@ -23,7 +23,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pipeline.kernels import attention, batched_gemm, gemv, int4_gemm, sampling  # noqa: E402
+from pipeline.kernels import activation, attention, batched_gemm, gemv, int4_gemm, paged_attention, sampling  # noqa: E402, E501
+from pipeline.kernels import fp8 as fp8_kernels  # noqa: E402
+from pipeline.kernels import norm as norm_kernels  # noqa: E402
 from pipeline.kernels.common import ACT_GELU, ACT_NONE, ACT_SILU_GATE, NORM_LAYER, NORM_NONE, NORM_RMS  # noqa: E402
 
 SHARED_LIMIT = 227 * 1024  # the shared memory one block may use on an H100/H200
@@ -134,6 +136,33 @@ def argmax_cases():
         yield f"greedy_argmax {dtype}", sampling._greedy_argmax_kernel, signature, constexprs, {}
 
 
+def engine_cases():
+    """The engine's kernels: the gated activation (bfloat16 out, FP8 out), paged attention and the rotary cache
+    write (with and without programmatic dependent launch), the RMS norm, the FP8 cast."""
+    for out in ("bf16", "fp8e4nv"):
+        signature = {"y_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": f"*{out}", "y_stride": "i64", "inter": "i32"}
+        yield (f"silu_mul bf16 -> {out}", activation._silu_mul_kernel, signature,
+               dict(BLOCK=activation.BLOCK, FP8=out != "bf16", LIBDEVICE=True), {})
+    for pdl in (False, True):  # the batch-1 fused step's chain runs them with programmatic dependent launch
+        signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "table_ptr": "*i32", "pos_ptr": "*i32",
+                     "tiles_ptr": "*i32", "out_ptr": "*bf16", "kv_scale_ptr": "*bf16", "scale": "fp32",
+                     "window": "i32", "table_stride": "i32"}
+        constexprs = dict(KV_HEADS=8, GROUP=4, HEAD_SIZE=128, BLOCK_SIZE=32, BLOCK_M=16, BLOCK_D=128, BLOCK_N=64,
+                          KV_QUANT=False, PRECISION="tf32", EMULATED=False, MAX_LEN=0, PDL=pdl)
+        yield (f"paged_attention bf16 pdl={pdl}", paged_attention._paged_attention_kernel, signature, constexprs,
+               dict(num_stages=2, launch_pdl=pdl))
+        signature = {"qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "slots_ptr": "*i64", "k_ptr": "*bf16",
+                     "v_ptr": "*bf16", "q_out_ptr": "*bf16", "kv_scale_ptr": "*bf16", "qkv_stride": "i32"}
+        constexprs = dict(HEADS=32, KV_HEADS=8, HEAD_SIZE=128, HALF=64, BLOCK_H=32, BLOCK_HALF=64, ROPE=True,
+                          KV_QUANT=0, PDL=pdl)
+        yield f"write_rope_kv bf16 pdl={pdl}", paged_attention._rope_write_kernel, signature, constexprs, \
+            dict(launch_pdl=pdl)
+    signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32", "x_stride": "i64"}
+    yield "rms_norm bf16 4096", norm_kernels._rms_norm_kernel, signature, dict(N=4096, BLOCK=4096), dict(num_warps=8)
+    signature = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*fp8e4nv", "n": "i64"}
+    yield "quantize_fp8 bf16", fp8_kernels._quantize_fp8_kernel, signature, dict(BLOCK=fp8_kernels.BLOCK), {}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="the CUDA compute capability to compile for (90: Hopper)")
@@ -141,7 +170,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for name, kernel, signature, constexprs, options in (*cases(), *int4_cases(), *argmax_cases()):
+    for name, kernel, signature, constexprs, options in (*cases(), *int4_cases(), *argmax_cases(), *engine_cases()):
         if args.only not in name:
             continue
         if "STATS_K" in kernel.arg_names:  # the JIT's defaults and heuristics, which the AST source does not apply
@@ -168,6 +197,11 @@ def main(argv=None) -> int:
                     raise AssertionError(f"shared memory {compiled.metadata.shared}, batched_gemm.shared_bytes {want}")
             if name.startswith("skinny_gemm") and "wgmma.mma_async" not in ptx:
                 raise AssertionError("the batched GEMM's weight tile does not reach wgmma")
+            # the int4 group scales inside one group: a vector load per row block, not a load per row in every
+            # thread (they were 32 to 64 scalar loads an iteration, next to one 16-byte weight load)
+            if name.startswith("int4") and constexprs.get("BLOCK_K", 0) <= constexprs.get("GROUP", 0) \
+                    and ptx.count("ld.global.b16") > 16:
+                raise AssertionError(f"{ptx.count('ld.global.b16')} scalar 16-bit loads: the scales are gathered")
             gdc = "griddepcontrol.wait" in ptx
             if gdc != constexprs.get("PDL", False):
                 raise AssertionError(f"PDL={constexprs.get('PDL')} but griddepcontrol in the PTX: {gdc}")

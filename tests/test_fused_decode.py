@@ -635,8 +635,9 @@ def test_bench_with_drawn_prompt_and_output_lengths(home, tmp_path):
 
 def test_the_gpu_kernels_compile_for_hopper(tmp_path):
     """bench/compile_check.py: every kernel form (each dtype, the dot forms, every autotuning config, the
-    batched GEMMs, the int4 GEMMs, programmatic dependent launch, the split attention) compiles to an sm_90 cubin with the ptxas of
-    Triton's wheel, no GPU needed; with PDL the PTX has griddepcontrol, without it none."""
+    batched GEMMs, the int4 GEMMs, the engine's activation / norm / FP8 cast, programmatic dependent launch, the
+    split attention) compiles to an sm_90 cubin with the ptxas of Triton's wheel, no GPU needed; with PDL the PTX
+    has griddepcontrol, without it none."""
     import subprocess
     import sys
 
@@ -648,10 +649,9 @@ def test_the_gpu_kernels_compile_for_hopper(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    # 163 kernels (27 of them int4's), 16 with PDL's wait (166 and 17 before the batched fused step, fused-rows,
-    # was deleted)
-    assert len(lines) == 163 and all(line.startswith("ok    sm_90 ") for line in lines)
-    assert sum("griddepcontrol" in line for line in lines) == 16
+    # 171 kernels (27 of them int4's, 8 the engine's), 18 with PDL's wait
+    assert len(lines) == 171 and all(line.startswith("ok    sm_90 ") for line in lines)
+    assert sum("griddepcontrol" in line for line in lines) == 18
 
 
 def test_autotuning_candidates_per_shape():

@@ -69,7 +69,7 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         q_rows = q_ptr + rows_h[:, None] * KP
-        s_lo = s_ptr + (2 * rows_h)[:, None] * GROUPS
+        s_lo = s_ptr + 2 * rows_h * GROUPS
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
         arange_k = tl.arange(0, BLOCK_K)
         if DOT == 1:
@@ -121,16 +121,17 @@ if triton is not None:
 
     @triton.jit
     def _scales(s_lo, k0, offs_k, k_mask, GROUPS, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The scales of a chunk's low-nibble rows (s_lo: their scale rows) and high-nibble rows (the next rows):
-        a chunk inside one group takes one scale per row ([BLOCK_H, 1], a load per row); a wider one one per
-        element (gathered: a load per element, from L1)."""
+        """The scales of a chunk's low-nibble rows (s_lo [BLOCK_H]: their scale rows) and high-nibble rows (the
+        next rows): a chunk inside one group takes one scale per row, loaded as a vector and broadcast along K
+        ([BLOCK_H, 1]: a load or two per thread; shaped like the weight tile it would be one load per row in every
+        thread); a wider chunk one per element (gathered: a load per element, from L1)."""
         if BLOCK_K <= GROUP:
-            sl = tl.load(s_lo + k0 // GROUP)
-            sh = tl.load(s_lo + GROUPS + k0 // GROUP)
+            sl = tl.load(s_lo + k0 // GROUP)[:, None]
+            sh = tl.load(s_lo + GROUPS + k0 // GROUP)[:, None]
         else:
             g = offs_k // GROUP
-            sl = tl.load(s_lo + g[None, :], mask=k_mask[None, :], other=0.0)
-            sh = tl.load(s_lo + GROUPS + g[None, :], mask=k_mask[None, :], other=0.0)
+            sl = tl.load(s_lo[:, None] + g[None, :], mask=k_mask[None, :], other=0.0)
+            sh = tl.load(s_lo[:, None] + GROUPS + g[None, :], mask=k_mask[None, :], other=0.0)
         return sl, sh
 
     @triton.jit
@@ -306,7 +307,7 @@ if triton is not None:
                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ACC_R: tl.constexpr):
         """One BLOCK_K chunk of the packed rows rows_h times the float32 input chunk x, added to the accumulators."""
         q_rows = q_ptr + rows_h[:, None] * KP
-        sl, sh = _scales(s_ptr + (2 * rows_h)[:, None] * GROUPS, k0, offs_k, k_mask, GROUPS, GROUP, BLOCK_K)
+        sl, sh = _scales(s_ptr + 2 * rows_h * GROUPS, k0, offs_k, k_mask, GROUPS, GROUP, BLOCK_K)
         if EVEN_K:
             p = tl.load(q_rows + offs_k[None, :], eviction_policy="evict_first")
         else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.kernels.common import emulated, tl, triton
+from pipeline.kernels.common import emulated, gdc_launch_dependents, gdc_wait, tl, triton
 
 # Rows of a tile's query matrix (tokens x group heads) when the step holds prompt chunks; a decoding-only step
 # has tiles of one token (the group's heads, padded to tl.dot's 16 rows).
@@ -31,7 +31,10 @@ if triton is not None:
                                 scale, window, table_stride, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                                 HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr,
-                                PRECISION: tl.constexpr, EMULATED: tl.constexpr, MAX_LEN: tl.constexpr):
+                                PRECISION: tl.constexpr, EMULATED: tl.constexpr, MAX_LEN: tl.constexpr,
+                                PDL: tl.constexpr = False):
+        if PDL:  # launched early behind the kernel that wrote q and the cache (programmatic dependent launch)
+            gdc_wait()
         tile = tl.program_id(0)
         kv_head = tl.program_id(1)
         first_token = tl.load(tiles_ptr + tile * 3)
@@ -85,6 +88,8 @@ if triton is not None:
             denom = denom * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
+        if PDL:
+            gdc_launch_dependents()
         out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
         tl.store(out_ptr + q_rows[:, None] * HEAD_SIZE + d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -104,9 +109,12 @@ if triton is not None:
     def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_ptr, q_out_ptr, kv_scale_ptr, qkv_stride,
                            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr,
                            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                           ROPE: tl.constexpr, KV_QUANT: tl.constexpr):
+                           ROPE: tl.constexpr, KV_QUANT: tl.constexpr, PDL: tl.constexpr = False):
         """One token: rotate its query and key heads (rotate-half form), write q to q_out, and its keys and values
         (coded for an int8/FP8 cache) to its cache slot."""
+        if PDL:  # launched early behind the GEMV that made qkv; the attention after it may launch early too
+            gdc_wait()
+            gdc_launch_dependents()
         t = tl.program_id(0)
         h = tl.arange(0, BLOCK_H)
         j = tl.arange(0, BLOCK_HALF)
@@ -154,11 +162,18 @@ def attention_tiles(lens: list[int], per_tile: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32).view(-1, 3)
 
 
+def _pdl(pdl: bool) -> dict:
+    """The launch flags of programmatic dependent launch (Hopper; the batch-1 fused step's chain of kernels)."""
+    return {"PDL": True, "launch_pdl": True} if pdl and not emulated() else {}
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     token_pos: torch.Tensor, tiles: torch.Tensor, per_tile: int, block_size: int,
-                    window: int | None = None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    window: int | None = None, kv_scale: torch.Tensor | None = None, pdl: bool = False
+                    ) -> torch.Tensor:
     """Attention of q [T, heads, head_size] over the paged cache (see the module docstring): [T, heads, head_size].
-    `tiles` and `per_tile` come from attention_tiles / tile_tokens; `kv_scale` is given for an int8/FP8 cache."""
+    `tiles` and `per_tile` come from attention_tiles / tile_tokens; `kv_scale` is given for an int8/FP8 cache;
+    `pdl`: launched with programmatic dependent launch (between kernels that are too)."""
     tokens, heads, head_size = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -173,13 +188,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         HEAD_SIZE=head_size, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
         KV_QUANT=quant, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", EMULATED=emulated(),
         MAX_LEN=block_tables.shape[1] * block_size if emulated() else 0,  # a constant on the GPU: one compile
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, **_pdl(pdl))
     return out
 
 
 def write_rope_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slots: torch.Tensor, heads: int, kv_scale: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  v_cache: torch.Tensor, slots: torch.Tensor, heads: int, kv_scale: torch.Tensor | None = None,
+                  pdl: bool = False) -> torch.Tensor:
     """One launch for the step's tokens: the rotary embedding (rotate-half; `rope` = (cos, sin) rows of [T, head
     size], or None) of q and k from qkv [T, (heads + 2 kv_heads) * head_size], k and v written to their cache
     `slots` (divided by kv_scale and rounded for an int8/FP8 cache). Returns q [T, heads, head_size]."""
@@ -192,5 +207,5 @@ def write_rope_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | N
         qkv, cos, sin, slots, k_cache, v_cache, q, kv_scale if quant else qkv, qkv.stride(0), HEADS=heads,
         KV_HEADS=kv_heads, HEAD_SIZE=head_size, HALF=head_size // 2,
         BLOCK_H=triton.next_power_of_2(max(heads, kv_heads)), BLOCK_HALF=triton.next_power_of_2(head_size // 2),
-        ROPE=rope is not None, KV_QUANT=quant)
+        ROPE=rope is not None, KV_QUANT=quant, **_pdl(pdl))
     return q
