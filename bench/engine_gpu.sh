@@ -7,7 +7,8 @@
 # (MB sets max_batch_size for uniform and mixed, default 256)
 # uniform: 1,000 requests 128/128 at an infinite rate, our static batching and transformers' generate_batch on the
 #          same requests; mixed: 1,000 requests, lengths drawn from 32-1024 / 16-512 (several static batches),
-#          in-flight against static; single: one request at a time (batch 1 through the engine). JSON and Markdown land in $OUT (or bench/results/throughput).
+#          in-flight against padded static batches and against the same batches unpadded (--static-groups);
+#          single: one request at a time (batch 1 through the engine). JSON and Markdown land in $OUT (or bench/results/throughput).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -26,7 +27,8 @@ for phase in $phases; do
     wide)    timeout 200 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 2000 \
                --input-len 128 --output-len 128 --max-batch-size 1024 --out "$OUTDIR" ;;
     mixed)   timeout 300 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 1000 \
-               --input-range 32,1024 --output-range 16,512 --max-batch-size "${MB:-256}" --static --out "$OUTDIR" ;;
+               --input-range 32,1024 --output-range 16,512 --max-batch-size "${MB:-256}" --static --static-groups \
+               --out "$OUTDIR" ;;
     single)  timeout 150 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 3 \
                --input-len 128 --output-len 256 --max-batch-size 1 --out "$OUTDIR" ;;
     *) echo "unknown phase $phase"; exit 2 ;;

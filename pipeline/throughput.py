@@ -5,9 +5,11 @@ A request set has fixed lengths (--input-len/--output-len) or lengths drawn with
 (--input-range 32,1024 --output-range 16,512). Requests are sent at an infinite rate (all at once) or at Poisson
 rates (--rate 4,16: requests per second). Every request ignores EOS so it produces exactly its output length.
 Reported per rate: output tok/s, requests/s, TTFT, TPOT and inter-token latency p50/p90/p99. In the same run:
-`--static` our own engine with static batching (groups of max_batch_size admitted together, the next group only
-when the whole group finished), and `--baseline transformers` transformers' continuous batching (`generate_batch`)
-on the same requests. Writes JSON and Markdown (and a plot with matplotlib, if installed).
+`--static` static batching as `pipeline.run` did it before the engine (batches of max_batch_size, every prompt
+padded to the batch's longest, every request decoding until the batch's longest output is done: the padded tokens
+and the extra steps are computed, only each request's own tokens count), `--static-groups` the same groups without
+padding (each request leaves when done, the next group starts when all have left), and `--baseline transformers`
+transformers' continuous batching (`generate_batch`) on the same requests. Writes JSON and Markdown.
 
     python -m pipeline.throughput --recipe gpt2-random --requests 64 --static
     mpirun -n 1 python -m pipeline.throughput --random-shape llama-3-8b --dtype bfloat16 --requests 1000 \
@@ -45,23 +47,40 @@ def request_set(count: int, input_len: int, output_len: int, vocab: int, seed: i
     return out
 
 
-async def _run_requests(llm, requests, rate: float, seed: int, group: int | None = None) -> dict:
-    """Send the requests at `rate` per second (inf: all at once; `group`: static batches); time every token."""
+def padded_batch(batch: list[tuple[list[int], int]], vocab: int, seed: int) -> list[tuple[list[int], int, int]]:
+    """A static batch as one padded batch computes it: (prompt left-padded to the batch's longest with random
+    tokens -- random, so no two share a prefix the KV cache could reuse --, the batch's longest output, the
+    request's own output length)."""
+    rng = random.Random(seed)
+    width, longest = max(len(p) for p, _ in batch), max(n for _, n in batch)
+    return [([rng.randrange(1, vocab) for _ in range(width - len(p))] + p, longest, n) for p, n in batch]
+
+
+async def _run_requests(llm, requests, rate: float, seed: int, group: int | None = None,
+                        padded: bool = False) -> dict:
+    """Send the requests at `rate` per second (inf: all at once; `group`: static batches of that size, `padded`
+    as padded_batch computes them); time every token of each request's own output."""
     rng = random.Random(seed)
     records = []
 
-    async def one(prompt, n_out):
+    async def one(prompt, n_out, own=None):
+        own = n_out if own is None else own
         sent = time.perf_counter()
         times = []
         params = SamplingParams(max_tokens=n_out, ignore_eos=True)
         async for out in llm.generate_async(prompt, params):
             times.extend([out.made_s] * len(out.delta_ids))
-        records.append({"sent": sent, "times": times, "output": len(times), "input": len(prompt)})
+        records.append({"sent": sent, "times": times[:own], "output": min(own, len(times)), "input": len(prompt)})
 
     start = time.perf_counter()
     if group:
         for i in range(0, len(requests), group):
-            await asyncio.gather(*(one(p, n) for p, n in requests[i:i + group]))
+            batch = requests[i:i + group]
+            if padded:
+                await asyncio.gather(*(one(p, n, own) for p, n, own in
+                                       padded_batch(batch, llm.config["vocab_size"], seed + i)))
+            else:
+                await asyncio.gather(*(one(p, n) for p, n in batch))
     else:
         tasks = []
         for prompt, n_out in requests:
@@ -73,12 +92,15 @@ async def _run_requests(llm, requests, rate: float, seed: int, group: int | None
     return summarize(records, seconds)
 
 
-def _engine_run(llm, requests, rate: float, seed: int, group: int | None = None) -> dict:
+def _engine_run(llm, requests, rate: float, seed: int, group: int | None = None, padded: bool = False) -> dict:
     """One run through the engine, with where rank 0's time went during it (the engine's step accounting)."""
     before = llm.stats()
-    result = asyncio.run(_run_requests(llm, requests, rate, seed, group))
+    result = asyncio.run(_run_requests(llm, requests, rate, seed, group, padded))
+    if padded:  # the input counted is the requests' own (the padding is computed, not asked for)
+        result["input_tokens"] = sum(len(p) for p, _ in requests)
     after = llm.stats()
     result["steps"] = {k: after["step_counts"][k] - before["step_counts"][k] for k in after["step_counts"]}
+    result["tokens_computed"] = after["tokens_computed"] - before["tokens_computed"]
     result["engine_time_s"] = {k: round(after["time_s"][k] - before["time_s"][k], 4) for k in after["time_s"]}
     return result
 
@@ -170,7 +192,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-num-tokens", type=int)
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
-    p.add_argument("--static", action="store_true", help="also our static batching of the same requests")
+    p.add_argument("--static", action="store_true",
+                   help="also static batching of the same requests (padded batches, as pipeline.run did)")
+    p.add_argument("--static-groups", action="store_true",
+                   help="also the same batches without padding (requests leave when done, no refill)")
     p.add_argument("--prefix-reuse", action="store_true",
                    help="keep KV prefix reuse on (off by default: the runs repeat the same prompts)")
     p.add_argument("--baseline", choices=("none", "transformers"), default="none")
@@ -227,9 +252,11 @@ def main(argv=None) -> int:
             runs[f"engine, rate {text}"] = _engine_run(llm, requests, rate, args.seed)
             print(f"[throughput] rate {text}: {runs[f'engine, rate {text}']['output_tok_s']:.1f} output tok/s",
                   file=sys.stderr, flush=True)
+        group = llm.scheduler.max_batch_size
         if args.static:
-            group = llm.scheduler.max_batch_size
-            runs["engine, static batches"] = _engine_run(llm, requests, math.inf, args.seed, group)
+            runs["engine, static batches"] = _engine_run(llm, requests, math.inf, args.seed, group, padded=True)
+        if args.static_groups:
+            runs["engine, static groups"] = _engine_run(llm, requests, math.inf, args.seed, group)
         stats = llm.stats()
     finally:
         llm.shutdown()
@@ -238,9 +265,10 @@ def main(argv=None) -> int:
                                                                           llm.model_dtype, llm.device)
     best = runs[next(iter(runs))]
     ratios = {}
-    if "engine, static batches" in runs:
-        ratios["in-flight / static batching"] = ratio_text(
-            best["output_tok_s"] / runs["engine, static batches"]["output_tok_s"], runs["engine, static batches"])
+    for run, label in (("engine, static batches", "in-flight / static batching"),
+                       ("engine, static groups", "in-flight / static groups")):
+        if run in runs:
+            ratios[label] = ratio_text(best["output_tok_s"] / runs[run]["output_tok_s"], runs[run])
     if "transformers generate_batch" in runs:
         base = runs["transformers generate_batch"]
         ratios["engine / transformers generate_batch"] = ratio_text(best["output_tok_s"] / base["output_tok_s"], base)

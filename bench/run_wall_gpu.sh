@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Issue 20's check of `pipeline.run` on a GPU, in one call (about 6 min on an H200 with the build; 3 without):
+#   run(command="bash bench/run_wall_gpu.sh", carry=["checkpoints/sources/gpt2-tokenizer", ".whl"])
+# The 8B random artifact and its Hugging Face folder as bench/serve_gpu.sh builds them (PHASE=build; cached under
+# its PIPELINE_HOME, so a serve call on the same warm machine reuses them), then bench/run_wall.py (fresh processes:
+# `mpirun -n 1 python -m pipeline.run`, 16 new tokens, against transformers' from_pretrained + generate), then the
+# bench's batch-1 figure in the same call (`python -m pipeline bench`, device-random weights of the same shape).
+set -euo pipefail
+OUT=${OUT:-bench/results}
+export PIPELINE_HOME=${PIPELINE_HOME:-$PWD/checkpoints/serve-gpu-home} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+RECIPE=${RECIPE:-llama-3-8b-random-bf16}
+PHASE=build RECIPE=$RECIPE bash bench/serve_gpu.sh
+ARTIFACT=$(tail -1 "$OUT/serve-gpu-build.txt")
+timeout 420 python bench/run_wall.py "$ARTIFACT" "$PIPELINE_HOME/$RECIPE-hf" --repeats 2 --out "$OUT" \
+  | tee "$OUT/run-wall.md"
+timeout 150 python -m pipeline bench "$RECIPE" --device-random --batch-sizes 1 --no-baseline --repeats 2 \
+  --variants graph+triton-gemv+fused-mlp+fused-step+pdl --input-len 32 --output-len 96 --out "$OUT/bench" \
+  | grep -E "^\||roofline" | tee -a "$OUT/run-wall.md"
