@@ -36,28 +36,23 @@ from pathlib import Path
 
 from pipeline.engine.scheduler import EngineError
 from pipeline.errors import PipelineError
-from pipeline.params import ParamError, SamplingParams, request_problems
+from pipeline.openai_api import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    ApiError,
+    ChunkWriter,
+    chat_prompt,
+    check,
+    completion_body,
+    completion_prompts,
+    param_of,
+    sampling_params,
+)
+from pipeline.params import ParamError, SamplingParams
 
 EXIT_ENGINE_DEAD = 3
 WATCHDOG_PERIOD_S = 0.5
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request looks for its client having left
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "min_tokens", "stop_token_ids",
-                   "ignore_eos")
-
-
-class ApiError(Exception):
-    """A request the server refuses: becomes an OpenAI-shaped error body with this status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -142,118 +137,24 @@ class Metrics:
                 self.tpot.observe((output.e2e_s - output.ttft_s) / (len(output.output_ids) - 1))
 
 
-# ----------------------------------------------------------------------------------------------- requests
-
-
-def _param_of(message: str) -> str | None:
-    for name in SAMPLING_FIELDS + ("prompt", "messages"):
-        if message.startswith(name) or f" {name} " in message or f"({name})" in message or f"{name} (" in message:
-            return name
-    return "messages" if "prompt" in message else None
-
-
-def sampling_params(body: dict, default_max_tokens: int | None, index: int) -> SamplingParams:
-    """SamplingParams from an OpenAI request body (choice `index` of n gets seed + index)."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    stop = body.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    if not isinstance(stop, list | tuple):
-        raise ApiError(400, f"stop must be a string or a list of strings, got {stop!r}", "stop")
-    seed = body.get("seed")
-    temperature = body.get("temperature")
-    top_p = body.get("top_p")
-    stop_token_ids = body.get("stop_token_ids") or ()
-    if not isinstance(stop_token_ids, list | tuple):
-        raise ApiError(400, f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}", "stop_token_ids")
-    return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
-                            top_k=body.get("top_k") or 0, top_p=1.0 if top_p is None else top_p,
-                            seed=seed + index if isinstance(seed, int) and not isinstance(seed, bool) else seed,
-                            stop=tuple(stop), stop_token_ids=tuple(stop_token_ids),
-                            ignore_eos=bool(body.get("ignore_eos", False)), min_tokens=body.get("min_tokens") or 0)
-
-
-def check(params: SamplingParams, prompt_ids: list, limits) -> None:
-    problems = request_problems(params, prompt_ids, limits)
-    if problems:
-        raise ApiError(400, "; ".join(problems), _param_of(problems[0]))
-
-
-def completion_prompts(llm, body: dict) -> list[list[int]]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts: list = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
-        prompts = prompt
-    else:
-        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists of "
-                            f"token ids, got {json.dumps(prompt)[:80]}", "prompt")
-    out = []
-    for p in prompts:
-        if isinstance(p, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            raise ApiError(400, "a token-id prompt must be a list of whole numbers", "prompt")
-        if isinstance(p, str) and llm.tokenizer is None:
-            raise ApiError(400, f"the model {llm.artifact.name} has no tokenizer; send token ids as the prompt",
-                           "prompt")
-        out.append(llm.encode(p))
-    return out
-
-
-def chat_prompt(llm, body: dict) -> list[int]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ApiError(400, "messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects",
-                       "messages")
-    flat = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is understood
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise ApiError(400, "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                               "messages")
-            content = "".join(p.get("text", "") for p in content)
-        if not isinstance(m.get("role"), str) or not isinstance(content, str):
-            raise ApiError(400, "each message needs a string role and string (or text-part) content", "messages")
-        flat.append({"role": m["role"], "content": content})
-    if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
-        raise ApiError(400, f"the model {llm.artifact.name} has no chat template; use /v1/completions with a plain "
-                            f"prompt, or build it with a tokenizer that has one (model.tokenizer)", "messages")
-    from jinja2 import TemplateError
-
-    try:
-        return llm.apply_chat_template(flat)
-    except (TemplateError, ValueError) as exc:  # e.g. a template that refuses a role order
-        raise ApiError(400, f"the chat template refused these messages: {exc}", "messages") from None
-
-
-def usage(prompt_lens: list[int], outputs: list) -> dict:
-    completion = sum(len(o.output_ids) for o in outputs)
-    return {"prompt_tokens": sum(prompt_lens), "completion_tokens": completion,
-            "total_tokens": sum(prompt_lens) + completion}
-
-
 # ----------------------------------------------------------------------------------------------- the app
 
 
-def create_app(state: ServerState):
-    """The FastAPI application over a started engine (rank 0)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+class Api:
+    """The OpenAI endpoints' handlers over a started engine (rank 0): admission, one engine request per choice,
+    and the answer as JSON or as server-sent events. A request keeps its place in the queue until its answer is
+    delivered, not only generated."""
 
-    llm = state.llm
-    metrics = Metrics(state)
-    app = FastAPI(title="trtllm-pipeline", docs_url=None, redoc_url=None)
-    app.state.server = state
+    def __init__(self, state: ServerState, metrics: Metrics):
+        self.state, self.llm, self.metrics = state, state.llm, metrics
 
-    def error_response(exc: ApiError, endpoint: str) -> JSONResponse:
-        metrics.requests.labels(endpoint, str(exc.status)).inc()
+    def error_response(self, exc: ApiError, endpoint: str):
+        from fastapi.responses import JSONResponse
+
+        self.metrics.requests.labels(endpoint, str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    async def read_body(request: Request) -> dict:
+    async def read_body(self, request) -> dict:
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -262,16 +163,17 @@ def create_app(state: ServerState):
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
-        if model is not None and model != state.model_name:
-            raise ApiError(400, f"the model {model!r} does not exist; this server serves {state.model_name!r} "
+        if model is not None and model != self.state.model_name:
+            raise ApiError(400, f"the model {model!r} does not exist; this server serves {self.state.model_name!r} "
                                 f"(GET /v1/models)", "model", code="model_not_found")
         n = body.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ApiError(400, f"n must be a whole number of at least 1, got {n!r}", "n")
         return body
 
-    def admit(count: int):
+    def admit(self, count: int):
         """Admit `count` requests or refuse them; returns the function that gives their places back (once)."""
+        state = self.state
         if state.draining:
             raise ApiError(503, "the server is shutting down and admits no new requests", type_="server_error",
                            code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -282,7 +184,7 @@ def create_app(state: ServerState):
         with state.lock:
             if state.pending + count > state.capacity:
                 raise ApiError(503, f"the queue is full ({state.pending} requests admitted, at most "
-                                    f"{state.capacity} = max_batch_size {llm.scheduler.max_batch_size} + "
+                                    f"{state.capacity} = max_batch_size {self.llm.scheduler.max_batch_size} + "
                                     f"--max-waiting {state.max_waiting}); retry later", type_="server_error",
                                code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
             state.pending += count
@@ -296,26 +198,26 @@ def create_app(state: ServerState):
 
         return release
 
-    async def run_choice(index: int, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue) -> None:
+    async def run_choice(self, index: int, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue):
         """One choice: its outputs (or the error that ended it) go to `sink` as (index, item)."""
         last = None
         try:
-            async for out in llm.generate_async(prompt_ids, params):
+            async for out in self.llm.generate_async(prompt_ids, params):
                 last = out
                 await sink.put((index, out))
         except (PipelineError, RuntimeError) as exc:
             await sink.put((index, exc))
         finally:
             if last is not None and last.finished and last.finish_reason != "abort":
-                metrics.observe(last)
+                self.metrics.observe(last)
 
-    async def start(request: Request, endpoint: str, chat: bool):
-        body = await read_body(request)
+    async def start(self, request, chat: bool):
+        """Parse, check and admit a request; start its choices. Returns (body, prompt lengths, tasks, sink,
+        release)."""
+        llm = self.llm
+        body = await self.read_body(request)
         n = body.get("n", 1)
-        if chat:
-            prompts = [chat_prompt(llm, body)]
-        else:
-            prompts = completion_prompts(llm, body)
+        prompts = [chat_prompt(llm, body)] if chat else completion_prompts(llm, body)
         context = llm.limits.context_len
         jobs = []
         for p, prompt_ids in enumerate(prompts):
@@ -325,56 +227,66 @@ def create_app(state: ServerState):
                 params = sampling_params(body, default, i)
                 check(params, prompt_ids, llm.limits)
                 jobs.append((p * n + i, prompt_ids, params))
-        release = admit(len(jobs))
+        release = self.admit(len(jobs))
         for _, prompt_ids, _ in jobs[::n]:
-            metrics.prompt.inc(len(prompt_ids))
+            self.metrics.prompt.inc(len(prompt_ids))
         sink: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(run_choice(i, ids, params, sink)) for i, ids, params in jobs]
+        tasks = [asyncio.create_task(self.run_choice(i, ids, params, sink)) for i, ids, params in jobs]
         return body, [len(p) for p in prompts], tasks, sink, release
 
+    @staticmethod
     async def cancel(tasks) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    @staticmethod
     def fail_from(exc: Exception) -> ApiError:
         """An error that ended a request in the engine: one it cannot serve (400), or the engine gone (503)."""
         if isinstance(exc, EngineError):
             return ApiError(400, str(exc))
         return ApiError(503, str(exc), type_="server_error", code="engine_dead")
 
-    async def handle(request: Request, endpoint: str, chat: bool):
+    async def handle(self, request, endpoint: str, chat: bool):
+        from fastapi.responses import JSONResponse, StreamingResponse
+
         try:
-            body, prompt_lens, tasks, sink, release = await start(request, endpoint, chat)
+            body, prompt_lens, tasks, sink, release = await self.start(request, chat)
         except ApiError as exc:
-            return error_response(exc, endpoint)
+            return self.error_response(exc, endpoint)
         except ParamError as exc:
-            return error_response(ApiError(400, str(exc), _param_of(exc.problems[0])), endpoint)
+            return self.error_response(ApiError(400, str(exc), param_of(exc.problems[0])), endpoint)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        # A request keeps its place in the queue until its answer is delivered, not only generated.
         if body.get("stream"):
             try:
                 first = await sink.get()  # an error before the first token still gets its status code
             except BaseException:
                 release()
-                await cancel(tasks)
+                await self.cancel(tasks)
                 raise
             if isinstance(first[1], BaseException):
                 release()
-                await cancel(tasks)
-                return error_response(fail_from(first[1]), endpoint)
-            metrics.requests.labels(endpoint, "200").inc()
+                await self.cancel(tasks)
+                return self.error_response(self.fail_from(first[1]), endpoint)
+            self.metrics.requests.labels(endpoint, "200").inc()
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            events = stream(rid, created, chat, first, tasks, sink, prompt_lens, include_usage, release)
+            writer = ChunkWriter(rid, created, self.state.model_name, chat, include_usage)
+            events = self.stream(writer, first, tasks, sink, prompt_lens, release)
             weakref.finalize(events, release)  # a stream never started (the client left first) still gives back
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            return await answer(rid, created, chat, tasks, sink, prompt_lens, request, endpoint)
+            outputs = await self.collect(tasks, sink, request)
+        except ApiError as exc:
+            return self.error_response(exc, endpoint)
         finally:
             release()
+        self.metrics.requests.labels(endpoint, "200").inc()
+        return JSONResponse(completion_body(rid, created, self.state.model_name, chat, outputs, prompt_lens))
 
-    async def answer(rid, created, chat, tasks, sink, prompt_lens, request, endpoint):
+    async def collect(self, tasks, sink: asyncio.Queue, request) -> list:
+        """The final output of every choice, in order; ApiError 499 once the client has left (checked every
+        DISCONNECT_POLL_S however fast tokens come) or the error that ended a choice."""
         finals: dict[int, object] = {}
         checked = time.monotonic()
         try:
@@ -382,83 +294,60 @@ def create_app(state: ServerState):
                 getter = asyncio.ensure_future(sink.get())
                 while not getter.done():
                     await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
-                    if time.monotonic() - checked >= DISCONNECT_POLL_S:  # on time, however fast tokens come
+                    if time.monotonic() - checked >= DISCONNECT_POLL_S:
                         checked = time.monotonic()
                         if await request.is_disconnected():
                             getter.cancel()
-                            await cancel(tasks)
-                            return error_response(ApiError(499, "the client disconnected"), endpoint)
+                            raise ApiError(499, "the client disconnected")
                 index, item = getter.result()
                 if isinstance(item, BaseException):
-                    await cancel(tasks)
-                    return error_response(fail_from(item), endpoint)
+                    raise self.fail_from(item)
                 if item.finished:
                     finals[index] = item
         finally:
-            await cancel(tasks)
-        outputs = [finals[i] for i in range(len(tasks))]
-        choices = []
-        for i, out in enumerate(outputs):
-            choice = {"index": i, "finish_reason": out.finish_reason, "logprobs": None}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": out.text}
-            else:
-                choice["text"] = out.text
-            choices.append(choice)
-        metrics.requests.labels(endpoint, "200").inc()
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": state.model_name, "choices": choices,
-                             "usage": usage(prompt_lens, outputs)})
+            await self.cancel(tasks)
+        return [finals[i] for i in range(len(tasks))]
 
-    async def stream(rid, created, chat, first, tasks, sink, prompt_lens, include_usage, release):
-        kind = "chat.completion.chunk" if chat else "text_completion"
+    async def stream(self, writer: ChunkWriter, first, tasks, sink: asyncio.Queue, prompt_lens, release):
         finals: dict[int, object] = {}
-        started: set[int] = set()
-
-        def chunk(index: int, out) -> str:
-            reason = out.finish_reason if out.finished else None
-            if chat:
-                delta = {"content": out.delta_text}
-                if index not in started:
-                    delta = {"role": "assistant", **delta}
-                    started.add(index)
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-            else:
-                choice = {"index": index, "text": out.delta_text, "logprobs": None, "finish_reason": reason}
-            data = {"id": rid, "object": kind, "created": created, "model": state.model_name, "choices": [choice]}
-            if include_usage:
-                data["usage"] = None
-            return f"data: {json.dumps(data)}\n\n"
-
         item = first
         try:
             while True:
                 index, out = item
                 if isinstance(out, BaseException):
-                    yield f"data: {json.dumps(fail_from(out).body())}\n\n"
+                    yield writer.event(self.fail_from(out).body())
                     break
-                yield chunk(index, out)
+                yield writer.chunk(index, out)
                 if out.finished:
                     finals[index] = out
                     if len(finals) == len(tasks):
                         break
                 item = await sink.get()
-            if include_usage and len(finals) == len(tasks):
-                data = {"id": rid, "object": kind, "created": created, "model": state.model_name, "choices": [],
-                        "usage": usage(prompt_lens, [finals[i] for i in range(len(tasks))])}
-                yield f"data: {json.dumps(data)}\n\n"
-            yield "data: [DONE]\n\n"
+            if writer.include_usage and len(finals) == len(tasks):
+                yield writer.usage_chunk(prompt_lens, [finals[i] for i in range(len(tasks))])
+            yield ChunkWriter.DONE
         finally:  # also when the client went away: the requests still running are aborted
             release()
-            await cancel(tasks)
+            await self.cancel(tasks)
+
+
+def create_app(state: ServerState):
+    """The FastAPI application over a started engine (rank 0)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    llm = state.llm
+    api = Api(state, Metrics(state))
+    app = FastAPI(title="trtllm-pipeline", docs_url=None, redoc_url=None)
+    app.state.server, app.state.metrics = state, api.metrics
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(request, "/v1/completions", chat=False)
+        return await api.handle(request, "/v1/completions", chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await handle(request, "/v1/chat/completions", chat=True)
+        return await api.handle(request, "/v1/chat/completions", chat=True)
 
     @app.get("/v1/models")
     async def models():
@@ -477,9 +366,8 @@ def create_app(state: ServerState):
     async def metrics_endpoint():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.state.metrics = metrics
     return app
 
 
