@@ -19,14 +19,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.bench import calibrate_on_device, device_random_model  # noqa: E402
 from pipeline.dist import Comm  # noqa: E402
 from pipeline.engine.runner import ModelRunner, use_gpu_kernels  # noqa: E402
 from pipeline.engine.scheduler import SeqWork, StepPlan  # noqa: E402
 from pipeline.kernels.paged_attention import attention_tiles, paged_attention  # noqa: E402
 from pipeline.mapping import Mapping  # noqa: E402
 from pipeline.params import SamplingParams  # noqa: E402
-from pipeline.quantize.registry import weight_format  # noqa: E402
+from pipeline.random_weights import random_rank_model  # noqa: E402
 
 
 def timed_ms(fn, repeats: int = 10) -> float:
@@ -68,10 +67,7 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=32)
     args = p.parse_args()
     device = torch.device("cuda", 0)
-    model, config, _ = device_random_model(args.shape, 1, Comm(Mapping(1, 1), device), device, args.dtype)
-    quantizer = weight_format(args.quant).device_quantizer
-    if quantizer is not None:
-        quantizer(model, calibrate_on_device(model, config["vocab_size"]))
+    model, config, _ = random_rank_model(args.shape, Comm(Mapping(1, 1), device), device, args.dtype, args.quant)
     use_gpu_kernels(model)  # as the engine runs it
     per_seq = -(-(args.context + 1) // args.block_size)
     n_chunks, chunk_len = (int(x) for x in args.chunks.split("x"))

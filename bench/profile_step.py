@@ -11,7 +11,7 @@
 3. With --prefill, the same for the prefill of one 128-token prompt (TTFT's GPU part), and each GEMM of a layer at
    128 rows through cuBLAS (torch._scaled_mm for FP8, the input's quantization included), as the prefill runs it.
 
-Device-random weights (pipeline.bench.device_random_model); prints Markdown tables.
+Device-random weights (pipeline.random_weights.device_random_model); prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -34,19 +34,14 @@ from pipeline.backends.cuda_decode import (  # noqa: E402
     quantize_model_fp8,
     set_triton_gemv,
 )
-from pipeline.bench import (  # noqa: E402
-    calibrate_on_device,
-    copy_bandwidth,
-    device_random_model,
-    make_prompts,
-    weight_bytes,  # noqa: E402
-)
+from pipeline.bench import copy_bandwidth, weight_bytes  # noqa: E402
 from pipeline.dist import Comm  # noqa: E402
 from pipeline.kernels import attention, gemv, tuning  # noqa: E402
 from pipeline.kernels.common import ACT_GELU, ACT_NONE, ACT_SILU_GATE, NORM_LAYER, NORM_NONE, NORM_RMS  # noqa: E402
 from pipeline.mapping import Mapping  # noqa: E402
 from pipeline.quantize.formats import fp8_linear  # noqa: E402
 from pipeline.quantize.runtime import FP8Linear  # noqa: E402
+from pipeline.random_weights import calibrate_on_device, device_random_model, make_prompts  # noqa: E402
 
 
 def graph_time(fn, replays: int = 20) -> float:

@@ -39,6 +39,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.progress import stage
+from pipeline.random_weights import make_prompts
 
 DEFAULT_BATCH_SIZES = "1,8,32"
 # The decode paths measured at batch 1 by default, slowest first (DecodeOptions.from_label reads them); the last is
@@ -57,12 +58,6 @@ def percentiles(values: list[float]) -> dict:
         return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
-
-
-def make_prompts(batch: int, input_len: int, vocab: int, seed: int, spread: float = 0.0) -> list[list[int]]:
-    rng = random.Random(seed)
-    lengths = [max(1, round(input_len * (1 + rng.uniform(-spread, spread)))) for _ in range(batch)]
-    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
 def output_lengths(batch: int, output_len: int, seed: int, spread: float = 0.0) -> list[int]:
@@ -90,66 +85,6 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
         times.append(start.elapsed_time(end) / 1e3)
     del src, dst
     return 2 * n / statistics.median(times[5:])
-
-
-# ------------------------------------------------------------------------------------------------ models
-
-
-def device_random_model(shape: str, tp: int, comm, device: torch.device, dtype: str, seed: int = 0):
-    """A RankModel of a named shape with seeded random weights made on the GPU (same model for any tp)."""
-    from pipeline import random_weights
-    from pipeline.architectures import describe, quantization_block, trtllm_config
-    from pipeline.backends.torch_model import RankModel
-    from pipeline.convert.memory import VirtualIndex, materialize_rank
-    from pipeline.convert.streaming import plan_conversion
-    from pipeline.shapes import SHAPES
-
-    hf = dict(SHAPES[shape])
-    arch = describe(hf)
-    shapes = random_weights.hf_tensor_shapes(hf)
-    fan_in_dim = random_weights.fan_in_dim(hf)
-
-    def make(name: str) -> torch.Tensor:
-        g = torch.Generator(device=device).manual_seed(random_weights.seed_for(seed, name, 0))
-        noise = torch.randn(shapes[name], generator=g, device=device, dtype=torch.float32)
-        return random_weights.init_random(name, shapes[name], noise, fan_in_dim)
-
-    index = VirtualIndex(shapes, torch.float32, make)
-    plan = plan_conversion(index, arch, tp, 1, dtype)
-    weights = materialize_rank(plan, index, comm.mapping.rank, device)
-    config = trtllm_config(arch, dtype, comm.mapping, quantization_block())
-    return RankModel(config, weights, comm, device), config, arch
-
-
-def calibrate_on_device(model, vocab: int, tokens: int = 256, seed: int = 0) -> dict[str, float]:
-    """Input amax of every linear layer over random token ids (for FP8 activation scales of random models)."""
-    from pipeline.backends.torch_model import Linear
-
-    amax: dict[str, float] = {}
-
-    class Observed(Linear):
-        def __init__(self, key, inner):
-            super().__init__(inner.weight, inner.bias)
-            self.key = key
-
-        def __call__(self, x):
-            amax[self.key] = max(amax.get(self.key, 0.0), float(x.abs().amax()))
-            return super().__call__(x)
-
-    saved = []
-    for i, layer in enumerate(model.layers):
-        for key in ("qkv", "dense", "fc", "gate", "proj"):
-            if key in layer:
-                saved.append((layer, key, layer[key]))
-                layer[key] = Observed(f"{i}.{key}", layer[key])
-    ids = torch.tensor([make_prompts(1, tokens, vocab, seed)[0]], device=model.device)
-    cache = model.new_cache(1, tokens)
-    cache.valid[:] = True
-    with torch.no_grad():
-        model.forward(ids, torch.arange(tokens, device=model.device)[None], cache, slot_start=0)
-    for layer, key, inner in saved:
-        layer[key] = inner
-    return amax
 
 
 def weight_bytes(model) -> int:
@@ -219,136 +154,6 @@ def measure(decoder, prompts: list[list[int]], output_len: int | list[int], repe
             "tokens": tokens}
 
 
-def worker(args: argparse.Namespace) -> int:
-    from pipeline.backends.cuda_decode import (
-        CudaDecoder,
-        DecodeOptions,
-        accelerate,
-        set_triton_gemv,
-    )
-    from pipeline.dist import Comm, all_ok, finish, mpi_world, pick_device
-    from pipeline.mapping import Mapping
-    from pipeline.quantize.registry import weight_format
-
-    rank, world, mpi_comm = mpi_world()
-    progress = Progress(rank, args.watchdog)
-    mapping = Mapping(world, 1, rank)
-    device = pick_device(mpi_comm)
-    comm = Comm.create(mapping, device, mpi_comm)
-    torch.manual_seed(0)
-    started = time.perf_counter()
-    if args.device_random:
-        model, config, _ = device_random_model(args.device_random, world, comm, device, args.dtype)
-        quantizer = weight_format(args.quant).device_quantizer
-        if quantizer is not None:
-            quantizer(model, calibrate_on_device(model, config["vocab_size"]))
-    else:
-        from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
-
-        config = read_checkpoint_config(args.artifact)
-        model = load_rank_model(args.artifact, config, comm, device)
-    load_s = time.perf_counter() - started
-    progress(f"model ready on {device} in {load_s:.1f} s")
-    accelerate(model, DecodeOptions())
-    bandwidth = copy_bandwidth(device)
-    read_bytes = weight_bytes(model)
-    # room for the longest prompt (a drawn one is shorter than twice input_len) and the longest drawn output
-    max_len = args.input_len * 2 + math.ceil(args.output_len * (1 + args.output_spread))
-    vocab = config["vocab_size"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"  # CPU: tests, tiny shapes
-    result = {"rank": rank, "world_size": world, "device": name,
-              "load_s": load_s, "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_rank": read_bytes,
-              "roofline_tokens_per_s_batch1": bandwidth / read_bytes, "variants": {}, "batches": []}
-
-    variants = [DecodeOptions.from_label(label) for label in
-                (ALL_VARIANTS if args.variants == "all" else args.variants.split(","))]
-    def run_variant(options: DecodeOptions, prompts: list[list[int]], lengths: list[int] | None = None) -> dict:
-        """Set up, warm up and measure one decode path at len(prompts) sequences; {"error": ...} if any rank could
-        not set it up. Every rank learns of a failure on any rank before the next collective: a rank that went on
-        alone would wait for the others forever."""
-        batch = len(prompts)
-        tag = options.label if batch == 1 else f"batch {batch} {options.label}"
-        set_triton_gemv(model, options.triton_gemv)
-        decoder, problem = None, None
-        try:
-            t0 = time.perf_counter()
-            # compilation (torch.compile, Triton), tuning and graph capture: tens of seconds of one opaque call
-            with stage(f"{tag}: compiling, tuning and capturing the decode step", log=progress):
-                decoder = CudaDecoder(model, batch, max_len, options)
-                decoder.warm_up()
-            setup_s = time.perf_counter() - t0
-            progress(f"{tag}: decode step: {decoder.path}")
-        except Exception as exc:  # a variant that cannot run here (compile or capture failure) is reported
-            problem = f"{type(exc).__name__}: {exc}"[:500]
-        failed = all_ok(mpi_comm, problem)
-        if failed:
-            error = "; ".join(f"rank {r}: {p}" for r, p in failed)
-            progress(f"{tag}: failed: {error[:300]}")
-            decoder = None
-            torch.cuda.empty_cache()
-            return {"error": error}
-        try:
-            m = measure(decoder, prompts, lengths or args.output_len, args.repeats, desc=tag)
-            m.update(variant=options.label, step=decoder.path, setup_s=setup_s)
-            # which config tuning (or autotuning) chose per GEMM shape: the fused step's GEMVs, the batched GEMMs
-            from pipeline.kernels import gemv, int4_gemm, tuning
-
-            m["kernel_configs"] = {**gemv.autotuned_configs(), **int4_gemm.autotuned_configs(),
-                                   **tuning.chosen_configs()}
-            progress(f"{tag}: {m['output_tokens_per_s']:.1f} tok/s")
-        finally:
-            decoder = None
-            torch.cuda.empty_cache()
-        return m
-
-    prompts1 = make_prompts(1, args.input_len, vocab, seed=1)
-    best = None
-    for options in variants:
-        m = run_variant(options, prompts1)
-        result["variants"][options.label] = m
-        if "error" in m:
-            continue
-        m["percent_of_roofline"] = 100 * m["output_tokens_per_s"] / result["roofline_tokens_per_s_batch1"]
-        if best is None or m["output_tokens_per_s"] > result["variants"][best.label]["output_tokens_per_s"]:
-            best = options
-    labels = [k for k, v in result["variants"].items() if "tokens" in v]
-    reference_tokens = result["variants"][labels[0]]["tokens"] if labels else None
-    result["variants_agree_on_tokens"] = all(result["variants"][k]["tokens"] == reference_tokens for k in labels)
-    if best is None:
-        raise PipelineError(f"no decode variant ran: {result['variants']}")
-    result["best_variant"] = best.label
-    # larger batches: the variants asked (--batched-variants), else the fastest compiled variant (the fused step
-    # runs batch 1 only)
-    compiled = [o for o in map(DecodeOptions.from_label, labels) if o.compile]
-    batched = max(compiled, key=lambda o: result["variants"][o.label]["output_tokens_per_s"]) if compiled else best
-    batched_labels = [batched.label] if args.batched_variants == "auto" else args.batched_variants.split(",")
-    result["batched_variant"] = ",".join(batched_labels)
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        if batch == 1 and args.input_spread == 0.0 and args.output_spread == 0.0:  # measured already (same seed)
-            result["batches"].append({k: v for k, v in result["variants"][best.label].items()
-                                      if k not in ("setup_s", "percent_of_roofline")})
-            continue
-        prompts = make_prompts(batch, args.input_len, vocab, seed=batch, spread=args.input_spread)
-        lengths = output_lengths(batch, args.output_len, seed=batch, spread=args.output_spread)
-        rows = {}
-        for label in batched_labels:
-            m = run_variant(DecodeOptions.from_label(label), prompts, lengths)
-            if "error" not in m:
-                rows[label] = m
-        if not rows:
-            raise PipelineError(f"no decode variant ran at batch {batch}: {batched_labels}")
-        fastest = max(rows.values(), key=lambda m: m["output_tokens_per_s"])
-        fastest["tokens_per_s_by_variant"] = {label: m["output_tokens_per_s"] for label, m in rows.items()}
-        fastest["variants_agree_on_tokens"] = all(m["tokens"] == fastest["tokens"] for m in rows.values())
-        result["batches"].append(fastest)
-    if rank == 0:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    progress("done; closing the process group")  # the watchdog stays armed through the teardown
-    code = finish(comm, 0)  # the results are written: a stuck NCCL teardown must not hold mpirun
-    progress.stop()
-    return code
-
-
 class Progress:
     """A rank's progress lines on stderr, and a watchdog: with `seconds` > 0, a rank that makes no progress for
     that long prints every thread's stack (where it waits) and exits, so that mpirun ends instead of hanging."""
@@ -368,6 +173,159 @@ class Progress:
 
     def stop(self) -> None:
         faulthandler.cancel_dump_traceback_later()
+
+
+def load_model(args: argparse.Namespace, comm, device: torch.device):
+    """This rank's model: device-random weights of a named shape (quantized on the device), or the artifact's."""
+    if args.device_random:
+        from pipeline.random_weights import random_rank_model
+
+        model, config, _ = random_rank_model(args.device_random, comm, device, args.dtype, args.quant)
+        return model, config
+    from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+
+    config = read_checkpoint_config(args.artifact)
+    return load_rank_model(args.artifact, config, comm, device), config
+
+
+class VariantRunner:
+    """Sets up, warms up and measures one decode path at a batch size on every rank."""
+
+    def __init__(self, model, mpi_comm, args: argparse.Namespace, max_len: int, progress: Progress):
+        self.model, self.mpi_comm, self.args, self.max_len, self.progress = model, mpi_comm, args, max_len, progress
+
+    def run(self, options, prompts: list[list[int]], lengths: list[int] | None = None) -> dict:
+        """The measurement, or {"error": ...} if any rank could not set the path up. Every rank learns of a
+        failure on any rank before the next collective: a rank that went on alone would wait for the others
+        forever."""
+        from pipeline.backends.cuda_decode import CudaDecoder, set_triton_gemv
+        from pipeline.dist import all_ok
+
+        batch, progress = len(prompts), self.progress
+        tag = options.label if batch == 1 else f"batch {batch} {options.label}"
+        set_triton_gemv(self.model, options.triton_gemv)
+        decoder, problem = None, None
+        try:
+            t0 = time.perf_counter()
+            # compilation (torch.compile, Triton), tuning and graph capture: tens of seconds of one opaque call
+            with stage(f"{tag}: compiling, tuning and capturing the decode step", log=progress):
+                decoder = CudaDecoder(self.model, batch, self.max_len, options)
+                decoder.warm_up()
+            setup_s = time.perf_counter() - t0
+            progress(f"{tag}: decode step: {decoder.path}")
+        except Exception as exc:  # a variant that cannot run here (compile or capture failure) is reported
+            problem = f"{type(exc).__name__}: {exc}"[:500]
+        failed = all_ok(self.mpi_comm, problem)
+        if failed:
+            error = "; ".join(f"rank {r}: {p}" for r, p in failed)
+            progress(f"{tag}: failed: {error[:300]}")
+            decoder = None
+            torch.cuda.empty_cache()
+            return {"error": error}
+        try:
+            m = measure(decoder, prompts, lengths or self.args.output_len, self.args.repeats, desc=tag)
+            m.update(variant=options.label, step=decoder.path, setup_s=setup_s)
+            # which config tuning (or autotuning) chose per GEMM shape: the fused step's GEMVs, the batched GEMMs
+            from pipeline.kernels import gemv, int4_gemm, tuning
+
+            m["kernel_configs"] = {**gemv.autotuned_configs(), **int4_gemm.autotuned_configs(),
+                                   **tuning.chosen_configs()}
+            progress(f"{tag}: {m['output_tokens_per_s']:.1f} tok/s")
+        finally:
+            decoder = None
+            torch.cuda.empty_cache()
+        return m
+
+
+def measure_batch1(runner: VariantRunner, result: dict, vocab: int):
+    """Every asked variant at batch 1 into result["variants"]; returns the fastest one's DecodeOptions."""
+    from pipeline.backends.cuda_decode import DecodeOptions
+
+    args = runner.args
+    labels = ALL_VARIANTS if args.variants == "all" else args.variants.split(",")
+    prompts = make_prompts(1, args.input_len, vocab, seed=1)
+    best = None
+    for options in map(DecodeOptions.from_label, labels):
+        m = runner.run(options, prompts)
+        result["variants"][options.label] = m
+        if "error" in m:
+            continue
+        m["percent_of_roofline"] = 100 * m["output_tokens_per_s"] / result["roofline_tokens_per_s_batch1"]
+        if best is None or m["output_tokens_per_s"] > result["variants"][best.label]["output_tokens_per_s"]:
+            best = options
+    ran = [k for k, v in result["variants"].items() if "tokens" in v]
+    reference_tokens = result["variants"][ran[0]]["tokens"] if ran else None
+    result["variants_agree_on_tokens"] = all(result["variants"][k]["tokens"] == reference_tokens for k in ran)
+    if best is None:
+        raise PipelineError(f"no decode variant ran: {result['variants']}")
+    result["best_variant"] = best.label
+    return best
+
+
+def measure_batches(runner: VariantRunner, result: dict, vocab: int, best) -> None:
+    """Every batch size into result["batches"], each with the variants asked (--batched-variants), else the fastest
+    compiled variant of batch 1 (the fused step runs batch 1 only)."""
+    from pipeline.backends.cuda_decode import DecodeOptions
+
+    args = runner.args
+    ran = [k for k, v in result["variants"].items() if "tokens" in v]
+    compiled = [o for o in map(DecodeOptions.from_label, ran) if o.compile]
+    batched = max(compiled, key=lambda o: result["variants"][o.label]["output_tokens_per_s"]) if compiled else best
+    batched_labels = [batched.label] if args.batched_variants == "auto" else args.batched_variants.split(",")
+    result["batched_variant"] = ",".join(batched_labels)
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        if batch == 1 and args.input_spread == 0.0 and args.output_spread == 0.0:  # measured already (same seed)
+            result["batches"].append({k: v for k, v in result["variants"][best.label].items()
+                                      if k not in ("setup_s", "percent_of_roofline")})
+            continue
+        prompts = make_prompts(batch, args.input_len, vocab, seed=batch, spread=args.input_spread)
+        lengths = output_lengths(batch, args.output_len, seed=batch, spread=args.output_spread)
+        rows = {}
+        for label in batched_labels:
+            m = runner.run(DecodeOptions.from_label(label), prompts, lengths)
+            if "error" not in m:
+                rows[label] = m
+        if not rows:
+            raise PipelineError(f"no decode variant ran at batch {batch}: {batched_labels}")
+        fastest = max(rows.values(), key=lambda m: m["output_tokens_per_s"])
+        fastest["tokens_per_s_by_variant"] = {label: m["output_tokens_per_s"] for label, m in rows.items()}
+        fastest["variants_agree_on_tokens"] = all(m["tokens"] == fastest["tokens"] for m in rows.values())
+        result["batches"].append(fastest)
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One rank of the benchmark: load, measure every variant at batch 1 and the batch sizes, write the JSON."""
+    from pipeline.backends.cuda_decode import DecodeOptions, accelerate
+    from pipeline.dist import Comm, finish, mpi_world, pick_device
+    from pipeline.mapping import Mapping
+
+    rank, world, mpi_comm = mpi_world()
+    progress = Progress(rank, args.watchdog)
+    device = pick_device(mpi_comm)
+    comm = Comm.create(Mapping(world, 1, rank), device, mpi_comm)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model, config = load_model(args, comm, device)
+    load_s = time.perf_counter() - started
+    progress(f"model ready on {device} in {load_s:.1f} s")
+    accelerate(model, DecodeOptions())
+    bandwidth = copy_bandwidth(device)
+    read_bytes = weight_bytes(model)
+    # room for the longest prompt (a drawn one is shorter than twice input_len) and the longest drawn output
+    max_len = args.input_len * 2 + math.ceil(args.output_len * (1 + args.output_spread))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"  # CPU: tests, tiny shapes
+    result = {"rank": rank, "world_size": world, "device": name,
+              "load_s": load_s, "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_rank": read_bytes,
+              "roofline_tokens_per_s_batch1": bandwidth / read_bytes, "variants": {}, "batches": []}
+    runner = VariantRunner(model, mpi_comm, args, max_len, progress)
+    best = measure_batch1(runner, result, config["vocab_size"])
+    measure_batches(runner, result, config["vocab_size"], best)
+    if rank == 0:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    progress("done; closing the process group")  # the watchdog stays armed through the teardown
+    code = finish(comm, 0)  # the results are written: a stuck NCCL teardown must not hold mpirun
+    progress.stop()
+    return code
 
 
 # ------------------------------------------------------------------------------------------------ baseline

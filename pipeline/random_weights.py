@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -105,3 +106,71 @@ def make_random_checkpoint(shape_name: str, seed: int, out_dir: Path, shard_byte
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.save_pretrained(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ on a device
+
+
+def make_prompts(batch: int, input_len: int, vocab: int, seed: int, spread: float = 0.0) -> list[list[int]]:
+    """`batch` prompts of random token ids, input_len long each (or drawn within +-spread of it)."""
+    rng = random.Random(seed)
+    lengths = [max(1, round(input_len * (1 + rng.uniform(-spread, spread)))) for _ in range(batch)]
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def device_random_model(shape: str, tp: int, comm, device: torch.device, dtype: str, seed: int = 0):
+    """A RankModel of a named shape with seeded random weights made on the device (same model for any tp)."""
+    from pipeline.architectures import describe, quantization_block, trtllm_config
+    from pipeline.backends.torch_model import RankModel
+    from pipeline.convert.memory import VirtualIndex, materialize_rank
+    from pipeline.convert.streaming import plan_conversion
+    from pipeline.shapes import SHAPES
+
+    hf = dict(SHAPES[shape])
+    arch = describe(hf)
+    shapes = hf_tensor_shapes(hf)
+    fan_in = fan_in_dim(hf)
+
+    def make(name: str) -> torch.Tensor:
+        g = torch.Generator(device=device).manual_seed(seed_for(seed, name, 0))
+        noise = torch.randn(shapes[name], generator=g, device=device, dtype=torch.float32)
+        return init_random(name, shapes[name], noise, fan_in)
+
+    index = VirtualIndex(shapes, torch.float32, make)
+    plan = plan_conversion(index, arch, tp, 1, dtype)
+    weights = materialize_rank(plan, index, comm.mapping.rank, device)
+    config = trtllm_config(arch, dtype, comm.mapping, quantization_block())
+    return RankModel(config, weights, comm, device), config, arch
+
+
+def calibrate_on_device(model, vocab: int, tokens: int = 256, seed: int = 0) -> dict[str, float]:
+    """Input amax of every linear layer over random token ids (for FP8 activation scales of random models)."""
+    from pipeline.quantize.calibrate import ObservedLinear
+
+    amax: dict[str, float] = {}
+    saved = []
+    for i, layer in enumerate(model.layers):
+        for key in ("qkv", "dense", "fc", "gate", "proj"):
+            if key in layer:
+                saved.append((layer, key, layer[key]))
+                layer[key] = ObservedLinear(f"{i}.{key}", layer[key].weight, layer[key].bias, amax)
+    ids = torch.tensor([make_prompts(1, tokens, vocab, seed)[0]], device=model.device)
+    cache = model.new_cache(1, tokens)
+    cache.valid[:] = True
+    with torch.no_grad():
+        model.forward(ids, torch.arange(tokens, device=model.device)[None], cache, slot_start=0)
+    for layer, key, inner in saved:
+        layer[key] = inner
+    return amax
+
+
+def random_rank_model(shape: str, comm, device: torch.device, dtype: str, quant: str = "none", seed: int = 0):
+    """device_random_model, quantized on the device by `quant`'s format (activation scales calibrated on random
+    ids): what the GPU benchmarks run when no checkpoint travels. Returns (model, config, arch)."""
+    from pipeline.quantize.registry import weight_format
+
+    model, config, arch = device_random_model(shape, comm.mapping.world_size, comm, device, dtype, seed)
+    quantizer = weight_format(quant).device_quantizer
+    if quantizer is not None:
+        quantizer(model, calibrate_on_device(model, config["vocab_size"]))
+    return model, config, arch

@@ -19,32 +19,22 @@ import dataclasses
 import difflib
 import os
 import re
-import types
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipeline.errors import RecipeError
+from pipeline.typed_config import build, choices_of, to_plain
+from pipeline.typed_config import doc_field as _f
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 # A source checkout (or editable install) keeps checkpoints/ and relative recipe paths beside the code; an installed
 # package (site-packages) keeps them in the folder it is run from, and its recipes inside the package.
 IS_SOURCE_CHECKOUT = (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "recipes").is_dir()
 REPO_ROOT = _SOURCE_ROOT if IS_SOURCE_CHECKOUT else Path.cwd()
-
-
-def _f(default: Any, doc: str, choices: tuple | Callable[[], tuple] | None = None,
-       minimum: float | None = None) -> Any:
-    """A recipe field with its documentation (and, optionally, its allowed values, or a function giving them when
-    they come from a registry, or a lower bound)."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum}
-    if isinstance(default, type) and dataclasses.is_dataclass(default):
-        return field(default_factory=default, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -63,11 +53,6 @@ def _kv_cache_choices() -> tuple[str, ...]:
     from pipeline.quantize.registry import kv_cache_format_names
 
     return kv_cache_format_names()
-
-
-def _choices(meta) -> tuple | None:
-    choices = meta.get("choices")
-    return choices() if callable(choices) else choices
 
 
 @dataclass(frozen=True)
@@ -236,7 +221,7 @@ class Recipe:
         return self.parallel.tp * self.parallel.pp
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        return to_plain(self)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -357,101 +342,12 @@ def recipe_from_dict(data: dict, name: str = "inline", source: str = "recipe") -
     if "name" in data:
         problems.append("name: not a recipe key; a recipe's name is its file name (recipes/<name>.yaml)")
     data["name"] = name
-    recipe = _build(Recipe, data, "", problems)
+    recipe = build(Recipe, data, "", problems)
     if not problems:
         problems.extend(cross_field_problems(recipe))
     if problems:
         raise RecipeError(problems, source=source)
     return recipe
-
-
-# --------------------------------------------------------------------------------------------- typing
-
-
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    """Build dataclass `cls` from a mapping, appending a message per problem instead of stopping."""
-    where = prefix.rstrip(".") or "the recipe"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{where}: expected a mapping of keys, found {_show(data)}")
-        return cls()
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            problems.append(f"{prefix}{key}: unknown key{hint} (valid keys here: {', '.join(fields)})")
-            continue
-        kwargs[key] = _coerce(value, hints[key], fields[key], f"{prefix}{key}", problems)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # an internal invariant: every key was checked above
-        raise AssertionError(exc) from None
-
-
-def _coerce(value: Any, hint: Any, fld: dataclasses.Field, key: str, problems: list[str]) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    meta = fld.metadata if fld is not None else {}
-    optional = origin in (typing.Union, types.UnionType) and type(None) in args
-    if optional:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    default = fld.default if fld is not None and fld.default is not dataclasses.MISSING else None
-
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".", problems)
-    if origin is tuple:
-        item_hint = args[0]
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list, found {_show(value)}; write it as [a, b] or one '- item' per line")
-            return default
-        if dataclasses.is_dataclass(item_hint):
-            return tuple(_build(item_hint, v, f"{key}[{i}].", problems) for i, v in enumerate(value))
-        return tuple(_coerce(v, item_hint, None, f"{key}[{i}]", problems) for i, v in enumerate(value))
-
-    ok = True
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    if not ok:
-        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
-        problems.append(f"{key}: expected {expected}{' or null' if optional else ''}, found {_show(value)}")
-        return default
-    choices = _choices(meta)
-    if choices and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        hint_text = f"; did you mean '{close[0]}'?" if close else ""
-        problems.append(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}{hint_text}")
-        return default
-    minimum = meta.get("minimum")
-    if minimum is not None and value < minimum:
-        problems.append(f"{key}: {value} is below the minimum {minimum}")
-        return default
-    return value
-
-
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "null"
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
-    return obj
 
 
 # --------------------------------------------------------------------------------------------- rules
@@ -624,7 +520,7 @@ def schema_lines(cls: type = Recipe, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         type_name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-        choices = _choices(f.metadata)
+        choices = choices_of(f.metadata)
         extra = f" [{' | '.join(map(str, choices))}]" if choices else ""
-        lines.append(f"  {key} = {_to_plain(default)!r}  ({type_name}){extra}\n      {f.metadata['doc']}")
+        lines.append(f"  {key} = {to_plain(default)!r}  ({type_name}){extra}\n      {f.metadata['doc']}")
     return lines

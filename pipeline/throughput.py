@@ -225,15 +225,11 @@ def main(argv=None) -> int:
     options["enable_prefix_reuse"] = args.prefix_reuse
     start = time.perf_counter()
     if args.random_shape:
-        from pipeline.bench import calibrate_on_device, device_random_model
-        from pipeline.quantize.registry import weight_format
+        from pipeline.random_weights import random_rank_model
 
         device = pick_device(mpi_comm, args.device)
         comm = Comm.create(Mapping(world, 1, rank), device, mpi_comm)
-        model, config, _ = device_random_model(args.random_shape, world, comm, device, args.dtype)
-        quantizer = weight_format(args.quant).device_quantizer
-        if quantizer is not None:
-            quantizer(model, calibrate_on_device(model, config["vocab_size"]))
+        model, _, _ = random_rank_model(args.random_shape, comm, device, args.dtype, args.quant)
         build = {"max_batch_size": args.max_batch_size or 256, "max_num_tokens": args.max_num_tokens or 8192}
         llm = LLM.from_rank_model(model, mpi_comm, build_spec=build, **options)
         name = f"{args.random_shape} (random, {args.dtype}{', ' + args.quant if args.quant != 'none' else ''})"

@@ -51,9 +51,9 @@ def test_device_random_weights_are_the_same_model_for_any_tp(tmp_path):
 
     from pipeline import random_weights
     from pipeline.architectures import describe
-    from pipeline.bench import device_random_model
     from pipeline.convert.memory import VirtualIndex, materialize_rank
     from pipeline.convert.streaming import plan_conversion
+    from pipeline.random_weights import device_random_model
     from pipeline.shapes import SHAPES
 
     # one model whatever tp: the tp=2 shards of device-random weights are the halves of the tp=1 ones

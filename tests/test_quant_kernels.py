@@ -119,8 +119,8 @@ def test_int_mm_path_equals_the_smoothquant_emulation(rows, static, bias):
 def test_device_quantizer_runs_the_format_on_a_random_model(quant):
     """bench --device-random's quantizer: every GEMM of a bfloat16 model becomes the format's linear, in the
     checkpoint's layout, and the model's logits stay near the unquantized model's."""
-    from pipeline.bench import device_random_model
     from pipeline.quantize.registry import weight_format
+    from pipeline.random_weights import device_random_model
 
     comm = Comm(Mapping(1, 1, 0), CPU)
     model, _, _ = device_random_model("llama-tiny", 1, comm, CPU, "bfloat16")
@@ -208,8 +208,8 @@ def test_quantized_decode_on_the_gpu_matches_the_plain_step(quant):
     """The CUDA decode path (CUDA graph, fused fc/gate; int4 at batch 1: the fused step) of a device-quantized
     model gives the plain loop's greedy tokens on the GPU."""
     from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
-    from pipeline.bench import device_random_model
     from pipeline.quantize.registry import weight_format
+    from pipeline.random_weights import device_random_model
 
     def model():
         m, _, _ = device_random_model("llama-tiny-g64", 1, Comm(Mapping(1, 1, 0), GPU), GPU, "float16")
@@ -262,8 +262,8 @@ def test_fused_step_runs_int4_models():
     """Batch 1 with int4 GEMMs (fc and gate fused): the fused step's int4 GEMVs (norm prologue, silu-gate epilogue)
     against the layer-by-layer step of the emulation's GEMMs: logits within float16 rounding, the same tokens."""
     from pipeline.backends.cuda_decode import CudaDecoder, DecodeOptions, accelerate
-    from pipeline.bench import device_random_model
     from pipeline.quantize.registry import weight_format
+    from pipeline.random_weights import device_random_model
 
     def model():
         m, _, _ = device_random_model("llama-tiny-g64", 1, Comm(Mapping(1, 1, 0), CPU), CPU, "float16")

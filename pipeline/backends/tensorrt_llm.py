@@ -276,6 +276,9 @@ def build_engines(recipe: Recipe, checkpoint_dir: Path, out_dir: Path, log: Call
     The builder's output is streamed to `log` with stage progress and kept in checkpoints/logs/, which survives
     a failure. On failure out_dir holds no engine files, the timing cache is untouched, and the BuildError names
     the likely cause. The timing cache is replaced atomically only by a successful build.
+
+    Long because it is one transaction (check, run, watch, commit or roll back) read top to bottom; its steps share
+    the temporary folder and the log that a failure must clean up.
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     checkpoint = json.loads((checkpoint_dir / "config.json").read_text())
@@ -472,7 +475,8 @@ def _verify_problem(engine_dir: Path, rank: int) -> str | None:
 
 def run_engine(args, artifact: Path, runtime: dict, rank: int, world: int, mpi_comm) -> int:
     """`python -m pipeline.run` for an engine folder: check, load rank{rank}.engine with ModelRunnerCpp, generate
-    with the recipe's sampling settings; rank 0 prints exactly what the PyTorch backend prints."""
+    with the recipe's sampling settings; rank 0 prints exactly what the PyTorch backend prints. Long because it
+    follows TensorRT-LLM 1.2.1's run.py step by step, which keeps the contract easy to check against it."""
     from pipeline.dist import all_ok, local_rank
     from pipeline.recipe import RuntimeSpec
     from pipeline.run_outputs import load_tokenizer, sampling_from

@@ -99,6 +99,53 @@ def _even_split(total: int, parts: int, what: str, rank: int) -> tuple[int, int]
     return rank * size, (rank + 1) * size
 
 
+def _rank_pieces(split: str, arch: ArchInfo, full: tuple[int, ...], names: tuple[str, ...], parts: list | None,
+                 target: str, tp: int, rank: int) -> tuple[tuple[int, ...], list[Piece]]:
+    """One rank's shape of `target` and the source rows (and columns) that fill it, by the rule's split kind;
+    parts: the qkv split's (source, first row, rows) of q, k and v."""
+    t_rank = rank % tp
+    local: list[Piece] = []
+    if split == "replicate":
+        shape = full
+        local.append(Piece(rank, target, 0, names[0], (0, full[0])))
+    elif split == "column":
+        r0, r1 = _even_split(full[0], tp, f"{target} rows", t_rank)
+        shape = (r1 - r0, *full[1:])
+        local.append(Piece(rank, target, 0, names[0], (r0, r1)))
+    elif split == "row":
+        c0, c1 = _even_split(full[1], tp, f"{target} columns", t_rank)
+        shape = (full[0], c1 - c0)
+        local.append(Piece(rank, target, 0, names[0], (0, full[0]), (c0, c1)))
+    elif split == "vocab":
+        per_rank = -(-full[0] // tp)
+        r0, r1 = t_rank * per_rank, (t_rank + 1) * per_rank
+        shape = (per_rank, *full[1:])
+        real_end = min(r1, full[0])
+        if real_end > r0:
+            local.append(Piece(rank, target, 0, names[0], (r0, real_end)))
+        if r1 > real_end:
+            local.append(Piece(rank, target, max(real_end - r0, 0), None, (0, r1 - max(real_end, r0))))
+    elif split == "qkv":
+        hd, nh, nkv = arch.head_size, arch.num_heads, arch.num_kv_heads
+        q0, q1 = _even_split(nh, tp, f"{target} attention heads", t_rank)
+        if nkv >= tp:
+            k0, k1 = _even_split(nkv, tp, f"{target} KV heads", t_rank)
+        else:  # fewer KV heads than ranks: each rank holds one, replicated tp / nkv times
+            if tp % nkv:
+                raise WeightMapError(f"{target}: tp {tp} is not a multiple of the {nkv} KV heads")
+            k0 = t_rank // (tp // nkv)
+            k1 = k0 + 1
+        head_ranges = [(q0, q1), (k0, k1), (k0, k1)]
+        row = 0
+        for (src, start, _rows), (h0, h1) in zip(parts, head_ranges):
+            local.append(Piece(rank, target, row, src, (start + h0 * hd, start + h1 * hd)))
+            row += (h1 - h0) * hd
+        shape = (row, *full[1:])
+    else:
+        raise AssertionError(split)
+    return shape, local
+
+
 def plan_conversion(index: SafetensorsIndex, arch: ArchInfo, tp: int, pp: int, dtype: str) -> ConversionPlan:
     """Decide every target tensor of every rank and where each of its rows comes from."""
     wmap = for_model(arch).weight_map
@@ -148,46 +195,8 @@ def plan_conversion(index: SafetensorsIndex, arch: ArchInfo, tp: int, pp: int, d
         if rule.transpose:
             transposed.update(names)
         for rank in ranks:
-            t_rank = rank % tp
-            local: list[Piece] = []
-            if rule.split == "replicate":
-                shape = full
-                local.append(Piece(rank, target, 0, names[0], (0, full[0])))
-            elif rule.split == "column":
-                r0, r1 = _even_split(full[0], tp, f"{target} rows", t_rank)
-                shape = (r1 - r0, *full[1:])
-                local.append(Piece(rank, target, 0, names[0], (r0, r1)))
-            elif rule.split == "row":
-                c0, c1 = _even_split(full[1], tp, f"{target} columns", t_rank)
-                shape = (full[0], c1 - c0)
-                local.append(Piece(rank, target, 0, names[0], (0, full[0]), (c0, c1)))
-            elif rule.split == "vocab":
-                per_rank = -(-full[0] // tp)
-                r0, r1 = t_rank * per_rank, (t_rank + 1) * per_rank
-                shape = (per_rank, *full[1:])
-                real_end = min(r1, full[0])
-                if real_end > r0:
-                    local.append(Piece(rank, target, 0, names[0], (r0, real_end)))
-                if r1 > real_end:
-                    local.append(Piece(rank, target, max(real_end - r0, 0), None, (0, r1 - max(real_end, r0))))
-            elif rule.split == "qkv":
-                hd, nh, nkv = arch.head_size, arch.num_heads, arch.num_kv_heads
-                q0, q1 = _even_split(nh, tp, f"{target} attention heads", t_rank)
-                if nkv >= tp:
-                    k0, k1 = _even_split(nkv, tp, f"{target} KV heads", t_rank)
-                else:  # fewer KV heads than ranks: each rank holds one, replicated tp / nkv times
-                    if tp % nkv:
-                        raise WeightMapError(f"{target}: tp {tp} is not a multiple of the {nkv} KV heads")
-                    k0 = t_rank // (tp // nkv)
-                    k1 = k0 + 1
-                head_ranges = [(q0, q1), (k0, k1), (k0, k1)]
-                row = 0
-                for (src, start, _rows), (h0, h1) in zip(parts, head_ranges):
-                    local.append(Piece(rank, target, row, src, (start + h0 * hd, start + h1 * hd)))
-                    row += (h1 - h0) * hd
-                shape = (row, *full[1:])
-            else:
-                raise AssertionError(rule.split)
+            shape, local = _rank_pieces(rule.split, arch, full, names, parts if rule.split == "qkv" else None,
+                                        target, tp, rank)
             targets[rank][target] = TargetSpec(torch_dtype, tuple(shape), gemm=rule.gemm)
             target_sources[(rank, target)] = names
             pieces.extend(local)
@@ -266,7 +275,8 @@ def _return_freed_memory_to_the_os() -> None:
 
 def execute_plan(plan: ConversionPlan, index: SafetensorsIndex, out_dir: Path, workers: int = 1,
                  show_progress: bool = False) -> list[Path]:
-    """Write rank{r}.safetensors for every rank of the plan into out_dir; returns their paths."""
+    """Write rank{r}.safetensors for every rank of the plan into out_dir; returns their paths. Its helpers are
+    nested because they share the open writers, which one failure must abort together."""
     _return_freed_memory_to_the_os()
     out_dir = Path(out_dir)
     writers = [

@@ -108,7 +108,8 @@ if triton is not None:
         slots at or before its own), so only slots [0, slot) are read, whatever max_len is. With SPLITS > 1
         (flash-decoding) each split runs the online softmax over its own BLOCK_S-aligned share of those slots and
         stores (m, denom, acc) to part_ptr; the split that finishes last (counted on counter_ptr) combines them.
-        SPLITS == 1 touches neither.
+        SPLITS == 1 touches neither. One kernel body, long as the algorithm is: the split's loads, online softmax and
+        combine share registers that helper functions would only hide.
 
         The cache loads depend on `slot` alone, not on the valid flags (which only mask the scores and values
         afterwards), so that a block's keys, values and flags are all in flight at once. max_len is a runtime

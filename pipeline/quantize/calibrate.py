@@ -58,9 +58,11 @@ class Calibration:
     weights: dict[str, torch.Tensor] | None = None
 
 
-class _Observed(Linear):
-    def __init__(self, prefix: str, weight, bias, amax: dict[str, float], stats: dict | None, rows: int,
-                 generator: torch.Generator):
+class ObservedLinear(Linear):
+    """A linear that records max |input| under `prefix` in `amax` (and, with `stats`, the activation_stats)."""
+
+    def __init__(self, prefix: str, weight, bias, amax: dict[str, float], stats: dict | None = None, rows: int = 0,
+                 generator: torch.Generator | None = None):
         super().__init__(weight, bias)
         self.prefix, self.amax, self.stats, self.rows, self.generator = prefix, amax, stats, rows, generator
 
@@ -110,7 +112,7 @@ def calibrate(source_dir: Path, tokenizer_dir: Path | None, spec: CalibrationSpe
         rows = -(-SAMPLED_ROWS // spec.samples)
         generator = torch.Generator().manual_seed(spec.seed)
         model = RankModel(config, weights, Comm(Mapping(1, 1, 0), torch.device("cpu")), torch.device("cpu"),
-                          make_linear=lambda prefix, w, b: _Observed(prefix, w, b, act_amax, stats, rows, generator))
+                          make_linear=lambda prefix, w, b: ObservedLinear(prefix, w, b, act_amax, stats, rows, generator))
 
         def observe_kv(index: int, k: torch.Tensor, v: torch.Tensor) -> None:
             value = max(float(k.abs().amax()), float(v.abs().amax()))
