@@ -17,6 +17,8 @@ transformers float32; calibrated on the same text, seed and sample count as the 
 - seq: each layer searched on the inputs that the already-quantized earlier layers produce
 - rowsN: N sampled input rows per linear (default the product's calibrate.SAMPLED_ROWS)
 - topkN: re-score the N best scale candidates with their clip search, keep the best after clipping
+- gridN: N alphas (default 20, ModelOpt's);  clipN: N clip ratios evenly from 1.0 to 0.5 (default 11)
+- sinkstat: mean |x| (the scale's statistic) without each window's first position; the loss rows keep it
 """
 
 from __future__ import annotations
@@ -161,7 +163,11 @@ def quantize_layer(linears, layer, inputs, opts, record):
         weight = torch.cat([linears[n].weight.float() for n in names])
         s = None
         if opts["search"]:
-            s, info = search_scales(weight, x, x_all.abs().mean(dim=0), 20, opts["duo"], opts["topk"], opts["ratios"])
+            stat_rows = x_all
+            if opts["sinkstat"]:  # mean |x| without each window's first position; the loss rows keep it
+                stat_rows = x_all.reshape(-1, opts["seq_len"], x_all.shape[1])[:, 1:].reshape(-1, x_all.shape[1])
+            s, info = search_scales(weight, x, stat_rows.abs().mean(dim=0), opts["grid"], opts["duo"], opts["topk"],
+                                    opts["ratios"])
             record[names[0]] = info
         row = 0
         for n in names:
@@ -172,7 +178,7 @@ def quantize_layer(linears, layer, inputs, opts, record):
 
 def parse(variant):
     opts = {"search": True, "clip": True, "duo": False, "seq": False, "rows": cal_mod.SAMPLED_ROWS, "topk": 0,
-            "ratios": CLIP_RATIOS, "nosink": False, "sink": False, "seq_len": 256}
+            "ratios": CLIP_RATIOS, "nosink": False, "sink": False, "seq_len": 256, "grid": 20, "sinkstat": False}
     for o in variant.split(","):
         if o == "plain":
             opts.update(search=False, clip=False)
@@ -188,6 +194,13 @@ def parse(variant):
             opts["seq"] = True
         elif o.startswith("rows"):
             opts["rows"] = int(o[4:])
+        elif o.startswith("grid"):
+            opts["grid"] = int(o[4:])
+        elif o.startswith("clip") and o[4:].isdigit():  # N clip ratios evenly from 1.0 down to 0.5
+            n = int(o[4:])
+            opts["ratios"] = tuple(1.0 - 0.5 * i / (n - 1) for i in range(n))
+        elif o == "sinkstat":
+            opts["sinkstat"] = True
         elif o.startswith("topk"):
             opts["topk"] = int(o[4:])
         elif o != "base":

@@ -14,13 +14,13 @@ from pipeline.quantize import registry
 from pipeline.quantize.formats import dequantize_kv
 from pipeline.recipe import (
     QuantizationSpec,
-    _choices,
     check_against_model,
     list_recipes,
     load_recipe,
     recipe_from_dict,
 )
 from pipeline.shapes import SHAPES
+from pipeline.typed_config import choices_of
 from tests.test_tensorrt_llm import KV_CACHE_QUANT_ALGO_1_2, QUANT_ALGO_1_2
 
 TINY = {"model": {"random": "llama-tiny"}, "precision": {"dtype": "bfloat16"}}
@@ -28,7 +28,7 @@ TINY = {"model": {"random": "llama-tiny"}, "precision": {"dtype": "bfloat16"}}
 
 def _schema_choices(name: str) -> tuple:
     field = next(f for f in dataclasses.fields(QuantizationSpec) if f.name == name)
-    return _choices(field.metadata)
+    return choices_of(field.metadata)
 
 
 def test_quant_algo_names_are_tensorrt_llm_names():
