@@ -109,6 +109,7 @@ def _model(shape: str, dtype: str):
     return load_rank_model(artifact, config, Comm(Mapping(1, 1, 0), DEVICE), DEVICE)
 
 
+@pytest.mark.slow
 def test_tuning_keeps_the_fastest_per_shape_and_the_step_its_tokens(home, monkeypatch):
     """tune_batched_gemms with a stand-in timer: each GEMM shape keeps its fastest candidate, cuBLAS included
     (-1), for the process; the decode step with the kernel (the gated MLP's activation in its epilogue) gives the

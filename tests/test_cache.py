@@ -154,6 +154,7 @@ def test_golden_tokens_with_a_tokenizer(home, smollm2_dir, recipe_file):
     assert proc.returncode == 1 and "tokens differ from position 3" in proc.stderr
 
 
+@pytest.mark.slow
 def test_killed_build_leaves_nothing_that_verifies(home, tmp_path):
     recipe = {"model": {"random": "gpt2", "seed": 9}, "precision": {"dtype": "bfloat16"}}
     path = tmp_path / "big.yaml"

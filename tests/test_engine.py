@@ -403,7 +403,8 @@ open(out, "w").write(json.dumps(result))
 """.replace("NEW_TOKENS", str(NEW_TOKENS))
 
 
-@pytest.mark.parametrize("shape, tp, pp", [("llama-tiny", 2, 1), ("llama-tiny", 1, 2), ("gpt2-tiny", 2, 2)])
+@pytest.mark.parametrize("shape, tp, pp", [("llama-tiny", 2, 1), ("llama-tiny", 1, 2),
+                                            pytest.param("gpt2-tiny", 2, 2, marks=pytest.mark.slow)])
 def test_in_flight_batching_under_mpirun_gives_the_tokens_of_one_rank(home, tmp_path, shape, tp, pp):
     source, artifact = build(shape, tp, pp)
     prompts = random_prompts(6, seed=11)

@@ -38,13 +38,15 @@ def _model(shape: str, dtype: str):
 
 
 @pytest.mark.parametrize("shape, dtype, tol", [
-    ("llama-tiny", "float32", 1e-5), ("gpt2-tiny", "float32", 1e-5), ("llama-tiny-tied", "float16", 5e-3)])
+    ("llama-tiny", "float32", 1e-5), pytest.param("gpt2-tiny", "float32", 1e-5, marks=pytest.mark.slow),
+    pytest.param("llama-tiny-tied", "float16", 5e-3, marks=pytest.mark.slow)])
 def test_fused_step_matches_the_layer_by_layer_step(home, shape, dtype, tol):
     """Batch 1: the fused step's GEMV and attention kernels against torch's ops, layer by layer."""
     fused = DecodeOptions(cuda_graph=False, compile=False, fused_step=True)
     _compare_steps(shape, dtype, tol, 1, fused, "fused step, PDL" if HOPPER else "fused step")
 
 
+@pytest.mark.slow
 def test_tuning_keeps_the_fastest_config_per_gemm_for_the_process(home, monkeypatch):
     """FusedStep.tune with a stand-in timer (a GPU times each config over all layers in a CUDA graph): each GEMM
     keeps its fastest candidate, a second decoder of the model reuses the choices without timing, and the step
@@ -551,6 +553,7 @@ def test_the_tensor_core_configs_compute_the_same_gemv(monkeypatch, fp8):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) run of the fused step; GPUs run it in bench")
+@pytest.mark.slow
 def test_fused_step_under_mpirun_with_tp2_gives_the_plain_tokens(home, tmp_path):
     """`python -m pipeline.run --decode fast` at batch 1 takes the fused step (its all-reduces over gloo here)."""
     from tests.conftest import run_json
@@ -569,6 +572,7 @@ def test_fused_step_under_mpirun_with_tp2_gives_the_plain_tokens(home, tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of bench; GPUs run it in bench/gpu_run.sh")
+@pytest.mark.slow
 def test_bench_compares_batched_decode_paths_on_the_cpu(home, tmp_path):
     """`python -m pipeline bench` end to end under mpirun (CPU, Triton emulated): batch 1 on the fused step; at
     batch 3 it runs each of --batched-variants (both layer by layer there, one with the Triton GEMV asked), reports
@@ -633,6 +637,7 @@ def test_bench_with_drawn_prompt_and_output_lengths(home, tmp_path):
     assert longest["output_lens"] == [max(lengths)] * 3
 
 
+@pytest.mark.slow
 def test_the_gpu_kernels_compile_for_hopper(tmp_path):
     """bench/compile_check.py: every kernel form (each dtype, the dot forms, every autotuning config, the
     batched GEMMs, the int4 GEMMs, the engine's activation / norm / FP8 cast, programmatic dependent launch, the

@@ -60,21 +60,24 @@ def tiny_tp2(home):
 # ------------------------------------------------------------------------------------- 1. runner flags
 
 
+# The same checks run in-process in test_engine and test_serve (pipeline.params); the slow cases add the CLI wording.
 @pytest.mark.parametrize("flags, expected", [
     (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
-    (["--top-p", "0"], "--top-p must be in (0, 1] (1 = no limit), got 0.0"),
-    (["--top-p", "2"], "--top-p must be in (0, 1] (1 = no limit), got 2.0"),
+    pytest.param(["--top-p", "0"], "--top-p must be in (0, 1] (1 = no limit), got 0.0", marks=pytest.mark.slow),
+    pytest.param(["--top-p", "2"], "--top-p must be in (0, 1] (1 = no limit), got 2.0", marks=pytest.mark.slow),
     (["--top-k", "-5"], "--top-k must be a whole number >= 0 (0 = no limit), got -5"),
-    (["--max-new-tokens", "-1"], "--max-new-tokens must be a whole number of at least 1, got -1"),
+    pytest.param(["--max-new-tokens", "-1"], "--max-new-tokens must be a whole number of at least 1, got -1",
+                 marks=pytest.mark.slow),
     (["--max-new-tokens", "1000000000"], "plus --max-new-tokens (1000000000) is past the context of 128 tokens; "
                                          "ask for at most 125 new tokens"),
     (["--prompt-ids", "1,2,999999"], "prompt token ids [999999] are outside the vocabulary [0, 1000); give ids "
                                      "below 1000"),
-    (["--prompt-ids", "1,x"], "--prompt-ids '1,x': give comma-separated whole numbers, e.g. 1,2,3"),
+    pytest.param(["--prompt-ids", "1,x"], "--prompt-ids '1,x': give comma-separated whole numbers, e.g. 1,2,3",
+                 marks=pytest.mark.slow),
     (["--prompt-ids", ",".join(["5"] * 80)], "the prompt has 80 tokens, more than the build's max_input_len 64; "
                                              "shorten it or rebuild with build.max_input_len=80"),
     (["--prompt-ids", ",".join(["5"] * 200)], "the prompt has 200 tokens, but the model holds 128 positions"),
-    (["--prompt", ""], "--prompt is empty: give at least one word of text"),
+    pytest.param(["--prompt", ""], "--prompt is empty: give at least one word of text", marks=pytest.mark.slow),
     (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8 (byte 3)"),  # what Python makes of the byte 0xE9
 ])
 def test_runner_flags_are_refused_before_any_weight_loads(home, tiny, flags, expected):
@@ -437,6 +440,7 @@ def test_a_config_with_a_string_where_a_number_goes(home, tmp_path, recipe_file)
     assert _stage_state(home)["convert"] == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_build_leaves_a_usable_cache(home, tmp_path):
     path = tmp_path / "int.yaml"
     path.write_text(json.dumps({"model": {"random": "llama-tiny", "seed": 44}, "precision": {"dtype": "float16"},

@@ -72,6 +72,7 @@ def test_fp8_checkpoint_names_dtypes_shapes(home, shape, tp, pp):
             assert "lm_head.weights_scaling_factor" not in w
 
 
+@pytest.mark.slow
 def test_fp8_sharded_run_agrees_with_one_rank_within_fp8_noise(home, tmp_path):
     """tp=2 x pp=2 and one rank quantize with the same scales; they differ only where float16 partial sums
     (all-reduced per rank) tip an FP8 rounding, so they must agree far more closely than FP8 agrees with float16."""

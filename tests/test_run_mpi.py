@@ -32,7 +32,7 @@ def build(shape: str, tp: int, pp: int):
     ("llama-tiny", 1, 1),
     ("llama-tiny", 4, 1),  # 8 heads / 2 KV heads on 4 ranks: each KV head replicated twice
     ("llama-tiny", 1, 2),
-    ("llama-tiny", 2, 2),
+    pytest.param("llama-tiny", 2, 2, marks=pytest.mark.slow),
     ("llama-tiny-tied", 2, 1),  # tied embeddings, vocab 1001 padded for tp, llama3 rope scaling
 ])
 def test_logits_and_greedy_tokens_match_transformers(home, tmp_path, shape, tp, pp):

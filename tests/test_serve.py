@@ -156,7 +156,7 @@ def stream_text(stream, chat: bool) -> tuple[str, list]:
     return text, chunks
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("tp, pp", [pytest.param(2, 1, marks=pytest.mark.slow), (1, 2)])
 def test_openai_client_under_mpirun_answers_as_pipeline_run(home, tiny_source, tmp_path, tp, pp):
     artifact = build_tiny(tiny_source, tp, pp)
     prompt, new = "The capital of France is", 12
