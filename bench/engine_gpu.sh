@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The engine on one GPU, in one call (random weights of a real shape made on the device; no artifact travels):
-#   bash bench/engine_gpu.sh [tests] [step] [uniform] [wide] [mixed] [single]  (default: uniform mixed single)
+#   bash bench/engine_gpu.sh [tests] [step] [uniform] [wide] [mixed] [single] [tp2]  (default: uniform mixed single)
 # tests: the engine's GPU tests; step: where a step's GPU time goes (bench/engine_step.py); the in-flight run alone
 #        at several max_batch_size values: bench/engine_sweep.sh;
 # wide: 2,000 requests 128/128 with max_batch_size 1024;
@@ -8,7 +8,8 @@
 # uniform: 1,000 requests 128/128 at an infinite rate, our static batching and transformers' generate_batch on the
 #          same requests; mixed: 1,000 requests, lengths drawn from 32-1024 / 16-512 (several static batches),
 #          in-flight against padded static batches and against the same batches unpadded (--static-groups);
-#          single: one request at a time (batch 1 through the engine). JSON and Markdown land in $OUT (or bench/results/throughput).
+#          single: one request at a time (batch 1 through the engine); tp2: 128/128 at tp=1 and tp=2 (two GPUs).
+#          JSON and Markdown land in $OUT (or bench/results/throughput).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -31,6 +32,10 @@ for phase in $phases; do
                --out "$OUTDIR" ;;
     single)  timeout 150 python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 3 \
                --input-len 128 --output-len 256 --max-batch-size 1 --out "$OUTDIR" ;;
+    tp2)     # two GPUs (nvidia-h200-x2): the same 1,000 x 128/128 at tp=1, then at tp=2 over NCCL
+             for n in 1 2; do timeout 280 mpirun -n $n --allow-run-as-root -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED \
+               python -m pipeline.throughput --random-shape "$SHAPE" --dtype "$DTYPE" --requests 1000 --input-len 128 \
+               --output-len 128 --max-batch-size "${MB:-256}" --out "$OUTDIR/tp$n"; done ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done
