@@ -283,3 +283,27 @@ def test_fused_step_runs_int4_models():
         want, got = reference._step(), decoder._step()
         assert ((got - want).norm() / want.norm()).item() < 5e-3
         assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("config", [c for c in int4_gemm.FUSED_CONFIGS if c.kwargs["BLOCK_H"] <= 4],
+                         ids=lambda c: f"h{c.kwargs['BLOCK_H']}-k{c.kwargs['BLOCK_K']}")
+def test_the_narrow_int4_gemv_configs_give_the_same_numbers(monkeypatch, config):
+    """The GPU's narrow autotuning configs (2-4 packed rows, long K blocks) run in the emulator: the fused GEMV
+    (silu-gate, ragged K) and the plain one-row GEMM give what the emulator's own configs give."""
+    from pipeline.kernels.common import ACT_SILU_GATE, NORM_RMS
+
+    dtype, inp, rows, group = torch.float16, 1088, 32, 64  # K ragged for every BLOCK_K (17 groups of 64)
+    packed, scales, prequant = int4_weight(rows, inp, group, dtype, seed=7)
+    x, g = torch.randn(inp).to(dtype), (torch.rand(inp) + 0.5).to(dtype)
+    fused_want = int4_gemm.int4_fused_gemv(x, None, g, packed, scales, prequant, None, rows, group, 1e-5, NORM_RMS,
+                                           ACT_SILU_GATE)[0]
+    plain_want = int4_gemm.int4_mm(x[None], packed, scales, prequant, None, rows, group)
+    tile = {k: config.kwargs[k] for k in ("BLOCK_H", "BLOCK_K")}
+    monkeypatch.setattr(int4_gemm, "FUSED_INTERPRETER_CONFIG", {**tile, "ACC_R": config.kwargs["ACC_R"]})
+    monkeypatch.setattr(int4_gemm, "INTERPRETER_CONFIG", tile)
+    fused = int4_gemm.int4_fused_gemv(x, None, g, packed, scales, prequant, None, rows, group, 1e-5, NORM_RMS,
+                                      ACT_SILU_GATE)[0]
+    plain = int4_gemm.int4_mm(x[None], packed, scales, prequant, None, rows, group)
+    for got, want in ((fused, fused_want), (plain, plain_want)):
+        assert got.shape == want.shape
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-3

@@ -30,7 +30,10 @@ if triton is not None:
     CONFIGS = [
         triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": 1, "DOT": 0, "ACC_R": r}, num_warps=w, num_stages=s)
         for bh, bk, r, w, s in ((16, 128, 1, 4, 4), (32, 128, 1, 8, 3), (8, 256, 1, 4, 3), (16, 128, 4, 4, 4),
-                                (32, 128, 4, 8, 3), (8, 256, 8, 4, 3), (16, 256, 8, 4, 3), (8, 512, 8, 4, 2))
+                                (32, 128, 4, 8, 3), (8, 256, 8, 4, 3), (16, 256, 8, 4, 3), (8, 512, 8, 4, 2),
+                                # narrow and long, as the bfloat16 GEMV's best (pipeline.kernels.gemv): 2-4 packed
+                                # rows a program, so 512-1,024 programs on a 4,096-row weight keep more loads in flight
+                                (4, 512, 8, 4, 3), (4, 1024, 8, 4, 2), (2, 1024, 8, 4, 2), (2, 2048, 8, 4, 2))
     ] + [
         triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": bm, "DOT": 1}, num_warps=w, num_stages=s)
         for bm in (16, 64)
