@@ -1,5 +1,5 @@
 """The OpenAI API's request and response shapes: request bodies to token ids and SamplingParams, engine outputs to
-completion bodies and server-sent-event chunks. Pure functions and one exception; pipeline.serve does the I/O."""
+completion bodies and server-sent-event chunks. No I/O here: pipeline.serve reads the requests and sends the answers."""
 
 import json
 
@@ -133,6 +133,8 @@ def completion_body(rid: str, created: int, model: str, chat: bool, outputs: lis
 class ChunkWriter:
     """Server-sent events of one streaming request: a chunk per output, the usage chunk, the end marker."""
 
+    DONE = "data: [DONE]\n\n"
+
     def __init__(self, rid: str, created: int, model: str, chat: bool, include_usage: bool):
         self.rid, self.created, self.model, self.chat, self.include_usage = rid, created, model, chat, include_usage
         self.kind = "chat.completion.chunk" if chat else "text_completion"
@@ -160,5 +162,3 @@ class ChunkWriter:
     def usage_chunk(self, prompt_lens: list[int], outputs: list) -> str:
         return self.event({"id": self.rid, "object": self.kind, "created": self.created, "model": self.model,
                            "choices": [], "usage": usage(prompt_lens, outputs)})
-
-    DONE = "data: [DONE]\n\n"
