@@ -138,15 +138,16 @@ def test_verify_run_without_golden_outputs_says_so(home):
 
 @pytest.mark.slow
 def test_golden_tokens_with_a_tokenizer(home, smollm2_dir, recipe_file):
+    # the prompt goes through the chat template, as `pipeline.run` sends it: "The capital of France is Paris."
     recipe = {"model": {"local": str(smollm2_dir)}, "precision": {"dtype": "float32"}, "parallel": {"pp": 2},
-              "verify": {"golden": [{"prompt": "The capital of France is", "tokens": [7042, 30, 198, 198]}]}}
+              "verify": {"golden": [{"prompt": "What is the capital of France?", "tokens": [504, 3575, 282, 4649]}]}}
     path = recipe_file("golden", recipe)
     assert run_cli(home, "build", str(path)).returncode == 0
     artifact = json.loads((home / "builds" / "golden.json").read_text())["artifact"]
     proc = run_cli(home, "verify", artifact, "--run")
     assert proc.returncode == 0, proc.stderr
     assert "1 golden output(s) reproduced" in proc.stdout
-    recipe["verify"]["golden"][0]["tokens"] = [7042, 30, 198, 42]
+    recipe["verify"]["golden"][0]["tokens"] = [504, 3575, 282, 42]
     path = recipe_file("golden", recipe)
     build = run_cli(home, "build", str(path))
     assert "hit" in build.stdout  # golden outputs are not part of any stage key
