@@ -56,8 +56,11 @@ def sha256_file(path: Path, cache_dir: Path | None = None, advance: Callable[[in
             except json.JSONDecodeError:
                 data = {}
             data[cache_key] = digest
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cache_file, json.dumps(data, indent=0, sort_keys=True))
+            try:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(cache_file, json.dumps(data, indent=0, sort_keys=True))
+            except OSError:  # a read-only home: the digest is still right, only not remembered
+                pass
     return digest
 
 

@@ -173,10 +173,14 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
         raise RunError(f"{artifact.name} was built for {tp * pp} rank(s) (tp={tp}, pp={pp}) but {world} "
                        f"{'was' if world == 1 else 'were'} started; run: mpirun -n {tp * pp} python -m pipeline.run")
     phase("checking the artifact")
+    started = time.perf_counter()
     problems = all_ok(mpi_comm, verify_problem(artifact, rank, not args.no_verify))
     if problems:
         raise RunError("the artifact cannot run:\n" + "\n".join(f"  rank {r}: {p}" for r, p in problems))
+    startup = {"verify": time.perf_counter() - started}
+    started = time.perf_counter()
     tokenizer = load_tokenizer(artifact)
+    startup["tokenizer"] = time.perf_counter() - started
     static = args.logits_out is not None or args.decode == "fast"
     chat = not static and not args.no_chat_template and tokenizer is not None \
         and bool(getattr(tokenizer, "chat_template", None))
@@ -190,6 +194,11 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
     # (fewer CUDA graphs to capture, a smaller KV pool: a one-shot run starts sooner).
     build_max = resolved.get("build", {}).get("max_batch_size") or len(prompts)
     llm = LLM(artifact, device=args.device, verify=False, max_batch_size=min(len(prompts), build_max))
+    startup.update({"load": llm.timings.get("load_s", 0.0), "graphs": llm.timings.get("graph_capture_s", 0.0),
+                    "warm-up": llm.timings.get("warm_up_s", 0.0)})
+    if rank == 0:
+        print("[pipeline.run] start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in startup.items()), file=sys.stderr,
+              flush=True)
     phase("generating")
     try:
         return _run_engine(args, llm, texts if chat else None, prompts, sampling)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import threading
 import time
@@ -129,6 +130,7 @@ def test_pipeline_run_sizes_the_engine_to_its_prompts_and_gives_the_greedy_token
                           cwd=REPO, env=child_env(home), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "max_batch_size 2;" in proc.stderr
+    assert re.search(r"start-up: verify [\d.]+ s, tokenizer [\d.]+ s, load [\d.]+ s, graphs [\d.]+ s, warm-up", proc.stderr)
     got = [r["new_ids"] for r in json.loads((tmp_path / "out.json").read_text())["results"]]
     assert got == hf_greedy(source, prompts, 5)
 
@@ -383,6 +385,29 @@ def test_the_fused_batch1_step_around_the_paged_attention_gives_the_runner_logit
     assert ours.shape == expected.shape == (1, 1, model.vocab_size)
     assert (ours - expected).abs().max().item() < 1e-4 * expected.abs().max().item() + 1e-5
     assert ours.argmax() == expected.argmax()
+
+
+def test_the_warm_up_steps_touch_only_their_block_and_change_no_later_logits(llama):
+    """ModelRunner.warm_up (run at start-up beside the CUDA graphs, here on the emulated kernels): its prompt and
+    mixed steps write the block they are given and no other, and a request run after it gets the logits of a
+    runner that never warmed up."""
+    from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+    from pipeline.dist import Comm
+    from pipeline.engine.runner import ModelRunner
+    from pipeline.engine.scheduler import SeqWork, StepPlan
+    from pipeline.mapping import Mapping
+
+    _, artifact = llama
+    device = torch.device("cpu")
+    model = load_rank_model(artifact, read_checkpoint_config(artifact), Comm(Mapping(1, 1), device), device)
+    warmed, fresh = ModelRunner(model, 6, 4), ModelRunner(model, 6, 4)
+    warmed.kernel = fresh.kernel = True
+    warmed.warm_up(5)
+    slots = warmed.cache.block_size
+    for store in warmed.cache.k + warmed.cache.v:
+        assert not store[:5 * slots].any() and store[5 * slots:].any()
+    plan = StepPlan((SeqWork(0, (5, 17, 3, 99, 42, 7), 0, (2, 0), True, SamplingParams(), 0),))
+    assert torch.equal(warmed.forward(plan), fresh.forward(plan))
 
 
 DRIVER = """

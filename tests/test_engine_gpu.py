@@ -112,3 +112,26 @@ def test_the_fp8_cast_kernel_gives_the_bytes_of_the_reference_cast():
     ours, expected = quantize_fp8(x, scale), reference(x, scale)
     assert ours.dtype == torch.float8_e4m3fn and ours.shape == x.shape
     assert torch.equal(ours.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_the_fp8_linear_keeps_the_input_shape_and_the_reference_values(rows):
+    """CudaFP8Linear on [1, T, K] (the engine's packed tokens) gives [1, T, N] (the step's attention reads the
+    token count from it; a [T, N] once sent the rotary tables' reshape past their size) and the emulation's
+    values, from the model dtype and from an input already cast to FP8."""
+    from pipeline.backends.cuda_decode import CudaFP8Linear
+    from pipeline.kernels.fp8 import quantize_fp8
+    from pipeline.quantize.runtime import FP8Linear
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    weight = (torch.randn(96, 256, generator=gen, device="cuda") * 8).to(torch.float8_e4m3fn)
+    base = FP8Linear(weight, torch.tensor([0.01], device="cuda"), torch.tensor([0.05], device="cuda"), None,
+                     torch.bfloat16)
+    linear = CudaFP8Linear(base)
+    x = torch.randn(1, rows, 256, generator=gen, device="cuda").to(torch.bfloat16)
+    expected = base(x)
+    assert linear(x).shape == expected.shape == (1, rows, 96)
+    assert torch.allclose(linear(x).float(), expected.float(), rtol=1e-2, atol=1e-2)
+    if rows > 1:
+        cast = quantize_fp8(x.reshape(rows, 256), base.act_scale).view(1, rows, 256)
+        assert torch.equal(linear(cast), linear(x))

@@ -1,5 +1,6 @@
 """Bad input fails early, says what and how to fix, exits non-zero, and leaves nothing half-written."""
 
+import os
 import shutil
 
 import pytest
@@ -71,6 +72,30 @@ def test_modified_rank_file_is_refused_unless_overridden(home, tiny_tp2, tmp_pat
     assert "--no-verify" in proc.stderr
     proc = mpirun(home, 2, "--engine", str(copy), "--prompt-ids", "1,2", "--no-verify", "--max-new-tokens", "2")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_verified_rank_file_is_not_reread_until_it_changes(home, tiny_tp2, tmp_path, monkeypatch):
+    """pipeline.run's check remembers a rank file's digest by (path, size, mtime): a second run of an unchanged
+    artifact reads none of its bytes, and a file changed since (new mtime) is read again and refused."""
+    import hashlib
+
+    from pipeline.verify import verify_problem
+
+    copy = tmp_path / "artifact"
+    shutil.copytree(tiny_tp2, copy)
+    assert verify_problem(copy, 0, True) is None
+    reads = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: reads.append(1) or real(*a))
+    assert verify_problem(copy, 0, True) is None
+    assert reads == []
+    rank0 = copy / "rank0.safetensors"
+    data = bytearray(rank0.read_bytes())
+    data[-1] ^= 0xFF
+    rank0.write_bytes(bytes(data))
+    os.utime(rank0, ns=(rank0.stat().st_atime_ns, rank0.stat().st_mtime_ns + 1000))
+    assert "does not match the sha256" in verify_problem(copy, 0, True)
+    assert reads
 
 
 def test_missing_and_corrupt_source_safetensors(home, tmp_path, recipe_file):

@@ -133,10 +133,11 @@ class CudaFP8Linear(FP8Linear):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if self.fp8_input_scale(rows, x.device) is not None:
+            x2d = x.reshape(-1, x.shape[-1])
             if x.dtype != torch.float8_e4m3fn:  # else cast at act_scale already (RankModel's fused activation)
-                x = fp8.quantize_fp8(x.reshape(-1, x.shape[-1]), self.act_scale)  # the cast in one pass
-            y = torch._scaled_mm(x.reshape(-1, x.shape[-1]), self.weight.t(), scale_a=self.act_scale,
-                                 scale_b=self.weight_scale, out_dtype=self.out_dtype)
+                x2d = fp8.quantize_fp8(x2d, self.act_scale)  # the cast in one pass
+            y = torch._scaled_mm(x2d, self.weight.t(), scale_a=self.act_scale, scale_b=self.weight_scale,
+                                 out_dtype=self.out_dtype)
             return y.view(*x.shape[:-1], self.weight.shape[0])
         if x.dtype == torch.float8_e4m3fn:
             raise ValueError(f"an FP8 input reaches CudaFP8Linear only where it runs torch._scaled_mm (CUDA, no "

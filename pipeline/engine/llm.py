@@ -197,6 +197,10 @@ class LLM:
             self._log(f"CUDA graphs of decoding steps for batches {self.runner.graphs.sizes} captured in "
                       f"{self.timings['graph_capture_s']:.1f} s{fused}")
             num_blocks -= 1  # the last block is the graphs' scratch
+            start = time.perf_counter()
+            self.runner.warm_up(self.runner.graphs.scratch)
+            self.timings["warm_up_s"] = time.perf_counter() - start
+            self._log(f"warm-up steps (prompt and mixed) in {self.timings['warm_up_s']:.1f} s")
         attention = "paged kernel" if self.runner.kernel else "gathered keys, torch sdpa"
         self._log(f"backend torch on {self.device.type}, {self.world} rank(s) tp={tp} pp={pp}, "
                   f"{self.artifact or 'a model in memory'} (loaded in {self.timings.get('load_s', 0):.1f} s); "

@@ -26,6 +26,7 @@ from pipeline.engine.scheduler import AHEAD, SeqWork, StepPlan
 from pipeline.generate import sample_rows
 from pipeline.kernels.common import runs_on
 from pipeline.kernels.paged_attention import attention_tiles, paged_attention, tile_tokens, write_rope_kv
+from pipeline.params import SamplingParams
 from pipeline.progress import progress
 from pipeline.quantize.formats import dequantize_kv
 
@@ -220,13 +221,16 @@ class _DecodeGraphs:
         inputs[0, :count] = torch.tensor([w.tokens[0] for w in work], dtype=torch.long)
         inputs[1, :count] = pos
         inputs[2, :count] = table[torch.arange(count), pos // block_size].long() * block_size + pos % block_size
+        # rows past the step's sequences: token 0 at position 0 into the scratch block (the stage may hold an
+        # earlier, larger step's rows, tokens in flight among them: AHEAD, not a token id)
+        inputs[0:2, count:size] = 0
+        inputs[2, count:size] = self.scratch_slot
         # whole rows (contiguous: a strided copy would go through an unpinned temporary)
         self.inputs.copy_(inputs, non_blocking=True)
         self.block_table[:count].copy_(table[:count], non_blocking=True)
         feed_tokens(self.tokens[0], work, after)
         self.token_pos[:count].copy_(self.positions[0, :count])
         self.block_table[count:size].fill_(self.scratch)  # rows a larger earlier step left behind
-        self.new_slots[count:size].fill_(self.scratch_slot)
         self.token_pos[count:size].zero_()
         graph, logits = self.graphs[size]
         graph.replay()
@@ -285,6 +289,22 @@ class ModelRunner:
         """Capture the decoding steps' CUDA graphs (one GPU, paged kernel). The pool's last block becomes
         scratch: the scheduler must be given num_blocks - 1 blocks."""
         self.graphs = _DecodeGraphs(self, max_batch, max_blocks_per_seq)
+
+    def warm_up(self, block: int) -> None:
+        """Run the steps a first request runs that the graphs do not hold (a prompt alone; a prompt chunk beside a
+        decoding token), greedy and sampled, on `block` alone (the graphs' scratch), so their kernels load and
+        cuBLAS starts before any request is timed. Every rank calls it (each runs the same plans)."""
+        size = self.cache.block_size
+        greedy, sampled = SamplingParams(), SamplingParams(temperature=1.0, top_k=8, top_p=0.9)
+        plans = [StepPlan((SeqWork(-1, (0,) * min(7, size), 0, (block,), True, greedy, 0),)),
+                 StepPlan((SeqWork(-1, (0,) * size, 0, (block,), True, sampled, 0),
+                           SeqWork(-2, (0,), size - 1, (block,), True, greedy, 0)))]
+        for plan in plans:
+            if self.can_launch(plan):
+                self.collect(self.launch(plan))
+            else:
+                self.execute(plan)
+        self.launch_s = 0.0
 
     # ------------------------------------------------------------------------------------------- the step
 
