@@ -248,14 +248,18 @@ def screen(variant, config, weights, calib, held, ref):
     return m
 
 
+def record(m: dict) -> None:
+    """Print a variant's metrics and append them to the screen's results.jsonl."""
+    line = json.dumps(m)
+    print(line, flush=True)
+    with open(WORK / "results.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
 def main():
     config, weights, calib, held, ref = setup()
     for variant in sys.argv[1:]:
-        m = screen(variant, config, weights, calib, held, ref)
-        line = json.dumps(m)
-        print(line, flush=True)
-        with open(WORK / "results.jsonl", "a") as f:
-            f.write(line + "\n")
+        record(screen(variant, config, weights, calib, held, ref))
 
 
 if __name__ == "__main__":

@@ -194,8 +194,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
     # (fewer CUDA graphs to capture, a smaller KV pool: a one-shot run starts sooner).
     build_max = resolved.get("build", {}).get("max_batch_size") or len(prompts)
     llm = LLM(artifact, device=args.device, verify=False, max_batch_size=min(len(prompts), build_max))
-    startup.update({"load": llm.timings.get("load_s", 0.0), "graphs": llm.timings.get("graph_capture_s", 0.0),
-                    "warm-up": llm.timings.get("warm_up_s", 0.0)})
+    for stage_name, key in (("load", "load_s"), ("graphs", "graph_capture_s"), ("warm-up", "warm_up_s")):
+        if key in llm.timings:  # graphs and warm-up: one GPU only
+            startup[stage_name] = llm.timings[key]
     if rank == 0:
         print("[pipeline.run] start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in startup.items()), file=sys.stderr,
               flush=True)
