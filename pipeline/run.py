@@ -193,7 +193,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
     # verified above; ranks other than 0 serve, then exit. The engine holds as many sequences as there are prompts
     # (fewer CUDA graphs to capture, a smaller KV pool: a one-shot run starts sooner).
     build_max = resolved.get("build", {}).get("max_batch_size") or len(prompts)
-    llm = LLM(artifact, device=args.device, verify=False, max_batch_size=min(len(prompts), build_max))
+    llm = LLM(artifact, device=args.device, verify=False, tokenizer=tokenizer,
+              max_batch_size=min(len(prompts), build_max))
     for stage_name, key in (("load", "load_s"), ("graphs", "graph_capture_s"), ("warm-up", "warm_up_s")):
         if key in llm.timings:  # graphs and warm-up: one GPU only
             startup[stage_name] = llm.timings[key]

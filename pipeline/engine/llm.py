@@ -125,7 +125,7 @@ def _hand_over(loop: asyncio.AbstractEventLoop, items: list) -> None:
 
 class LLM:
     def __init__(self, model: str | Path, *, build: bool = False, device: str = "auto", verify: bool = True,
-                 engine: EngineConfig | None = None, **engine_options):
+                 engine: EngineConfig | None = None, tokenizer=None, **engine_options):
         from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
         from pipeline.run_outputs import load_tokenizer
         from pipeline.verify import verify_problem
@@ -144,7 +144,12 @@ class LLM:
             raise RunError("the artifact cannot run:\n" + "\n".join(f"  rank {r}: {p}" for r, p in problems))
         build_spec = self.recipe.get("build", {})
         self.limits = Limits.from_config(config, build_spec)
-        self.tokenizer = load_tokenizer(self.artifact) if self.rank == 0 else None
+        # `tokenizer`: the artifact's, already loaded by the caller (pipeline.run needs it first; a second load
+        # costs about half a second)
+        if self.rank != 0:
+            self.tokenizer = None
+        else:
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.artifact)
         from pipeline.manifest import read_manifest
 
         conversion = (read_manifest(self.artifact) or {}).get("conversion", {})

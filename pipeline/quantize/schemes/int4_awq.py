@@ -37,8 +37,11 @@ Where read (NVIDIA/TensorRT-LLM, 1.2 line; NVIDIA/Model-Optimizer):
   range r * max |W| (r = 1, 0.95, ..., 0.5: ModelOpt's min_clip_ratio and shrink_step) that minimises the group's
   output error on the calibration inputs; weights_scaling_factor = that range / 7. Run on each rank's tensor (the search is local to a row and a group).
 
-ModelOpt itself is not a dependency or a test oracle here: its AWQ needs CUDA and a Hugging Face model in memory; we
-re-state its arithmetic and test it against float64 (tests/test_quantize_awq_sq.py).
+ModelOpt itself is not a dependency: it quantizes a whole Hugging Face model in memory, where the converter streams
+a rank's tensors, and it would add its own torch and transformers pins. We re-state its arithmetic, test it against
+float64 (tests/test_quantize_awq_sq.py), and measure ModelOpt on the CPU as the quality oracle
+(bench/awq_modelopt.py; bench/results/eval-smollm2-135m.md: its default INT4_AWQ_CFG, awq_lite, is what
+TensorRT-LLM's quantize.py applies for int4_awq).
 """
 
 from __future__ import annotations
