@@ -109,8 +109,7 @@ def int4_cases():
                 "y_ptr": "*bf16"}
     sizes = {"M": "i32", "N": "i32", "K": "i32", "KP": "i32", "GROUPS": "i32", "M_BUCKET": "i32"}
     for config in int4_gemm.CONFIGS:
-        constexprs = dict({"ACC_R": 1}, HAS_PQ=True, HAS_BIAS=False, GROUP=128, EVEN_K=True, F32_DOT=False,
-                          **config.kwargs)
+        constexprs = dict(HAS_PQ=True, HAS_BIAS=False, GROUP=128, EVEN_K=True, F32_DOT=False, **config.kwargs)
         yield (f"int4_mm bf16 config {config}", int4_gemm._int4_mm, {**pointers, **sizes}, constexprs,
                dict(num_warps=config.num_warps, num_stages=config.num_stages))
     fused = {**pointers, "r_ptr": "*bf16", "h_out_ptr": "*bf16", "nw_ptr": "*bf16", "N": "i32", "K": "i32",
@@ -121,7 +120,7 @@ def int4_cases():
         yield (f"int4_fused_gemv bf16 config {config}", int4_gemm._int4_fused_gemv, fused, constexprs,
                dict(num_warps=config.num_warps, num_stages=config.num_stages))
     constexprs = dict(ADD_RESIDUAL=False, NORM=NORM_NONE, HAS_PQ=True, HAS_BIAS=True, ACT=ACT_NONE, GROUP=128,
-                      EVEN_K=False, PDL=True, BLOCK_H=16, BLOCK_K=128, BLOCK_M=1, DOT=0, ACC_R=4)
+                      EVEN_K=False, PDL=True, BLOCK_H=16, BLOCK_K=128, BLOCK_M=1, DOT=0)
     yield "int4_fused_gemv bf16 ragged K, bias, pdl", int4_gemm._int4_fused_gemv, fused, constexprs, \
         dict(launch_pdl=True)
 

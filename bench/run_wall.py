@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = list(range(1000, 1032))  # 32 token ids, inside every vocabulary used here
 OURS_LINE = re.compile(r"\[pipeline\.run\] (\d+) new tokens in ([\d.]+) s \(([\d.]+) tok/s\)")
+STARTUP_LINE = re.compile(r"\[pipeline\.run\] start-up: .*")
 
 THEIRS = """
 import json, sys, time
@@ -72,7 +73,7 @@ def main() -> int:
     theirs = [sys.executable, "-c", THEIRS, str(args.hf_folder), args.device, str(args.new_tokens),
               json.dumps(PROMPT)]
     rows = {"pipeline.run": [], "transformers": []}
-    lines, inner = [], []
+    lines, inner, startups = [], [], []
     for i in range(args.repeats + 1):  # the first of each warms the caches (pages, Triton, cuBLAS) and is not kept
         wall_ours, proc = timed(ours, args.timeout_s)
         match = OURS_LINE.search(proc.stderr)
@@ -81,11 +82,13 @@ def main() -> int:
             rows["pipeline.run"].append(wall_ours)
             rows["transformers"].append(wall_theirs)
             lines.append(match.group(0) if match else "(no tok/s line)")
+            startup = STARTUP_LINE.search(proc.stderr)
+            startups.append(startup.group(0) if startup else "(no start-up line)")
             inner.append(json.loads(proc_t.stdout.strip().splitlines()[-1]))
     ours_tok_s = [float(m.group(3)) for m in map(OURS_LINE.search, lines) if m]
     result = {"artifact": str(args.artifact), "hf_folder": str(args.hf_folder), "device": args.device,
               "new_tokens": args.new_tokens, "prompt_tokens": len(PROMPT), "wall_s": rows,
-              "pipeline_run_lines": lines, "transformers_inner": inner,
+              "pipeline_run_lines": lines, "pipeline_run_startup": startups, "transformers_inner": inner,
               "median_wall_s": {k: statistics.median(v) for k, v in rows.items()},
               "pipeline_run_tok_s_median": statistics.median(ours_tok_s) if ours_tok_s else None}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,7 @@ def main() -> int:
           f"line: {lines[-1] if lines else '-'}; transformers inside its process: load "
           f"{statistics.median(r['load_s'] for r in inner):.2f} s, generate "
           f"{statistics.median(r['generate_s'] for r in inner):.2f} s")
+    print(f"\npipeline.run's start-up (last run): {startups[-1] if startups else '-'}")
     return 0
 
 

@@ -10,11 +10,21 @@ OUT=${OUT:-bench/results}
 export PIPELINE_HOME=${PIPELINE_HOME:-$PWD/checkpoints/serve-gpu-home} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# the GPU image's site-packages are read-only: without a bytecode cache every process compiled torch's and
+# transformers' modules from source (about 7 s, both sides); a cache prefix gives both what an install has
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$PIPELINE_HOME/pycache}
 RECIPE=${RECIPE:-llama-3-8b-random-bf16}
 PHASE=build RECIPE=$RECIPE bash bench/serve_gpu.sh
 ARTIFACT=$(tail -1 "$OUT/serve-gpu-build.txt")
 timeout 420 python bench/run_wall.py "$ARTIFACT" "$PIPELINE_HOME/$RECIPE-hf" --repeats 2 --out "$OUT" \
   | tee "$OUT/run-wall.md"
+# one more run under cProfile (the main thread: imports, check, load, graphs, warm-up, generate, shutdown), for
+# where the start-up time goes
+PROMPT=$(python -c "print(','.join(map(str, range(1000, 1032))))")
+timeout 200 python -m cProfile -o "$OUT/run.prof" -m pipeline.run --engine "$ARTIFACT" --prompt-ids "$PROMPT" \
+  --max-new-tokens 16 --no-chat-template > /dev/null 2> "$OUT/run-profiled-stderr.txt" || true
+timeout 60 python -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats('cumulative').print_stats(60); \
+s.sort_stats('tottime').print_stats(30)" "$OUT/run.prof" > "$OUT/run-profile.txt" 2>&1 || true
 timeout 150 python -m pipeline bench "$RECIPE" --device-random --batch-sizes 1 --no-baseline --repeats 2 \
   --variants graph+triton-gemv+fused-mlp+fused-step+pdl --input-len 32 --output-len 96 --out "$OUT/bench" \
   | grep -E "^\||roofline" | tee -a "$OUT/run-wall.md"

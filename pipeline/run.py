@@ -178,10 +178,13 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
     if problems:
         raise RunError("the artifact cannot run:\n" + "\n".join(f"  rank {r}: {p}" for r, p in problems))
     startup = {"verify": time.perf_counter() - started}
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(artifact)
-    startup["tokenizer"] = time.perf_counter() - started
     static = args.logits_out is not None or args.decode == "fast"
+    tokenizer = None
+    if static or not (args.prompt_ids or args.prompt_ids_file):  # text prompts are checked as token ids
+        started = time.perf_counter()
+        tokenizer = load_tokenizer(artifact)
+        startup["tokenizer"] = time.perf_counter() - started
+    # else the engine loads it beside the weights: token-id prompts need it only to print the new text
     chat = not static and not args.no_chat_template and tokenizer is not None \
         and bool(getattr(tokenizer, "chat_template", None))
     texts, prompts, sampling = check_run_request(args, runtime, config, resolved.get("build", {}), tokenizer, chat)

@@ -16,15 +16,23 @@ from pipeline.dist import Comm  # noqa: E402
 from pipeline.kernels import int4_gemm  # noqa: E402
 from pipeline.mapping import Mapping  # noqa: E402
 from pipeline.quantize.formats import (  # noqa: E402
+    groupwise_int4_dequantize,
     groupwise_int4_quantize,
     int8_weight_quantize,
     pack_int4_rows,
     smoothquant_linear,
+    unpack_int4_rows,
 )
 from pipeline.quantize.runtime import GroupwiseInt4Linear, SmoothQuantLinear, int8_linear_int_mm  # noqa: E402
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda", 0) if torch.cuda.is_available() else None
+
+
+def exact_weight(packed: torch.Tensor, scales: torch.Tensor, group: int, out: int, inp: int) -> torch.Tensor:
+    """float64 q * scale, unrounded: what the FMA form (one row) multiplies by, its scales applied to sums."""
+    w = groupwise_int4_dequantize(unpack_int4_rows(packed.cpu()), scales.cpu(), group)  # exact in float32
+    return w[:out, :inp].double().to(packed.device)
 
 
 def int4_weight(out_p: int, in_p: int, group: int, dtype, device=CPU, seed: int = 0, zero_group: bool = True):
@@ -46,16 +54,20 @@ SHAPES = [(48, 64, 96, 128, 32), (30, 32, 96, 96, 32), (64, 64, 128, 128, 64), (
 @pytest.mark.parametrize("rows, dot", [(1, 0), (1, 1), (5, 1), (20, 1)])
 @pytest.mark.parametrize("out, out_p, inp, in_p, group", SHAPES)
 def test_int4_kernel_equals_the_cpu_emulation(rows, dot, out, out_p, inp, in_p, group):
-    """float16 (the emulator rounds float32 to bfloat16 toward zero; the GPU test takes bfloat16): the kernel's
+    """float16 (the emulator rounds float32 to bfloat16 toward zero; the GPU test takes bfloat16): the dot form's
     dequantized tiles are the emulation's weights bit for bit, so only float32 summation order differs: the output
-    within one unit in the last place; with
-    prequant and bias, GEMV (FMA) and dot forms, rows past one BLOCK_M."""
+    within one unit in the last place. The FMA form scales sums, not weights: the same bound against the exact
+    q * scale weights in float64 (and it fails against the emulation's rounded ones). With prequant and bias, rows
+    past one BLOCK_M."""
     dtype = torch.float16
     torch.manual_seed(rows * out)
     packed, scales, prequant = int4_weight(out_p, in_p, group, dtype, seed=rows + out)
     bias = torch.randn(out).to(dtype)
     x = torch.randn(rows, inp).to(dtype)
-    ref = GroupwiseInt4Linear(packed, scales, prequant, bias, group, out, dtype)(x)
+    if dot == 1:
+        ref = GroupwiseInt4Linear(packed, scales, prequant, bias, group, out, dtype)(x)
+    else:
+        ref = (x * prequant[:inp]).double() @ exact_weight(packed, scales, group, out, inp).t() + bias.double()
     got = int4_gemm.int4_mm(x, packed, scales, prequant, bias, out, group, dot)
     assert got.shape == (rows, out) and got.dtype == dtype
     # one unit in the last place: float32 sums in another order can round a float16 output the other way
@@ -146,13 +158,15 @@ def test_device_quantizer_runs_the_format_on_a_random_model(quant):
     (torch.bfloat16, 1, 4096, 4096, 14336, 14336), (torch.float16, 1, 1000, 1024, 576, 640),
     (torch.float16, 33, 1000, 1024, 576, 640)])
 def test_int4_kernel_on_the_gpu(dtype, rows, out, out_p, inp, in_p):
-    """Compiled, with the config autotuning picks for the rows, at 8B shapes and a padded one: the emulation's
-    weights and rounded input times float64 sums, within the output's rounding."""
+    """Compiled, with the config autotuning picks for the rows, at 8B shapes and a padded one: the rounded input
+    times the emulation's weights (one row: the exact q * scale, the FMA form) in float64, within the output's
+    rounding."""
     packed, scales, prequant = int4_weight(out_p, in_p, 128, dtype, device=GPU, seed=rows)
     x = torch.randn(rows, inp, device=GPU).to(dtype)
     lin = GroupwiseInt4Linear(packed, scales, prequant, None, 128, out, dtype)
     assert lin.kernel
-    ref = (x * prequant[:inp]).double() @ lin.dequantized(inp).double().t()
+    weight = exact_weight(packed, scales, 128, out, inp) if rows == 1 else lin.dequantized(inp).double()
+    ref = (x * prequant[:inp]).double() @ weight.t()
     got = lin(x)
     assert got.shape == (rows, out) and got.dtype == dtype
     ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
@@ -164,7 +178,7 @@ def test_int4_kernel_on_the_gpu(dtype, rows, out, out_p, inp, in_p):
 @pytest.mark.parametrize("act, rows, inp", [(0, 6144, 4096), (1, 28672, 4096), (0, 4096, 14336)])
 def test_int4_fused_gemv_on_the_gpu(act, rows, inp):
     """Compiled and autotuned at the 8B shapes (qkv with RMSNorm, [fc; gate] with silu-gate, proj): the unfused
-    ops in float64 on the emulation's weights, within bfloat16 rounding."""
+    ops in float64 on the exact q * scale weights, within bfloat16 rounding."""
     from pipeline.kernels.common import ACT_SILU_GATE, NORM_RMS
 
     dtype = torch.bfloat16
@@ -176,8 +190,7 @@ def test_int4_fused_gemv_on_the_gpu(act, rows, inp):
                                      ACT_SILU_GATE if act else 0)
     hx = (x + r).double()
     normed = hx / (hx.pow(2).mean() + 1e-5).sqrt() * g.double() if norm else hx
-    lin = GroupwiseInt4Linear(packed, scales, None, None, 128, rows, dtype)
-    ref = lin.dequantized(inp).double() @ (normed * prequant.double())
+    ref = exact_weight(packed, scales, 128, rows, inp) @ (normed * prequant.double())
     if act:
         fc, gate = ref.chunk(2)
         ref = torch.nn.functional.silu(fc) * gate
@@ -233,7 +246,7 @@ def test_quantized_decode_on_the_gpu_matches_the_plain_step(quant):
                                                      (1, False, False, 96)])
 def test_int4_fused_gemv_equals_the_unfused_ops(act, residual, bias, inp):
     """The fused step's int4 GEMV: residual add (x + residual stored), RMSNorm prologue, prequant, bias and
-    silu(fc) * gate epilogue against the same ops in float64 on the emulation's weights (float16; the kernel
+    silu(fc) * gate epilogue against the same ops in float64 on the exact q * scale weights (float16; the kernel
     normalizes in one pass, unrounded, so within a few units in the last place)."""
     from pipeline.kernels.common import ACT_SILU_GATE, NORM_RMS
 
@@ -249,8 +262,7 @@ def test_int4_fused_gemv_equals_the_unfused_ops(act, residual, bias, inp):
     if residual:
         assert torch.equal(h, x + r)
     normed = hx / (hx.pow(2).mean() + 1e-5).sqrt() * g.double() * prequant.double()
-    lin = GroupwiseInt4Linear(packed, scales, None, None, 32, rows, dtype)
-    ref = lin.dequantized(inp).double() @ normed + (b.double() if bias else 0)
+    ref = exact_weight(packed, scales, 32, rows, inp) @ normed + (b.double() if bias else 0)
     if act:
         fc, gate = ref.chunk(2)
         ref = torch.nn.functional.silu(fc) * gate
@@ -299,7 +311,7 @@ def test_the_narrow_int4_gemv_configs_give_the_same_numbers(monkeypatch, config)
                                            ACT_SILU_GATE)[0]
     plain_want = int4_gemm.int4_mm(x[None], packed, scales, prequant, None, rows, group)
     tile = {k: config.kwargs[k] for k in ("BLOCK_H", "BLOCK_K")}
-    monkeypatch.setattr(int4_gemm, "FUSED_INTERPRETER_CONFIG", {**tile, "ACC_R": config.kwargs["ACC_R"]})
+    monkeypatch.setattr(int4_gemm, "FUSED_INTERPRETER_CONFIG", tile)
     monkeypatch.setattr(int4_gemm, "INTERPRETER_CONFIG", tile)
     fused = int4_gemm.int4_fused_gemv(x, None, g, packed, scales, prequant, None, rows, group, 1e-5, NORM_RMS,
                                       ACT_SILU_GATE)[0]

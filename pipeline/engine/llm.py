@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,26 +145,24 @@ class LLM:
             raise RunError("the artifact cannot run:\n" + "\n".join(f"  rank {r}: {p}" for r, p in problems))
         build_spec = self.recipe.get("build", {})
         self.limits = Limits.from_config(config, build_spec)
-        # `tokenizer`: the artifact's, already loaded by the caller (pipeline.run needs it first; a second load
-        # costs about half a second)
-        if self.rank != 0:
-            self.tokenizer = None
-        else:
-            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.artifact)
+        self.timings: dict[str, float] = {}
+        start = time.perf_counter()
+        self.device = pick_device(mpi_comm, device)
+        self.comm = Comm.create(Mapping(tp, pp, self.rank), self.device, mpi_comm)
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, self.world)))
+        # rank 0's tokenizer: the caller's (pipeline.run needs it first for text prompts), else loaded beside the
+        # weights (importing transformers takes seconds; the load is mostly file reads and copies)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer") as pool:
+            job = pool.submit(load_tokenizer, self.artifact) if self.rank == 0 and tokenizer is None else None
+            model_part = load_rank_model(self.artifact, config, self.comm, self.device)
+            self.tokenizer = None if self.rank != 0 else job.result() if job is not None else tokenizer
+        self.timings["load_s"] = time.perf_counter() - start
         from pipeline.manifest import read_manifest
 
         conversion = (read_manifest(self.artifact) or {}).get("conversion", {})
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id if tok is not None and tok.eos_token_id is not None \
             else conversion.get("eos_token_id")
-
-        self.timings: dict[str, float] = {}
-        start = time.perf_counter()
-        self.device = pick_device(mpi_comm, device)
-        self.comm = Comm.create(Mapping(tp, pp, self.rank), self.device, mpi_comm)
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, self.world)))
-        model_part = load_rank_model(self.artifact, config, self.comm, self.device)
-        self.timings["load_s"] = time.perf_counter() - start
         self._start(model_part, mpi_comm, build_spec, options)
 
     @classmethod

@@ -280,7 +280,8 @@ if triton is not None:
     _fused_gemv_gpu = triton.heuristics(_GEMV_HEURISTICS)(_fused_gemv)
 
     def _autotuned(configs):
-        return triton.autotune(configs=configs, key=["N", "K", "NORM", "FP8", "ACT"],
+        # cache_results: the choice is kept in Triton's cache, so a later process times nothing (and chooses the same)
+        return triton.autotune(configs=configs, key=["N", "K", "NORM", "FP8", "ACT"], cache_results=True,
                                prune_configs_by={"early_config_prune": _prune})(_fused_gemv_gpu)
 
     _fused_gemv_kernel = _autotuned(CONFIGS)
@@ -390,7 +391,7 @@ if triton is not None:
         )
     ]
 
-    @triton.autotune(configs=_PLAIN_CONFIGS, key=["N", "K", "FP8"])
+    @triton.autotune(configs=_PLAIN_CONFIGS, key=["N", "K", "FP8"], cache_results=True)
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, a_scale_ptr, w_scale_ptr, N, K,
                      HAS_BIAS: tl.constexpr, FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

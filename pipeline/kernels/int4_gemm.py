@@ -7,9 +7,17 @@ BLOCK_M input rows, and per BLOCK_K chunk unpacks both nibbles, scales them by t
 the model dtype (as the CPU emulation, pipeline.quantize.runtime.GroupwiseInt4Linear, dequantizes), then multiplies
 with float32 sums. Decode reads every weight once, so 4-bit weights read a quarter of bfloat16's bytes.
 
-Two forms per config (DOT): 0, CUDA-core FMAs on a [BLOCK_H, BLOCK_K] tile for one input row (the batch-1 GEMV);
-1, tensor-core dots with the dequantized tile as the tall operand and BLOCK_M (>= 16) input rows as the narrow one.
-N and K are the real (unpadded) widths: padded rows are never stored, padded columns never read.
+Two forms per config (DOT): 0, CUDA-core FMAs for one input row (the batch-1 GEMV); 1, tensor-core dots with the
+dequantized tile as the tall operand and BLOCK_M (>= 16) input rows as the narrow one. N and K are the real
+(unpadded) widths: padded rows are never stored, padded columns never read.
+
+The FMA form is bound by the instructions per weight, not its loads (quant run 2: 25% of the bandwidth roofline
+with ten a weight), so it reads the weight as 32-bit words (4 columns of a packed row: 8 nibbles) and makes each
+nibble's float with a shift and one and-or into the bits of 1 + v / 16 (v = the nibble xor 8, the signed value + 8):
+three instructions a weight with its FMA. Per word column the sums of the 4 columns come back to sum((v - 8) * x) =
+16 * sum(f * x) - 24 * sum(x), times the group's scale. So the scale multiplies sums, not each weight: the output
+differs from the emulation's (which rounds each q * scale to the model dtype) by that rounding, and equals the exact
+q * scale weights times x to float32 sums.
 """
 
 from __future__ import annotations
@@ -18,22 +26,19 @@ import torch
 
 from pipeline.kernels.common import emulated, gdc_launch_dependents, gdc_wait, tl, triton
 
-if triton is not None:
-    from pipeline.kernels.common import group_sums
-
 INTERPRETER_CONFIG = {"BLOCK_H": 4, "BLOCK_K": 32}  # the emulator's one config (BLOCK_M and DOT chosen per call)
 # the fused GEMV's in the emulator: fewer, larger programs (the emulator's time goes per program and operation)
-FUSED_INTERPRETER_CONFIG = {"BLOCK_H": 16, "BLOCK_K": 64, "ACC_R": 4}
+FUSED_INTERPRETER_CONFIG = {"BLOCK_H": 16, "BLOCK_K": 64}
 DTYPES = (torch.bfloat16, torch.float16)
 
 if triton is not None:
     CONFIGS = [
-        triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": 1, "DOT": 0, "ACC_R": r}, num_warps=w, num_stages=s)
-        for bh, bk, r, w, s in ((16, 128, 1, 4, 4), (32, 128, 1, 8, 3), (8, 256, 1, 4, 3), (16, 128, 4, 4, 4),
-                                (32, 128, 4, 8, 3), (8, 256, 8, 4, 3), (16, 256, 8, 4, 3), (8, 512, 8, 4, 2),
-                                # narrow and long, as the bfloat16 GEMV's best (pipeline.kernels.gemv): 2-4 packed
-                                # rows a program, so 512-1,024 programs on a 4,096-row weight keep more loads in flight
-                                (4, 512, 8, 4, 3), (4, 1024, 8, 4, 2), (2, 1024, 8, 4, 2), (2, 2048, 8, 4, 2))
+        triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": 1, "DOT": 0}, num_warps=w, num_stages=s)
+        for bh, bk, w, s in ((16, 128, 4, 4), (32, 128, 8, 3), (8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3),
+                             (8, 512, 4, 2), (8, 1024, 4, 2),
+                             # narrow and long, as the bfloat16 GEMV's best (pipeline.kernels.gemv): 2-4 packed
+                             # rows a program, so 512-1,024 programs on a 4,096-row weight keep more loads in flight
+                             (4, 512, 4, 3), (4, 1024, 4, 2), (2, 1024, 4, 2), (2, 2048, 4, 2), (4, 2048, 8, 2))
     ] + [
         triton.Config({"BLOCK_H": bh, "BLOCK_K": bk, "BLOCK_M": bm, "DOT": 1}, num_warps=w, num_stages=s)
         for bm in (16, 64)
@@ -58,12 +63,11 @@ if triton is not None:
     def _int4_mm(x_ptr, pq_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KP, GROUPS, M_BUCKET,
                  HAS_PQ: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                 F32_DOT: tl.constexpr = False, ACC_R: tl.constexpr = 1):
+                 F32_DOT: tl.constexpr = False):
         """y [M, N] for BLOCK_H packed rows and BLOCK_M input rows (see the module). x [M, K] row-major; q rows of
         KP bytes; GROUPS scales per output row. M_BUCKET only keys the autotuning. On a GPU K is a runtime
         argument; the emulator's entry passes it as a constant (its loops need one) and F32_DOT (its tl.dot of
-        bfloat16 operands is wrong: Triton 3.6). ACC_R (FMA form): products summed in groups of ACC_R neighbours
-        before they are accumulated, a smaller accumulator (as pipeline.kernels.gemv's)."""
+        bfloat16 operands is wrong: Triton 3.6)."""
         pid_h = tl.program_id(0)
         pid_m = tl.program_id(1)
         dt = y_ptr.dtype.element_ty
@@ -71,30 +75,28 @@ if triton is not None:
         rows_h = tl.minimum(offs_h, (N + 1) // 2 - 1).to(tl.int64)  # clamped: the weight loads need no row mask
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
-        q_rows = q_ptr + rows_h[:, None] * KP
-        s_lo = s_ptr + 2 * rows_h * GROUPS
-        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
-        arange_k = tl.arange(0, BLOCK_K)
         if DOT == 1:
+            q_rows = q_ptr + rows_h[:, None] * KP
+            s_lo = s_ptr + 2 * rows_h * GROUPS
+            x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
+            arange_k = tl.arange(0, BLOCK_K)
             acc_lo = tl.zeros((BLOCK_H, BLOCK_M), dtype=tl.float32)
-        else:
-            acc_lo = tl.zeros((BLOCK_H, BLOCK_K // ACC_R), dtype=tl.float32)
-        acc_hi = tl.zeros_like(acc_lo)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + arange_k
-            k_mask = offs_k < K
-            sl, sh = _scales(s_lo, k0, offs_k, k_mask, GROUPS, GROUP, BLOCK_K)
-            if EVEN_K:
-                p = tl.load(q_rows + offs_k[None, :], eviction_policy="evict_first")
-                x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
-            else:
-                p = tl.load(q_rows + offs_k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
-                x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w_lo, w_hi = _dequantize(p, sl, sh, dt)
-            if HAS_PQ:  # x * prequant, rounded to the model dtype as the unfused multiply rounds it
-                pq = tl.load(pq_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                x = (x.to(tl.float32) * pq[None, :]).to(dt)
-            if DOT == 1:
+            acc_hi = tl.zeros_like(acc_lo)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + arange_k
+                k_mask = offs_k < K
+                sl, sh = _scales(s_lo, k0, offs_k, k_mask, GROUPS, GROUP, BLOCK_K)
+                if EVEN_K:
+                    p = tl.load(q_rows + offs_k[None, :], eviction_policy="evict_first")
+                    x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+                else:
+                    p = tl.load(q_rows + offs_k[None, :], mask=k_mask[None, :], other=0,
+                                eviction_policy="evict_first")
+                    x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                w_lo, w_hi = _dequantize(p, sl, sh, dt)
+                if HAS_PQ:  # x * prequant, rounded to the model dtype as the unfused multiply rounds it
+                    pq = tl.load(pq_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                    x = (x.to(tl.float32) * pq[None, :]).to(dt)
                 if F32_DOT:
                     xt = tl.trans(x.to(tl.float32))
                     acc_lo += tl.dot(w_lo.to(tl.float32), xt, input_precision="ieee")
@@ -103,14 +105,23 @@ if triton is not None:
                     xt = tl.trans(x.to(dt))
                     acc_lo += tl.dot(w_lo, xt)
                     acc_hi += tl.dot(w_hi, xt)
-            else:
-                xf = x.to(tl.float32)  # [1, BLOCK_K]
-                acc_lo += group_sums(w_lo.to(tl.float32) * xf, BLOCK_K, ACC_R)
-                acc_hi += group_sums(w_hi.to(tl.float32) * xf, BLOCK_K, ACC_R)
-        if DOT == 1:
             y_lo = acc_lo
             y_hi = acc_hi
-        else:
+        else:  # one row (BLOCK_M = 1): the word form of the module's note
+            x_row = x_ptr + pid_m.to(tl.int64) * K
+            BLOCK_W: tl.constexpr = BLOCK_K // 4
+            acc_lo = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+            acc_hi = tl.zeros_like(acc_lo)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                if HAS_PQ:  # x * prequant, rounded to the model dtype as the unfused multiply rounds it
+                    x = (x * tl.load(pq_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+                x0, x1, x2, x3 = _columns(x, BLOCK_W)
+                offs_w = k0 // 4 + tl.arange(0, BLOCK_W)
+                acc_lo, acc_hi = _fma_words(acc_lo, acc_hi, x0, x1, x2, x3, q_ptr, s_ptr, rows_h, k0, offs_w, K, KP,
+                                            GROUPS, GROUP, BLOCK_K, EVEN_K)
             y_lo = tl.sum(acc_lo, axis=1)[:, None]
             y_hi = tl.sum(acc_hi, axis=1)[:, None]
         out_lo = 2 * offs_h
@@ -121,6 +132,68 @@ if triton is not None:
         y_rows = y_ptr + offs_m.to(tl.int64)[None, :] * N
         tl.store(y_rows + out_lo[:, None], y_lo.to(dt), mask=(out_lo < N)[:, None] & m_mask[None, :])
         tl.store(y_rows + out_hi[:, None], y_hi.to(dt), mask=(out_hi < N)[:, None] & m_mask[None, :])
+
+    @triton.jit
+    def _columns(x, BLOCK_W: tl.constexpr):
+        """x [4 * BLOCK_W] -> its columns 16 * x[4i + j] for j = 0..3 ([BLOCK_W] each; times 16 for _fma_words,
+        exact): x loads contiguous (vector loads) and splits in registers, where strided loads would be a scalar
+        load an element."""
+        a, b = tl.split(tl.reshape(16.0 * x, (BLOCK_W, 2, 2)))  # a[i, t] = x[4i + 2t], b[i, t] = x[4i + 2t + 1]
+        x0, x2 = tl.split(a)
+        x1, x3 = tl.split(b)
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _nibble(w, one, N: tl.constexpr):
+        """1 + v / 16 in float32 for the nibble v at bits 4N..4N+3 of w: v moved to the top of the mantissa (bits
+        19-22) and or-ed into 1.0's bits `one` (a shift and one and-or)."""
+        if 4 * N <= 19:
+            t = w << (19 - 4 * N)
+        else:
+            t = w >> (4 * N - 19)
+        return ((t & 0x780000) | one).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fma_words(acc_lo, acc_hi, x0, x1, x2, x3, q_ptr, s_ptr, rows_h, k0, offs_w, K, KP, GROUPS,
+                   GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """One BLOCK_K chunk of the packed rows rows_h ([BLOCK_H]) times the input's columns x0..x3 (column j of
+        each word times 16, [BLOCK_K / 4] float32, 0 past K; see _columns), added to the [BLOCK_H, BLOCK_K / 4] accumulators of the low-
+        and high-nibble rows (see the module). A packed row's word holds its columns 4i..4i+3: byte j's low nibble
+        is row 2r's column 4i + j, its high nibble row 2r + 1's."""
+        words = q_ptr.to(tl.pointer_type(tl.int32)) + rows_h[:, None] * (KP // 4) + offs_w[None, :]
+        if EVEN_K:
+            w = tl.load(words, eviction_policy="evict_first")
+        else:
+            w = tl.load(words, mask=(4 * offs_w < K)[None, :], other=0, eviction_policy="evict_first")
+        w = w ^ -0x77777778  # 0x88888888: each nibble's signed value + 8
+        # 1.0's bits as a value the compilers cannot fold (GROUPS > 0 always): with both masks as constants the
+        # and-or compiles to two instructions, with one in a register to one (LOP3 takes one immediate)
+        one = tl.where(GROUPS > 0, 0x3F800000, 0)
+        # x0..x3 come times 16: sum(f * 16x) - 24 * sum(x) = sum((v - 8) * x), the chain started at the offset
+        offset = (-1.5 * (x0 + x1 + x2 + x3))[None, :]
+        a_lo = offset + _nibble(w, one, 0) * x0[None, :] + _nibble(w, one, 2) * x1[None, :] \
+            + _nibble(w, one, 4) * x2[None, :] + _nibble(w, one, 6) * x3[None, :]
+        a_hi = offset + _nibble(w, one, 1) * x0[None, :] + _nibble(w, one, 3) * x1[None, :] \
+            + _nibble(w, one, 5) * x2[None, :] + _nibble(w, one, 7) * x3[None, :]
+        sl, sh = _word_scales(s_ptr + 2 * rows_h * GROUPS, k0, GROUPS, GROUP, BLOCK_K)
+        acc_lo += a_lo * sl
+        acc_hi += a_hi * sh
+        return acc_lo, acc_hi
+
+    @triton.jit
+    def _word_scales(s_lo, k0, GROUPS, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The scales of a chunk's low- and high-nibble rows for its word columns, in float32: [BLOCK_H, 1] inside
+        one group, else each of the BLOCK_K // GROUP groups' scales repeated over its GROUP // 4 word columns."""
+        if BLOCK_K <= GROUP:
+            sl = tl.load(s_lo + k0 // GROUP)[:, None]
+            sh = tl.load(s_lo + GROUPS + k0 // GROUP)[:, None]
+        else:
+            G: tl.constexpr = BLOCK_K // GROUP
+            g = k0 // GROUP + tl.arange(0, G)
+            g_mask = (g < GROUPS)[None, :]
+            sl = _repeat(tl.load(s_lo[:, None] + g[None, :], mask=g_mask, other=0.0), GROUP // 4)
+            sh = _repeat(tl.load(s_lo[:, None] + GROUPS + g[None, :], mask=g_mask, other=0.0), GROUP // 4)
+        return sl.to(tl.float32), sh.to(tl.float32)
 
     @triton.jit
     def _scales(s_lo, k0, offs_k, k_mask, GROUPS, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -166,7 +239,9 @@ if triton is not None:
                  BLOCK_H, BLOCK_K, BLOCK_M, DOT, EVEN_K, True)
 
     _int4_mm_gpu = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int4_mm)
+    # cache_results: the choice is kept in Triton's cache, so a later process times nothing (and chooses the same)
     _int4_mm_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "M_BUCKET", "GROUP", "HAS_PQ"],
+                                     cache_results=True,
                                      prune_configs_by={"early_config_prune": _prune})(_int4_mm_gpu)
 
 
@@ -251,16 +326,15 @@ if triton is not None:
                          ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, HAS_PQ: tl.constexpr,
                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr = 1,
-                         DOT: tl.constexpr = 0, PDL: tl.constexpr = False, ACC_R: tl.constexpr = 1):
+                         DOT: tl.constexpr = 0, PDL: tl.constexpr = False):
         """y [N] = act(dequantize(q) @ (norm(x + residual) * prequant) + bias) for BLOCK_H packed rows (2 * BLOCK_H
         outputs; with silu-gate also the gate's, N / 2 packed rows further); x + residual stored to h_out by
-        program 0. BLOCK_M and DOT: the shared configs' keys (one row, the FMA form). PDL (Hopper, launched with
-        programmatic dependent launch): wait for the previous kernel before anything, let the next launch after
-        the main loop (as pipeline.kernels.gemv's fused GEMV)."""
+        program 0. The word form of the module's note. BLOCK_M and DOT: the shared configs' keys (one row, the FMA
+        form). PDL (Hopper, launched with programmatic dependent launch): wait for the previous kernel before
+        anything, let the next launch after the main loop (as pipeline.kernels.gemv's fused GEMV)."""
         if PDL:
             gdc_wait()
         pid = tl.program_id(0)
-        dt = x_ptr.dtype.element_ty
         offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
         n_out = N
         if ACT == 1:
@@ -268,28 +342,31 @@ if triton is not None:
         nh = (n_out + 1) // 2  # packed rows of the output (of fc alone with silu-gate)
         rows_h = tl.minimum(offs_h, nh - 1).to(tl.int64)
         gate_h = rows_h + nh  # the gate half's packed rows (ACT = 1)
-        arange_k = tl.arange(0, BLOCK_K)
-        acc_lo = tl.zeros((BLOCK_H, BLOCK_K // ACC_R), dtype=tl.float32)
+        BLOCK_W: tl.constexpr = BLOCK_K // 4
+        acc_lo = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
         acc_hi = tl.zeros_like(acc_lo)
         gate_lo = tl.zeros_like(acc_lo)
         gate_hi = tl.zeros_like(acc_lo)
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        arange_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + arange_k
             k_mask = offs_k < K
             x = load_row(x_ptr, r_ptr, offs_k, k_mask, ADD_RESIDUAL)
             if ADD_RESIDUAL:
-                tl.store(h_out_ptr + offs_k, x.to(dt), mask=k_mask & (pid == 0))
+                tl.store(h_out_ptr + offs_k, x.to(h_out_ptr.dtype.element_ty), mask=k_mask & (pid == 0))
             if NORM == 1:
                 ss += x * x
                 x = x * tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             if HAS_PQ:
                 x = x * tl.load(pq_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            acc_lo, acc_hi = _fma_rows(acc_lo, acc_hi, x, q_ptr, s_ptr, rows_h, k0, offs_k, k_mask, KP, GROUPS, dt,
-                                       GROUP, BLOCK_K, EVEN_K, ACC_R)
+            x0, x1, x2, x3 = _columns(x, BLOCK_W)
+            offs_w = k0 // 4 + tl.arange(0, BLOCK_W)
+            acc_lo, acc_hi = _fma_words(acc_lo, acc_hi, x0, x1, x2, x3, q_ptr, s_ptr, rows_h, k0, offs_w, K, KP,
+                                        GROUPS, GROUP, BLOCK_K, EVEN_K)
             if ACT == 1:
-                gate_lo, gate_hi = _fma_rows(gate_lo, gate_hi, x, q_ptr, s_ptr, gate_h, k0, offs_k, k_mask, KP, GROUPS,
-                                             dt, GROUP, BLOCK_K, EVEN_K, ACC_R)
+                gate_lo, gate_hi = _fma_words(gate_lo, gate_hi, x0, x1, x2, x3, q_ptr, s_ptr, gate_h, k0, offs_w, K,
+                                              KP, GROUPS, GROUP, BLOCK_K, EVEN_K)
         if PDL:
             gdc_launch_dependents()
         y_lo = tl.sum(acc_lo, axis=1)
@@ -310,42 +387,27 @@ if triton is not None:
             if ACT == 1:
                 g_lo += tl.load(b_ptr + n_out + out_lo, mask=out_lo < n_out, other=0.0).to(tl.float32)
                 g_hi += tl.load(b_ptr + n_out + out_hi, mask=out_hi < n_out, other=0.0).to(tl.float32)
+        dt = x_ptr.dtype.element_ty
         y_lo = activation(y_lo, g_lo, dt, ACT)
         y_hi = activation(y_hi, g_hi, dt, ACT)
         tl.store(y_ptr + out_lo, y_lo.to(y_ptr.dtype.element_ty), mask=out_lo < n_out)
         tl.store(y_ptr + out_hi, y_hi.to(y_ptr.dtype.element_ty), mask=out_hi < n_out)
 
     @triton.jit
-    def _fma_rows(acc_lo, acc_hi, x, q_ptr, s_ptr, rows_h, k0, offs_k, k_mask, KP, GROUPS, dt, GROUP: tl.constexpr,
-                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ACC_R: tl.constexpr):
-        """One BLOCK_K chunk of the packed rows rows_h times the float32 input chunk x, added to the accumulators."""
-        q_rows = q_ptr + rows_h[:, None] * KP
-        sl, sh = _scales(s_ptr + 2 * rows_h * GROUPS, k0, offs_k, k_mask, GROUPS, GROUP, BLOCK_K)
-        if EVEN_K:
-            p = tl.load(q_rows + offs_k[None, :], eviction_policy="evict_first")
-        else:
-            p = tl.load(q_rows + offs_k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
-        w_lo, w_hi = _dequantize(p, sl, sh, dt)
-        acc_lo += group_sums(w_lo.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
-        acc_hi += group_sums(w_hi.to(tl.float32) * x[None, :], BLOCK_K, ACC_R)
-        return acc_lo, acc_hi
-
-    @triton.jit
     def _int4_fused_gemv_emulated(x_ptr, r_ptr, h_out_ptr, nw_ptr, pq_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N,
                                   K: tl.constexpr, KP, GROUPS, eps, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
                                   HAS_PQ: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  EVEN_K: tl.constexpr, ACC_R: tl.constexpr):
+                                  EVEN_K: tl.constexpr):
         _int4_fused_gemv(x_ptr, r_ptr, h_out_ptr, nw_ptr, pq_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KP, GROUPS, eps,
-                         ADD_RESIDUAL, NORM, HAS_PQ, HAS_BIAS, ACT, GROUP, BLOCK_H, BLOCK_K, EVEN_K, 1, 0, False,
-                         ACC_R)
+                         ADD_RESIDUAL, NORM, HAS_PQ, HAS_BIAS, ACT, GROUP, BLOCK_H, BLOCK_K, EVEN_K, 1, 0, False)
 
     def _prune_fused(configs, named_args, **kwargs):
         nh = named_args["N"] // (4 if kwargs.get("ACT", 0) else 2)
         return [c for c in configs if nh // c.kwargs["BLOCK_H"] >= 128] or configs[:2]
 
     _int4_fused_gemv_tuned = triton.autotune(
-        configs=FUSED_CONFIGS, key=["N", "K", "NORM", "ACT", "HAS_PQ", "GROUP"],
+        configs=FUSED_CONFIGS, key=["N", "K", "NORM", "ACT", "HAS_PQ", "GROUP"], cache_results=True,
         prune_configs_by={"early_config_prune": _prune_fused})(
             triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int4_fused_gemv))
 
