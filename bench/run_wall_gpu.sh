@@ -10,8 +10,10 @@ OUT=${OUT:-bench/results}
 export PIPELINE_HOME=${PIPELINE_HOME:-$PWD/checkpoints/serve-gpu-home} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# the GPU image's site-packages are read-only: without a bytecode cache every process compiled torch's and
-# transformers' modules from source (about 7 s, both sides); a cache prefix gives both what an install has
+# The GPU image sets PYTHONDONTWRITEBYTECODE: every process compiled torch's, transformers' and sklearn's modules
+# from source (7-12 s, both sides; run-wall2/run-profile.txt). Writing bytecode to a cache folder gives both sides
+# what an installed Python has.
+unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$PIPELINE_HOME/pycache}
 RECIPE=${RECIPE:-llama-3-8b-random-bf16}
 PHASE=build RECIPE=$RECIPE bash bench/serve_gpu.sh
