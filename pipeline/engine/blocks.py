@@ -11,7 +11,7 @@ last user finished keeps its contents and its name until the space is needed (le
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class OutOfBlocks(Exception):
@@ -29,7 +29,7 @@ class Block:
 class BlockTable:
     """One request's blocks, in order, and how many of its leading full blocks are named for reuse."""
 
-    blocks: list[int] = field(default_factory=list)
+    blocks: tuple[int, ...] = ()  # a tuple: every step hands it to the plan as it is (it grows a block at a time)
     named: int = 0  # leading full blocks already registered for reuse
     last_hash: int = 0  # the chain hash of the last of them
 
@@ -90,7 +90,7 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[index] = None
-        table.blocks.clear()
+        table.blocks = ()
         table.named, table.last_hash = 0, 0
 
     # ------------------------------------------------------------------------------------------- prefix reuse
@@ -119,7 +119,7 @@ class BlockPool:
     def take_prefix(self, table: BlockTable, blocks: list[int]) -> None:
         for index in blocks:
             self._take(index)
-            table.blocks.append(index)
+            table.blocks += (index,)
         if blocks:
             table.named, table.last_hash = len(blocks), self.blocks[blocks[-1]].hash
 

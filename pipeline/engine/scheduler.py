@@ -167,8 +167,8 @@ class Scheduler:
         need = self.pool.blocks_for(request.computed + tokens) - len(request.table.blocks)
         if need > self.pool.free_count:
             raise OutOfBlocks
-        for _ in range(need):
-            request.table.blocks.append(self.pool.allocate())
+        if need > 0:
+            request.table.blocks += tuple(self.pool.allocate() for _ in range(need))
 
     def _preempt(self, request: Request) -> None:
         assert not request.inflight, "a request with a token in flight is never preempted (schedule(can_preempt))"
@@ -231,11 +231,11 @@ class Scheduler:
             self.running.append(request)
             work.append((request, count))
             budget -= count
-        plan = StepPlan(
-            work=tuple(SeqWork(r.id, r.token_slice(r.computed, r.computed + n), r.computed, tuple(r.table.blocks),
-                               r.computed + n == r.total_len + r.inflight, r.params, r.seed, self._banned(r))
+        return StepPlan(
+            work=tuple(SeqWork(r.id, r.token_slice(r.computed, r.computed + n), r.computed, r.table.blocks,
+                               r.computed + n == r.total_len + r.inflight, r.params, r.seed,
+                               self._banned(r) if r.params.min_tokens else ())
                        for r, n in work))
-        return plan
 
     def launched(self, plan: StepPlan) -> None:
         """The plan runs on the GPU, its tokens not read yet: the next schedule counts them (see the module)."""
