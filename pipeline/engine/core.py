@@ -55,19 +55,14 @@ class Detokenizer:
             from tokenizers.decoders import DecodeStream
 
             self.stream = DecodeStream(skip_special_tokens=True)
-            self._rust = tokenizer._tokenizer
         self._ids: list[int] = []
 
     def add(self, token: int) -> tuple[str, bool]:
         """Append a token; returns (new text, whether a stop string ended the output)."""
-        if self.stream is not None and not self.stop:  # the common case, a token at a time for every request
-            chunk = self.stream.step(self._rust, token) or ""
-            self.text += chunk
-            return chunk, False
         if self.tokenizer is None:
             return "", False
         if self.stream is not None:
-            chunk = self.stream.step(self._rust, token) or ""
+            chunk = self.stream.step(self.tokenizer._tokenizer, token) or ""
         else:  # a slow tokenizer: decode everything again (quadratic, but only for tokenizers without Rust)
             self._ids.append(token)
             whole = self.tokenizer.decode(self._ids, skip_special_tokens=True)

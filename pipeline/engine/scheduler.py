@@ -233,8 +233,7 @@ class Scheduler:
             budget -= count
         return StepPlan(
             work=tuple(SeqWork(r.id, r.token_slice(r.computed, r.computed + n), r.computed, r.table.blocks,
-                               r.computed + n == r.total_len + r.inflight, r.params, r.seed,
-                               self._banned(r) if r.params.min_tokens else ())
+                               r.computed + n == r.total_len + r.inflight, r.params, r.seed, self._banned(r))
                        for r, n in work))
 
     def launched(self, plan: StepPlan) -> None:

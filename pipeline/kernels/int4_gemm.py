@@ -85,7 +85,7 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + arange_k
                 k_mask = offs_k < K
-                sl, sh = _scales(s_lo, k0, offs_k, k_mask, GROUPS, GROUP, BLOCK_K)
+                sl, sh = _scales(s_lo, k0, GROUPS, GROUP, BLOCK_K, GROUP)
                 if EVEN_K:
                     p = tl.load(q_rows + offs_k[None, :], eviction_policy="evict_first")
                     x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
@@ -175,33 +175,19 @@ if triton is not None:
             + _nibble(w, one, 4) * x2[None, :] + _nibble(w, one, 6) * x3[None, :]
         a_hi = offset + _nibble(w, one, 1) * x0[None, :] + _nibble(w, one, 3) * x1[None, :] \
             + _nibble(w, one, 5) * x2[None, :] + _nibble(w, one, 7) * x3[None, :]
-        sl, sh = _word_scales(s_ptr + 2 * rows_h * GROUPS, k0, GROUPS, GROUP, BLOCK_K)
-        acc_lo += a_lo * sl
-        acc_hi += a_hi * sh
+        sl, sh = _scales(s_ptr + 2 * rows_h * GROUPS, k0, GROUPS, GROUP, BLOCK_K, GROUP // 4)  # a scale per word
+        acc_lo += a_lo * sl.to(tl.float32)
+        acc_hi += a_hi * sh.to(tl.float32)
         return acc_lo, acc_hi
 
     @triton.jit
-    def _word_scales(s_lo, k0, GROUPS, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The scales of a chunk's low- and high-nibble rows for its word columns, in float32: [BLOCK_H, 1] inside
-        one group, else each of the BLOCK_K // GROUP groups' scales repeated over its GROUP // 4 word columns."""
-        if BLOCK_K <= GROUP:
-            sl = tl.load(s_lo + k0 // GROUP)[:, None]
-            sh = tl.load(s_lo + GROUPS + k0 // GROUP)[:, None]
-        else:
-            G: tl.constexpr = BLOCK_K // GROUP
-            g = k0 // GROUP + tl.arange(0, G)
-            g_mask = (g < GROUPS)[None, :]
-            sl = _repeat(tl.load(s_lo[:, None] + g[None, :], mask=g_mask, other=0.0), GROUP // 4)
-            sh = _repeat(tl.load(s_lo[:, None] + GROUPS + g[None, :], mask=g_mask, other=0.0), GROUP // 4)
-        return sl.to(tl.float32), sh.to(tl.float32)
-
-    @triton.jit
-    def _scales(s_lo, k0, offs_k, k_mask, GROUPS, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _scales(s_lo, k0, GROUPS, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, REPEAT: tl.constexpr):
         """The scales of a chunk's low-nibble rows (s_lo [BLOCK_H]: their scale rows) and high-nibble rows (the
         next rows): a chunk inside one group takes one scale per row, loaded as a vector and broadcast along K
         ([BLOCK_H, 1]: a load or two per thread; shaped like the weight tile it would be one load per row in every
-        thread); a wider chunk its BLOCK_K // GROUP scales per row as one small tile, each repeated over its group
-        (gathered per element instead, they were 32 to 64 scalar loads an iteration)."""
+        thread); a wider chunk its BLOCK_K // GROUP scales per row as one small tile, each repeated REPEAT times
+        (GROUP for a tile of columns, GROUP // 4 for one of 4-column words; gathered per element instead, they
+        were 32 to 64 scalar loads an iteration)."""
         if BLOCK_K <= GROUP:
             sl = tl.load(s_lo + k0 // GROUP)[:, None]
             sh = tl.load(s_lo + GROUPS + k0 // GROUP)[:, None]
@@ -209,16 +195,16 @@ if triton is not None:
             G: tl.constexpr = BLOCK_K // GROUP
             g = k0 // GROUP + tl.arange(0, G)
             g_mask = (g < GROUPS)[None, :]
-            sl = _repeat(tl.load(s_lo[:, None] + g[None, :], mask=g_mask, other=0.0), GROUP)
-            sh = _repeat(tl.load(s_lo[:, None] + GROUPS + g[None, :], mask=g_mask, other=0.0), GROUP)
+            sl = _repeat(tl.load(s_lo[:, None] + g[None, :], mask=g_mask, other=0.0), REPEAT)
+            sh = _repeat(tl.load(s_lo[:, None] + GROUPS + g[None, :], mask=g_mask, other=0.0), REPEAT)
         return sl, sh
 
     @triton.jit
-    def _repeat(s, GROUP: tl.constexpr):
-        """[rows, G] -> [rows, G * GROUP]: each value repeated GROUP times along the row."""
+    def _repeat(s, TIMES: tl.constexpr):
+        """[rows, G] -> [rows, G * TIMES]: each value repeated TIMES times along the row."""
         rows: tl.constexpr = s.shape[0]
         G: tl.constexpr = s.shape[1]
-        return tl.reshape(tl.broadcast_to(s[:, :, None], (rows, G, GROUP)), (rows, G * GROUP))
+        return tl.reshape(tl.broadcast_to(s[:, :, None], (rows, G, TIMES)), (rows, G * TIMES))
 
     @triton.jit
     def _dequantize(p, sl, sh, dt):
