@@ -4,7 +4,8 @@
 # The 8B random artifact and its Hugging Face folder as bench/serve_gpu.sh builds them (PHASE=build; cached under
 # its PIPELINE_HOME, so a serve call on the same warm machine reuses them), then bench/run_wall.py (fresh processes:
 # `mpirun -n 1 python -m pipeline.run`, 16 new tokens, against transformers' from_pretrained + generate), then the
-# bench's batch-1 figure in the same call (`python -m pipeline bench`, device-random weights of the same shape).
+# bench's batch-1 figure in the same call on the same request (32 prompt tokens, 16 new: its tok/s counts the
+# prompt step as ours does; `python -m pipeline bench`, device-random weights of the same shape).
 set -euo pipefail
 OUT=${OUT:-bench/results}
 export PIPELINE_HOME=${PIPELINE_HOME:-$PWD/checkpoints/serve-gpu-home} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -28,5 +29,5 @@ timeout 200 python -m cProfile -o "$OUT/run.prof" -m pipeline.run --engine "$ART
 timeout 60 python -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats('cumulative').print_stats(60); \
 s.sort_stats('tottime').print_stats(30)" "$OUT/run.prof" > "$OUT/run-profile.txt" 2>&1 || true
 timeout 150 python -m pipeline bench "$RECIPE" --device-random --batch-sizes 1 --no-baseline --repeats 2 \
-  --variants graph+triton-gemv+fused-mlp+fused-step+pdl --input-len 32 --output-len 96 --out "$OUT/bench" \
+  --variants graph+triton-gemv+fused-mlp+fused-step+pdl --input-len 32 --output-len 16 --out "$OUT/bench" \
   | grep -E "^\||roofline" | tee -a "$OUT/run-wall.md"

@@ -25,7 +25,7 @@ from pipeline.manifest import read_manifest
 from pipeline.mapping import Mapping
 from pipeline.params import Limits, ParamError, SamplingParams, request_problems, text_problems
 from pipeline.recipe import RuntimeSpec
-from pipeline.run_outputs import load_tokenizer, report_outputs, sampling_from
+from pipeline.run_outputs import DecodingTokenizer, load_tokenizer, report_outputs, sampling_from
 from pipeline.verify import verify_problem
 
 
@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
         started = time.perf_counter()
         tokenizer = load_tokenizer(artifact)
         startup["tokenizer"] = time.perf_counter() - started
-    # else the engine loads it beside the weights: token-id prompts need it only to print the new text
+    # else token-id prompts need it only to print the new text (below)
     chat = not static and not args.no_chat_template and tokenizer is not None \
         and bool(getattr(tokenizer, "chat_template", None))
     texts, prompts, sampling = check_run_request(args, runtime, config, resolved.get("build", {}), tokenizer, chat)
@@ -196,6 +196,10 @@ def _run(args: argparse.Namespace, rank: int, world: int, mpi_comm, watchdog: Wa
     # verified above; ranks other than 0 serve, then exit. The engine holds as many sequences as there are prompts
     # (fewer CUDA graphs to capture, a smaller KV pool: a one-shot run starts sooner).
     build_max = resolved.get("build", {}).get("max_batch_size") or len(prompts)
+    if tokenizer is None and rank == 0:
+        # token-id prompts: printing the new text needs decoding only, without importing transformers (None where
+        # the folder needs transformers' tokenizer: the engine loads that beside the weights)
+        tokenizer = DecodingTokenizer.for_folder(artifact)
     llm = LLM(artifact, device=args.device, verify=False, tokenizer=tokenizer,
               max_batch_size=min(len(prompts), build_max))
     for stage_name, key in (("load", "load_s"), ("graphs", "graph_capture_s"), ("warm-up", "warm_up_s")):

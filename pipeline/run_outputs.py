@@ -29,6 +29,71 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+class DecodingTokenizer:
+    """The artifact's tokenizer for a run whose prompts are token ids, where it only turns new tokens into text:
+    decoding reads tokenizer.json through the `tokenizers` library (what transformers' fast tokenizers call; 40 ms
+    where importing transformers takes seconds of the run's start-up); anything else (encoding, chat templates,
+    other attributes) goes to transformers' AutoTokenizer, loaded on first use. `for_folder` gives one only where
+    the two decode alike (see there)."""
+
+    def __init__(self, folder: Path, rust, eos_token_id: int):
+        import threading
+
+        self.folder, self._tokenizer, self.eos_token_id = folder, rust, eos_token_id
+        self._full = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_folder(cls, folder: Path) -> DecodingTokenizer | None:
+        """None unless the folder has tokenizer.json, an EOS token, no WordPiece clean-up of spaces, and every
+        special token its config names is special in tokenizer.json (so skip_special_tokens skips the same ids)."""
+        if not (folder / "tokenizer.json").is_file():
+            return None
+        import tokenizers
+
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
+            if (folder / name).is_file():
+                config.update(json.loads((folder / name).read_text()))
+        rust = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        if config.get("clean_up_tokenization_spaces") and type(rust.model).__name__ != "BPE":
+            return None
+
+        def content(token) -> str | None:
+            return token.get("content") if isinstance(token, dict) else token
+
+        named = [content(config.get(n)) for n in SPECIAL_NAMES]
+        named += [content(t) for key in ("additional_special_tokens", "extra_special_tokens")
+                  for t in (config.get(key) or [])]
+        named += [t.get("content") for t in (config.get("added_tokens_decoder") or {}).values() if t.get("special")]
+        special = {t.content for t in rust.get_added_tokens_decoder().values() if t.special}
+        eos = content(config.get("eos_token"))
+        if eos is None or rust.token_to_id(eos) is None or any(n is not None and n not in special for n in named):
+            return None
+        return cls(folder, rust, rust.token_to_id(eos))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def full(self):
+        with self._lock:
+            if self._full is None:
+                self._full = load_tokenizer(self.folder)
+            return self._full
+
+    def __call__(self, *args, **kwargs):
+        return self.full(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # only for attributes not set above
+        if name.startswith("__") or name in ("_full", "_lock", "folder"):
+            raise AttributeError(name)
+        return getattr(self.full, name)
+
+
 def report_outputs(args: argparse.Namespace, artifact: Path, backend: str, world: int, prompts: list[list[int]],
                    outputs: list[list[int]], tokenizer, seconds: float, streamed: bool = False,
                    texts: list[str] | None = None) -> None:

