@@ -4,7 +4,7 @@ does in Python each step (schedule, output processing with detokenization, stop 
 while the previous step computes (the overlap scheduler); where it takes longer than a step's GPU time the engine
 is host-bound (bench/results/gpu-h200/engine/README.md). Runs on any machine:
 
-    python bench/engine_host.py [--requests 1000] [--max-batch 512] [--in 128] [--out 128] [--profile 25]
+    python bench/engine_host.py [--requests 1000] [--max-batch 512] [--in 128] [--out 128] [--stream] [--profile 25]
 
 Prints the engine's time_s split per step and, with --profile N, cProfile's top N functions by own time.
 """
@@ -62,6 +62,7 @@ def main() -> int:
     p.add_argument("--max-num-tokens", type=int, default=8192)
     p.add_argument("--tokenizer", type=Path, default=Path("checkpoints/sources/gpt2-tokenizer"),
                    help="a tokenizer folder (python -m pipeline.offline gpt2-tokenizer); 'none' for no text")
+    p.add_argument("--stream", action="store_true", help="an output per request and step (else at the end only)")
     p.add_argument("--profile", type=int, default=0, help="print cProfile's top N functions by own time")
     args = p.parse_args()
     tokenizer = None
@@ -75,7 +76,7 @@ def main() -> int:
     rng = random.Random(1)
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
     for _ in range(args.requests):
-        engine.add_request([rng.randrange(300, 20000) for _ in range(args.input_len)], params, 0)
+        engine.add_request([rng.randrange(300, 20000) for _ in range(args.input_len)], params, 0, args.stream)
     profiler = cProfile.Profile() if args.profile else None
     start = time.perf_counter()
     if profiler:

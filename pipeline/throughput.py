@@ -4,7 +4,9 @@ vLLM's throughput benchmark measure them.
 A request set has fixed lengths (--input-len/--output-len) or lengths drawn with a seed from ranges
 (--input-range 32,1024 --output-range 16,512). Requests are sent at an infinite rate (all at once) or at Poisson
 rates (--rate 4,16: requests per second). Every request ignores EOS so it produces exactly its output length.
-Reported per rate: output tok/s, requests/s, TTFT, TPOT and inter-token latency p50/p90/p99. In the same run:
+Reported per rate: output tok/s, requests/s, TTFT, TPOT and inter-token latency p50/p90/p99, from the time the
+engine made each token (each request gets its last output only, with those times, unless --stream: an output per
+token, as a server's streaming clients get them). In the same run:
 `--static` static batching as `pipeline.run` did it before the engine (batches of max_batch_size, every prompt
 padded to the batch's longest, every request decoding until the batch's longest output is done: the padded tokens
 and the extra steps are computed, only each request's own tokens count), `--static-groups` the same groups without
@@ -57,9 +59,10 @@ def padded_batch(batch: list[tuple[list[int], int]], vocab: int, seed: int) -> l
 
 
 async def _run_requests(llm, requests, rate: float, seed: int, group: int | None = None,
-                        padded: bool = False) -> dict:
+                        padded: bool = False, stream: bool = False) -> dict:
     """Send the requests at `rate` per second (inf: all at once; `group`: static batches of that size, `padded`
-    as padded_batch computes them); time every token of each request's own output."""
+    as padded_batch computes them); time every token of each request's own output (when the engine made it: from
+    each output as it comes with `stream`, else from the last output's token_times)."""
     rng = random.Random(seed)
     records = []
 
@@ -68,8 +71,8 @@ async def _run_requests(llm, requests, rate: float, seed: int, group: int | None
         sent = time.perf_counter()
         times = []
         params = SamplingParams(max_tokens=n_out, ignore_eos=True)
-        async for out in llm.generate_async(prompt, params):
-            times.extend([out.made_s] * len(out.delta_ids))
+        async for out in llm.generate_async(prompt, params, stream=stream):
+            times.extend(out.token_times if out.token_times is not None else [out.made_s] * len(out.delta_ids))
         records.append({"sent": sent, "times": times[:own], "output": min(own, len(times)), "input": len(prompt)})
 
     start = time.perf_counter()
@@ -92,10 +95,11 @@ async def _run_requests(llm, requests, rate: float, seed: int, group: int | None
     return summarize(records, seconds)
 
 
-def _engine_run(llm, requests, rate: float, seed: int, group: int | None = None, padded: bool = False) -> dict:
+def _engine_run(llm, requests, rate: float, seed: int, group: int | None = None, padded: bool = False,
+                stream: bool = False) -> dict:
     """One run through the engine, with where rank 0's time went during it (the engine's step accounting)."""
     before = llm.stats()
-    result = asyncio.run(_run_requests(llm, requests, rate, seed, group, padded))
+    result = asyncio.run(_run_requests(llm, requests, rate, seed, group, padded, stream))
     if padded:  # the input counted is the requests' own (the padding is computed, not asked for)
         result["input_tokens"] = sum(len(p) for p, _ in requests)
     after = llm.stats()
@@ -152,7 +156,7 @@ def markdown(result: dict) -> str:
     lines = [f"# Engine throughput: {result['model']} on {result['device']}", "",
              f"{result['requests']} requests, input {result['lengths']['input']}, output "
              f"{result['lengths']['output']}; max_batch_size {result['max_batch_size']}, max_num_tokens "
-             f"{result['max_num_tokens']}", "",
+             f"{result['max_num_tokens']}; outputs {'streamed' if result.get('stream') else 'at the end'}", "",
              "| run | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) |",
              "|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
@@ -198,6 +202,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also the same batches without padding (requests leave when done, no refill)")
     p.add_argument("--prefix-reuse", action="store_true",
                    help="keep KV prefix reuse on (off by default: the runs repeat the same prompts)")
+    p.add_argument("--stream", action="store_true", help="every request streams (an output per token, as a "
+                   "server's streaming clients get them); by default each gets its last output only, with every "
+                   "token's time in it, as trtllm-bench and vLLM's throughput benchmark run")
     p.add_argument("--baseline", choices=("none", "transformers"), default="none")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", type=Path, default=Path("bench/results/throughput"), help="folder for JSON and Markdown")
@@ -245,14 +252,16 @@ def main(argv=None) -> int:
         asyncio.run(_run_requests(llm, requests[:min(8, len(requests))], math.inf, args.seed))  # warm-up
         for text in args.rate.split(","):
             rate = float(text)
-            runs[f"engine, rate {text}"] = _engine_run(llm, requests, rate, args.seed)
+            runs[f"engine, rate {text}"] = _engine_run(llm, requests, rate, args.seed, stream=args.stream)
             print(f"[throughput] rate {text}: {runs[f'engine, rate {text}']['output_tok_s']:.1f} output tok/s",
                   file=sys.stderr, flush=True)
         group = llm.scheduler.max_batch_size
         if args.static:
-            runs["engine, static batches"] = _engine_run(llm, requests, math.inf, args.seed, group, padded=True)
+            runs["engine, static batches"] = _engine_run(llm, requests, math.inf, args.seed, group, padded=True,
+                                                         stream=args.stream)
         if args.static_groups:
-            runs["engine, static groups"] = _engine_run(llm, requests, math.inf, args.seed, group)
+            runs["engine, static groups"] = _engine_run(llm, requests, math.inf, args.seed, group,
+                                                        stream=args.stream)
         stats = llm.stats()
     finally:
         llm.shutdown()
@@ -272,7 +281,7 @@ def main(argv=None) -> int:
     result = {"model": name, "device": device, "world_size": world, "requests": len(requests),
               "lengths": {"input": args.input_range or args.input_len, "output": args.output_range or args.output_len},
               "max_batch_size": llm.scheduler.max_batch_size, "max_num_tokens": llm.scheduler.max_num_tokens,
-              "load_s": load_s, "kv": stats, "runs": runs, "ratios": ratios}
+              "stream": args.stream, "load_s": load_s, "kv": stats, "runs": runs, "ratios": ratios}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))

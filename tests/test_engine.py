@@ -454,3 +454,20 @@ def test_the_progress_bar_shows_rate_and_eta_on_a_terminal_and_nothing_in_logs(c
     assert "calibrating" in shown and "/3 [" in shown and "window/s" in shown  # count, rate and ETA fields
     assert list(progress(range(3), desc="calibrating")) == [0, 1, 2]  # stderr is no terminal under pytest
     assert capsys.readouterr().err == ""
+
+
+def test_outputs_at_the_end_equal_the_streamed_ones_and_time_every_token(llama):
+    """LLM.generate's requests do not stream (one output each, at the end, with each token's time); the tokens,
+    finish reasons and the per-token times agree with the streamed outputs of the same requests."""
+    _, artifact = llama
+    prompts = random_prompts(5, seed=11)
+    params = SamplingParams(max_tokens=7, ignore_eos=True)
+    with make_llm(artifact, max_batch_size=3) as llm:
+        finals = llm.generate(prompts, params)
+        streamed = [list(llm.generate_stream(p, params)) for p in prompts]
+    for final, outs, prompt in zip(finals, streamed, prompts):
+        assert final.finished and final.output_ids == outs[-1].output_ids and len(final.output_ids) == 7
+        assert final.finish_reason == outs[-1].finish_reason == "length" and final.prompt_ids == prompt
+        assert len(final.token_times) == 7 and final.token_times == sorted(final.token_times)
+        assert final.made_s == final.token_times[-1]
+        assert [o.delta_ids for o in outs] == [[t] for t in final.output_ids] and outs[-1].token_times is None

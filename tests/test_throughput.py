@@ -7,25 +7,30 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, child_env
 from tests.test_engine import build
 
 
-def test_the_throughput_benchmark_reports_every_token_and_the_engine_time(home, tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_throughput_benchmark_reports_every_token_and_the_engine_time(home, tmp_path, stream):
+    """Outputs at the end (each token's time inside, the default) or streamed: every token timed either way."""
     _, artifact = build("llama-tiny")
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.throughput", "--engine", str(artifact), "--requests", "6", "--input-len",
          "70", "--output-len", "5", "--max-batch-size", "4", "--static", "--static-groups", "--device", "cpu",
-         "--out", str(out)],
+         "--out", str(out), *(["--stream"] if stream else [])],
         cwd=REPO, env=child_env(home), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (report,) = out.glob("throughput-*.json")
     result = json.loads(report.read_text())
-    assert result["requests"] == 6 and result["max_batch_size"] == 4
+    assert result["requests"] == 6 and result["max_batch_size"] == 4 and result["stream"] == stream
     for name in ("engine, rate inf", "engine, static batches", "engine, static groups"):
         run = result["runs"][name]
         assert run["output_tokens"] == 6 * 5 and run["input_tokens"] == 6 * 70
+        assert run["itl_s"]["p50"] > 0 and run["ttft_s"]["p50"] > 0  # every token's time, in both modes
         # 6 prompts through a batch of 4 need at least two prefill steps, then decoding steps
         assert run["steps"]["mixed"] >= 2 and run["steps"]["decode"] >= 4
         times = run["engine_time_s"]

@@ -41,6 +41,7 @@ class RequestOutput:
     e2e_s: float | None = None  # arrival to finish
     preemptions: int = 0
     made_s: float = 0.0  # time.perf_counter() when the step that made this output ended
+    token_times: list[float] | None = None  # a request that does not stream: each token's made_s, in its last output
 
 
 class Detokenizer:
@@ -97,8 +98,11 @@ class Engine:
         self.step_counts = {"decode": 0, "mixed": 0, "planned_ahead": 0}  # planned_ahead: launched behind another
         self.closed = False
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Request:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, seed: int, stream: bool = True) -> Request:
+        """Admit a request; `stream`: an output every step (else its last one only, with every token's time)."""
         request = self.scheduler.add(prompt_ids, params, seed)
+        if not stream:
+            request.token_times = []
         self._detok[request.id] = Detokenizer(self.tokenizer, params.stop)
         return request
 
@@ -164,9 +168,11 @@ class Engine:
         ran = time.perf_counter()
         outputs = [self._after_token(request, ran) for request in self.scheduler.update(plan, sampled)]
         self.time_s["outputs"] += time.perf_counter() - ran
-        return outputs
+        return [o for o in outputs if o is not None]
 
-    def _after_token(self, request: Request, made_s: float) -> RequestOutput:
+    def _after_token(self, request: Request, made_s: float) -> RequestOutput | None:
+        """The stop checks of a request's new token, and its output (None for a request that does not stream,
+        until it finishes)."""
         token = request.output_ids[-1]
         params = request.params
         delta_text, stopped = self._detok[request.id].add(token)
@@ -179,6 +185,11 @@ class Engine:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(request, reason)
+        if request.token_times is not None:
+            request.token_times.append(made_s)
+            if reason is None:
+                return None
+            return self._output(request, list(request.output_ids), self._detok[request.id].text, made_s)
         return self._output(request, [token], delta_text, made_s)
 
     def _output(self, request: Request, delta_ids: list[int], delta_text: str, made_s: float | None = None
@@ -190,7 +201,8 @@ class Engine:
             request.finish_reason,
             ttft_s=None if request.first_token_s is None else request.first_token_s - request.arrival_s,
             e2e_s=None if request.finished_s is None else request.finished_s - request.arrival_s,
-            preemptions=request.preemptions, made_s=time.perf_counter() if made_s is None else made_s)
+            preemptions=request.preemptions, made_s=time.perf_counter() if made_s is None else made_s,
+            token_times=request.token_times)
 
     def shutdown(self) -> None:
         if not self.closed:

@@ -296,9 +296,9 @@ class LLM:
     def _handle_command(self, command) -> None:
         kind, handle = command[0], command[1]
         if kind == "add":
-            _, handle, prompt_ids, params, seed = command
+            _, handle, prompt_ids, params, seed, stream = command
             try:
-                request = self.engine.add_request(prompt_ids, params, seed)
+                request = self.engine.add_request(prompt_ids, params, seed, stream)
             except PipelineError as exc:
                 handle._put(exc)
                 return
@@ -336,8 +336,10 @@ class LLM:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
-               handle: RequestHandle | None = None) -> RequestHandle:
-        """Queue one request (any thread); checked against the build's limits first (ParamError)."""
+               handle: RequestHandle | None = None, stream: bool = True) -> RequestHandle:
+        """Queue one request (any thread); checked against the build's limits first (ParamError). `stream`: an
+        output per token; else only the last one (with `token_times`), which spares the engine thread an output
+        per request and step."""
         if self._closed or self.error is not None:
             raise RunError(f"the engine is not running{f': {self.error!r}' if self.error else ''}")
         params = params or SamplingParams()
@@ -345,7 +347,7 @@ class LLM:
         check_request(params, prompt_ids, self.limits)
         seed = seed_of(params)
         handle = handle or RequestHandle(self)
-        self._commands.put(("add", handle, prompt_ids, params, seed))
+        self._commands.put(("add", handle, prompt_ids, params, seed, stream))
         return handle
 
     def generate(self, prompts: str | list[int] | list, params: SamplingParams | list[SamplingParams] | None = None,
@@ -355,7 +357,7 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         each = params if isinstance(params, list) else [params] * len(prompts)
-        handles = [self.submit(p, s) for p, s in zip(prompts, each)]
+        handles = [self.submit(p, s, stream=False) for p, s in zip(prompts, each)]
         return [h.result() for h in handles]
 
     def generate_stream(self, prompt: str | list[int], params: SamplingParams | None = None
@@ -368,10 +370,11 @@ class LLM:
             if handle.id is not None:
                 handle.abort()  # a consumer that stops early frees the request's blocks
 
-    async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None
-                             ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as its tokens are made, for asyncio; cancelling it aborts the request."""
-        handle = self.submit(prompt, params, RequestHandle(self, asyncio.get_running_loop()))
+    async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None,
+                             stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as its tokens are made (stream=False: its last output only), for asyncio;
+        cancelling it aborts the request."""
+        handle = self.submit(prompt, params, RequestHandle(self, asyncio.get_running_loop()), stream)
         outputs = handle._outputs
         finished = False
         try:

@@ -60,6 +60,7 @@ class Request:
     first_token_s: float | None = None
     finished_s: float | None = None
     inflight: int = 0  # sampled tokens of launched steps not read yet (their values are on the GPU)
+    token_times: list[float] | None = None  # a request that does not stream: when each token was made
 
     @property
     def tokens(self) -> list[int]:
