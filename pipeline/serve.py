@@ -198,11 +198,13 @@ class Api:
 
         return release
 
-    async def run_choice(self, index: int, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue):
-        """One choice: its outputs (or the error that ended it) go to `sink` as (index, item)."""
+    async def run_choice(self, index: int, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue,
+                         stream: bool):
+        """One choice: its outputs (or the error that ended it) go to `sink` as (index, item); without `stream`, the
+        last output only."""
         last = None
         try:
-            async for out in self.llm.generate_async(prompt_ids, params):
+            async for out in self.llm.generate_async(prompt_ids, params, stream=stream):
                 last = out
                 await sink.put((index, out))
         except (PipelineError, RuntimeError) as exc:
@@ -231,7 +233,8 @@ class Api:
         for _, prompt_ids, _ in jobs[::n]:
             self.metrics.prompt.inc(len(prompt_ids))
         sink: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self.run_choice(i, ids, params, sink)) for i, ids, params in jobs]
+        stream = bool(body.get("stream"))
+        tasks = [asyncio.create_task(self.run_choice(i, ids, params, sink, stream)) for i, ids, params in jobs]
         return body, [len(p) for p in prompts], tasks, sink, release
 
     @staticmethod
