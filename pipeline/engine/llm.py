@@ -50,7 +50,7 @@ class EngineConfig:
     kv_cache_free_gpu_memory_fraction: float = 0.9  # TensorRT-LLM's KvCacheConfig default
     kv_cache_max_tokens: int | None = None
     enable_prefix_reuse: bool = True
-    cuda_graphs: bool = True  # decoding steps replay CUDA graphs (one GPU)
+    cuda_graphs: bool = True  # decoding steps and lone prompt chunks replay CUDA graphs (one GPU)
     overlap: bool = True  # plan and launch the next step while the GPU runs this one (one rank)
 
 
