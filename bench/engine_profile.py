@@ -1,7 +1,8 @@
-"""Where the engine's throughput run spends GPU time: `pipeline.throughput`'s 1,000 x 128/128 at an infinite rate on
-random weights of a real shape, once plain (its tok/s), then once under torch.profiler. From the trace it reports
-how long the GPU ran and how long it sat idle (waiting for the host), in how many gaps, and the kernels that took
-the GPU's time. One GPU:
+"""Where the engine's throughput run loses GPU time: `pipeline.throughput`'s 1,000 x 128/128 at an infinite rate on
+random weights of a real shape, once plain (its tok/s), then once under torch.profiler with the engine's phases
+labelled (schedule, launch of a decoding / mixed step, collect, outputs, deliver). From the trace it reports how
+long the GPU ran and how long it sat idle, which host phases the idle gaps overlapped (so which host work the GPU
+waited for), and the kernels that took the GPU's time, per kind of step. One GPU:
 
     python bench/engine_profile.py llama-3-8b --quant none --max-batch-size 512 --out DIR
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import sys
@@ -24,6 +26,42 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import throughput  # noqa: E402
+from pipeline.engine import core, runner, scheduler  # noqa: E402
+from pipeline.engine import llm as llm_module
+
+PHASES = ("schedule", "launch decode", "launch mixed", "collect", "outputs", "deliver")
+
+
+def label_phases() -> None:
+    """Wrap the engine's phases in profiler ranges (this script only; the product code carries no labels)."""
+    record = torch.profiler.record_function
+
+    def wrap(owner, name, label):
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def labelled(*args, **kwargs):
+            text = label(*args) if callable(label) else label
+            with record(text):
+                return original(*args, **kwargs)
+
+        setattr(owner, name, labelled)
+
+    wrap(scheduler.Scheduler, "schedule", "schedule")
+    wrap(runner.ModelRunner, "launch", lambda self, plan, *a: f"launch {plan.kind}")
+    wrap(runner.ModelRunner, "execute", lambda self, plan, *a: f"launch {plan.kind}")
+    wrap(runner.ModelRunner, "collect", "collect")
+    wrap(core.Engine, "_outputs", "outputs")
+    wrap(llm_module, "_hand_over", "deliver")
+
+
+def all_threads():
+    """torch.profiler's switch to record every thread (torch 2.8 and later), else None."""
+    try:
+        return torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    except TypeError:
+        print("[profile] this torch records the calling thread only: no phase will show", file=sys.stderr)
+        return None
 
 
 def merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -36,25 +74,63 @@ def merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(a, b) for a, b in out]
 
 
+def overlap(a: tuple[float, float], spans: list[tuple[float, float]], starts: list[float]) -> float:
+    """Length of interval a covered by sorted, merged spans."""
+    import bisect
+
+    total, i = 0.0, max(0, bisect.bisect_right(starts, a[0]) - 1)
+    while i < len(spans) and spans[i][0] < a[1]:
+        total += max(0.0, min(a[1], spans[i][1]) - max(a[0], spans[i][0]))
+        i += 1
+    return total
+
+
 def analyse(trace_path: Path) -> dict:
     events = json.loads(trace_path.read_text())["traceEvents"]
     gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    labels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
+              and e.get("name") in PHASES]
     if not gpu:
         return {"error": "no GPU activity in the trace"}
     busy = merge([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
     first, last = busy[0][0], busy[-1][1]
     gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] > 0]
+    by_phase = {}
+    for phase in PHASES:
+        spans = merge([(e["ts"], e["ts"] + e["dur"]) for e in labels if e["name"] == phase])
+        starts = [s for s, _ in spans]
+        by_phase[phase] = {"host_ms": sum(b - a for a, b in spans) / 1e3, "calls": sum(e["name"] == phase for e in labels),
+                           "gpu_idle_during_ms": sum(overlap(g, spans, starts) for g in gaps) / 1e3}
     idle = sum(b - a for a, b in gaps)
-    kernels: dict[str, float] = defaultdict(float)
+    labelled = merge([(e["ts"], e["ts"] + e["dur"]) for e in labels])
+    starts = [s for s, _ in labelled]
+    unlabelled = idle - sum(overlap(g, labelled, starts) for g in gaps)
+    # kernels by name, split by the kind of step whose launch issued them (the runtime call's correlation id)
+    runtime_at = {e["args"].get("correlation"): e["ts"] for e in events
+                  if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "args" in e}
+    launches = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in labels if e["name"].startswith("launch"))
+    launch_starts = [s for s, _, _ in launches]
+    import bisect
+
+    kernels: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for e in gpu:
-        kernels[e["name"][:90]] += e["dur"] / 1e3
+        at = runtime_at.get(e.get("args", {}).get("correlation"))
+        kind = "other"
+        if at is not None:
+            i = bisect.bisect_right(launch_starts, at) - 1
+            if i >= 0 and launches[i][1] >= at:
+                kind = launches[i][2].removeprefix("launch ")
+        kernels[kind][e["name"][:90]] += e["dur"] / 1e3
+    top = {kind: sorted(((round(ms, 2), name) for name, ms in names.items()), reverse=True)[:15]
+           for kind, names in kernels.items()}
     gap_sizes = sorted(b - a for a, b in gaps)
     return {
         "span_ms": (last - first) / 1e3, "gpu_busy_ms": sum(b - a for a, b in busy) / 1e3, "gpu_idle_ms": idle / 1e3,
         "gaps": len(gaps), "gaps_over_100us": sum(g > 100 for g in gap_sizes),
         "idle_in_gaps_over_100us_ms": sum(g for g in gap_sizes if g > 100) / 1e3,
         "largest_gaps_ms": [round(g / 1e3, 3) for g in gap_sizes[-10:]],
-        "top_kernels": sorted(((round(ms, 2), name) for name, ms in kernels.items()), reverse=True)[:20],
+        "phases": by_phase, "idle_outside_phases_ms": unlabelled / 1e3,
+        "gpu_ms_by_step_kind": {k: round(sum(v.values()), 1) for k, v in kernels.items()}, "top_kernels": top,
     }
 
 
@@ -70,8 +146,13 @@ def markdown(result: dict) -> str:
     lines += [f"Profiled run's GPU span {a['span_ms']:.0f} ms: busy {a['gpu_busy_ms']:.0f} ms, idle "
              f"{a['gpu_idle_ms']:.0f} ms in {a['gaps']} gaps ({a['gaps_over_100us']} over 100 us holding "
              f"{a['idle_in_gaps_over_100us_ms']:.0f} ms; largest {a['largest_gaps_ms']} ms).", "",
-             "Top kernels (ms of GPU time, name):", ""]
-    lines += [f"- {ms} {name}" for ms, name in a["top_kernels"]]
+             "| host phase | calls | host ms | GPU idle during it (ms) |", "|---|---|---|---|"]
+    for phase, p in a["phases"].items():
+        lines.append(f"| {phase} | {p['calls']} | {p['host_ms']:.0f} | {p['gpu_idle_during_ms']:.0f} |")
+    lines.append(f"| (none of these: the loop, the GIL, the client) | | | {a['idle_outside_phases_ms']:.0f} |")
+    lines += ["", f"GPU ms by the kind of step that launched it: {a['gpu_ms_by_step_kind']}"]
+    for kind, rows in a["top_kernels"].items():
+        lines += ["", f"Top kernels, {kind} steps (ms, name):", ""] + [f"- {ms} {name}" for ms, name in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -92,6 +173,7 @@ def main() -> int:
     from pipeline.mapping import Mapping
     from pipeline.random_weights import random_rank_model
 
+    label_phases()
     rank, world, mpi_comm = mpi_world()
     device = pick_device(mpi_comm, "auto")
     comm = Comm.create(Mapping(world, 1, rank), device, mpi_comm)
@@ -107,7 +189,8 @@ def main() -> int:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
+        # the engine's ranges are recorded on its own thread: without profile_all_threads only this one's would be
+        with torch.profiler.profile(activities=activities, experimental_config=all_threads()) as prof:
             profiled = throughput._engine_run(llm, requests, math.inf, 1, stream=args.stream)
     finally:
         llm.shutdown()
