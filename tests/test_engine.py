@@ -471,3 +471,46 @@ def test_outputs_at_the_end_equal_the_streamed_ones_and_time_every_token(llama):
         assert len(final.token_times) == 7 and final.token_times == sorted(final.token_times)
         assert final.made_s == final.token_times[-1]
         assert [o.delta_ids for o in outs] == [[t] for t in final.output_ids] and outs[-1].token_times is None
+
+
+def test_a_lone_prompt_chunk_padded_to_its_graph_bucket_gives_the_eager_logits_and_cache(llama, monkeypatch):
+    """_PromptGraphs' body (emulated kernels; each "replay" runs the captured forward again): a chunk of n tokens
+    padded to its bucket -- the extra rows at the chunk's last position, writing to the scratch block -- gives the
+    logits of the eager step, writes the same keys and values, and touches no block but its own and the scratch."""
+    import contextlib
+
+    from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+    from pipeline.dist import Comm
+    from pipeline.engine.runner import ModelRunner, _PromptGraphs
+    from pipeline.engine.scheduler import SeqWork, StepPlan
+    from pipeline.mapping import Mapping
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    _, artifact = llama
+    device = torch.device("cpu")
+    model = load_rank_model(artifact, read_checkpoint_config(artifact), Comm(Mapping(1, 1), device), device)
+    padded, eager = ModelRunner(model, 8, 4), ModelRunner(model, 8, 4)
+    padded.kernel = eager.kernel = True
+    graphs = _PromptGraphs(padded, max_tokens=16, max_blocks_per_seq=5, scratch=7, pool=None)
+    assert graphs.sizes == [16]
+
+    class Replay:  # what the graph holds: the forward of the bucket, into the captured logits
+        def replay(self):
+            graphs.graphs[16][1].copy_(graphs._forward(16))
+
+    graphs.graphs = {16: (Replay(), graphs.graphs[16][1])}
+    params, prompt = SamplingParams(), [5, 17, 3, 99, 42, 7, 8, 60, 11, 23, 31]
+    for plan in (StepPlan((SeqWork(0, tuple(prompt[:6]), 0, (2, 0), True, params, 0),)),  # 6 of 16 rows real
+                 StepPlan((SeqWork(0, tuple(prompt[6:]), 6, (2, 0, 4), True, params, 0),))):  # a later chunk
+        assert graphs.fits(plan)
+        ours, expected = graphs.run(plan), eager.forward(plan)
+        assert ours.shape == expected.shape == (1, 1, model.vocab_size)
+        assert (ours - expected).abs().max().item() < 1e-4 * expected.abs().max().item() + 1e-5
+    real = [slot for block in (2, 0, 4) for slot in range(block * 4, block * 4 + 4)][:len(prompt)]
+    for ours, theirs in zip(padded.cache.k + padded.cache.v, eager.cache.k + eager.cache.v):
+        assert torch.allclose(ours[real], theirs[real], atol=1e-5)
+        untouched = [s for s in range(7 * 4) if s not in real]
+        assert not ours[untouched].any()
+    assert graphs.replays == 2

@@ -287,7 +287,8 @@ class _PromptGraphs:
                                          logit_rows=self.logit_row)
 
     def fits(self, plan: StepPlan) -> bool:
-        return len(plan.work) == 1 and 1 < len(plan.work[0].tokens) <= self.sizes[-1]
+        return (len(plan.work) == 1 and 1 < len(plan.work[0].tokens) <= self.sizes[-1]
+                and plan.work[0].tokens[-1] != AHEAD)  # a token in flight is fed on the eager path
 
     def run(self, plan: StepPlan) -> torch.Tensor:
         (work,) = plan.work
