@@ -136,7 +136,8 @@ def analyse(trace_path: Path) -> dict:
 
 def markdown(result: dict) -> str:
     a = result["analysis"]
-    lines = [f"# Engine profile: {result['model']}, max_batch {result['max_batch_size']}, "
+    lines = [f"# Engine profile: {result['model']}, max_batch {result['max_batch_size']}, max_num_tokens "
+             f"{result.get('max_num_tokens', 8192)}, "
              f"{result['requests']} x {result['input_len']}/{result['output_len']} on {result['device']}", "",
              f"Plain run: {result['plain']['output_tok_s']:.1f} output tok/s in {result['plain']['seconds']:.2f} s; "
              f"profiled run: {result['profiled']['output_tok_s']:.1f} tok/s in {result['profiled']['seconds']:.2f} s.",
@@ -162,6 +163,7 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quant", default="none")
     p.add_argument("--max-batch-size", type=int, default=512)
+    p.add_argument("--max-num-tokens", type=int, default=8192)
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -179,7 +181,7 @@ def main() -> int:
     comm = Comm.create(Mapping(world, 1, rank), device, mpi_comm)
     model, _, _ = random_rank_model(args.shape, comm, device, args.dtype, args.quant)
     llm = LLM.from_rank_model(model, mpi_comm, build_spec={"max_batch_size": args.max_batch_size,
-                                                           "max_num_tokens": 8192},
+                                                           "max_num_tokens": args.max_num_tokens},
                               max_batch_size=args.max_batch_size, enable_prefix_reuse=False)
     requests = throughput.request_set(args.requests, args.input_len, args.output_len, llm.config["vocab_size"], 0)
     try:
@@ -199,8 +201,8 @@ def main() -> int:
     prof.export_chrome_trace(str(trace))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"model": f"{args.shape} ({args.dtype}, quant {args.quant})", "device": name,
-              "max_batch_size": args.max_batch_size, "requests": args.requests, "input_len": args.input_len,
-              "output_len": args.output_len,
+              "max_batch_size": args.max_batch_size, "max_num_tokens": args.max_num_tokens,
+              "requests": args.requests, "input_len": args.input_len, "output_len": args.output_len,
               "plain": {"output_tok_s": plain["output_tok_s"], "seconds": plain["seconds"],
                         "engine_time_s": plain["engine_time_s"], "steps": plain["steps"]},
               "profiled": {"output_tok_s": profiled["output_tok_s"], "seconds": profiled["seconds"],
