@@ -351,6 +351,60 @@ def test_the_rms_norm_kernel_matches_the_model_norm(rows, hidden, dtype):
     assert ((out.float() - expected.float()).abs() <= ulps * expected.float().abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("rows, hidden, dtype", [(3, 64, torch.float32), (5, 96, torch.bfloat16)])
+def test_the_add_rms_norm_kernel_gives_the_bits_of_the_add_then_the_norm(rows, hidden, dtype):
+    """pipeline.kernels.norm.add_rms_norm (emulated): h becomes exactly torch's h + delta, in place, and the norm is
+    the RMS norm kernel's of that sum; delta may be a strided view."""
+    from pipeline.kernels.norm import add_rms_norm, rms_norm
+
+    gen = torch.Generator().manual_seed(3)
+    h = (4 * torch.randn(rows, hidden, generator=gen)).to(dtype)
+    delta = torch.randn(rows, 2 * hidden, generator=gen).to(dtype)[:, hidden:]
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    expected_h = h + delta
+    if dtype == torch.bfloat16:  # the emulator rounds float32 to bfloat16 toward zero (the GPU test: to nearest)
+        bits = (h.float() + delta.float()).view(torch.int32) & -65536
+        expected_h = bits.view(torch.float32).to(dtype)
+    expected = rms_norm(expected_h, weight, 1e-5)
+    pointer = h.data_ptr()
+    out = add_rms_norm(h, delta, weight, 1e-5)
+    assert h.data_ptr() == pointer and torch.equal(h, expected_h)
+    assert out.dtype == dtype and torch.equal(out, expected)
+
+
+def test_the_model_with_the_norm_kernels_gives_the_same_logits(home, monkeypatch):
+    """RankModel with fused_norm (the engine's GPU model, emulated): every residual add but the last layer's runs
+    inside the next norm's kernel, and the logits are the unfused model's."""
+    from pipeline.backends import torch_model
+    from pipeline.backends.torch_backend import load_rank_model, read_checkpoint_config
+    from pipeline.dist import Comm
+    from pipeline.engine.runner import ModelRunner
+    from pipeline.engine.scheduler import SeqWork, StepPlan
+    from pipeline.kernels.norm import add_rms_norm
+    from pipeline.mapping import Mapping
+
+    _, artifact = build("llama-tiny")
+    device = torch.device("cpu")
+    model = load_rank_model(artifact, read_checkpoint_config(artifact), Comm(Mapping(1, 1), device), device)
+    calls = []
+
+    def spy(h, delta, weight, eps):
+        calls.append(h.shape)
+        return add_rms_norm(h, delta, weight, eps)
+
+    monkeypatch.setattr(torch_model, "add_rms_norm", spy)
+    params = SamplingParams()
+    plan = StepPlan((SeqWork(0, (5, 17, 3, 99, 42, 7), 0, (4, 1), True, params, 0),
+                     SeqWork(1, (8, 12, 30), 0, (2, 3), True, params, 0)))
+    logits = {}
+    for fused in (True, False):
+        model.fused_norm = fused
+        logits[fused] = ModelRunner(model, 6, 4).forward(plan)
+    assert calls == [(1, 9, model.hidden)] * (2 * len(model.layers) - 1)
+    assert logits[True].shape == logits[False].shape == (1, 2, model.vocab_size)
+    assert (logits[True] - logits[False]).abs().max().item() <= 1e-5 * logits[False].abs().max().item()
+
+
 @pytest.mark.parametrize("shape", ["llama-tiny", pytest.param("gpt2-tiny", marks=pytest.mark.slow)])
 def test_the_fused_batch1_step_around_the_paged_attention_gives_the_runner_logits(shape):
     """The engine's batch-1 graph body (emulated here): the fused step (norms and residual adds inside the GEMVs)

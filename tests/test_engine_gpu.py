@@ -166,3 +166,19 @@ def test_the_fp8_linear_keeps_the_input_shape_and_the_reference_values(rows):
     if rows > 1:
         cast = quantize_fp8(x.reshape(rows, 256), base.act_scale).view(1, rows, 256)
         assert torch.equal(linear(cast), linear(x))
+
+
+@pytest.mark.parametrize("rows, hidden", [(1, 4096), (7, 4096), (300, 576)])
+def test_the_add_rms_norm_kernel_gives_the_bits_of_the_add_then_the_norm_kernel(rows, hidden):
+    """On the GPU the fused kernel rounds as torch does: h is torch's h + delta bit for bit, the norm the RMS norm
+    kernel's of it."""
+    from pipeline.kernels.norm import add_rms_norm, rms_norm
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    h = (4 * torch.randn(rows, hidden, generator=gen, device="cuda")).bfloat16()
+    delta = torch.randn(rows, hidden, generator=gen, device="cuda").bfloat16()
+    weight = (torch.rand(hidden, generator=gen, device="cuda") + 0.5).bfloat16()
+    expected_h = h + delta
+    expected = rms_norm(expected_h, weight, 1e-5)
+    out = add_rms_norm(h, delta, weight, 1e-5)
+    assert torch.equal(h, expected_h) and torch.equal(out, expected)

@@ -25,7 +25,7 @@ from pipeline.dist import Comm
 from pipeline.dtypes import TORCH_DTYPES
 from pipeline.errors import RunError
 from pipeline.kernels.activation import silu_mul
-from pipeline.kernels.norm import rms_norm
+from pipeline.kernels.norm import add_rms_norm, rms_norm
 from pipeline.quantize.formats import dequantize_kv
 from pipeline.quantize.registry import kv_cache_format_for_algo
 
@@ -149,6 +149,16 @@ class RankModel:
             return rms_norm(x, weight, self.eps)
         xf = x.float()  # once (each .float() of a half-precision x is a kernel)
         return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor, weight_bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after adding delta, and its norm: one kernel where the RMS norm kernel runs (h is
+        updated in place there), else the add and then _norm."""
+        weight = weight_bias[0]
+        if (self.fused_norm and self.arch.norm != "layernorm" and weight.dtype == h.dtype == delta.dtype
+                and h.is_contiguous() and delta.stride(-1) == 1):
+            return h, add_rms_norm(h, delta, weight, self.eps)
+        h = h + delta
+        return h, self._norm(h, weight_bias)
 
     def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary embedding's (cos, sin) [B, 1, T, D] in `dtype` (the activations') at positions [B, T]: the
@@ -309,10 +319,16 @@ class RankModel:
         mask = self.attention_mask(cache, slot_start, seq, keys_len) if attention is None else None
         rope = self._rope_tables(positions, h.dtype) if self.arch.position == "rope" and decode_attention is None \
             else None
+        # each residual add goes into the norm after it (_add_norm); the last layer's add stays on its own (the
+        # final norm reads only the logit rows)
+        x = self._norm(h, self.layers[0]["ln1"]) if self.layers else None
         for index, layer in enumerate(self.layers):
-            h = h + self._attention(layer, self._norm(h, layer["ln1"]), positions, cache, index, slot_start, mask,
-                                    decode_attention, rope, attention)
-            h = h + self._mlp(layer, self._norm(h, layer["ln2"]))
+            h, x = self._add_norm(h, self._attention(layer, x, positions, cache, index, slot_start, mask,
+                                                     decode_attention, rope, attention), layer["ln2"])
+            if index + 1 < len(self.layers):
+                h, x = self._add_norm(h, self._mlp(layer, x), self.layers[index + 1]["ln1"])
+            else:
+                h = h + self._mlp(layer, x)
         if not self.mapping.is_last_stage:
             self.comm.send_next(h)
             return None
