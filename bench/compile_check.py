@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pipeline.kernels import activation, attention, batched_gemm, gemv, int4_gemm, paged_attention, sampling  # noqa: E402, E501
+from pipeline.kernels import activation, attention, batched_gemm, gemv, int4_gemm, int8_gemm, paged_attention, sampling  # noqa: E402, E501
 from pipeline.kernels import fp8 as fp8_kernels  # noqa: E402
 from pipeline.kernels import norm as norm_kernels  # noqa: E402
 from pipeline.kernels.common import ACT_GELU, ACT_NONE, ACT_SILU_GATE, NORM_LAYER, NORM_NONE, NORM_RMS  # noqa: E402
@@ -125,6 +125,21 @@ def int4_cases():
         dict(launch_pdl=True)
 
 
+def int8_cases():
+    """The W8A8 kernels (pipeline.kernels.int8_gemm): the per-token quantization with a smoother, and every
+    autotuning config of the int8 GEMM (checked to reach wgmma with int8 operands)."""
+    signature = {"x_ptr": "*bf16", "smoother_ptr": "*fp32", "static_ptr": "*fp32", "q_ptr": "*i8", "s_ptr": "*fp32",
+                 "x_stride": "i32"}
+    yield ("quantize_rows bf16 smoother", int8_gemm._quantize_rows_kernel, signature,
+           dict(K=14336, BLOCK=16384, SMOOTH=True, STATIC=False), dict(num_warps=16))
+    signature = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "b_ptr": "*bf16",
+                 "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "M_CLASS": "i32"}
+    for config in int8_gemm.CONFIGS:
+        constexprs = dict(HAS_BIAS=False, EVEN_K=True, **config.kwargs)
+        yield (f"int8_gemm config {config}", int8_gemm._int8_gemm_kernel.fn, signature, constexprs,
+               dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
 def argmax_cases():
     """The greedy pick over Llama-3's vocabulary (sampling.greedy_argmax), float32 and bfloat16 logits."""
     blocks = -(-128256 // sampling.ARGMAX_BLOCK)
@@ -169,7 +184,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for name, kernel, signature, constexprs, options in (*cases(), *int4_cases(), *argmax_cases(), *engine_cases()):
+    for name, kernel, signature, constexprs, options in (*cases(), *int4_cases(), *int8_cases(), *argmax_cases(), *engine_cases()):
         if args.only not in name:
             continue
         if "STATS_K" in kernel.arg_names:  # the JIT's defaults and heuristics, which the AST source does not apply
@@ -194,6 +209,8 @@ def main(argv=None) -> int:
                 want = batched_gemm.shared_bytes(config, constexprs["ACT"], constexprs["M_P"])
                 if compiled.metadata.shared != want:
                     raise AssertionError(f"shared memory {compiled.metadata.shared}, batched_gemm.shared_bytes {want}")
+            if name.startswith("int8_gemm") and ".s8.s8" not in ptx:
+                raise AssertionError("the int8 GEMM does not reach an int8 tensor-core instruction")
             if name.startswith("skinny_gemm") and "wgmma.mma_async" not in ptx:
                 raise AssertionError("the batched GEMM's weight tile does not reach wgmma")
             # the int4 group scales: a small tile per row block (a vector load and a broadcast), not a load per

@@ -23,7 +23,7 @@ from pipeline.quantize.formats import (  # noqa: E402
     smoothquant_linear,
     unpack_int4_rows,
 )
-from pipeline.quantize.runtime import GroupwiseInt4Linear, SmoothQuantLinear, int8_linear_int_mm  # noqa: E402
+from pipeline.quantize.runtime import GroupwiseInt4Linear, SmoothQuantLinear  # noqa: E402
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda", 0) if torch.cuda.is_available() else None
@@ -111,20 +111,41 @@ def test_fused_fc_gate_is_the_two_gemms():
     assert fc8.fused_with(SmoothQuantLinear(wg, cg, torch.tensor([0.1]), None, None, dtype)) is None
 
 
-@pytest.mark.parametrize("rows, static, bias", [(1, False, True), (16, True, False), (40, False, False)])
-def test_int_mm_path_equals_the_smoothquant_emulation(rows, static, bias):
-    """torch._int_mm's int32 sums are the float64 emulation's exactly (rows padded past 16 for cuBLASLt); the
-    float32 scaling differs from float64's by less than the bfloat16 output's rounding."""
-    torch.manual_seed(rows)
-    dtype = torch.bfloat16
-    x = (torch.randn(rows, 64) * torch.rand(64) * 4).to(dtype)
-    wq, ws = int8_weight_quantize(torch.randn(48, 64), per_channel=True)
-    act = torch.tensor([x.float().abs().max().item() / 127]) if static else None
-    b = torch.randn(48).to(dtype) if bias else None
-    ref = smoothquant_linear(x, wq, ws, act, b, dtype)
-    got = int8_linear_int_mm(x, wq, ws, act, b, dtype)
+@pytest.mark.parametrize("rows, static, smooth, bias", [(1, False, True, True), (16, True, False, False),
+                                                         (40, False, True, False), (3, True, True, True)])
+def test_the_w8a8_kernels_equal_the_smoothquant_emulation(rows, static, smooth, bias):
+    """pipeline.kernels.int8_gemm (emulated), float32 model: the per-token (or static) int8 codes and scales are
+    int8_activation_quantize's exactly, smoother divided out first; the GEMM's int32 sums are exact and its
+    float32 scaling is within a float32 rounding of the float64 emulation's."""
+    from pipeline.kernels.int8_gemm import quantize_rows, w8a8_linear
+    from pipeline.quantize.formats import int8_activation_quantize
+
+    gen = torch.Generator().manual_seed(rows)
+    dtype = torch.float32
+    x = (torch.randn(rows, 96, generator=gen) * torch.rand(96, generator=gen) * 4).to(dtype)
+    x[0, :] = 0.0  # a zero row: scale 1 / 127, codes 0
+    wq, ws = int8_weight_quantize(torch.randn(40, 96, generator=gen), per_channel=True)
+    smoother = torch.rand(96, generator=gen) + 0.5 if smooth else None
+    act = torch.tensor([x.abs().max().item() / 127]) if static else None
+    b = torch.randn(40, generator=gen) if bias else None
+    smoothed = x if smoother is None else (x / smoother).to(dtype)
+    q_ref, s_ref = int8_activation_quantize(smoothed, act)
+    q, s = quantize_rows(x, smoother, act)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref.reshape(-1))
+    ref = smoothquant_linear(smoothed, wq, ws, act, b, dtype).double()
+    got = w8a8_linear(x, wq, ws, act, smoother, b)
     assert got.shape == ref.shape and got.dtype == dtype
-    assert ((got.double() - ref.double()).abs() <= 2.0**-8 * ref.double().abs() + 1e-6).all()
+    assert ((got.double() - ref).abs() <= 2.0**-22 * ref.abs() + 1e-6).all()
+
+
+def test_the_int8_gemm_rounds_codes_half_to_even():
+    """Codes exactly between two integers go to the even one (numpy's and torch's round), both signs."""
+    from pipeline.kernels.int8_gemm import quantize_rows
+
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49]])  # scale 1: x / scale = x
+    q, s = quantize_rows(x)
+    assert s.tolist() == [1.0]
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 3]]
 
 
 @pytest.mark.parametrize("quant", ["int4_awq", "w8a8_smoothquant"])
@@ -200,18 +221,26 @@ def test_int4_fused_gemv_on_the_gpu(act, rows, inp):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows", [1, 256])
-def test_int_mm_on_the_gpu_equals_the_emulation(rows):
-    """torch._int_mm (cuBLASLt) against the float64 emulation of the same int8 product, run on the GPU too."""
+@pytest.mark.parametrize("rows", [1, 256, 1000])
+def test_the_w8a8_kernels_on_the_gpu_equal_the_emulation(rows):
+    """The W8A8 kernels compiled (autotuned GEMM) at the 8B shape's fc+gate: int8 codes and scales exactly the
+    reference's, outputs within the bfloat16 rounding of the float64 emulation."""
+    from pipeline.kernels.int8_gemm import quantize_rows
+    from pipeline.quantize.formats import int8_activation_quantize
+
     dtype = torch.bfloat16
     x = (torch.randn(rows, 4096, device=GPU) * 3).to(dtype)
     wq, ws = int8_weight_quantize(torch.randn(14336, 4096, device=GPU), per_channel=True)
     smoother = torch.rand(4096, device=GPU) + 0.5
     lin = SmoothQuantLinear(wq, ws, None, smoother, None, dtype)
-    assert lin.int_mm
-    ref = smoothquant_linear((x.float() / smoother).to(dtype), wq, ws, None, None, dtype).double()
+    assert lin.kernel
+    smoothed = (x.float() / smoother).to(dtype)
+    q_ref, s_ref = int8_activation_quantize(smoothed, None)
+    q, s = quantize_rows(x, smoother)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref.reshape(-1))
+    ref = smoothquant_linear(smoothed, wq, ws, None, None, dtype).double()
     got = lin(x).double()
-    assert float((got - ref).norm() / ref.norm()) < 2.0**-8
+    assert ((got - ref).abs() <= 2.0**-8 * ref.abs() + 1e-3).all()
 
 
 @pytest.mark.gpu

@@ -154,33 +154,21 @@ class GroupwiseInt4Linear:
                                    self.dtype)
 
 
-def int8_linear_int_mm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                       static_act_scale: torch.Tensor | None, bias: torch.Tensor | None,
-                       out_dtype: torch.dtype) -> torch.Tensor:
-    """smoothquant_linear (pipeline/quantize/formats.py) with the int8 x int8 -> int32 product on torch._int_mm
-    (cuBLASLt's int8 GEMM on CUDA): the same int32 sums, scaled in float32. cuBLASLt takes more than 16 rows, so
-    fewer are padded with zero rows."""
-    from pipeline.quantize.formats import int8_activation_quantize
+def _int8_kernels(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether SmoothQuantLinear runs pipeline.kernels.int8_gemm (CUDA, a half-precision model)."""
+    from pipeline.kernels.common import triton
 
-    shape = x.shape
-    xq, xs = int8_activation_quantize(x.reshape(-1, shape[-1]), static_act_scale)
-    rows = xq.shape[0]
-    if rows <= INT_MM_MIN_ROWS:
-        xq = F.pad(xq, (0, 0, 0, INT_MM_MIN_ROWS + 1 - rows))
-    acc = torch._int_mm(xq, weight_q.t())[:rows]
-    y = (acc.float() * xs * weight_scale.reshape(1, -1)).to(out_dtype)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*shape[:-1], weight_q.shape[0])
-
-
-INT_MM_MIN_ROWS = 16  # torch._int_mm on CUDA needs more rows than this (and K, N multiples of 8)
+    if triton is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from pipeline.kernels import int8_gemm  # noqa: F401 - registers torch.ops.pipeline.w8a8_linear
+    return True
 
 
 class SmoothQuantLinear:
     """W8A8 SmoothQuant: x / smoother (dense, proj), int8 activations (per token or static), int8 weights, int32
-    accumulation, scaled to the model dtype (pipeline/quantize/formats.py, smoothquant_linear). On CUDA the product
-    is torch._int_mm (int8_linear_int_mm) where cuBLASLt takes the shape; `weight` is what the GEMM reads."""
+    accumulation, scaled to the model dtype (pipeline/quantize/formats.py, smoothquant_linear). On CUDA the Triton
+    kernels of pipeline.kernels.int8_gemm run it (quantization, then the GEMM with the scales in its epilogue);
+    elsewhere the float64-exact emulation. `weight` is what the GEMM reads."""
 
     def __init__(self, weight_q: torch.Tensor, per_channel_scale: torch.Tensor, act_scale: torch.Tensor | None,
                  smoother: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -188,8 +176,7 @@ class SmoothQuantLinear:
         self.weight_scale = per_channel_scale.float().reshape(-1).expand(weight_q.shape[0]).contiguous()
         self.act_scale = act_scale.float().reshape(1) if act_scale is not None else None
         self.smoother = smoother.float().reshape(-1) if smoother is not None else None
-        n, k = weight_q.shape
-        self.int_mm = weight_q.device.type == "cuda" and n % 8 == 0 and k % 8 == 0
+        self.kernel = _int8_kernels(weight_q.device, dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -198,10 +185,11 @@ class SmoothQuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from pipeline.quantize.formats import smoothquant_linear
 
+        if self.kernel and x.device.type == "cuda":
+            return torch.ops.pipeline.w8a8_linear(x, self.weight_q, self.weight_scale, self.act_scale, self.smoother,
+                                                  self.bias)
         if self.smoother is not None:
             x = (x.float() / self.smoother).to(x.dtype)
-        if self.int_mm and x.device.type == "cuda":
-            return int8_linear_int_mm(x, self.weight_q, self.weight_scale, self.act_scale, self.bias, self.dtype)
         return smoothquant_linear(x, self.weight_q, self.weight_scale, self.act_scale, self.bias, self.dtype)
 
     def fused_with(self, other: SmoothQuantLinear) -> SmoothQuantLinear | None:
