@@ -1,6 +1,7 @@
 """The engine's bfloat16 GEMMs alone on a GPU, at a decoding step's rows and a prefill chunk's: time and TFLOP/s of
 each Llama-3-8B projection (x [M, K] @ W[N, K]^T through F.linear, as the engine runs them) under torch's cuBLAS
-and cuBLASLt backends, to see which shapes fall short of the card's GEMM rate (e.g. from wave quantization):
+and cuBLASLt backends, to see which shapes fall short of the card's GEMM rate (e.g. from wave quantization); with
+--int8 / --w8a8 the int8 forms beside them. Times are of calls replayed from a CUDA graph (GPU time only):
 
     python bench/gemm_shapes.py --rows 1000,1024,16384
 """
@@ -18,12 +19,21 @@ SHAPES = {"qkv": (6144, 4096), "dense": (4096, 4096), "fc_gate": (28672, 4096), 
 
 
 def time_ms(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
+    """Mean GPU time of fn over `iters` calls captured in one CUDA graph (no host launch cost in the figure)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compiles and loads kernels outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iters):
-        fn()
+    graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
@@ -35,7 +45,7 @@ def main() -> int:
     p.add_argument("--backends", default="cublas,cublaslt")
     p.add_argument("--int8", action="store_true", help="also torch._int_mm (cuBLASLt's int8 x int8 -> int32)")
     p.add_argument("--w8a8", action="store_true", help="also pipeline.kernels.int8_gemm: the GEMM at each config "
-                   "and autotuned, and the whole W8A8 linear (quantization + GEMM)")
+                   "and at the one it chooses, and the whole W8A8 linear (quantization + GEMM)")
     p.add_argument("--out")
     args = p.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
@@ -77,7 +87,7 @@ def main() -> int:
                         best = t if best is None else min(best, t)
                         print(f"{'':9s} {str(config):60s} {t:8.4f} ms {ms / t:5.2f}x bf16", flush=True)
                     forms = (("quantize", lambda: int8_gemm.quantize_rows(x)),
-                             ("tuned", lambda: int8_gemm.int8_mm(xq, xs, wq, ws, None, torch.bfloat16)),
+                             ("chosen", lambda: int8_gemm.int8_mm(xq, xs, wq, ws, None, torch.bfloat16)),
                              ("linear", lambda: int8_gemm.w8a8_linear(x, wq, ws, None, None, None)))
                     for label, fn in forms:
                         t = time_ms(fn)

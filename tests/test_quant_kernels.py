@@ -223,8 +223,9 @@ def test_int4_fused_gemv_on_the_gpu(act, rows, inp):
 @pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 256, 1000])
 def test_the_w8a8_kernels_on_the_gpu_equal_the_emulation(rows):
-    """The W8A8 kernels compiled (autotuned GEMM) at the 8B shape's fc+gate: int8 codes and scales exactly the
-    reference's, outputs within the bfloat16 rounding of the float64 emulation."""
+    """The W8A8 kernels compiled at the 8B shape's fc+gate (both row classes' tiles): int8 codes and scales exactly
+    the reference's; outputs within one bfloat16 rounding step of the float64 emulation (float32 scaling may round
+    to the other neighbour)."""
     from pipeline.kernels.int8_gemm import quantize_rows
     from pipeline.quantize.formats import int8_activation_quantize
 
@@ -240,7 +241,8 @@ def test_the_w8a8_kernels_on_the_gpu_equal_the_emulation(rows):
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref.reshape(-1))
     ref = smoothquant_linear(smoothed, wq, ws, None, None, dtype).double()
     got = lin(x).double()
-    assert ((got - ref).abs() <= 2.0**-8 * ref.abs() + 1e-3).all()
+    assert ((got - ref).abs() <= 2.0**-7 * ref.abs() + 1e-3).all()
+    assert float((got - ref).norm() / ref.norm()) < 2.0**-9
 
 
 @pytest.mark.gpu

@@ -49,17 +49,22 @@ if triton is not None:
         tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=keep)
         tl.store(s_ptr + row, scale)
 
+    # the configs timed on an H200 (bench/gemm_shapes.py --w8a8; bench/results/gpu-h200/quant-run4/)
     CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in ((128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4),
                                  (64, 256, 128, 4, 4), (64, 128, 256, 4, 3), (128, 256, 64, 8, 4),
                                  (256, 128, 128, 8, 3), (64, 64, 256, 4, 4))
     ]
+    # At 32,768 rows 256 x 128 x 128 was the fastest or within 3% of it on every Llama-3-8B GEMM (1.41-1.68x
+    # cuBLAS's bfloat16); fewer rows take 64-row tiles, so that 256 rows still make 2 x N / 128 programs.
+    LARGE, SMALL = CONFIGS[6], CONFIGS[4]
 
     @triton.jit
-    def _int8_gemm_body(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        EVEN_K: tl.constexpr):
+    def _int8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                          EVEN_K: tl.constexpr):
+        # K a constant: the emulator's loops need host-side bounds (a model has two or three values of K)
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -96,22 +101,6 @@ if triton is not None:
         keep = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], out, mask=keep)
 
-    @triton.autotune(configs=CONFIGS, key=["M_CLASS", "N", "K"], cache_results=True)
-    @triton.jit
-    def _int8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_CLASS, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                          EVEN_K: tl.constexpr):
-        _int8_gemm_body(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K,
-                        GROUP_M, EVEN_K)
-
-    @triton.jit
-    def _int8_gemm_fixed(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, M_CLASS,
-                         HAS_BIAS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         EVEN_K: tl.constexpr):
-        _int8_gemm_body(a_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K,
-                        GROUP_M, EVEN_K)  # K a constant: the emulator's loops need host-side bounds
-
 
 def quantize_rows(x: torch.Tensor, smoother: torch.Tensor | None = None,
                   static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,33 +117,30 @@ def quantize_rows(x: torch.Tensor, smoother: torch.Tensor | None = None,
     return q, s
 
 
-def m_class(m: int) -> int:
-    """The autotuner's key for M: powers of two up to 4,096, then one class (a prefill chunk of any length)."""
-    return min(triton.next_power_of_2(max(m, 16)), 4096)
+def config_for(m: int) -> dict:
+    """The GEMM's tile config for m rows: a fixed choice, not autotuned (a timing run must not start inside a CUDA
+    graph's capture)."""
+    if emulated():
+        return dict(INTERPRETER_CONFIG)
+    c = LARGE if m > 512 else SMALL
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def int8_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
             bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """float32(xq @ weight^T, int32 sums) * xs[:, None] * weight_scale[None, :] (+ bias) in out_dtype; `config` (one
-    of CONFIGS' kwargs plus num_warps/num_stages) instead of the autotuned choice."""
+    of CONFIGS' kwargs plus num_warps/num_stages) instead of config_for's."""
     m, k = xq.shape
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0:
         return y
-    args = (xq, xs, weight, weight_scale, bias if bias is not None else weight_scale, y, m, n, k, m_class(m))
-    if emulated() or config is not None:
-        c = dict(INTERPRETER_CONFIG if config is None else config)
-        warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
-        grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
-        _int8_gemm_fixed[grid](*args, HAS_BIAS=bias is not None, EVEN_K=k % c["BLOCK_K"] == 0, num_warps=warps,
-                               num_stages=stages, **c)
-        return y
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    _int8_gemm_kernel[grid](*args, HAS_BIAS=bias is not None, EVEN_K=k % 256 == 0)
+    c = dict(config or config_for(m))
+    warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
+    grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
+    _int8_gemm_kernel[grid](xq, xs, weight, weight_scale, bias if bias is not None else weight_scale, y, m, n, k,
+                            HAS_BIAS=bias is not None, EVEN_K=k % c["BLOCK_K"] == 0, num_warps=warps,
+                            num_stages=stages, **c)
     return y
 
 
