@@ -23,7 +23,16 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pipeline.kernels import activation, attention, batched_gemm, gemv, int4_gemm, int8_gemm, paged_attention, sampling  # noqa: E402, E501
+from pipeline.kernels import (  # noqa: E402, E501
+    activation,
+    attention,
+    batched_gemm,
+    gemv,
+    int4_gemm,
+    int8_gemm,
+    paged_attention,
+    sampling,
+)
 from pipeline.kernels import fp8 as fp8_kernels  # noqa: E402
 from pipeline.kernels import norm as norm_kernels  # noqa: E402
 from pipeline.kernels.common import ACT_GELU, ACT_NONE, ACT_SILU_GATE, NORM_LAYER, NORM_NONE, NORM_RMS  # noqa: E402

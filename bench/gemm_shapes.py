@@ -94,7 +94,6 @@ def main() -> int:
                         results.append({"rows": m, "gemm": name, "form": f"triton-{label}", "ms": round(t, 4),
                                         "vs_bf16": round(ms / t, 2)})
                         print(f"{'':9s} triton {label:8s} {name:8s} {t:8.4f} ms {ms / t:5.2f}x bf16", flush=True)
-                del x, w
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,

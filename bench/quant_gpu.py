@@ -1,6 +1,6 @@
 """Helpers of bench/quant_gpu.sh (issue 24's GPU targets), on a GPU:
 
-    python bench/quant_gpu.py gemm OUT     the W4A16_AWQ kernel and W8A8 torch._int_mm against bfloat16, per 8B GEMM
+    python bench/quant_gpu.py gemm OUT     the W4A16_AWQ and W8A8 kernels against bfloat16, per 8B GEMM
     python bench/quant_gpu.py summary OUT  the ratios of the `pipeline bench` JSONs under OUT/results: quant_gpu.json/.md
 
 The issue's targets (same card, same call): int4_awq batch 1 >= 2.5x bfloat16's tok/s; w8a8_smoothquant batch 256
@@ -21,7 +21,8 @@ GEMMS = {"qkv": (6144, 4096), "dense": (4096, 4096), "fc_gate": (28672, 4096), "
 
 def gemm(out: Path) -> None:
     """Microseconds and weight GB/s per 8B GEMM at 1, 16 and 256 rows: bfloat16 (cuBLAS; Triton GEMV at one row),
-    int4 (the kernel), W8A8 (per-token quantization + torch._int_mm + scaling), each in a CUDA graph of 20 calls."""
+    int4 (the kernel), W8A8 (pipeline.kernels.int8_gemm: per-token quantization, then the int8 GEMM with the scales in
+    its epilogue), each in a CUDA graph of 20 calls."""
     import torch
 
     from pipeline.kernels.gemv import linear_1row

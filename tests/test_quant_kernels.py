@@ -1,6 +1,6 @@
 """The GPU GEMMs of the int4 AWQ and W8A8 SmoothQuant formats against their CPU emulations (the references,
-pipeline/quantize/runtime.py): the W4A16 kernel (pipeline.kernels.int4_gemm) in Triton's CPU emulator, the
-torch._int_mm path on the CPU's own _int_mm, the fused fc/gate GEMMs and the bench's device quantizers; the tests
+pipeline/quantize/runtime.py): the W4A16 kernel (pipeline.kernels.int4_gemm) and the W8A8 kernels
+(pipeline.kernels.int8_gemm) in Triton's CPU emulator, the fused fc/gate GEMMs and the bench's device quantizers; the tests
 marked gpu run the same compiled on a GPU (bench/quant_gpu.sh)."""
 
 import os

@@ -1,12 +1,13 @@
 """W8A8 on the GPU in two launches: the input's per-token int8 quantization (SmoothQuant's smoother divided out
 first), then an int8 x int8 GEMM with int32 accumulation whose epilogue applies the per-token and per-channel
-scales (and the bias) and stores the model dtype. cuBLAS's int8 GEMM (torch._int_mm) gave 0.7-1.4x bfloat16's
-time on an H200 and returns int32 [M, N] for separate kernels to rescale (bench/results/gpu-h200/quant-run4/).
+scales (and the bias) and stores the model dtype. cuBLAS's int8 GEMM (torch._int_mm) ran at 0.7-1.4x bfloat16's
+speed on an H200 and returns int32 [M, N] for separate kernels to rescale; this GEMM ran at 1.4-1.7x at 32,768 rows
+(bench/results/gpu-h200/quant-run4/).
 
 The arithmetic is pipeline/quantize/formats.py's (int8_activation_quantize, smoothquant_linear): x / smoother rounded
 to the model dtype; scale = amax / 127 per row (1 / 127 for a zero row) or the static per-tensor scale; q =
-round-half-even(x / scale) clamped to [-128, 127]; y = float32(acc) * s_x * s_w (+ bias), rounded once to the
-model dtype, in the order int8_linear_int_mm multiplies them.
+round-half-even(x / scale) clamped to [-128, 127]; y = float32(acc) * s_x * s_w rounded to the model dtype, then
+the bias added and rounded again (as the reference adds it).
 
 Layout: x [M, K] in the model dtype; weight int8 [N, K]; per-channel scales float32 [N]; bias [N] in the model dtype.
 """
@@ -17,7 +18,6 @@ import torch
 
 from pipeline.kernels.common import emulated, tl, triton
 
-INT8_MAX = 127.0
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
 
 if triton is not None:
@@ -44,7 +44,7 @@ if triton is not None:
             scale = tl.load(static_ptr)
         else:
             amax = tl.max(tl.abs(xf), axis=0)
-            scale = tl.math.div_rn(tl.where(amax > 0, amax, 1.0), 127.0)  # INT8_MAX
+            scale = tl.math.div_rn(tl.where(amax > 0, amax, 1.0), 127.0)
         q = tl.clamp(_round_half_even(tl.math.div_rn(xf, scale)), -128.0, 127.0)
         tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=keep)
         tl.store(s_ptr + row, scale)
