@@ -16,6 +16,8 @@ for run in "${runs[@]}"; do
   set -- $run
   quant=$1 batch=$2; shift 2
   echo "=== quant $quant, max_batch_size $batch $* $(date -u +%T)"
+  # the card's clock, power and temperature before each run: machines of one kind differ by about 1% (run 15)
+  nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv,noheader || true
   timeout 120 python -m pipeline.throughput --random-shape llama-3-8b --dtype bfloat16 --quant "$quant" \
     --requests 1000 --input-len 128 --output-len 128 --max-batch-size "$batch" "$@" --out "$OUTDIR" 2>&1 \
     | grep -E "^\[throughput\]|^\| engine|^engine, rate|Error|error" || echo "failed ($?)"
