@@ -111,21 +111,21 @@ def test_fused_fc_gate_is_the_two_gemms():
     assert fc8.fused_with(SmoothQuantLinear(wg, cg, torch.tensor([0.1]), None, None, dtype)) is None
 
 
-@pytest.mark.parametrize("rows, static, smooth, bias", [(1, False, True, True), (16, True, False, False),
-                                                         (40, False, True, False), (3, True, True, True)])
-def test_the_w8a8_kernels_equal_the_smoothquant_emulation(rows, static, smooth, bias):
+@pytest.mark.parametrize("rows, width, static, smooth, bias", [(1, 96, False, True, True), (16, 96, True, False, False),
+                                                                (40, 96, False, True, False), (3, 72, True, True, True)])
+def test_the_w8a8_kernels_equal_the_smoothquant_emulation(rows, width, static, smooth, bias):
     """pipeline.kernels.int8_gemm (emulated), float32 model: the per-token (or static) int8 codes and scales are
-    int8_activation_quantize's exactly, smoother divided out first; the GEMM's int32 sums are exact and its
-    float32 scaling is within a float32 rounding of the float64 emulation's."""
+    int8_activation_quantize's exactly, smoother divided out first; the GEMM's int32 sums are exact (a width of 72
+    leaves a ragged last K tile) and its float32 scaling is within a float32 rounding of the float64 emulation's."""
     from pipeline.kernels.int8_gemm import quantize_rows, w8a8_linear
     from pipeline.quantize.formats import int8_activation_quantize
 
     gen = torch.Generator().manual_seed(rows)
     dtype = torch.float32
-    x = (torch.randn(rows, 96, generator=gen) * torch.rand(96, generator=gen) * 4).to(dtype)
+    x = (torch.randn(rows, width, generator=gen) * torch.rand(width, generator=gen) * 4).to(dtype)
     x[0, :] = 0.0  # a zero row: scale 1 / 127, codes 0
-    wq, ws = int8_weight_quantize(torch.randn(40, 96, generator=gen), per_channel=True)
-    smoother = torch.rand(96, generator=gen) + 0.5 if smooth else None
+    wq, ws = int8_weight_quantize(torch.randn(40, width, generator=gen), per_channel=True)
+    smoother = torch.rand(width, generator=gen) + 0.5 if smooth else None
     act = torch.tensor([x.abs().max().item() / 127]) if static else None
     b = torch.randn(40, generator=gen) if bias else None
     smoothed = x if smoother is None else (x / smoother).to(dtype)
