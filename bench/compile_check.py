@@ -182,6 +182,10 @@ def engine_cases():
             dict(launch_pdl=pdl)
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32", "x_stride": "i64"}
     yield "rms_norm bf16 4096", norm_kernels._rms_norm_kernel, signature, dict(N=4096, BLOCK=4096), dict(num_warps=8)
+    signature = {"h_ptr": "*bf16", "d_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32",
+                 "h_stride": "i64", "d_stride": "i64"}
+    yield "add_rms_norm bf16 4096", norm_kernels._add_rms_norm_kernel, signature, dict(N=4096, BLOCK=4096), \
+        dict(num_warps=8)
     signature = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*fp8e4nv", "n": "i64"}
     yield "quantize_fp8 bf16", fp8_kernels._quantize_fp8_kernel, signature, dict(BLOCK=fp8_kernels.BLOCK), {}
 

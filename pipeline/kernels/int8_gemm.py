@@ -159,7 +159,7 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 def w8a8_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                    static_scale: torch.Tensor | None, smoother: torch.Tensor | None,
                    bias: torch.Tensor | None) -> torch.Tensor:
-    """w8a8_linear as an op: torch.compile calls it unopened (the autotuner's choice stays Triton's)."""
+    """w8a8_linear as an op: torch.compile calls it unopened (the Triton launches stay outside its graph)."""
     return w8a8_linear(x, weight, weight_scale, static_scale, smoother, bias)
 
 

@@ -15,15 +15,20 @@ from pipeline.kernels.common import tl, triton
 if triton is not None:
 
     @triton.jit
+    def _store_norm(x, w_ptr, out_ptr, row, offs, keep, eps, N: tl.constexpr):
+        """The norm of row x (float32, its values in the model dtype) into out's row."""
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+        y = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * N + offs, (y * w).to(out_ptr.dtype.element_ty), mask=keep)
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, x_stride, N: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         keep = offs < N
         x = tl.load(x_ptr + row * x_stride + offs, mask=keep, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-        y = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=keep, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * N + offs, (y * w).to(out_ptr.dtype.element_ty), mask=keep)
+        _store_norm(x, w_ptr, out_ptr, row, offs, keep, eps, N)
 
     @triton.jit
     def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, eps, h_stride, d_stride, N: tl.constexpr,
@@ -35,11 +40,7 @@ if triton is not None:
         d = tl.load(d_ptr + row * d_stride + offs, mask=keep, other=0.0).to(tl.float32)
         s = (h + d).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * h_stride + offs, s, mask=keep)
-        x = s.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-        y = (x * rstd).to(h_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=keep, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * N + offs, (y * w).to(out_ptr.dtype.element_ty), mask=keep)
+        _store_norm(s.to(tl.float32), w_ptr, out_ptr, row, offs, keep, eps, N)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -97,9 +97,10 @@ def real_out_features(config: dict, prefix: str) -> int:
     return config["hidden_size"]
 
 
-def _int4_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the W4A16_AWQ GEMM runs as the Triton kernel (pipeline.kernels.int4_gemm): CUDA and half precision."""
-    from pipeline.kernels import int4_gemm  # noqa: F401 - registers torch.ops.pipeline.int4_mm
+def _triton_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the W4A16_AWQ and W8A8 GEMMs run as Triton kernels (pipeline.kernels.int4_gemm, int8_gemm): CUDA and
+    half precision."""
+    from pipeline.kernels import int4_gemm, int8_gemm  # noqa: F401 - register torch.ops.pipeline.int4_mm, w8a8_linear
     from pipeline.kernels.common import triton
 
     return triton is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
@@ -115,7 +116,7 @@ class GroupwiseInt4Linear:
                  bias: torch.Tensor | None, group_size: int, out_features: int, dtype: torch.dtype):
         from pipeline.quantize.formats import unpack_int4_rows
 
-        self.kernel = _int4_kernel_runs(packed.device, dtype)
+        self.kernel = _triton_kernels_run(packed.device, dtype)
         self.packed = packed.contiguous()
         self.q = self.packed if self.kernel else unpack_int4_rows(packed)  # CPU: [out_p, in_p] int8
         self.scales, self.group_size, self.dtype = scales.to(dtype).contiguous(), group_size, dtype
@@ -154,16 +155,6 @@ class GroupwiseInt4Linear:
                                    self.dtype)
 
 
-def _int8_kernels(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether SmoothQuantLinear runs pipeline.kernels.int8_gemm (CUDA, a half-precision model)."""
-    from pipeline.kernels.common import triton
-
-    if triton is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    from pipeline.kernels import int8_gemm  # noqa: F401 - registers torch.ops.pipeline.w8a8_linear
-    return True
-
-
 class SmoothQuantLinear:
     """W8A8 SmoothQuant: x / smoother (dense, proj), int8 activations (per token or static), int8 weights, int32
     accumulation, scaled to the model dtype (pipeline/quantize/formats.py, smoothquant_linear). On CUDA the Triton
@@ -176,7 +167,7 @@ class SmoothQuantLinear:
         self.weight_scale = per_channel_scale.float().reshape(-1).expand(weight_q.shape[0]).contiguous()
         self.act_scale = act_scale.float().reshape(1) if act_scale is not None else None
         self.smoother = smoother.float().reshape(-1) if smoother is not None else None
-        self.kernel = _int8_kernels(weight_q.device, dtype)
+        self.kernel = _triton_kernels_run(weight_q.device, dtype)
 
     @property
     def weight(self) -> torch.Tensor:
